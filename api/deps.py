@@ -1,0 +1,91 @@
+"""Typed dependencies: settings, the request's database session, the broker, the caller's key."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from celery import Celery
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from api.errors import ApiError
+from darkroom.settings import Settings
+from db.models import ApiKey
+from db.repositories.keys import find_active_key
+from db.session import session_factory
+
+MAX_BODY_BYTES = 1024 * 1024
+
+
+def get_settings_dep(request: Request) -> Settings:
+    """The settings the app was created with."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+def get_session(settings: SettingsDep) -> Iterator[Session]:
+    """One session per request; it commits on success (routes that must commit earlier do)."""
+    session = session_factory(settings.resolved_database_url)()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_broker(request: Request) -> Celery:
+    """The Celery app used to publish job ids."""
+    broker: Celery = request.app.state.broker
+    return broker
+
+
+BrokerDep = Annotated[Celery, Depends(get_broker)]
+
+
+async def json_body(request: Request) -> dict[str, Any]:
+    """The request's JSON object, or a clear 400/413 in the error shape."""
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise ApiError(413, f"Request body too large: at most {MAX_BODY_BYTES} bytes.")
+    try:
+        body = json.loads(raw or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "The request body must be a JSON object.")
+    return body
+
+
+BodyDep = Annotated[dict[str, Any], Depends(json_body)]
+
+
+def _presented_key(request: Request, body: dict[str, Any]) -> str | None:
+    """The key from `Authorization: Bearer` or, as the hosted API's clients send it, the body."""
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip() or None
+    key = body.get("key")
+    return key if isinstance(key, str) and key else None
+
+
+def get_api_key(request: Request, body: BodyDep, session: SessionDep) -> ApiKey:
+    """The caller's active key, or 401 "Invalid Api Key"."""
+    presented = _presented_key(request, body)
+    row = find_active_key(session, presented) if presented else None
+    if row is None:
+        raise ApiError(401, "Invalid Api Key")
+    return row
+
+
+ApiKeyDep = Annotated[ApiKey, Depends(get_api_key)]

@@ -1,0 +1,172 @@
+"""Lenient field types: clients send numbers as strings, flags as "yes"/"no", lists as commas.
+
+Each type accepts every spelling the hosted API's clients use and turns it into one Python type;
+ranges are checked afterwards with messages in the hosted API's words
+("guidance_scale must be between 1 and 20").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, BeforeValidator, ValidationInfo
+
+T = TypeVar("T")
+
+MAX_SEED = 2**32 - 1
+MAX_IMAGES = 4
+MAX_STEPS = 50
+
+
+def _to_number(value: Any) -> float:
+    """A JSON number, or a string holding one; booleans are not numbers."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number")
+    if isinstance(value, int | float):
+        number = float(value)
+    elif isinstance(value, str) and value.strip():
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise ValueError("must be a number") from None
+    else:
+        raise ValueError("must be a number")
+    if not math.isfinite(number):
+        raise ValueError("must be a finite number")
+    return number
+
+
+def to_int(value: Any) -> int:
+    """512, 512.0, "512" and " 512 " are all 512; 512.5 is refused."""
+    number = _to_number(value)
+    if not number.is_integer():
+        raise ValueError("must be a whole number")
+    return int(number)
+
+
+def to_float(value: Any) -> float:
+    """7.5 and "7.5" are both 7.5."""
+    return _to_number(value)
+
+
+_TRUE = {"yes", "true", "1", "on", "y"}
+_FALSE = {"no", "false", "0", "off", "n", ""}
+
+
+def to_flag(value: Any) -> bool:
+    """The hosted API's yes/no flags: "yes", "no", true, false, 1, 0."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError("must be yes or no")
+
+
+def to_optional_text(value: Any) -> str | None:
+    """A string, with null and "" meaning absent."""
+    if value is None:
+        return None
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ValueError("must be a string")
+    text = str(value)
+    return text if text.strip() else None
+
+
+def to_url_list(value: Any) -> list[str]:
+    """Image URLs as an array or as one comma-separated string."""
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise ValueError("must be a URL, a comma-separated list of URLs, or an array of URLs")
+    urls = [_check_url(item) for item in items if not (isinstance(item, str) and not item.strip())]
+    if not urls:
+        raise ValueError("at least one image URL is required")
+    return urls
+
+
+def to_weight_list(value: Any) -> list[float]:
+    """Weights as an array or a comma-separated string."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list):
+        raise ValueError("must be a comma-separated list of numbers")
+    return [to_float(item) for item in items]
+
+
+def to_track_id(value: Any) -> str | int | None:
+    """track_id comes back unchanged in the webhook: integers stay integers."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, str):
+        return value if value.strip() else None
+    raise ValueError("must be a string or an integer")
+
+
+def _check_url(value: Any) -> str:
+    """An absolute http(s) URL (reachability is the worker's concern)."""
+    if not isinstance(value, str):
+        raise ValueError("must be a URL string")
+    url = value.strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"'{url[:200]}' is not an http or https URL")
+    return url
+
+
+def to_url(value: Any) -> str | None:
+    """An optional http(s) URL, null or "" meaning absent."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return _check_url(value)
+
+
+def optional(parse: Callable[[Any], T]) -> Callable[[Any], T | None]:
+    """`parse`, with null and "" meaning absent."""
+
+    def parse_optional(value: Any) -> T | None:
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return parse(value)
+
+    return parse_optional
+
+
+def in_range(low: float, high: float) -> AfterValidator:
+    """A range check whose message names the field the way the hosted API does."""
+
+    def check(value: Any, info: ValidationInfo) -> Any:
+        if value is not None and not low <= value <= high:
+            raise ValueError(f"{info.field_name} must be between {_fmt(low)} and {_fmt(high)}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _fmt(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else str(number)
+
+
+Int = Annotated[int, BeforeValidator(to_int)]
+Float = Annotated[float, BeforeValidator(to_float)]
+OptionalInt = Annotated[int | None, BeforeValidator(optional(to_int))]
+Flag = Annotated[bool, BeforeValidator(to_flag)]
+Text = Annotated[str | None, BeforeValidator(to_optional_text)]
+Url = Annotated[str | None, BeforeValidator(to_url)]
+UrlList = Annotated[list[str], BeforeValidator(to_url_list)]
+Weights = Annotated[list[float] | None, BeforeValidator(optional(to_weight_list))]
+TrackId = Annotated[str | int | None, BeforeValidator(to_track_id)]
+
+#: Output sides: at most 1024 (the pages' "Max Height: Width: 1024x1024"), absent = from the image.
+Dimension = Annotated[OptionalInt, in_range(64, 1024)]
+GuidanceScale = Annotated[Float, in_range(1, 20)]
+Steps = Annotated[Int, in_range(1, MAX_STEPS)]
+Samples = Annotated[Int, in_range(1, 4)]
+Strength = Annotated[Float, in_range(0, 1)]
+Seed = Annotated[OptionalInt, in_range(0, MAX_SEED)]

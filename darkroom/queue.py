@@ -1,0 +1,70 @@
+"""The Celery wiring shared by every tier. Messages carry only ids; Postgres holds the truth.
+
+No task code lives here: the API sends tasks by name, so it never imports the worker (or torch).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Celery
+
+from darkroom.settings import Settings
+
+RUN_JOB_TASK = "darkroom.run_job"
+DELIVER_WEBHOOK_TASK = "darkroom.deliver_webhook"
+
+log = logging.getLogger(__name__)
+
+
+def _transport_options(settings: Settings) -> dict[str, Any]:
+    """Broker options: the filesystem folders (embedded), or Redis's visibility timeout."""
+    if settings.is_embedded_broker:
+        folder = settings.broker_dir
+        for sub in (folder, folder / "processed"):
+            sub.mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(folder),
+            "data_folder_out": str(folder),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+            "polling_interval": 0.2,
+        }
+    # Longer than the longest job: otherwise Redis re-delivers a job that is still running.
+    return {"visibility_timeout": settings.visibility_timeout_s}
+
+
+def make_celery(settings: Settings, name: str = "darkroom") -> Celery:
+    """A Celery app configured for at-least-once delivery of job and webhook ids."""
+    app = Celery(name, broker=settings.resolved_broker_url)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_routes={
+            RUN_JOB_TASK: {"queue": settings.job_queue},
+            DELIVER_WEBHOOK_TASK: {"queue": settings.webhook_queue},
+        },
+        task_default_queue=settings.job_queue,
+        broker_transport_options=_transport_options(settings),
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3,
+        # A short publish retry: if the broker is down the row stays in the outbox and the
+        # sweeper sends it later, so the API need not hold the client waiting.
+        task_publish_retry_policy={"max_retries": 1, "interval_start": 0, "interval_step": 0.5},
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    return app
+
+
+def send(app: Celery, task_name: str, record_id: int) -> bool:
+    """Publish one id; False (logged) if the broker cannot be reached, so the caller can retry."""
+    try:
+        app.send_task(task_name, args=[record_id])
+    except Exception:
+        log.warning("broker unreachable: %s(%s) left for the sweeper", task_name, record_id)
+        return False
+    return True

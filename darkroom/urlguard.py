@@ -1,0 +1,76 @@
+"""SSRF guard for the URLs clients hand us: init images to fetch, webhooks to POST to.
+
+A URL passes when it is http(s) and every address its host resolves to is a public unicast
+address, unless the host, or a CIDR holding its address, is in DARKROOM_URL_ALLOWLIST.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class UnsafeURLError(ValueError):
+    """The URL may not be fetched or posted to; the message says why, for the client."""
+
+
+@dataclass(frozen=True)
+class CheckedURL:
+    """A URL that passed the guard, with the addresses it was checked against."""
+
+    url: str
+    host: str
+    port: int
+    addresses: tuple[IPAddress, ...]
+
+
+def check_url(url: str, allowlist: list[str]) -> CheckedURL:
+    """Resolve `url`'s host and refuse it unless every address is public or allow-listed."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UnsafeURLError("only http and https URLs are accepted")
+    host = parts.hostname
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    addresses = _resolve(host, port)
+    for address in addresses:
+        if not _allowed(host, address, allowlist):
+            raise UnsafeURLError(f"the host {host} resolves to a non-public address")
+    return CheckedURL(url=url, host=host, port=port, addresses=addresses)
+
+
+def _resolve(host: str, port: int) -> tuple[IPAddress, ...]:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise UnsafeURLError(f"the host {host} cannot be resolved") from None
+    found = {ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos}
+    return tuple(sorted(found, key=str))
+
+
+def _allowed(host: str, address: IPAddress, allowlist: list[str]) -> bool:
+    if host.lower() in (entry.lower() for entry in allowlist):
+        return True
+    if any(address in network for network in _networks(allowlist)):
+        return True
+    return _is_public(address)
+
+
+def _is_public(address: IPAddress) -> bool:
+    """Global unicast only; IPv4-mapped IPv6 is judged by its IPv4 address."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_global and not address.is_multicast and not address.is_reserved
+
+
+def _networks(allowlist: list[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    networks = []
+    for entry in allowlist:
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            continue  # a host name, matched by name above
+    return networks

@@ -1,0 +1,62 @@
+"""API keys: created with a random secret, stored only as a SHA-256 digest."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import ApiKey
+
+
+@dataclass(frozen=True)
+class IssuedKey:
+    """A freshly created key: the only moment its plaintext exists."""
+
+    row: ApiKey
+    plaintext: str
+
+
+def hash_key(plaintext: str) -> str:
+    """The stored form of a key."""
+    return hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+def new_webhook_secret() -> str:
+    """A Standard Webhooks secret: `whsec_` and 32 random bytes in base64."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def create_key(session: Session, name: str) -> IssuedKey:
+    """Create a key with its own webhook secret; flushes, the caller commits."""
+    plaintext = "dk_" + secrets.token_urlsafe(32)
+    row = ApiKey(
+        name=name,
+        key_hash=hash_key(plaintext),
+        key_prefix=plaintext[:10],
+        webhook_secret=new_webhook_secret(),
+    )
+    session.add(row)
+    session.flush()
+    return IssuedKey(row=row, plaintext=plaintext)
+
+
+def find_active_key(session: Session, plaintext: str) -> ApiKey | None:
+    """The unrevoked key whose digest matches `plaintext`, if any.
+
+    Lookup is by digest, so the plaintext is never compared byte by byte against stored data.
+    """
+    digest = hash_key(plaintext)
+    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
+    if row is None or row.revoked_at is not None:
+        return None
+    return row
+
+
+def get_key(session: Session, key_id: int) -> ApiKey | None:
+    """A key by id (the worker uses it to find the webhook secret)."""
+    return session.get(ApiKey, key_id)

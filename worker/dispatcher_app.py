@@ -1,0 +1,25 @@
+"""The dispatcher's Celery app: consumes webhook delivery ids on their own queue.
+
+It runs a thread pool (`darkroom dispatcher`), so one slow receiver holds one thread for at
+most the attempt timeout, and never a GPU. It imports no torch.
+"""
+
+from __future__ import annotations
+
+import httpx
+
+from darkroom.queue import DELIVER_WEBHOOK_TASK, make_celery
+from darkroom.settings import get_settings
+from worker.webhooks.dispatcher import deliver
+
+settings = get_settings()
+app = make_celery(settings, "darkroom-dispatcher")
+
+# Shared by the pool's threads (httpx clients are thread-safe); redirects are never followed.
+client = httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False)
+
+
+@app.task(name=DELIVER_WEBHOOK_TASK)
+def deliver_webhook_task(delivery_id: int) -> None:
+    """Thin shell: everything happens in worker.webhooks.dispatcher.deliver."""
+    deliver(delivery_id, settings, client)

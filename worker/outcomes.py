@@ -1,0 +1,50 @@
+"""A job's terminal transition and its webhook, in one transaction (the webhook outbox).
+
+Used by the GPU worker when a job ends and by the sweeper when a job runs out of attempts, so
+both paths create the delivery row the same way, and only the caller that won the transition.
+"""
+
+from __future__ import annotations
+
+import json
+
+from sqlalchemy.orm import Session
+
+from darkroom.responses import webhook_body
+from darkroom.settings import Settings
+from db.models import Job
+from db.repositories import jobs, webhooks
+
+
+def queue_webhook(session: Session, job: Job, settings: Settings) -> int | None:
+    """Freeze the job's webhook payload as a pending delivery; its id, or None without webhook."""
+    if not job.webhook_url:
+        return None
+    session.refresh(job)
+    payload = json.dumps(webhook_body(job, settings.public_url), separators=(",", ":"))
+    delivery = webhooks.create_delivery(
+        session, job_id=job.id, url=job.webhook_url, payload=payload
+    )
+    return delivery.id
+
+
+def succeed(
+    session: Session,
+    settings: Settings,
+    job: Job,
+    *,
+    outputs: list[jobs.OutputRecord],
+    meta: dict[str, object],
+    generation_time: float,
+) -> int | None:
+    """Record success and queue its webhook; the delivery id, or None (no webhook, or lost race)."""
+    won = jobs.complete_job(
+        session, job.id, outputs=outputs, meta=dict(meta), generation_time=generation_time
+    )
+    return queue_webhook(session, job, settings) if won else None
+
+
+def fail(session: Session, settings: Settings, job: Job, message: str) -> int | None:
+    """Record failure with a client-safe message and queue its webhook."""
+    won = jobs.fail_job(session, job.id, message)
+    return queue_webhook(session, job, settings) if won else None

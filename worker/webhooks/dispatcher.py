@@ -1,0 +1,157 @@
+"""Delivering one webhook attempt: claim the row, POST signed, record, schedule what's next.
+
+Runs on the dispatcher's own queue and process, never on a GPU worker, so a slow receiver
+only ever holds a dispatcher thread. The schedule lives in the delivery row, not in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from email.utils import parsedate_to_datetime
+
+import httpx
+
+from darkroom.settings import Settings
+from darkroom.urlguard import UnsafeURLError, check_url
+from db.models import WebhookDelivery, utcnow
+from db.repositories import keys, webhooks
+from db.repositories.webhooks import AttemptRecord
+from db.session import session_scope
+from worker.webhooks.signing import signed_headers
+
+log = logging.getLogger(__name__)
+
+EXCERPT_CHARS = 500
+MAX_RETRY_AFTER_S = 6 * 3600.0
+USER_AGENT = "Darkroom-Webhooks/0.1"
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A claimed delivery: everything one attempt needs, read inside the claim's transaction."""
+
+    delivery_id: int
+    url: str
+    payload: str
+    message_id: str
+    secret: str
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    """What one attempt produced, and what the receiver asked of the schedule."""
+
+    record: AttemptRecord
+    retry_after_s: float | None = None
+
+    @property
+    def delivered(self) -> bool:
+        code = self.record.status_code
+        return code is not None and 200 <= code < 300
+
+    @property
+    def gone(self) -> bool:
+        """410 Gone: the receiver wants no more attempts."""
+        return self.record.status_code == 410
+
+
+def deliver(delivery_id: int, settings: Settings, client: httpx.Client) -> None:
+    """Make one attempt of a due delivery; a delivery that is not due is left alone."""
+    ticket = _claim(delivery_id, settings)
+    if ticket is None:
+        return
+    result = attempt(ticket, settings, client)
+    _record(ticket, result, settings)
+
+
+def _claim(delivery_id: int, settings: Settings) -> Ticket | None:
+    lease_s = settings.webhook_timeout_s + 30
+    with session_scope(settings.resolved_database_url) as session:
+        delivery = webhooks.claim_delivery(session, delivery_id, lease_s=lease_s)
+        if delivery is None:
+            return None
+        key = keys.get_key(session, delivery.job.api_key_id)
+        assert key is not None, "a job always has its key"
+        return Ticket(
+            delivery.id, delivery.url, delivery.payload, delivery.message_id, key.webhook_secret
+        )
+
+
+def attempt(ticket: Ticket, settings: Settings, client: httpx.Client) -> AttemptResult:
+    """POST the signed payload once; never raises for network trouble, it is recorded."""
+    started = time.perf_counter()
+    try:
+        check_url(ticket.url, settings.url_allowlist)
+        headers = signed_headers(ticket.secret, ticket.message_id, utcnow(), ticket.payload)
+        headers |= {"content-type": "application/json", "user-agent": USER_AGENT}
+        response = client.post(ticket.url, content=ticket.payload, headers=headers)
+    except (httpx.HTTPError, UnsafeURLError) as exc:
+        return AttemptResult(AttemptRecord(None, _ms_since(started), None, _describe(exc)))
+    record = AttemptRecord(
+        response.status_code, _ms_since(started), response.text[:EXCERPT_CHARS], None
+    )
+    return AttemptResult(record, _retry_after(response))
+
+
+def _record(ticket: Ticket, result: AttemptResult, settings: Settings) -> None:
+    with session_scope(settings.resolved_database_url) as session:
+        delivery = session.get(WebhookDelivery, ticket.delivery_id)
+        assert delivery is not None
+        webhooks.record_attempt(session, delivery, result.record)
+        if result.delivered:
+            webhooks.mark_delivered(session, delivery)
+            return
+        delay = next_delay(delivery.attempt_count, settings, result.retry_after_s)
+        if result.gone or delay is None:
+            webhooks.mark_failed(session, delivery)
+            log.warning(
+                "webhook %s abandoned after %s attempts", ticket.message_id, delivery.attempt_count
+            )
+            return
+        webhooks.schedule_retry(session, delivery, utcnow() + timedelta(seconds=delay))
+
+
+def next_delay(attempts_made: int, settings: Settings, retry_after_s: float | None) -> float | None:
+    """Seconds until the next attempt, or None when the schedule is exhausted.
+
+    `webhook_schedule_s[n]` is the wait before attempt n+1 (the first entry, for the first
+    attempt, is normally 0). Jitter spreads retries; a receiver's Retry-After can only lengthen
+    the wait, up to MAX_RETRY_AFTER_S.
+    """
+    schedule = settings.webhook_schedule_s
+    if attempts_made >= len(schedule):
+        return None
+    base = schedule[attempts_made]
+    delay = base * (1 + random.uniform(-settings.webhook_jitter, settings.webhook_jitter))
+    if retry_after_s is not None:
+        delay = max(delay, min(retry_after_s, MAX_RETRY_AFTER_S))
+    return delay
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    """Retry-After as seconds, in either of its forms (seconds or an HTTP date)."""
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        return max(0.0, (parsedate_to_datetime(value) - utcnow()).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout"
+    if isinstance(exc, UnsafeURLError):
+        return f"refused: {exc}"
+    return f"connection error: {type(exc).__name__}"
+
+
+def _ms_since(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 2)
