@@ -117,6 +117,10 @@ def _check_url(value: Any) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"'{url[:200]}' is not an http or https URL")
+    try:
+        parts.port  # noqa: B018 - urlsplit validates the port only when it is read
+    except ValueError:
+        raise ValueError(f"'{url[:200]}' has an invalid port") from None
     return url
 
 

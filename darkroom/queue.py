@@ -22,12 +22,13 @@ def _transport_options(settings: Settings) -> dict[str, Any]:
     """Broker options: the filesystem folders (embedded), or Redis's visibility timeout."""
     if settings.is_embedded_broker:
         folder = settings.broker_dir
-        for sub in (folder, folder / "processed"):
+        for sub in (folder, folder / "processed", folder / "control"):
             sub.mkdir(parents=True, exist_ok=True)
         return {
             "data_folder_in": str(folder),
             "data_folder_out": str(folder),
             "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),
             "store_processed": False,
             "polling_interval": 0.2,
         }

@@ -34,7 +34,10 @@ def check_url(url: str, allowlist: list[str]) -> CheckedURL:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UnsafeURLError("only http and https URLs are accepted")
     host = parts.hostname
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:  # urlsplit refuses ports like ':99999' or ':abc' only when asked
+        raise UnsafeURLError("the URL's port is not a number from 1 to 65535") from None
     addresses = _resolve(host, port)
     for address in addresses:
         if not _allowed(host, address, allowlist):

@@ -6,7 +6,7 @@ import io
 from urllib.parse import urljoin
 
 import httpx
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from darkroom.settings import Settings
 from darkroom.urlguard import UnsafeURLError, check_url
@@ -53,7 +53,7 @@ def _get(client: httpx.Client, url: str, max_bytes: int) -> tuple[bytes, str | N
             if response.status_code != 200:
                 raise ImageInputError(f"{UNREACHABLE}: HTTP {response.status_code}")
             return _read_bounded(response, max_bytes), None
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise ImageInputError(f"{UNREACHABLE}: {type(exc).__name__}") from None
 
 
@@ -72,14 +72,15 @@ def decode_image(data: bytes) -> Image.Image:
     """PNG, JPEG or WebP only; EXIF orientation applied; transparency flattened onto white."""
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # decompression bombs raise instead of eating memory
     try:
-        image = Image.open(io.BytesIO(data))
-        if image.format not in ACCEPTED_FORMATS:
-            raise ImageInputError(f"{UNREACHABLE}: not a PNG, JPEG or WebP image")
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except UnidentifiedImageError:
+        raise ImageInputError(f"{UNREACHABLE}: not a PNG, JPEG or WebP image") from None
+    except Image.DecompressionBombError:
+        raise ImageInputError(f"{UNREACHABLE}: the image has too many pixels") from None
+    try:
         image.load()
-    except (OSError, Image.DecompressionBombError, SyntaxError, ValueError) as exc:
-        if isinstance(exc, ImageInputError):
-            raise
-        raise ImageInputError(f"{UNREACHABLE}: the file is not a readable image") from None
+    except (OSError, SyntaxError, ValueError):
+        raise ImageInputError(f"{UNREACHABLE}: the image data is damaged") from None
     return _normalise(image)
 
 

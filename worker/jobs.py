@@ -26,6 +26,7 @@ from db.session import session_scope
 from worker import outcomes
 from worker.images import ImageInputError, fetch_image, output_size
 from worker.models.cache import ModelCache
+from worker.outcomes import exhausted_message
 from worker.pipelines.generate import generate
 from worker.pipelines.request import GenerationRequest, GenerationResult
 from worker.storage import LocalStorage, png_bytes
@@ -81,13 +82,6 @@ def _claim(job_id: int, runtime: WorkerRuntime) -> Job | None:
     if outcome == ClaimOutcome.EXHAUSTED and job is not None:
         _finish(runtime, job_id, exhausted_message(job.attempts))
     return None
-
-
-def exhausted_message(attempts: int) -> str:
-    """Why a poison job failed: every attempt ended with its worker gone."""
-    return (
-        f"The job failed after {attempts} attempts: the worker stopped while running it each time."
-    )
 
 
 def _build_request(spec: JobSpec, settings: Settings) -> GenerationRequest:

@@ -16,6 +16,13 @@ from db.models import Job
 from db.repositories import jobs, webhooks
 
 
+def exhausted_message(attempts: int) -> str:
+    """Why a poison job failed: every attempt ended with its worker gone."""
+    return (
+        f"The job failed after {attempts} attempts: the worker stopped while running it each time."
+    )
+
+
 def queue_webhook(session: Session, job: Job, settings: Settings) -> int | None:
     """Freeze the job's webhook payload as a pending delivery; its id, or None without webhook."""
     if not job.webhook_url:

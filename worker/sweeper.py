@@ -21,7 +21,7 @@ from db.models import utcnow
 from db.repositories import jobs, webhooks
 from db.session import session_scope
 from worker import outcomes
-from worker.jobs import exhausted_message
+from worker.outcomes import exhausted_message
 
 log = logging.getLogger(__name__)
 

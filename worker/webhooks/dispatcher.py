@@ -25,7 +25,7 @@ from worker.webhooks.signing import signed_headers
 
 log = logging.getLogger(__name__)
 
-EXCERPT_CHARS = 500
+EXCERPT_BYTES = 500
 MAX_RETRY_AFTER_S = 6 * 3600.0
 USER_AGENT = "Darkroom-Webhooks/0.1"
 
@@ -69,7 +69,8 @@ def deliver(delivery_id: int, settings: Settings, client: httpx.Client) -> None:
 
 
 def _claim(delivery_id: int, settings: Settings) -> Ticket | None:
-    lease_s = settings.webhook_timeout_s + 30
+    # Longer than any attempt can last (it is bounded by the timeout), so no two overlap.
+    lease_s = settings.webhook_timeout_s * 2 + 30
     with session_scope(settings.resolved_database_url) as session:
         delivery = webhooks.claim_delivery(session, delivery_id, lease_s=lease_s)
         if delivery is None:
@@ -84,17 +85,33 @@ def _claim(delivery_id: int, settings: Settings) -> Ticket | None:
 def attempt(ticket: Ticket, settings: Settings, client: httpx.Client) -> AttemptResult:
     """POST the signed payload once; never raises for network trouble, it is recorded."""
     started = time.perf_counter()
+    deadline = started + settings.webhook_timeout_s
     try:
         check_url(ticket.url, settings.url_allowlist)
         headers = signed_headers(ticket.secret, ticket.message_id, utcnow(), ticket.payload)
         headers |= {"content-type": "application/json", "user-agent": USER_AGENT}
-        response = client.post(ticket.url, content=ticket.payload, headers=headers)
-    except (httpx.HTTPError, UnsafeURLError) as exc:
+        with client.stream("POST", ticket.url, content=ticket.payload, headers=headers) as response:
+            excerpt = _read_excerpt(response, deadline)
+    except (httpx.HTTPError, UnsafeURLError, TimeoutError) as exc:
         return AttemptResult(AttemptRecord(None, _ms_since(started), None, _describe(exc)))
-    record = AttemptRecord(
-        response.status_code, _ms_since(started), response.text[:EXCERPT_CHARS], None
-    )
+    record = AttemptRecord(response.status_code, _ms_since(started), excerpt, None)
     return AttemptResult(record, _retry_after(response))
+
+
+def _read_excerpt(response: httpx.Response, deadline: float) -> str:
+    """The start of the body, read under the attempt's deadline and never more than we keep.
+
+    httpx's timeout bounds each read, not the whole exchange: a receiver dripping its body a
+    byte at a time could otherwise hold this thread indefinitely.
+    """
+    body = b""
+    for chunk in response.iter_bytes():
+        if time.perf_counter() > deadline:
+            raise TimeoutError("the receiver's answer exceeded the attempt timeout")
+        body += chunk
+        if len(body) >= EXCERPT_BYTES:
+            break
+    return body[:EXCERPT_BYTES].decode("utf-8", errors="replace")
 
 
 def _record(ticket: Ticket, result: AttemptResult, settings: Settings) -> None:
@@ -146,7 +163,7 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 
 def _describe(exc: Exception) -> str:
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, httpx.TimeoutException | TimeoutError):
         return "timeout"
     if isinstance(exc, UnsafeURLError):
         return f"refused: {exc}"

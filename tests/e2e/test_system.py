@@ -1,0 +1,157 @@
+"""The whole system as a user meets it: `darkroom up`, the reference examples, fetch, webhooks.
+
+Production profile (Postgres + Redis) for all four endpoints, and the embedded default
+(SQLite + filesystem broker) for one success and one failure. Images come from a loopback
+server; webhooks go to a loopback receiver and must verify with the key's secret.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+from standardwebhooks.webhooks import Webhook
+
+from tests.api.test_submit import IMG2IMG, MIXER_V5, MIXER_V6, PIX2PIX
+from tests.support.servers import ImageServer, Received, WebhookReceiver
+from tests.support.system import RunningSystem, darkroom_up
+
+pytestmark = pytest.mark.slow
+
+
+def wait_for_webhooks(receiver: WebhookReceiver, count: int, timeout: float = 60) -> list[Received]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = receiver.snapshot()
+        if len(got) >= count:
+            return got
+        time.sleep(0.2)
+    raise AssertionError(f"{len(receiver.snapshot())} of {count} webhooks arrived")
+
+
+def verified_payload(hook: Received, secret: str) -> dict[str, Any]:
+    """The webhook body, after checking its Standard Webhooks signature."""
+    payload: dict[str, Any] = Webhook(secret).verify(hook.body, hook.headers)
+    return payload
+
+
+def png_size(system: RunningSystem, url: str) -> tuple[int, int]:
+    assert url.startswith(system.base_url + "/outputs/")
+    response = httpx.get(url, timeout=10)
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(response.content))
+    assert image.format == "PNG"
+    return image.size
+
+
+def submissions(
+    images: ImageServer, hook: str
+) -> list[tuple[str, dict[str, Any], tuple[int, int]]]:
+    """Each endpoint's reference example with our image URLs; the PNG size each must give."""
+    red, blue = images.url("/red.png"), images.url("/blue.png")
+    return [
+        ("/api/v5/img_mixer", {**MIXER_V5, "init_image": f"{red},{blue}"}, (800, 600)),
+        ("/api/v6/image_editing/img_mixer", {**MIXER_V6, "init_image": [red, blue]}, (800, 600)),
+        ("/api/v5/pix2pix", {**PIX2PIX, "init_image": red}, (64, 64)),
+        (
+            "/api/v1/enterprise/img2img",
+            {**IMG2IMG, "init_image": images.url("/wide.png")},
+            (512, 512),
+        ),
+    ]
+
+
+def test_reference_examples_end_to_end_on_postgres_and_redis(
+    tmp_path: Path,
+    pg_url: str,
+    redis_url: str,
+    image_server: ImageServer,
+    receiver: WebhookReceiver,
+) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    env = {
+        "DARKROOM_DATA_DIR": str(tmp_path / "data"),
+        "DARKROOM_DATABASE_URL": pg_url,
+        "DARKROOM_BROKER_URL": redis_url,
+        "DARKROOM_JOB_QUEUE": f"e2e.jobs.{suffix}",
+        "DARKROOM_WEBHOOK_QUEUE": f"e2e.webhooks.{suffix}",
+        "DARKROOM_MODEL_PRESET": "tiny",
+        "DARKROOM_URL_ALLOWLIST": "127.0.0.1/32",
+    }
+    with darkroom_up(env, tmp_path) as system:
+        key = system.create_key()
+        accepted = []
+        for index, (path, body, size) in enumerate(submissions(image_server, receiver.url)):
+            track_id = 1000 + index
+            answer = system.post(
+                path, {**body, "key": key["key"], "webhook": receiver.url, "track_id": track_id}
+            )
+            assert answer["status"] == "processing", answer
+            assert answer["track_id"] == track_id
+            accepted.append((path, answer, size))
+
+        for path, answer, size in accepted:
+            fetch_path = answer["fetch_result"].removeprefix(system.base_url)
+            done = system.wait_for(fetch_path, key["key"])
+            assert done["status"] == "success", (path, done, system.log_tail())
+            links = [done["output"]] if isinstance(done["output"], str) else done["output"]
+            assert links == answer["future_links"]
+            assert [png_size(system, link) for link in links] == [size]
+            assert isinstance(done["meta"]["seed"], int)
+            assert done["generationTime"] > 0
+
+        hooks = wait_for_webhooks(receiver, len(accepted))
+        payloads = {p["id"]: p for p in (verified_payload(h, key["webhook_secret"]) for h in hooks)}
+        assert sorted(payloads) == sorted(answer["id"] for _, answer, _ in accepted)
+        for _, answer, _ in accepted:
+            payload = payloads[answer["id"]]
+            assert payload["status"] == "success"
+            assert payload["track_id"] == answer["track_id"]
+            assert set(payload) == {"status", "id", "output", "generationTime", "track_id", "meta"}
+        assert len({h.headers["webhook-id"] for h in hooks}) == len(accepted)
+    assert system.process.returncode == 0, system.log_tail()
+
+
+def test_embedded_profile_success_and_failure_with_webhooks(
+    tmp_path: Path, image_server: ImageServer, receiver: WebhookReceiver
+) -> None:
+    env = {
+        "DARKROOM_DATA_DIR": str(tmp_path / "data"),
+        "DARKROOM_MODEL_PRESET": "tiny",
+        "DARKROOM_URL_ALLOWLIST": "127.0.0.1/32",
+    }
+    with darkroom_up(env, tmp_path) as system:
+        key = system.create_key()
+        good = {**PIX2PIX, "init_image": image_server.url("/green.jpg"), "steps": 4}
+        bad = {**PIX2PIX, "init_image": image_server.url("/text.txt"), "track_id": "bad-1"}
+        ok = system.post("/api/v5/pix2pix", {**good, "key": key["key"], "webhook": receiver.url})
+        ko = system.post("/api/v5/pix2pix", {**bad, "key": key["key"], "webhook": receiver.url})
+
+        done = system.wait_for(f"/api/v5/fetch/{ok['id']}", key["key"])
+        failed = system.wait_for(f"/api/v5/fetch/{ko['id']}", key["key"])
+
+        assert done["status"] == "success", system.log_tail()
+        assert png_size(system, done["output"]) == (96, 64)
+        assert failed["status"] == "failed"
+        assert failed["message"].startswith("Unable to fetch image from provided URL")
+        hooks = wait_for_webhooks(receiver, 2)
+        payloads = {p["id"]: p for p in (verified_payload(h, key["webhook_secret"]) for h in hooks)}
+        assert payloads[ko["id"]] == {
+            "status": "failed",
+            "id": ko["id"],
+            "message": failed["message"],
+            "messege": failed["message"],
+            "track_id": "bad-1",
+        }
+        assert payloads[ok["id"]]["output"] == done["output"]
+        assert (tmp_path / "data" / "darkroom.sqlite3").is_file()
+    assert system.process.returncode == 0, system.log_tail()
+    assert json.loads(hooks[0].body)  # plain JSON on the wire

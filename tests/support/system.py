@@ -1,0 +1,119 @@
+"""Running the real system as a subprocess (`darkroom up`), as a user would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def darkroom(env: dict[str, str], *args: str, timeout: float = 120) -> str:
+    """Run one `darkroom` command to completion; its stdout."""
+    done = subprocess.run(
+        [sys.executable, "-m", "darkroom.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    )
+    return done.stdout
+
+
+@dataclass
+class RunningSystem:
+    """A `darkroom up` process and how to reach it."""
+
+    process: subprocess.Popen[bytes]
+    base_url: str
+    env: dict[str, str]
+    log_path: Path
+
+    def create_key(self) -> dict[str, str]:
+        """`darkroom keys create`: the JSON object on its last line."""
+        out = darkroom(self.env, "keys", "create", "--name", "e2e")
+        key: dict[str, str] = json.loads(out.strip().splitlines()[-1])
+        return key
+
+    def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        response = httpx.post(self.base_url + path, json=body, timeout=30)
+        answer: dict[str, Any] = response.json()
+        return answer
+
+    def wait_for(self, fetch_path: str, key: str, timeout: float = 240) -> dict[str, Any]:
+        """Poll a fetch URL until the job is no longer processing."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            answer = self.post(fetch_path, {"key": key})
+            if answer["status"] != "processing":
+                return answer
+            time.sleep(0.5)
+        raise AssertionError(f"{fetch_path} still processing after {timeout}s\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+@contextmanager
+def darkroom_up(env_overrides: dict[str, str], workdir: Path) -> Iterator[RunningSystem]:
+    """`darkroom up` on a free port until the block ends; then SIGTERM and a clean exit."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "DARKROOM_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "PYTHONUNBUFFERED": "1",
+        **env_overrides,
+    }
+    log_path = workdir / "darkroom-up.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "darkroom.cli", "up", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    system = RunningSystem(process, f"http://127.0.0.1:{port}", env, log_path)
+    try:
+        _wait_healthy(system)
+        yield system
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            raise
+
+
+def _wait_healthy(system: RunningSystem, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if system.process.poll() is not None:
+            raise AssertionError(f"darkroom up exited early\n{system.log_tail()}")
+        try:
+            if httpx.get(system.base_url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"darkroom up not healthy in {timeout}s\n{system.log_tail()}")

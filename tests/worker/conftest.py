@@ -1,0 +1,23 @@
+"""Worker fixtures: the tiny models, built once per session, and a model cache that keeps them."""
+
+from __future__ import annotations
+
+import pytest
+
+from darkroom.settings import Settings
+from worker.models.cache import ModelCache
+from worker.models.tiny import ensure_tiny_models
+
+
+@pytest.fixture(scope="session")
+def tiny_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Settings of the tiny preset, with its models already built under a temporary folder."""
+    settings = Settings(data_dir=tmp_path_factory.mktemp("darkroom"), model_preset="tiny")
+    ensure_tiny_models(settings.tiny_models_dir)
+    return settings
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> ModelCache:
+    """One cache for the session, so each tiny model is loaded once."""
+    return ModelCache(max_entries=4, device="cpu")

@@ -1,0 +1,204 @@
+"""worker.jobs.run_job against Postgres, Redis, the loopback image host and the tiny models."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import redis
+from PIL import Image
+from sqlalchemy import update
+
+from darkroom.jobspec import JobSpec, describe
+from darkroom.queue import make_celery
+from darkroom.settings import Settings
+from db.models import Job, JobState, Operation, utcnow
+from db.repositories import jobs, webhooks
+from db.repositories.keys import IssuedKey
+from db.session import session_scope
+from tests.conftest import count_rows
+from tests.support.servers import ImageServer, WebhookReceiver
+from worker.jobs import WorkerRuntime, run_job
+from worker.models.cache import ModelCache
+from worker.outcomes import exhausted_message
+
+
+@pytest.fixture
+def runtime(settings: Settings, tiny_settings: Settings, model_cache: ModelCache) -> WorkerRuntime:
+    """A worker's runtime on the test database, reusing the session's tiny models."""
+    shared = settings.model_copy(update={"data_dir": tiny_settings.data_dir})
+    return WorkerRuntime(settings=shared, broker=make_celery(shared), cache=model_cache)
+
+
+def new_job(runtime: WorkerRuntime, key: IssuedKey, webhook: str | None, **spec: Any) -> int:
+    fields: dict[str, Any] = {
+        "operation": Operation.PIX2PIX,
+        "prompt": "make it blue",
+        "steps": 3,
+        "guidance_scale": 7.0,
+        "seed": 1234,
+        "samples": 2,
+        **spec,
+    }
+    job_spec = JobSpec(**fields)
+    with session_scope(runtime.settings.resolved_database_url) as session:
+        job = jobs.create_job(
+            session,
+            jobs.NewJob(key.row.id, job_spec.operation, "v5", job_spec.to_row(), {}, None, webhook),
+        )
+        job.meta = describe(job_spec, job.file_prefix, [])
+        return job.id
+
+
+def load(runtime: WorkerRuntime, job_id: int) -> Job:
+    with session_scope(runtime.settings.resolved_database_url) as session:
+        job = jobs.get_job(session, job_id)
+        assert job is not None
+        session.expunge(job)
+        return job
+
+
+def published_deliveries(settings: Settings) -> list[int]:
+    raw = redis.Redis.from_url(settings.broker_url).lrange(settings.webhook_queue, 0, -1)
+    import base64
+
+    return [int(json.loads(base64.b64decode(json.loads(m)["body"]))[0][0]) for m in raw]
+
+
+def test_success_writes_outputs_records_them_and_queues_the_webhook(
+    runtime: WorkerRuntime, api_key: IssuedKey, image_server: ImageServer, receiver: WebhookReceiver
+) -> None:
+    job_id = new_job(runtime, api_key, receiver.url, init_images=[image_server.url("/wide.png")])
+
+    run_job(job_id, runtime)
+
+    job = load(runtime, job_id)
+    assert job.state == JobState.SUCCESS
+    assert job.attempts == 1
+    assert job.generation_time is not None
+    assert job.generation_time > 0
+    assert (job.meta["W"], job.meta["H"]) == (160, 96)
+    assert [(o.index, o.seed) for o in job.outputs] == [(0, 1234), (1, 1235)]
+    for output in job.outputs:
+        with Image.open(runtime.settings.outputs_dir / output.filename) as image:
+            assert image.size == (160, 96)
+    with session_scope(runtime.settings.resolved_database_url) as session:
+        delivery = webhooks.get_delivery_for_job(session, job_id)
+        assert delivery is not None
+        payload = json.loads(delivery.payload)
+    assert payload["status"] == "success"
+    assert payload["output"] == f"{runtime.settings.public_url}/outputs/{job.outputs[0].filename}"
+    assert published_deliveries(runtime.settings) == [delivery.id]
+
+
+def test_running_a_finished_job_again_changes_nothing(
+    runtime: WorkerRuntime, api_key: IssuedKey, image_server: ImageServer, receiver: WebhookReceiver
+) -> None:
+    job_id = new_job(runtime, api_key, receiver.url, init_images=[image_server.url("/red.png")])
+    run_job(job_id, runtime)
+    first = load(runtime, job_id)
+    first_file = runtime.settings.outputs_dir / first.outputs[0].filename
+    mtime = first_file.stat().st_mtime_ns
+
+    run_job(job_id, runtime)  # a duplicate message
+
+    with session_scope(runtime.settings.resolved_database_url) as session:
+        assert count_rows(session, "job_outputs", f"job_id = {job_id}") == 2
+        assert count_rows(session, "webhook_deliveries", f"job_id = {job_id}") == 1
+    assert load(runtime, job_id).attempts == 1
+    assert first_file.stat().st_mtime_ns == mtime
+
+
+def test_a_job_rerun_after_its_worker_died_gives_the_same_single_result(
+    runtime: WorkerRuntime, api_key: IssuedKey, image_server: ImageServer
+) -> None:
+    url = image_server.url("/blue.png")
+    reference_id = new_job(runtime, api_key, None, init_images=[url])
+    run_job(reference_id, runtime)
+    orphan_id = new_job(runtime, api_key, None, init_images=[url])
+    with session_scope(runtime.settings.resolved_database_url) as session:
+        # As if a worker had claimed it and vanished: processing, lease long expired.
+        session.execute(
+            update(Job)
+            .where(Job.id == orphan_id)
+            .values(
+                state=JobState.PROCESSING, attempts=1, lease_until=utcnow() - timedelta(hours=1)
+            )
+        )
+
+    run_job(orphan_id, runtime)
+
+    orphan, reference = load(runtime, orphan_id), load(runtime, reference_id)
+    assert orphan.state == JobState.SUCCESS
+    assert orphan.attempts == 2
+    assert len(orphan.outputs) == 2
+    outputs = runtime.settings.outputs_dir
+    for mine, theirs in zip(orphan.outputs, reference.outputs, strict=True):
+        assert (outputs / mine.filename).read_bytes() == (outputs / theirs.filename).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [("/text.txt", "not a PNG, JPEG or WebP image"), ("/missing.png", "HTTP 404")],
+)
+def test_bad_init_image_fails_the_job_with_the_reason(
+    runtime: WorkerRuntime,
+    api_key: IssuedKey,
+    image_server: ImageServer,
+    receiver: WebhookReceiver,
+    path: str,
+    reason: str,
+) -> None:
+    job_id = new_job(runtime, api_key, receiver.url, init_images=[image_server.url(path)])
+
+    run_job(job_id, runtime)
+
+    job = load(runtime, job_id)
+    assert job.state == JobState.FAILED
+    assert job.error == f"Unable to fetch image from provided URL: {reason}"
+    assert job.outputs == []
+    with session_scope(runtime.settings.resolved_database_url) as session:
+        delivery = webhooks.get_delivery_for_job(session, job_id)
+        assert delivery is not None
+        assert json.loads(delivery.payload)["status"] == "failed"
+
+
+def test_init_image_on_a_refused_address_fails_without_a_request(
+    runtime: WorkerRuntime, api_key: IssuedKey, image_server: ImageServer
+) -> None:
+    guarded = WorkerRuntime(
+        settings=runtime.settings.model_copy(update={"url_allowlist": []}),
+        broker=runtime.broker,
+        cache=runtime.cache,
+    )
+    seen = len(image_server.requests)
+    job_id = new_job(guarded, api_key, None, init_images=[image_server.url("/red.png")])
+
+    run_job(job_id, guarded)
+
+    job = load(guarded, job_id)
+    assert job.state == JobState.FAILED
+    assert job.error is not None
+    assert "non-public address" in job.error
+    assert len(image_server.requests) == seen
+
+
+def test_a_job_out_of_attempts_fails_and_says_why(
+    runtime: WorkerRuntime, api_key: IssuedKey, image_server: ImageServer
+) -> None:
+    job_id = new_job(runtime, api_key, None, init_images=[image_server.url("/red.png")])
+    attempts = runtime.settings.job_max_attempts
+    with session_scope(runtime.settings.resolved_database_url) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(state=JobState.PROCESSING, attempts=attempts, lease_until=utcnow())
+        )
+
+    run_job(job_id, runtime)
+
+    job = load(runtime, job_id)
+    assert job.state == JobState.FAILED
+    assert job.error == exhausted_message(attempts)

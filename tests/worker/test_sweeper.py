@@ -1,0 +1,270 @@
+"""The sweeper against Postgres and a real Redis broker: what it publishes, and what it marks."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+
+import pytest
+import redis
+from celery import Celery
+from sqlalchemy import update
+
+from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, make_celery
+from darkroom.settings import Settings
+from db.models import DeliveryState, Job, JobState, Operation, WebhookDelivery, utcnow
+from db.repositories import jobs, webhooks
+from db.repositories.jobs import ClaimOutcome, NewJob
+from db.repositories.keys import IssuedKey
+from db.session import session_scope
+from worker import outcomes
+from worker.outcomes import exhausted_message
+from worker.sweeper import SweepReport, sweep_once
+
+HOOK = "http://127.0.0.1:9/hook"
+
+
+@pytest.fixture
+def tuned(settings: Settings) -> Settings:
+    """Settings with a 30 s outbox grace and a 5 min republish interval (the defaults' scale)."""
+    return settings.model_copy(update={"outbox_grace_s": 30.0, "republish_after_s": 300.0})
+
+
+@pytest.fixture
+def broker(tuned: Settings) -> Iterator[Celery]:
+    app = make_celery(tuned)
+    yield app
+    app.close()
+
+
+@pytest.fixture
+def rds(tuned: Settings) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(tuned.broker_url)
+    yield client
+    client.delete(tuned.job_queue, tuned.webhook_queue)
+    client.close()
+
+
+def _published(rds: redis.Redis, queue: str) -> list[tuple[str, int]]:
+    """(task name, id) of every message waiting in `queue` (kombu: JSON, base64 body)."""
+    found = []
+    for raw in rds.lrange(queue, 0, -1):
+        message = json.loads(raw)
+        assert message["properties"]["body_encoding"] == "base64"
+        args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        [record_id] = args
+        found.append((message["headers"]["task"], int(record_id)))
+    return found
+
+
+def _count(rds: redis.Redis, queue: str, task: str, record_id: int) -> int:
+    return _published(rds, queue).count((task, record_id))
+
+
+def _ago(seconds: float) -> datetime:
+    return utcnow() - timedelta(seconds=seconds)
+
+
+def _job(
+    settings: Settings, key: IssuedKey, webhook_url: str | None = None, **values: object
+) -> int:
+    with session_scope(settings.resolved_database_url) as session:
+        job = jobs.create_job(
+            session,
+            NewJob(
+                api_key_id=key.row.id,
+                operation=Operation.IMG_MIXER,
+                endpoint="enterprise",
+                params={"track_id": 5},
+                meta={},
+                track_id="5",
+                webhook_url=webhook_url,
+            ),
+        )
+        if values:
+            session.execute(update(Job).where(Job.id == job.id).values(**values))
+        return job.id
+
+
+def _orphan(
+    settings: Settings, key: IssuedKey, attempts: int, webhook_url: str | None = None
+) -> int:
+    """A job a worker claimed `attempts` times and then vanished from (its lease ran out)."""
+    job_id = _job(settings, key, webhook_url, created_at=_ago(3600), enqueued_at=_ago(3600))
+    with session_scope(settings.resolved_database_url) as session:
+        for _ in range(attempts):
+            outcome, _ = jobs.claim_job(session, job_id, lease_s=60, max_attempts=attempts)
+            assert outcome == ClaimOutcome.CLAIMED
+            session.execute(update(Job).where(Job.id == job_id).values(lease_until=_ago(1)))
+    return job_id
+
+
+def _load(settings: Settings, job_id: int) -> Job:
+    with session_scope(settings.resolved_database_url) as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        session.expunge(job)
+        return job
+
+
+def _sweep(settings: Settings, broker: Celery) -> list[SweepReport]:
+    """Sweep until a pass has nothing left to publish (other tests' rows may share the DB)."""
+    reports = [sweep_once(settings, broker)]
+    while reports[-1].enqueued_jobs or reports[-1].sent_deliveries:
+        assert len(reports) < 20
+        reports.append(sweep_once(settings, broker))
+    return reports
+
+
+def test_outbox_publishes_a_lost_job_once(
+    tuned: Settings, api_key: IssuedKey, broker: Celery, rds: redis.Redis
+) -> None:
+    lost = _job(tuned, api_key, created_at=_ago(60))
+    fresh = _job(tuned, api_key)  # the API may still be publishing it itself
+
+    reports = _sweep(tuned, broker)
+    assert sum(r.enqueued_jobs for r in reports) >= 1
+    assert _count(rds, tuned.job_queue, RUN_JOB_TASK, lost) == 1
+    assert _count(rds, tuned.job_queue, RUN_JOB_TASK, fresh) == 0
+    assert _load(tuned, lost).enqueued_at is not None
+    assert _load(tuned, fresh).enqueued_at is None
+
+    _sweep(tuned, broker)
+    assert _count(rds, tuned.job_queue, RUN_JOB_TASK, lost) == 1
+    assert all(task == RUN_JOB_TASK for task, _ in _published(rds, tuned.job_queue))
+
+
+def test_stale_queued_job_is_republished(
+    tuned: Settings, api_key: IssuedKey, broker: Celery, rds: redis.Redis
+) -> None:
+    stale = _job(tuned, api_key, created_at=_ago(3600), enqueued_at=_ago(600))
+    recent = _job(tuned, api_key, created_at=_ago(3600), enqueued_at=_ago(10))
+    _sweep(tuned, broker)
+    assert _count(rds, tuned.job_queue, RUN_JOB_TASK, stale) == 1
+    assert _count(rds, tuned.job_queue, RUN_JOB_TASK, recent) == 0
+    enqueued_at = _load(tuned, stale).enqueued_at
+    assert enqueued_at is not None
+    assert enqueued_at > _ago(60)
+
+
+def test_expired_lease_is_requeued_and_republished(
+    tuned: Settings, api_key: IssuedKey, broker: Celery, rds: redis.Redis
+) -> None:
+    orphan = _orphan(tuned, api_key, attempts=1)
+    live = _job(tuned, api_key, created_at=_ago(3600), enqueued_at=_ago(3600))
+    with session_scope(tuned.resolved_database_url) as session:
+        assert jobs.claim_job(session, live, lease_s=60, max_attempts=3)[0] == ClaimOutcome.CLAIMED
+
+    reports = _sweep(tuned, broker)
+    assert reports[0].requeued_jobs >= 1
+    job = _load(tuned, orphan)
+    assert job.state == JobState.QUEUED
+    assert job.attempts == 1
+    assert job.lease_until is None
+    assert job.enqueued_at is not None
+    assert _count(rds, tuned.job_queue, RUN_JOB_TASK, orphan) == 1
+
+    assert _load(tuned, live).state == JobState.PROCESSING
+    assert _count(rds, tuned.job_queue, RUN_JOB_TASK, live) == 0
+
+    with session_scope(tuned.resolved_database_url) as session:  # a worker takes it again
+        outcome, _ = jobs.claim_job(session, orphan, lease_s=60, max_attempts=3)
+    assert outcome == ClaimOutcome.CLAIMED
+    assert _load(tuned, orphan).attempts == 2
+
+
+def test_out_of_attempts_fails_and_queues_the_webhook(
+    tuned: Settings, api_key: IssuedKey, broker: Celery, rds: redis.Redis
+) -> None:
+    attempts = tuned.job_max_attempts
+    with_hook = _orphan(tuned, api_key, attempts=attempts, webhook_url=HOOK)
+    without = _orphan(tuned, api_key, attempts=attempts)
+
+    reports = _sweep(tuned, broker)
+    assert reports[0].failed_jobs >= 2
+    for job_id in (with_hook, without):
+        job = _load(tuned, job_id)
+        assert job.state == JobState.FAILED
+        assert job.error == exhausted_message(attempts)
+        assert job.attempts == attempts
+        assert _count(rds, tuned.job_queue, RUN_JOB_TASK, job_id) == 0
+
+    with session_scope(tuned.resolved_database_url) as session:
+        delivery = webhooks.get_delivery_for_job(session, with_hook)
+        assert delivery is not None
+        assert webhooks.get_delivery_for_job(session, without) is None
+        delivery_id = delivery.id
+        assert delivery.url == HOOK
+        assert delivery.state == DeliveryState.PENDING
+        payload = json.loads(delivery.payload)
+    assert payload["status"] == "failed"
+    assert payload["id"] == with_hook
+    assert payload["message"] == exhausted_message(attempts)
+    assert payload["track_id"] == 5
+    assert _count(rds, tuned.webhook_queue, DELIVER_WEBHOOK_TASK, delivery_id) == 1
+
+    _sweep(tuned, broker)  # nothing happens twice
+    assert _count(rds, tuned.webhook_queue, DELIVER_WEBHOOK_TASK, delivery_id) == 1
+    assert _load(tuned, with_hook).error == exhausted_message(attempts)
+
+
+def test_due_deliveries_are_published_once(
+    tuned: Settings, api_key: IssuedKey, broker: Celery, rds: redis.Redis
+) -> None:
+    ids: dict[str, int] = {}
+    for name in ("due", "later", "fresh"):
+        job_id = _job(tuned, api_key, webhook_url=HOOK)
+        with session_scope(tuned.resolved_database_url) as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            delivery_id = outcomes.fail(session, tuned, job, "boom")
+            assert delivery_id is not None
+            ids[name] = delivery_id
+    with session_scope(tuned.resolved_database_url) as session:
+        # "due": a retry fell due (schedule_retry clears enqueued_at); "later": not yet due;
+        # "fresh": the worker published it when it was created (enqueued_at = now).
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == ids["due"])
+            .values(enqueued_at=None, next_attempt_at=_ago(1))
+        )
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.id == ids["later"])
+            .values(enqueued_at=None, next_attempt_at=utcnow() + timedelta(seconds=60))
+        )
+
+    reports = _sweep(tuned, broker)
+    assert sum(r.sent_deliveries for r in reports) >= 1
+    assert _count(rds, tuned.webhook_queue, DELIVER_WEBHOOK_TASK, ids["due"]) == 1
+    assert _count(rds, tuned.webhook_queue, DELIVER_WEBHOOK_TASK, ids["later"]) == 0
+    assert _count(rds, tuned.webhook_queue, DELIVER_WEBHOOK_TASK, ids["fresh"]) == 0
+    with session_scope(tuned.resolved_database_url) as session:
+        row = session.get(WebhookDelivery, ids["due"])
+        assert row is not None
+        assert row.enqueued_at is not None
+        later = session.get(WebhookDelivery, ids["later"])
+        assert later is not None
+        assert later.enqueued_at is None
+
+    _sweep(tuned, broker)
+    assert _count(rds, tuned.webhook_queue, DELIVER_WEBHOOK_TASK, ids["due"]) == 1
+    assert all(task == DELIVER_WEBHOOK_TASK for task, _ in _published(rds, tuned.webhook_queue))
+
+
+def test_republish_after_interval(
+    tuned: Settings, api_key: IssuedKey, broker: Celery, rds: redis.Redis
+) -> None:
+    """A message published longer ago than republish_after_s and still pending goes again."""
+    quick = tuned.model_copy(update={"republish_after_s": 0.3})
+    job_id = _job(quick, api_key, created_at=_ago(60))
+    _sweep(quick, broker)
+    assert _count(rds, quick.job_queue, RUN_JOB_TASK, job_id) == 1
+    assert sweep_once(quick, broker).enqueued_jobs == 0
+    assert _count(rds, quick.job_queue, RUN_JOB_TASK, job_id) == 1
+    time.sleep(0.4)
+    _sweep(quick, broker)
+    assert _count(rds, quick.job_queue, RUN_JOB_TASK, job_id) == 2

@@ -1,0 +1,99 @@
+"""The SSRF guard. check_url only resolves: literal IPs and /etc/hosts names never leave the box."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from darkroom.urlguard import UnsafeURLError, check_url
+
+PUBLIC = "93.184.216.34"
+
+
+def test_public_literal_ip_passes() -> None:
+    checked = check_url(f"http://{PUBLIC}/hook?x=1", [])
+    assert checked.url == f"http://{PUBLIC}/hook?x=1"
+    assert checked.host == PUBLIC
+    assert checked.port == 80
+    assert checked.addresses == (ipaddress.ip_address(PUBLIC),)
+
+
+def test_https_default_and_explicit_ports() -> None:
+    assert check_url(f"https://{PUBLIC}/", []).port == 443
+    assert check_url(f"https://{PUBLIC}:8443/", []).port == 8443
+    v6 = check_url("http://[2606:2800:220:1:248:1893:25c8:1946]:81/", [])
+    assert v6.port == 81
+    assert v6.addresses == (ipaddress.ip_address("2606:2800:220:1:248:1893:25c8:1946"),)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1/",
+        "http://127.1.2.3:8080/",
+        "http://10.0.0.1/",
+        "http://172.16.5.4/",
+        "http://192.168.1.1/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://100.64.0.1/",
+        "http://0.0.0.0/",
+        "http://224.0.0.1/",
+        "http://255.255.255.255/",
+        "http://[::1]/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://[::ffff:169.254.169.254]/",
+        "http://[fe80::1]/",
+        "http://[fc00::1]/",
+        "http://[ff02::1]/",
+        "http://localhost/",
+        "https://127.0.0.1:443/",
+    ],
+)
+def test_non_public_addresses_are_refused(url: str) -> None:
+    with pytest.raises(UnsafeURLError, match="non-public address"):
+        check_url(url, [])
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"ftp://{PUBLIC}/file",
+        "file:///etc/passwd",
+        "gopher://127.0.0.1:70/",
+        f"//{PUBLIC}/",
+        "http:///path-only",
+        "not a url",
+    ],
+)
+def test_other_schemes_and_hostless_urls_are_refused(url: str) -> None:
+    with pytest.raises(UnsafeURLError, match="only http and https"):
+        check_url(url, [])
+
+
+def test_allowlist_by_cidr() -> None:
+    assert check_url("http://127.0.0.1:9000/", ["127.0.0.1/32"]).port == 9000
+    assert check_url("http://10.1.2.3/", ["10.0.0.0/8"]).host == "10.1.2.3"
+    assert check_url("http://[::1]/", ["::1/128"]).addresses == (ipaddress.ip_address("::1"),)
+    with pytest.raises(UnsafeURLError):
+        check_url("http://127.0.0.2/", ["127.0.0.1/32"])
+    with pytest.raises(UnsafeURLError):
+        check_url("http://10.0.0.1/", ["192.168.0.0/16"])
+
+
+def test_allowlist_by_host_name() -> None:
+    # localhost comes from /etc/hosts: no DNS query is sent.
+    checked = check_url("http://localhost:8000/hook", ["LocalHost"])
+    assert checked.host == "localhost"
+    assert all(address.is_loopback for address in checked.addresses)
+    with pytest.raises(UnsafeURLError):
+        check_url("http://localhost:8000/hook", ["otherhost", "10.0.0.0/8"])
+    # A name on the list does not allow other hosts by address.
+    with pytest.raises(UnsafeURLError):
+        check_url("http://127.0.0.1/", ["localhost"])
+
+
+@pytest.mark.parametrize("url", [f"http://{PUBLIC}:99999/", f"http://{PUBLIC}:abc/"])
+def test_bad_port_is_an_unsafe_url(url: str) -> None:
+    with pytest.raises(UnsafeURLError):
+        check_url(url, [])

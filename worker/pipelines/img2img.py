@@ -1,0 +1,48 @@
+"""Image to image with Stable Diffusion, and the helpers every operation shares.
+
+Resizing rule: the init image is resized (Lanczos) to exactly width x height before diffusion,
+without cropping, so all of its content is kept; the API derives width and height from the image
+when the client gives none, so the aspect ratio is normally preserved.
+
+Seeds: one `torch.Generator` per sample, each seeded with that sample's seed, so that sample i
+depends only on seeds[i] and the same request and seeds give the same bytes on the same machine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+
+from worker.pipelines.request import GenerationRequest
+
+
+def sample_generators(device: Any, seeds: tuple[int, ...]) -> list[torch.Generator]:
+    """One freshly seeded generator per sample: a shared one would couple the samples."""
+    return [torch.Generator(device).manual_seed(seed) for seed in seeds]
+
+
+def resize_exact(image: Image.Image, width: int, height: int) -> Image.Image:
+    """`image` as RGB at exactly width x height (Lanczos), untouched when it already is."""
+    image = image.convert("RGB")
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), Image.Resampling.LANCZOS)
+
+
+def run(pipelines: tuple[Any, ...], request: GenerationRequest) -> list[Image.Image]:
+    """Run StableDiffusionImg2ImgPipeline once for all of the request's samples."""
+    (pipe,) = pipelines
+    output = pipe(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt or None,
+        image=resize_exact(request.images[0], request.width, request.height),
+        strength=request.strength,
+        num_inference_steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        num_images_per_prompt=len(request.seeds),
+        generator=sample_generators(pipe.device, request.seeds),
+        output_type="pil",
+    )
+    return list(output.images)
