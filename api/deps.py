@@ -16,7 +16,8 @@ from db.models import ApiKey
 from db.repositories.keys import find_active_key
 from db.session import session_factory
 
-MAX_BODY_BYTES = 1024 * 1024
+#: Room for a base64 init image of 10 MB (base64 grows it by a third) and the other fields.
+MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
 def get_settings_dep(request: Request) -> Settings:
@@ -55,6 +56,9 @@ BrokerDep = Annotated[Celery, Depends(get_broker)]
 
 async def json_body(request: Request) -> dict[str, Any]:
     """The request's JSON object, or a clear 400/413 in the error shape."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, f"Request body too large: at most {MAX_BODY_BYTES} bytes.")
     raw = await request.body()
     if len(raw) > MAX_BODY_BYTES:
         raise ApiError(413, f"Request body too large: at most {MAX_BODY_BYTES} bytes.")

@@ -13,6 +13,15 @@ from pydantic import BaseModel, ConfigDict
 from db.models import Operation
 
 
+class LoraRef(BaseModel):
+    """One LoRA of a request and the strength it is applied with."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    strength: float
+
+
 class JobSpec(BaseModel):
     """Everything the worker needs to run a job. The seed is always concrete (drawn at submit)."""
 
@@ -33,6 +42,17 @@ class JobSpec(BaseModel):
     samples: int = 1
     model_id: str | None = None
     scheduler: str | None = None
+    use_karras_sigmas: bool = False
+    algorithm_type: str | None = None
+    loras: list[LoraRef] = []
+    vae: str | None = None
+    embeddings: list[str] = []
+    clip_skip: int | None = None
+    tomesd: bool = False
+    safety_checker: bool = False
+    safety_checker_type: str = "sensitive_content_text"
+    base64_output: bool = False
+    temp: bool = False
     track_id: str | int | None = None
 
     @property
@@ -57,7 +77,7 @@ def describe(spec: JobSpec, file_prefix: str, warnings: list[str]) -> dict[str, 
         "n_samples": spec.samples,
         "seed": spec.seed,
         "seeds": spec.seeds,
-        "init_image": ",".join(spec.init_images),
+        "init_image": ",".join(_shown(url) for url in spec.init_images),
         "file_prefix": file_prefix,
         "outdir": "out",
     }
@@ -67,11 +87,43 @@ def describe(spec: JobSpec, file_prefix: str, warnings: list[str]) -> dict[str, 
     return meta
 
 
+def _shown(url: str) -> str:
+    """An init image as meta shows it: URLs as given, inline images only by their size."""
+    if url.startswith("data:"):
+        return f"<base64 image, {len(url.partition(',')[2])} characters>"
+    return url
+
+
 def _operation_meta(spec: JobSpec) -> dict[str, Any]:
     """The fields only one operation has."""
     if spec.operation == Operation.IMG2IMG:
-        return {"strength": spec.strength, "model_id": spec.model_id, "scheduler": spec.scheduler}
+        return _img2img_meta(spec)
     if spec.operation == Operation.PIX2PIX:
         return {"image_guidance_scale": spec.image_guidance_scale}
     weights = spec.image_weights or []
     return {"init_image_weights": ",".join(f"{weight:g}" for weight in weights)}
+
+
+def _img2img_meta(spec: JobSpec) -> dict[str, Any]:
+    """The enterprise page's echo of its many options, in its spellings."""
+    return {
+        "strength": spec.strength,
+        "model_id": spec.model_id,
+        "scheduler": spec.scheduler,
+        "use_karras_sigmas": _yes_no(spec.use_karras_sigmas),
+        "algorithm_type": spec.algorithm_type,
+        "lora_model": ",".join(lora.name for lora in spec.loras) or None,
+        "lora_strength": ",".join(f"{lora.strength:g}" for lora in spec.loras) or None,
+        "vae": spec.vae,
+        "embeddings_model": ",".join(spec.embeddings) or None,
+        "clip_skip": spec.clip_skip,
+        "tomesd": _yes_no(spec.tomesd),
+        "safetychecker": _yes_no(spec.safety_checker),
+        "safety_checker_type": spec.safety_checker_type,
+        "base64": _yes_no(spec.base64_output),
+        "temp": _yes_no(spec.temp),
+    }
+
+
+def _yes_no(flag: bool) -> str:
+    return "yes" if flag else "no"

@@ -6,9 +6,14 @@ the job ends), so a client sees the same fields whichever way the result reaches
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Callable
 from typing import Any
 
 from db.models import Job, JobOutput, JobState, Operation
+
+#: Reads a stored output file by name (for `base64: yes` answers).
+ReadFile = Callable[[str], bytes]
 
 PROCESSING_MESSAGE = "Your request is being processed. Fetch the result with the fetch_result URL."
 
@@ -48,11 +53,18 @@ def processing_body(job: Job, public_url: str, eta: float) -> dict[str, Any]:
     }
 
 
-def success_body(job: Job, public_url: str) -> dict[str, Any]:
-    """The answer for a finished job. pix2pix keeps the page's quirk: `output` is one string."""
-    links = [output_url(public_url, out.filename) for out in _sorted(job.outputs)]
+def success_body(job: Job, public_url: str, read: ReadFile) -> dict[str, Any]:
+    """The answer for a finished job.
+
+    pix2pix keeps its page's quirk: `output` is one string. With `base64: yes` (enterprise
+    img2img) `output` holds the PNGs as base64 strings; `proxy_links` always holds the links.
+    """
+    outputs = _sorted(job.outputs)
+    links = [output_url(public_url, out.filename) for out in outputs]
     output: list[str] | str = links
-    if job.operation == Operation.PIX2PIX:
+    if job.params.get("base64_output"):
+        output = [base64.b64encode(read(out.filename)).decode() for out in outputs]
+    elif job.operation == Operation.PIX2PIX:
         output = links[0] if links else ""
     return {
         "status": "success",
@@ -77,10 +89,10 @@ def failed_body(job: Job) -> dict[str, Any]:
     }
 
 
-def webhook_body(job: Job, public_url: str) -> dict[str, Any]:
+def webhook_body(job: Job, public_url: str, read: ReadFile) -> dict[str, Any]:
     """The webhook payload of a terminal job: the success fields, or the failure fields."""
     if job.state == JobState.SUCCESS:
-        body = success_body(job, public_url)
+        body = success_body(job, public_url, read)
         return {key: body[key] for key in _WEBHOOK_SUCCESS_KEYS}
     return failed_body(job)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 from urllib.parse import urljoin
 
@@ -24,8 +26,21 @@ class ImageInputError(ValueError):
 
 
 def fetch_image(url: str, settings: Settings) -> Image.Image:
-    """Download and decode one init image as RGB."""
+    """Download (or, for a base64 `data:` URI, unpack) and decode one init image as RGB."""
+    if url.startswith("data:"):
+        return decode_image(_inline(url, settings.image_max_bytes))
     return decode_image(_download(url, settings))
+
+
+def _inline(uri: str, max_bytes: int) -> bytes:
+    """The bytes of a base64 data: URI (the API already checked that it decodes)."""
+    try:
+        data = base64.b64decode(uri.partition(",")[2], validate=True)
+    except (binascii.Error, ValueError):
+        raise ImageInputError("The base64 init_image is not valid base64") from None
+    if len(data) > max_bytes:
+        raise ImageInputError(f"The base64 init_image is larger than {max_bytes} bytes")
+    return data
 
 
 def _download(url: str, settings: Settings) -> bytes:
@@ -109,6 +124,13 @@ def output_size(width: int | None, height: int | None, first: Image.Image) -> tu
     elif height is None:
         height = round(min(MAX_SIDE, width * aspect))
     return _snap(width or 0), _snap(height or 0)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """The PNG encoding of `image`; deterministic for identical pixels."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _snap(side: int) -> int:

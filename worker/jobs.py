@@ -12,6 +12,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from celery import Celery
 
@@ -19,20 +20,22 @@ from darkroom.jobspec import JobSpec
 from darkroom.queue import DELIVER_WEBHOOK_TASK, send
 from darkroom.responses import output_filename
 from darkroom.settings import Settings
-from db.models import Job
+from darkroom.storage import LocalStorage
+from db.models import Job, utcnow
 from db.repositories import jobs
 from db.repositories.jobs import ClaimOutcome, OutputRecord
 from db.session import session_scope
 from worker import outcomes
-from worker.images import ImageInputError, fetch_image, output_size
+from worker.images import ImageInputError, fetch_image, output_size, png_bytes
 from worker.models.cache import ModelCache
 from worker.outcomes import exhausted_message
 from worker.pipelines.generate import generate
 from worker.pipelines.request import GenerationRequest, GenerationResult
-from worker.storage import LocalStorage, png_bytes
 
 log = logging.getLogger(__name__)
 
+#: How long `temp: yes` output links work; the sweeper deletes the files afterwards.
+TEMP_LIFETIME = timedelta(hours=24)
 INTERNAL_ERROR = "The image could not be generated because of an internal error."
 
 
@@ -113,12 +116,17 @@ def _store_and_finish(
     result: GenerationResult,
 ) -> None:
     """Write the images under their stable names, then record success with them."""
+    expires_at = utcnow() + TEMP_LIFETIME if spec.temp else None
     records = []
     for index, (image, seed) in enumerate(zip(result.images, spec.seeds, strict=True)):
         name = output_filename(job, index)
         runtime.storage.save(name, png_bytes(image))
-        records.append(OutputRecord(index, name, image.width, image.height, seed))
+        records.append(
+            OutputRecord(index, name, image.width, image.height, seed, expires_at=expires_at)
+        )
     meta = {**job.meta, "W": request.width, "H": request.height}
+    if expires_at is not None:
+        meta["temp_expires_at"] = expires_at.isoformat()
     meta["model_load_time"] = round(result.model_load_seconds, 3)
     _finish(runtime, job.id, Success(records, meta, result.pipeline_seconds))
 

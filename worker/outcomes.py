@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from darkroom.responses import webhook_body
 from darkroom.settings import Settings
+from darkroom.storage import LocalStorage
 from db.models import Job
 from db.repositories import jobs, webhooks
 
@@ -28,7 +29,8 @@ def queue_webhook(session: Session, job: Job, settings: Settings) -> int | None:
     if not job.webhook_url:
         return None
     session.refresh(job)
-    payload = json.dumps(webhook_body(job, settings.public_url), separators=(",", ":"))
+    read = LocalStorage(settings.outputs_dir).read
+    payload = json.dumps(webhook_body(job, settings.public_url, read), separators=(",", ":"))
     delivery = webhooks.create_delivery(
         session, job_id=job.id, url=job.webhook_url, payload=payload
     )

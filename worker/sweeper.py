@@ -2,7 +2,8 @@
 
 Every few seconds it (1) hands back jobs whose worker stopped renewing its lease, failing
 those out of attempts, (2) publishes job ids that were committed but never reached the broker,
-and (3) publishes webhook deliveries whose retry time has come. Publishing twice is harmless:
+(3) publishes webhook deliveries whose retry time has come, and (4) deletes the files of
+temporary outputs that have expired. Publishing twice is harmless:
 workers and the dispatcher claim rows with conditional updates.
 """
 
@@ -17,6 +18,7 @@ from celery import Celery
 
 from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, send
 from darkroom.settings import Settings
+from darkroom.storage import LocalStorage
 from db.models import utcnow
 from db.repositories import jobs, webhooks
 from db.session import session_scope
@@ -34,6 +36,7 @@ class SweepReport:
     failed_jobs: int = 0
     enqueued_jobs: int = 0
     sent_deliveries: int = 0
+    expired_outputs: int = 0
 
 
 def sweep_once(settings: Settings, broker: Celery) -> SweepReport:
@@ -44,6 +47,7 @@ def sweep_once(settings: Settings, broker: Celery) -> SweepReport:
         failed_jobs=failed,
         enqueued_jobs=_drain_job_outbox(settings, broker),
         sent_deliveries=_send_due_deliveries(settings, broker),
+        expired_outputs=_expire_temporary_outputs(settings),
     )
 
 
@@ -96,6 +100,17 @@ def _send_due_deliveries(settings: Settings, broker: Celery) -> int:
             webhooks.mark_published(session, delivery_id)
         sent += 1
     return sent
+
+
+def _expire_temporary_outputs(settings: Settings) -> int:
+    """Delete the files of `temp: yes` outputs whose 24 hours are over."""
+    storage = LocalStorage(settings.outputs_dir)
+    with session_scope(settings.resolved_database_url) as session:
+        expired = jobs.expired_outputs(session)
+        for output in expired:
+            storage.delete(output.filename)
+            output.deleted_at = utcnow()
+    return len(expired)
 
 
 def run_sweeper(settings: Settings, broker: Celery, stop: threading.Event) -> None:

@@ -40,6 +40,8 @@ class OutputRecord:
     width: int
     height: int
     seed: int
+    nsfw: bool = False
+    expires_at: datetime | None = None
 
 
 class ClaimOutcome(enum.StrEnum):
@@ -158,6 +160,8 @@ def complete_job(
             width=out.width,
             height=out.height,
             seed=out.seed,
+            nsfw=out.nsfw,
+            expires_at=out.expires_at,
         )
         for out in outputs
     )
@@ -229,6 +233,22 @@ def typical_generation_time(session: Session, operation: Operation) -> float | N
     )
     value = session.scalar(select(func.avg(recent.c.generation_time)))
     return float(value) if value is not None else None
+
+
+def get_output(session: Session, filename: str) -> JobOutput | None:
+    """An output by its file name."""
+    return session.scalar(select(JobOutput).where(JobOutput.filename == filename))
+
+
+def expired_outputs(session: Session, *, limit: int = 200) -> list[JobOutput]:
+    """Temporary outputs past their expiry whose file has not been deleted yet."""
+    rows = session.scalars(
+        select(JobOutput)
+        .where(JobOutput.expires_at < utcnow(), JobOutput.deleted_at.is_(None))
+        .order_by(JobOutput.expires_at)
+        .limit(limit)
+    )
+    return list(rows)
 
 
 def _rowcount(result: Any) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import timedelta
 from typing import Any
@@ -14,15 +15,16 @@ from sqlalchemy import update
 from darkroom.jobspec import JobSpec, describe
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
-from db.models import Job, JobState, Operation, utcnow
+from db.models import Job, JobOutput, JobState, Operation, utcnow
 from db.repositories import jobs, webhooks
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
 from tests.conftest import count_rows
-from tests.support.servers import ImageServer, WebhookReceiver
+from tests.support.servers import ImageServer, WebhookReceiver, png
 from worker.jobs import WorkerRuntime, run_job
 from worker.models.cache import ModelCache
 from worker.outcomes import exhausted_message
+from worker.sweeper import sweep_once
 
 
 @pytest.fixture
@@ -62,8 +64,6 @@ def load(runtime: WorkerRuntime, job_id: int) -> Job:
 
 def published_deliveries(settings: Settings) -> list[int]:
     raw = redis.Redis.from_url(settings.broker_url).lrange(settings.webhook_queue, 0, -1)
-    import base64
-
     return [int(json.loads(base64.b64decode(json.loads(m)["body"]))[0][0]) for m in raw]
 
 
@@ -202,3 +202,59 @@ def test_a_job_out_of_attempts_fails_and_says_why(
     job = load(runtime, job_id)
     assert job.state == JobState.FAILED
     assert job.error == exhausted_message(attempts)
+
+
+def test_base64_in_and_out(runtime: WorkerRuntime, api_key: IssuedKey) -> None:
+    inline = (
+        "data:application/octet-stream;base64,"
+        + base64.b64encode(png(96, 64, (10, 200, 10))).decode()
+    )
+    job_id = new_job(
+        runtime,
+        api_key,
+        "http://127.0.0.1:9/never-called",
+        operation=Operation.IMG2IMG,
+        init_images=[inline],
+        samples=1,
+        base64_output=True,
+    )
+
+    run_job(job_id, runtime)
+
+    job = load(runtime, job_id)
+    assert job.state == JobState.SUCCESS, job.error
+    with session_scope(runtime.settings.resolved_database_url) as session:
+        delivery = webhooks.get_delivery_for_job(session, job_id)
+        assert delivery is not None
+        payload = json.loads(delivery.payload)
+    stored = (runtime.settings.outputs_dir / job.outputs[0].filename).read_bytes()
+    assert payload["output"] == [base64.b64encode(stored).decode()]
+    assert (job.meta["W"], job.meta["H"]) == (96, 64)
+
+
+def test_temporary_outputs_expire_and_their_files_are_deleted(
+    runtime: WorkerRuntime, api_key: IssuedKey, image_server: ImageServer
+) -> None:
+    job_id = new_job(
+        runtime, api_key, None, init_images=[image_server.url("/red.png")], samples=1, temp=True
+    )
+    run_job(job_id, runtime)
+    job = load(runtime, job_id)
+    [output] = job.outputs
+    assert output.expires_at is not None
+    lifetime = output.expires_at - utcnow()
+    assert timedelta(hours=23, minutes=59) < lifetime <= timedelta(hours=24)
+    path = runtime.settings.outputs_dir / output.filename
+    assert path.is_file()
+
+    with session_scope(runtime.settings.resolved_database_url) as session:
+        session.execute(
+            update(JobOutput)
+            .where(JobOutput.id == output.id)
+            .values(expires_at=utcnow() - timedelta(seconds=1))
+        )
+    report = sweep_once(runtime.settings, runtime.broker)
+
+    assert report.expired_outputs >= 1
+    assert not path.exists()
+    assert load(runtime, job_id).outputs[0].deleted_at is not None

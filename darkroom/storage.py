@@ -1,20 +1,14 @@
-"""Output storage on local disk (embedded profile): written atomically, named by the job."""
+"""Output storage on local disk: the worker writes, the API serves, the sweeper expires.
+
+Shared by the tiers (it needs no image library): files are written atomically under names
+derived from the job, so a re-run overwrites rather than duplicates.
+"""
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 from pathlib import Path
-
-from PIL import Image
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    """The PNG encoding of `image`; deterministic for identical pixels."""
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 class LocalStorage:
@@ -36,3 +30,16 @@ class LocalStorage:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def read(self, filename: str) -> bytes:
+        """The bytes of a stored file."""
+        return (self.root / filename).read_bytes()
+
+    def path(self, filename: str) -> Path | None:
+        """Where a stored file lies, or None if it does not exist."""
+        path = self.root / filename
+        return path if path.is_file() else None
+
+    def delete(self, filename: str) -> None:
+        """Remove a file (already gone is fine)."""
+        (self.root / filename).unlink(missing_ok=True)

@@ -1,0 +1,20 @@
+"""Request bodies of the endpoints, as the reference pages define them.
+
+Each model accepts the hosted API's spellings (see api.fields), ignores unknown fields, and
+turns itself into a JobSpec: the one normalised shape that the worker runs.
+"""
+
+from api.schemas.fetch import FetchRequest
+from api.schemas.img2img import IMG2IMG_SCHEDULERS, NON_IMG2IMG_SCHEDULERS, Img2ImgRequest
+from api.schemas.mixer import MixerRequest, V5MixerRequest
+from api.schemas.pix2pix import Pix2PixRequest
+
+__all__ = [
+    "IMG2IMG_SCHEDULERS",
+    "NON_IMG2IMG_SCHEDULERS",
+    "FetchRequest",
+    "Img2ImgRequest",
+    "MixerRequest",
+    "Pix2PixRequest",
+    "V5MixerRequest",
+]

@@ -1,0 +1,212 @@
+"""`POST /api/v1/enterprise/img2img` (reference 004): every field of the enterprise page."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, BeforeValidator, Field, model_validator
+
+from api.fields import (
+    Flag,
+    OptionalInt,
+    Steps,
+    Strength,
+    Text,
+    in_range,
+    optional,
+    to_float,
+    to_url,
+)
+from api.schemas.common import SubmitBase
+from darkroom import prompts
+from darkroom.jobspec import JobSpec, LoraRef
+from db.models import Operation
+
+#: The schedulers named on the enterprise page that can run img2img (they implement add_noise).
+IMG2IMG_SCHEDULERS = (
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "PNDMScheduler",
+    "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "DPMSolverSinglestepScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+    "LCMScheduler",
+)
+#: Named on the page but unable to noise an init image (no add_noise): refused before queueing.
+NON_IMG2IMG_SCHEDULERS = (
+    "DDIMInverseScheduler",
+    "IPNDMScheduler",
+    "KarrasVeScheduler",
+    "ScoreSdeVeScheduler",
+)
+#: `algorithm_type` values: the page's "dpmsolver+++" and diffusers' own DPM-Solver variants.
+ALGORITHM_TYPES = ("dpmsolver+++", "dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
+SafetyCheckerType = Literal["sensitive_content_text", "blur", "pixelate", "black"]
+#: Inline (base64) init images: decoded size limit; the worker re-checks the image itself.
+MAX_INLINE_IMAGE_BYTES = 10 * 1024 * 1024
+
+
+def _names(value: Any) -> list[str]:
+    """A comma-separated list of ids (or an array of them); blanks dropped, null is none."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+        raise ValueError("must be a comma-separated list of names")
+    return [item.strip() for item in items if item.strip()]
+
+
+def _algorithm(value: Any) -> str | None:
+    text = str(value).strip() if value is not None else ""
+    if text.lower() in ("", "none", "null"):
+        return None
+    if text not in ALGORITHM_TYPES:
+        raise ValueError(f"must be one of {', '.join(ALGORITHM_TYPES)} (or none)")
+    return text
+
+
+def _strengths(value: Any) -> list[float]:
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list):
+        items = [items]
+    return [to_float(item) for item in items]
+
+
+Names = Annotated[list[str], BeforeValidator(_names)]
+Strengths = Annotated[list[float] | None, BeforeValidator(optional(_strengths))]
+ClipSkip = Annotated[OptionalInt, in_range(1, 8)]
+AlgorithmType = Annotated[str | None, BeforeValidator(_algorithm)]
+
+
+class Img2ImgRequest(SubmitBase):
+    """The enterprise img2img body. Flags default as the page says (most are "yes")."""
+
+    model_id: Text = None
+    init_image: Annotated[str, BeforeValidator(lambda v: v if isinstance(v, str) else "")]
+    num_inference_steps: Steps = Field(
+        default=30, validation_alias=AliasChoices("num_inference_steps", "steps")
+    )
+    strength: Strength = 0.7
+    scheduler: Text = None
+    use_karras_sigmas: Flag = True
+    algorithm_type: AlgorithmType = None
+    lora_model: Names = Field(default_factory=list)
+    lora_strength: Strengths = None
+    vae: Text = None
+    embeddings_model: Names = Field(default_factory=list)
+    clip_skip: ClipSkip = None
+    tomesd: Flag = True
+    safety_checker: Flag = True
+    safety_checker_type: SafetyCheckerType = "sensitive_content_text"
+    enhance_prompt: Flag = True
+    base64: Flag = False
+    temp: Flag = False
+    loadbalancer: Flag = False  # accepted: spreading jobs over workers is the queue's job here
+
+    @model_validator(mode="after")
+    def _check(self) -> Img2ImgRequest:
+        self._check_scheduler()
+        self._check_loras()
+        self.init_image = self._init_image()
+        return self
+
+    def _check_scheduler(self) -> None:
+        if self.scheduler is None or self.scheduler in IMG2IMG_SCHEDULERS:
+            return
+        if self.scheduler in NON_IMG2IMG_SCHEDULERS:
+            reason = f"{self.scheduler} cannot run image to image (it has no add_noise)"
+        else:
+            reason = f"unknown scheduler '{self.scheduler[:100]}'"
+        raise ValueError(f"scheduler: {reason}; use one of {', '.join(IMG2IMG_SCHEDULERS)}")
+
+    def _check_loras(self) -> None:
+        strengths = self.lora_strength
+        if strengths is None:
+            return
+        if not self.lora_model:
+            raise ValueError("lora_strength: given without lora_model")
+        if len(strengths) not in (1, len(self.lora_model)):
+            raise ValueError(
+                f"lora_strength: {len(strengths)} strengths for {len(self.lora_model)} LoRAs;"
+                " give one strength, or one per LoRA"
+            )
+        if any(not 0 <= strength <= 1 for strength in strengths):
+            raise ValueError("lora_strength: each strength must be between 0 and 1")
+
+    def _init_image(self) -> str:
+        """A URL; with `base64: yes` also a base64 image, kept as a data: URI for the worker."""
+        url = _try_url(self.init_image)
+        if url is not None:
+            return url
+        if not self.base64:
+            raise ValueError(
+                "init_image: must be an http or https URL (or base64 with base64: yes)"
+            )
+        return _data_uri(self.init_image)
+
+    def loras(self) -> list[LoraRef]:
+        """Each LoRA with its strength (one strength for all, one each, or 1.0 when omitted)."""
+        strengths = self.lora_strength or [1.0]
+        if len(strengths) == 1:
+            strengths = strengths * len(self.lora_model)
+        return [
+            LoraRef(name=n, strength=s) for n, s in zip(self.lora_model, strengths, strict=True)
+        ]
+
+    def to_spec(self) -> JobSpec:
+        common = self._common()
+        if self.enhance_prompt:
+            common["prompt"], common["negative_prompt"] = prompts.enhance(
+                common["prompt"], common["negative_prompt"]
+            )
+        return JobSpec(
+            operation=Operation.IMG2IMG,
+            init_images=[self.init_image],
+            steps=self.num_inference_steps,
+            strength=self.strength,
+            model_id=self.model_id,
+            scheduler=self.scheduler,
+            use_karras_sigmas=self.use_karras_sigmas,
+            algorithm_type=self.algorithm_type,
+            loras=self.loras(),
+            vae=self.vae,
+            embeddings=self.embeddings_model,
+            clip_skip=self.clip_skip,
+            tomesd=self.tomesd,
+            safety_checker=self.safety_checker,
+            safety_checker_type=self.safety_checker_type,
+            base64_output=self.base64,
+            temp=self.temp,
+            **common,
+        )
+
+
+def _try_url(value: str) -> str | None:
+    try:
+        return to_url(value)
+    except ValueError:
+        return None
+
+
+def _data_uri(value: str) -> str:
+    """Raw base64 or a data: URI, checked to decode and to fit the size limit."""
+    payload = value.partition(",")[2] if value.startswith("data:") else value
+    payload = "".join(payload.split())
+    if len(payload) * 3 // 4 > MAX_INLINE_IMAGE_BYTES:
+        raise ValueError(f"init_image: the image is larger than {MAX_INLINE_IMAGE_BYTES} bytes")
+    try:
+        base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("init_image: not valid base64") from None
+    if not payload:
+        raise ValueError("init_image: the base64 image is empty")
+    return f"data:application/octet-stream;base64,{payload}"
