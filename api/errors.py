@@ -66,7 +66,10 @@ def _sentence(field: str, error: Any) -> str:
 
 async def _api_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return error_response(exc.status_code, exc.message, **exc.extra)
+    response = error_response(exc.status_code, exc.message, **exc.extra)
+    if "retry_after" in exc.extra:
+        response.headers["retry-after"] = str(exc.extra["retry_after"])
+    return response
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from celery import Celery
 from sqlalchemy.orm import Session
 
+from api.limits import admit
 from darkroom.jobspec import JobSpec, describe
 from darkroom.queue import RUN_JOB_TASK, send
 from darkroom.responses import processing_body
@@ -43,6 +44,7 @@ def submit_job(
     endpoint: str,
 ) -> dict[str, Any]:
     """Store and enqueue one job; answer the processing shape."""
+    admit(session, settings, key)
     spec = request.to_spec()
     job = jobs.create_job(
         session,

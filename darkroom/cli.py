@@ -6,13 +6,13 @@ Tier commands import their tier only when run, so `darkroom api` never loads tor
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
 
+from darkroom import admin
 from darkroom.settings import Settings, get_settings
 
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -88,18 +88,6 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     return run_all(args.host, args.port)
 
 
-def cmd_keys_create(args: argparse.Namespace, settings: Settings) -> int:
-    """Create an API key; the last line printed is `{"key": ..., "webhook_secret": ...}`."""
-    from db.repositories.keys import create_key
-    from db.session import session_scope
-
-    with session_scope(settings.resolved_database_url) as session:
-        issued = create_key(session, args.name)
-        secret = issued.row.webhook_secret
-    print(json.dumps({"key": issued.plaintext, "webhook_secret": secret}))
-    return 0
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="darkroom", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -113,12 +101,7 @@ def _parser() -> argparse.ArgumentParser:
         tier.add_argument("--name", default=None, help="Celery node name (default: unique)")
         tier.set_defaults(handler=handler)
     sub.add_parser("migrate", help=cmd_migrate.__doc__).set_defaults(handler=cmd_migrate)
-    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(
-        dest="action", required=True
-    )
-    create = keys.add_parser("create", help=cmd_keys_create.__doc__)
-    create.add_argument("--name", required=True)
-    create.set_defaults(handler=cmd_keys_create)
+    admin.add_parsers(sub)
     return parser
 
 

@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(default=15.0, gt=0)
     webhook_concurrency: int = Field(default=8, ge=1)
 
+    max_active_jobs_per_key: int = Field(default=100, ge=1)
+    max_jobs_per_minute_per_key: int = Field(default=120, ge=1)
+    max_queue_depth: int = Field(default=5000, ge=1)
+
     image_max_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     image_fetch_timeout_s: float = Field(default=20.0, gt=0)
 

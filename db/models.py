@@ -99,8 +99,24 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     key_prefix: Mapped[str] = mapped_column(String(16))
     webhook_secret: Mapped[str] = mapped_column(String(200))
+    # During a rotation the old secret keeps signing beside the new one until this time, so
+    # receivers can switch over without rejecting a webhook (Standard Webhooks allows both).
+    previous_webhook_secret: Mapped[str | None] = mapped_column(String(200), default=None)
+    previous_secret_until: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    def signing_secrets(self, now: datetime) -> list[str]:
+        """The secrets that sign a webhook sent at `now`: the current one, and during a
+        rotation the previous one."""
+        secrets = [self.webhook_secret]
+        if (
+            self.previous_webhook_secret
+            and self.previous_secret_until
+            and now < self.previous_secret_until
+        ):
+            secrets.append(self.previous_webhook_secret)
+        return secrets
 
 
 class Job(Base):

@@ -222,6 +222,25 @@ def requeue_job(session: Session, job_id: int) -> bool:
     return _rowcount(result) == 1
 
 
+def active_jobs_of_key(session: Session, api_key_id: int) -> int:
+    """Jobs of a key that are queued or running."""
+    active = Job.state.in_([JobState.QUEUED, JobState.PROCESSING])
+    count = session.scalar(select(func.count(Job.id)).where(Job.api_key_id == api_key_id, active))
+    return int(count or 0)
+
+
+def jobs_of_key_since(session: Session, api_key_id: int, since: datetime) -> int:
+    """Jobs a key submitted since `since` (its request rate)."""
+    window = and_(Job.api_key_id == api_key_id, Job.created_at >= since)
+    return int(session.scalar(select(func.count(Job.id)).where(window)) or 0)
+
+
+def queued_jobs(session: Session) -> int:
+    """Jobs waiting for a worker, over all keys (the backpressure signal)."""
+    count = session.scalar(select(func.count(Job.id)).where(Job.state == JobState.QUEUED))
+    return int(count or 0)
+
+
 def typical_generation_time(session: Session, operation: Operation) -> float | None:
     """The mean pipeline time of the last successful jobs of `operation`, for `eta`."""
     recent = (

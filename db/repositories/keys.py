@@ -6,11 +6,12 @@ import base64
 import hashlib
 import secrets
 from dataclasses import dataclass
+from datetime import timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import ApiKey
+from db.models import ApiKey, utcnow
 
 
 @dataclass(frozen=True)
@@ -60,3 +61,31 @@ def find_active_key(session: Session, plaintext: str) -> ApiKey | None:
 def get_key(session: Session, key_id: int) -> ApiKey | None:
     """A key by id (the worker uses it to find the webhook secret)."""
     return session.get(ApiKey, key_id)
+
+
+def list_keys(session: Session) -> list[ApiKey]:
+    """Every key, oldest first (revoked ones included)."""
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
+
+
+def find_key(session: Session, ref: str) -> ApiKey | None:
+    """A key by id or by the prefix shown in `darkroom keys list`."""
+    if ref.isdigit():
+        return session.get(ApiKey, int(ref))
+    return session.scalar(select(ApiKey).where(ApiKey.key_prefix == ref))
+
+
+def revoke_key(session: Session, key: ApiKey) -> None:
+    """Stop accepting the key; its jobs and outputs stay."""
+    if key.revoked_at is None:
+        key.revoked_at = utcnow()
+    session.flush()
+
+
+def rotate_webhook_secret(session: Session, key: ApiKey, grace: timedelta) -> str:
+    """Give the key a new webhook secret; the old one co-signs for `grace`. The new secret."""
+    key.previous_webhook_secret = key.webhook_secret
+    key.previous_secret_until = utcnow() + grace
+    key.webhook_secret = new_webhook_secret()
+    session.flush()
+    return key.webhook_secret

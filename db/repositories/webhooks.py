@@ -133,3 +133,25 @@ def mark_published(session: Session, delivery_id: int) -> None:
 def get_delivery_for_job(session: Session, job_id: int) -> WebhookDelivery | None:
     """The delivery of a job, if it has a webhook."""
     return session.scalar(select(WebhookDelivery).where(WebhookDelivery.job_id == job_id))
+
+
+def failed_deliveries(session: Session, *, limit: int = 100) -> list[WebhookDelivery]:
+    """Deliveries that gave up (schedule exhausted or 410), newest first."""
+    rows = session.scalars(
+        select(WebhookDelivery)
+        .where(WebhookDelivery.state == DeliveryState.FAILED)
+        .order_by(WebhookDelivery.id.desc())
+        .limit(limit)
+    )
+    return list(rows)
+
+
+def replay(session: Session, delivery: WebhookDelivery) -> None:
+    """Start a failed delivery's schedule again, due now, with the same webhook-id and body."""
+    delivery.state = DeliveryState.PENDING
+    delivery.attempt_count = 0
+    delivery.next_attempt_at = utcnow()
+    delivery.enqueued_at = None
+    delivery.lease_until = None
+    delivery.finished_at = None
+    session.flush()

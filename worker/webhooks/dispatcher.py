@@ -38,7 +38,7 @@ class Ticket:
     url: str
     payload: str
     message_id: str
-    secret: str
+    secrets: list[str]
 
 
 @dataclass(frozen=True)
@@ -77,9 +77,8 @@ def _claim(delivery_id: int, settings: Settings) -> Ticket | None:
             return None
         key = keys.get_key(session, delivery.job.api_key_id)
         assert key is not None, "a job always has its key"
-        return Ticket(
-            delivery.id, delivery.url, delivery.payload, delivery.message_id, key.webhook_secret
-        )
+        secrets = key.signing_secrets(utcnow())
+        return Ticket(delivery.id, delivery.url, delivery.payload, delivery.message_id, secrets)
 
 
 def attempt(ticket: Ticket, settings: Settings, client: httpx.Client) -> AttemptResult:
@@ -88,7 +87,7 @@ def attempt(ticket: Ticket, settings: Settings, client: httpx.Client) -> Attempt
     deadline = started + settings.webhook_timeout_s
     try:
         check_url(ticket.url, settings.url_allowlist)
-        headers = signed_headers(ticket.secret, ticket.message_id, utcnow(), ticket.payload)
+        headers = signed_headers(ticket.secrets, ticket.message_id, utcnow(), ticket.payload)
         headers |= {"content-type": "application/json", "user-agent": USER_AGENT}
         with client.stream("POST", ticket.url, content=ticket.payload, headers=headers) as response:
             excerpt = _read_excerpt(response, deadline)
