@@ -27,6 +27,30 @@ class CheckedURL:
     port: int
     addresses: tuple[IPAddress, ...]
 
+    def pinned(self) -> PinnedRequest:
+        """The request aimed at the checked address itself, so no second DNS answer is used.
+
+        Resolving again at connect time would let a host pass the check and then point at a
+        private address (DNS rebinding). The URL gets the address; `Host` and, for https, the
+        TLS server name (which certificate verification uses) keep the original host.
+        """
+        parts = urlsplit(self.url)
+        address = self.addresses[0]
+        literal = f"[{address}]" if address.version == 6 else str(address)
+        netloc = f"{literal}:{self.port}"
+        host_header = parts.netloc.rpartition("@")[2]
+        extensions = {"sni_hostname": self.host} if parts.scheme == "https" else {}
+        return PinnedRequest(parts._replace(netloc=netloc).geturl(), host_header, extensions)
+
+
+@dataclass(frozen=True)
+class PinnedRequest:
+    """What an HTTP client needs to reach a checked URL at its checked address."""
+
+    url: str
+    host_header: str
+    extensions: dict[str, str]
+
 
 def check_url(url: str, allowlist: list[str]) -> CheckedURL:
     """Resolve `url`'s host and refuse it unless every address is public or allow-listed."""

@@ -11,7 +11,7 @@ import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from darkroom.settings import Settings
-from darkroom.urlguard import UnsafeURLError, check_url
+from darkroom.urlguard import PinnedRequest, UnsafeURLError, check_url
 
 UNREACHABLE = "Unable to fetch image from provided URL"
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -49,20 +49,23 @@ def _download(url: str, settings: Settings) -> bytes:
     with httpx.Client(timeout=timeout, follow_redirects=False) as client:
         for _ in range(MAX_REDIRECTS + 1):
             try:
-                check_url(url, settings.url_allowlist)
+                target = check_url(url, settings.url_allowlist).pinned()
             except UnsafeURLError as exc:
                 raise ImageInputError(f"{UNREACHABLE}: {exc}") from None
-            body, location = _get(client, url, settings.image_max_bytes)
+            body, location = _get(client, target, settings.image_max_bytes)
             if location is None:
                 return body
             url = urljoin(url, location)
     raise ImageInputError(f"{UNREACHABLE}: too many redirects")
 
 
-def _get(client: httpx.Client, url: str, max_bytes: int) -> tuple[bytes, str | None]:
-    """One GET: the body (bounded), or the redirect target."""
+def _get(client: httpx.Client, target: PinnedRequest, max_bytes: int) -> tuple[bytes, str | None]:
+    """One GET at the checked address: the body (bounded), or the redirect target."""
+    headers = {"host": target.host_header}
     try:
-        with client.stream("GET", url) as response:
+        with client.stream(
+            "GET", target.url, headers=headers, extensions=target.extensions
+        ) as response:
             if response.is_redirect:
                 return b"", response.headers.get("location")
             if response.status_code != 200:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 
+import httpx
 import pytest
 
 from darkroom.urlguard import UnsafeURLError, check_url
+from tests.support.servers import WebhookReceiver
 
 PUBLIC = "93.184.216.34"
 
@@ -97,3 +99,23 @@ def test_allowlist_by_host_name() -> None:
 def test_bad_port_is_an_unsafe_url(url: str) -> None:
     with pytest.raises(UnsafeURLError):
         check_url(url, [])
+
+
+def test_pinned_request_targets_the_checked_address_and_keeps_the_host() -> None:
+    checked = check_url("https://localhost:8443/a/b?c=1", ["localhost"])
+    pinned = checked.pinned()
+    assert pinned.url in ("https://127.0.0.1:8443/a/b?c=1", "https://[::1]:8443/a/b?c=1")
+    assert pinned.host_header == "localhost:8443"
+    assert pinned.extensions == {"sni_hostname": "localhost"}
+
+
+def test_pinned_http_request_reaches_the_checked_address(receiver: WebhookReceiver) -> None:
+    port = receiver.url.split(":")[2].split("/")[0]
+    checked = check_url(f"http://localhost:{port}/hook", ["localhost", "127.0.0.1/32", "::1/128"])
+    pinned = checked.pinned()
+    if "[::1]" in pinned.url:
+        pytest.skip("localhost resolved to ::1 first; the receiver listens on 127.0.0.1 only")
+    response = httpx.post(pinned.url, content=b"{}", headers={"host": pinned.host_header})
+    assert response.status_code == 200
+    [seen] = receiver.snapshot()
+    assert seen.headers["host"] == f"localhost:{port}"

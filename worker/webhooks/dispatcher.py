@@ -86,10 +86,20 @@ def attempt(ticket: Ticket, settings: Settings, client: httpx.Client) -> Attempt
     started = time.perf_counter()
     deadline = started + settings.webhook_timeout_s
     try:
-        check_url(ticket.url, settings.url_allowlist)
+        target = check_url(ticket.url, settings.url_allowlist).pinned()
         headers = signed_headers(ticket.secrets, ticket.message_id, utcnow(), ticket.payload)
-        headers |= {"content-type": "application/json", "user-agent": USER_AGENT}
-        with client.stream("POST", ticket.url, content=ticket.payload, headers=headers) as response:
+        headers |= {
+            "content-type": "application/json",
+            "user-agent": USER_AGENT,
+            "host": target.host_header,
+        }
+        with client.stream(
+            "POST",
+            target.url,
+            content=ticket.payload,
+            headers=headers,
+            extensions=target.extensions,
+        ) as response:
             excerpt = _read_excerpt(response, deadline)
     except (httpx.HTTPError, UnsafeURLError, TimeoutError) as exc:
         return AttemptResult(AttemptRecord(None, _ms_since(started), None, _describe(exc)))
