@@ -42,8 +42,12 @@ def _state(url: str) -> tuple[set[str], list[str]]:
     return tables, versions
 
 
-def test_head_is_the_initial_revision() -> None:
-    assert _head("sqlite://") == "0001"
+def test_revisions_form_one_linear_chain() -> None:
+    script = ScriptDirectory.from_config(alembic_config("sqlite://"))
+    assert len(script.get_heads()) == 1
+    chain = [rev.revision for rev in script.walk_revisions()]  # head first
+    assert chain == sorted(chain, reverse=True)
+    assert chain[-1] == "0001"
 
 
 def test_fresh_sqlite_file_upgrades_twice(tmp_path: Path) -> None:
