@@ -1,7 +1,8 @@
 """`darkroom up`: API, worker and dispatcher as child processes, stopped together.
 
 SIGINT or SIGTERM to the supervisor becomes one SIGTERM to each child (a warm shutdown: the
-worker finishes its job). If any child exits on its own, the others are stopped too.
+worker finishes its job). A child that exits on its own is started again after a back-off, as
+a process manager would: every tier keeps its state in the database, so a restart loses nothing.
 """
 
 from __future__ import annotations
@@ -11,21 +12,50 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+from dataclasses import dataclass, field
 from types import FrameType
 
 log = logging.getLogger(__name__)
 
 GRACE_S = 60.0
+MAX_BACKOFF_S = 30.0
 
 
-def _spawn(*args: str) -> subprocess.Popen[bytes]:
-    # A session of its own: a terminal's Ctrl-C reaches only the supervisor, which then sends
-    # each child exactly one SIGTERM (a second signal would make Celery shut down cold).
-    return subprocess.Popen([sys.executable, "-m", "darkroom.cli", *args], start_new_session=True)
+@dataclass
+class Child:
+    """One tier: how to start it, its current process, and when it may be restarted."""
+
+    args: tuple[str, ...]
+    process: subprocess.Popen[bytes] = field(init=False)
+    backoff_s: float = 1.0
+    restart_at: float | None = None
+
+    def start(self) -> None:
+        # A session of its own: a terminal's Ctrl-C reaches only the supervisor, which then
+        # sends each child exactly one SIGTERM (a second would make Celery shut down cold).
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "darkroom.cli", *self.args], start_new_session=True
+        )
+
+    def watch(self, now: float) -> None:
+        """Schedule a restart when the process has died; perform it when it is due."""
+        if self.restart_at is None and self.process.poll() is not None:
+            log.error(
+                "%s exited with %s; restarting in %.0fs",
+                self.args[0],
+                self.process.returncode,
+                self.backoff_s,
+            )
+            self.restart_at = now + self.backoff_s
+            self.backoff_s = min(self.backoff_s * 2, MAX_BACKOFF_S)
+        elif self.restart_at is not None and now >= self.restart_at:
+            self.restart_at = None
+            self.start()
 
 
 def run_all(host: str, port: int) -> int:
-    """Run the three tiers until a signal arrives or one of them exits."""
+    """Run the three tiers until SIGINT or SIGTERM."""
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -35,26 +65,27 @@ def run_all(host: str, port: int) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     children = [
-        _spawn("api", "--host", host, "--port", str(port)),
-        _spawn("worker"),
-        _spawn("dispatcher"),
+        Child(("api", "--host", host, "--port", str(port))),
+        Child(("worker",)),
+        Child(("dispatcher",)),
     ]
+    for child in children:
+        child.start()
     while not stop.wait(0.5):
-        if any(child.poll() is not None for child in children):
-            log.error("a tier exited on its own: stopping the others")
-            break
-    return _stop(children, clean=stop.is_set())
+        for child in children:
+            child.watch(time.monotonic())
+    _stop([child.process for child in children])
+    return 0
 
 
-def _stop(children: list[subprocess.Popen[bytes]], *, clean: bool) -> int:
-    for child in children:
-        if child.poll() is None:
-            child.terminate()
-    for child in children:
+def _stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
         try:
-            child.wait(timeout=GRACE_S)
+            process.wait(timeout=GRACE_S)
         except subprocess.TimeoutExpired:
-            log.error("pid %s did not stop in %ss: killing it", child.pid, GRACE_S)
-            child.kill()
-            child.wait()
-    return 0 if clean else 1
+            log.error("pid %s did not stop in %ss: killing it", process.pid, GRACE_S)
+            process.kill()
+            process.wait()

@@ -14,6 +14,12 @@ from worker.webhooks.dispatcher import deliver
 
 settings = get_settings()
 app = make_celery(settings, "darkroom-dispatcher")
+# Acknowledge deliveries on receipt. The delivery row (its lease and due time) is what keeps a
+# webhook safe: if this process dies mid-attempt the sweeper publishes it again. Late acks would
+# add nothing, and kombu's restore of unacked messages on a broker disconnect crashes the whole
+# worker (kombu 5.7: AttributeError in the Redis transport's _connparams), sweeper included.
+app.conf.task_acks_late = False
+app.conf.task_reject_on_worker_lost = False
 
 # Shared by the pool's threads (httpx clients are thread-safe); redirects are never followed.
 client = httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False)

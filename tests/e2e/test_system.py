@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from PIL import Image
 from standardwebhooks.webhooks import Webhook
@@ -155,3 +156,37 @@ def test_embedded_profile_success_and_failure_with_webhooks(
         assert (tmp_path / "data" / "darkroom.sqlite3").is_file()
     assert system.process.returncode == 0, system.log_tail()
     assert json.loads(hooks[0].body)  # plain JSON on the wire
+
+
+def test_up_restarts_a_tier_that_dies(
+    tmp_path: Path, image_server: ImageServer, receiver: WebhookReceiver
+) -> None:
+    env = {
+        "DARKROOM_DATA_DIR": str(tmp_path / "data"),
+        "DARKROOM_MODEL_PRESET": "tiny",
+        "DARKROOM_URL_ALLOWLIST": "127.0.0.1/32",
+    }
+    with darkroom_up(env, tmp_path) as system:
+        key = system.create_key()
+        tiers = {_tier(child): child for child in psutil.Process(system.process.pid).children()}
+        tiers["worker"].kill()
+        tiers["dispatcher"].kill()
+
+        body = {**PIX2PIX, "init_image": image_server.url("/red.png"), "steps": 2}
+        answer = system.post(
+            "/api/v5/pix2pix", {**body, "key": key["key"], "webhook": receiver.url}
+        )
+        done = system.wait_for(f"/api/v5/fetch/{answer['id']}", key["key"], timeout=120)
+
+        assert done["status"] == "success", system.log_tail()
+        [hook] = wait_for_webhooks(receiver, 1)
+        assert verified_payload(hook, key["webhook_secret"])["id"] == answer["id"]
+        restarted = {_tier(child) for child in psutil.Process(system.process.pid).children()}
+        assert restarted == {"api", "worker", "dispatcher"}
+    assert system.process.returncode == 0, system.log_tail()
+
+
+def _tier(process: psutil.Process) -> str:
+    """Which tier a `python -m darkroom.cli <tier> ...` child runs."""
+    cmdline = process.cmdline()
+    return cmdline[cmdline.index("darkroom.cli") + 1]
