@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from celery import Celery
 from sqlalchemy.orm import Session
 
+from api.errors import ApiError
 from api.limits import admit
 from darkroom.jobspec import JobSpec, describe
 from darkroom.queue import RUN_JOB_TASK, send
@@ -34,6 +35,8 @@ class SubmitRequest(Protocol):
 
     def warnings(self) -> list[str]: ...
 
+    def model_errors(self, settings: Settings) -> dict[str, list[str]]: ...
+
 
 def submit_job(
     session: Session,
@@ -44,6 +47,9 @@ def submit_job(
     endpoint: str,
 ) -> dict[str, Any]:
     """Store and enqueue one job; answer the processing shape."""
+    errors = request.model_errors(settings)
+    if errors:
+        raise ApiError(422, errors)
     admit(session, settings, key)
     spec = request.to_spec()
     job = jobs.create_job(

@@ -30,7 +30,7 @@ from worker.images import ImageInputError, fetch_image, output_size, png_bytes
 from worker.models.cache import ModelCache
 from worker.outcomes import exhausted_message
 from worker.pipelines.generate import generate
-from worker.pipelines.request import GenerationRequest, GenerationResult
+from worker.pipelines.request import GenerationRequest, GenerationResult, LoraSpec
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,16 @@ def _build_request(spec: JobSpec, settings: Settings) -> GenerationRequest:
         strength=spec.strength,
         image_guidance_scale=spec.image_guidance_scale,
         seeds=tuple(spec.seeds),
+        scheduler=spec.scheduler,
+        use_karras_sigmas=spec.use_karras_sigmas,
+        algorithm_type=spec.algorithm_type,
+        loras=tuple(LoraSpec(lora.name, lora.strength) for lora in spec.loras),
+        vae=spec.vae,
+        embeddings=tuple(spec.embeddings),
+        clip_skip=spec.clip_skip,
+        tomesd=spec.tomesd,
+        safety_checker=spec.safety_checker,
+        safety_checker_type=spec.safety_checker_type,
     )
 
 
@@ -118,13 +128,14 @@ def _store_and_finish(
     """Write the images under their stable names, then record success with them."""
     expires_at = utcnow() + TEMP_LIFETIME if spec.temp else None
     records = []
-    for index, (image, seed) in enumerate(zip(result.images, spec.seeds, strict=True)):
+    samples = zip(result.images, spec.seeds, result.nsfw, strict=True)
+    for index, (image, seed, nsfw) in enumerate(samples):
         name = output_filename(job, index)
         runtime.storage.save(name, png_bytes(image))
-        records.append(
-            OutputRecord(index, name, image.width, image.height, seed, expires_at=expires_at)
-        )
+        records.append(OutputRecord(index, name, image.width, image.height, seed, nsfw, expires_at))
     meta = {**job.meta, "W": request.width, "H": request.height}
+    if spec.safety_checker:
+        meta["nsfw_content_detected"] = list(result.nsfw)
     if expires_at is not None:
         meta["temp_expires_at"] = expires_at.isoformat()
     meta["model_load_time"] = round(result.model_load_seconds, 3)

@@ -18,6 +18,7 @@ from api.fields import (
     Url,
     to_url_list,
 )
+from darkroom.settings import Settings
 
 
 def _required_text(value: Any) -> str:
@@ -55,6 +56,10 @@ class SubmitBase(BaseModel):
     samples: Samples = 1
     webhook: Url = None
     track_id: TrackId = None
+
+    def model_errors(self, settings: Settings) -> dict[str, list[str]]:
+        """Model ids that name nothing loadable, by field (checked before queueing)."""
+        return {}
 
     def warnings(self) -> list[str]:
         """Adjustments made to the request, reported in `meta.warnings`."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BeforeValidator, Field, model_validator
@@ -20,8 +21,9 @@ from api.fields import (
     to_url,
 )
 from api.schemas.common import SubmitBase
-from darkroom import prompts
+from darkroom import prompts, registry
 from darkroom.jobspec import JobSpec, LoraRef
+from darkroom.settings import Settings
 from db.models import Operation
 
 #: The schedulers named on the enterprise page that can run img2img (they implement add_noise).
@@ -152,6 +154,31 @@ class Img2ImgRequest(SubmitBase):
                 "init_image: must be an http or https URL (or base64 with base64: yes)"
             )
         return _data_uri(self.init_image)
+
+    def model_errors(self, settings: Settings) -> dict[str, list[str]]:
+        """Unknown model, LoRA, VAE or embedding ids, each under its field."""
+        checks: list[tuple[str, Callable[[], object]]] = [
+            ("lora_model", lambda: [registry.resolve_lora(n, settings) for n in self.lora_model]),
+            (
+                "embeddings_model",
+                lambda: [registry.resolve_embedding(n, settings) for n in self.embeddings_model],
+            ),
+        ]
+        if self.model_id is not None:
+            model_id = self.model_id
+            checks.append(
+                ("model_id", lambda: registry.resolve_model("img2img", model_id, settings))
+            )
+        if self.vae is not None:
+            vae = self.vae
+            checks.append(("vae", lambda: registry.resolve_vae(vae, settings)))
+        errors: dict[str, list[str]] = {}
+        for field, check in checks:
+            try:
+                check()
+            except registry.UnknownModelError as exc:
+                errors[field] = [str(exc)]
+        return errors
 
     def loras(self) -> list[LoraRef]:
         """Each LoRA with its strength (one strength for all, one each, or 1.0 when omitted)."""

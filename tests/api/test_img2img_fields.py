@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -158,3 +159,31 @@ def test_bad_values_are_refused_with_the_field_named(
     errors = response.json()["message"]
     assert list(errors) == [field]
     assert message in errors[field][0]
+
+
+def test_unknown_ids_are_refused_before_queueing_with_how_to_add_them(
+    settings: Settings, api_key: IssuedKey, tmp_path: Path
+) -> None:
+    real = settings.model_copy(update={"model_preset": "", "models_dir": tmp_path / "models"})
+    (tmp_path / "models" / "my-model").mkdir(parents=True)
+    with TestClient(create_app(real)) as client:
+        known = post(client, PATH, api_key, {**IMG2IMG, "model_id": "my-model"})
+        unknown = post(
+            client, PATH, api_key, {**IMG2IMG, "model_id": "midjourney", "lora_model": "nope"}
+        )
+
+    assert known.status_code == 200, known.text
+    assert unknown.status_code == 422
+    errors = unknown.json()["message"]
+    assert set(errors) == {"model_id", "lora_model"}
+    assert "Unknown model id 'midjourney'" in errors["model_id"][0]
+    assert str(tmp_path / "models" / "midjourney") in errors["model_id"][0]
+    assert "owner/name" in errors["lora_model"][0]
+
+
+def test_malformed_ids_are_refused_even_with_the_tiny_preset(
+    client: TestClient, api_key: IssuedKey
+) -> None:
+    response = post(client, PATH, api_key, {**IMG2IMG, "vae": "../../etc"})
+    assert response.status_code == 422
+    assert list(response.json()["message"]) == ["vae"]

@@ -7,6 +7,7 @@ server; webhooks go to a loopback receiver and must verify with the key's secret
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import time
@@ -21,7 +22,7 @@ from PIL import Image
 from standardwebhooks.webhooks import Webhook
 
 from tests.api.test_submit import IMG2IMG, MIXER_V5, MIXER_V6, PIX2PIX
-from tests.support.servers import ImageServer, Received, WebhookReceiver
+from tests.support.servers import ImageServer, Received, WebhookReceiver, png
 from tests.support.system import RunningSystem, darkroom_up
 
 pytestmark = pytest.mark.slow
@@ -121,9 +122,48 @@ def test_reference_examples_end_to_end_on_postgres_and_redis(
     assert system.process.returncode == 0, system.log_tail()
 
 
+#: The enterprise page's body with every documented field set (the image comes inline).
+EVERY_FIELD = {
+    "model_id": "tiny-sd",
+    "prompt": "papercraft, quilling, layers, landscape",
+    "negative_prompt": "blurry",
+    "width": "96",
+    "height": 64,
+    "samples": "2",
+    "num_inference_steps": "4",
+    "safety_checker": "yes",
+    "safety_checker_type": "blur",
+    "enhance_prompt": "yes",
+    "guidance_scale": 7.5,
+    "strength": 0.7,
+    "scheduler": "EulerAncestralDiscreteScheduler",
+    "lora_model": "contrast-fix,yae-miko-genshin",
+    "lora_strength": "0.6,0.4",
+    "tomesd": "yes",
+    "use_karras_sigmas": "yes",
+    "algorithm_type": "dpmsolver+++",
+    "vae": "vae-one",
+    "embeddings_model": "emb-one",
+    "clip_skip": 2,
+    "base64": "yes",
+    "temp": "yes",
+    "seed": 7,
+    "loadbalancer": "no",
+    "webhook": None,
+    "track_id": 9,
+}
+
+
+def _png_from_base64(text: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(text)))
+    assert image.format == "PNG"
+    return image
+
+
 def test_embedded_profile_success_and_failure_with_webhooks(
     tmp_path: Path, image_server: ImageServer, receiver: WebhookReceiver
 ) -> None:
+    inline = base64.b64encode(png(96, 64, (90, 10, 200))).decode()
     env = {
         "DARKROOM_DATA_DIR": str(tmp_path / "data"),
         "DARKROOM_MODEL_PRESET": "tiny",
@@ -135,6 +175,9 @@ def test_embedded_profile_success_and_failure_with_webhooks(
         bad = {**PIX2PIX, "init_image": image_server.url("/text.txt"), "track_id": "bad-1"}
         ok = system.post("/api/v5/pix2pix", {**good, "key": key["key"], "webhook": receiver.url})
         ko = system.post("/api/v5/pix2pix", {**bad, "key": key["key"], "webhook": receiver.url})
+        every = system.post(
+            "/api/v1/enterprise/img2img", {**EVERY_FIELD, "key": key["key"], "init_image": inline}
+        )
 
         done = system.wait_for(f"/api/v5/fetch/{ok['id']}", key["key"])
         failed = system.wait_for(f"/api/v5/fetch/{ko['id']}", key["key"])
@@ -153,6 +196,12 @@ def test_embedded_profile_success_and_failure_with_webhooks(
             "track_id": "bad-1",
         }
         assert payloads[ok["id"]]["output"] == done["output"]
+        full = system.wait_for(f"/api/v1/enterprise/fetch/{every['id']}", key["key"])
+        assert full["status"] == "success", (full, system.log_tail())
+        assert len(full["output"]) == 2
+        assert all(_png_from_base64(item).size == (96, 64) for item in full["output"])
+        assert full["meta"]["nsfw_content_detected"] == [False, False]
+        assert full["meta"]["temp_expires_at"]
         assert (tmp_path / "data" / "darkroom.sqlite3").is_file()
     assert system.process.returncode == 0, system.log_tail()
     assert json.loads(hooks[0].body)  # plain JSON on the wire

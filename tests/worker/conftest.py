@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from darkroom.settings import Settings
 from worker.models.cache import ModelCache
 from worker.models.tiny import ensure_tiny_models
+
+# The tiny models' matrices are too small to gain from intra-op threads, and on a shared two-core
+# CI machine extra threads only contend: one thread runs these tests about three times faster.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

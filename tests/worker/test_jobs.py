@@ -258,3 +258,37 @@ def test_temporary_outputs_expire_and_their_files_are_deleted(
     assert report.expired_outputs >= 1
     assert not path.exists()
     assert load(runtime, job_id).outputs[0].deleted_at is not None
+
+
+def test_every_enterprise_option_runs_and_flags_are_recorded(
+    runtime: WorkerRuntime, api_key: IssuedKey, image_server: ImageServer
+) -> None:
+    job_id = new_job(
+        runtime,
+        api_key,
+        None,
+        operation=Operation.IMG2IMG,
+        prompt="a landscape [[nsfw-test]] emb-one",
+        init_images=[image_server.url("/red.png")],
+        steps=4,
+        strength=0.75,
+        scheduler="DPMSolverMultistepScheduler",
+        use_karras_sigmas=True,
+        algorithm_type="dpmsolver+++",
+        loras=[{"name": "lora-a", "strength": 0.5}, {"name": "lora-b", "strength": 1.0}],
+        vae="vae-x",
+        embeddings=["emb-one"],
+        clip_skip=2,
+        tomesd=True,
+        safety_checker=True,
+        safety_checker_type="black",
+    )
+
+    run_job(job_id, runtime)
+
+    job = load(runtime, job_id)
+    assert job.state == JobState.SUCCESS, job.error
+    assert job.meta["nsfw_content_detected"] == [True, True]
+    assert [output.nsfw for output in job.outputs] == [True, True]
+    with Image.open(runtime.settings.outputs_dir / job.outputs[0].filename) as image:
+        assert image.getextrema() == ((0, 0), (0, 0), (0, 0))  # "black" replaced the sample

@@ -1,21 +1,54 @@
-"""The pipelines a worker process keeps loaded, least recently used evicted first.
+"""The models a worker process keeps loaded, least recently used evicted first.
 
 Loading a real pipeline takes seconds to minutes, so each worker process owns one `ModelCache`
-and keeps up to `max_entries` models resident on its device: fp16 on CUDA, fp32 on the CPU
-(where fp16 is slow or unsupported). It is not thread-safe: a worker runs one job at a time.
+and keeps several models resident on its device: fp16 on CUDA, fp32 on the CPU (where fp16 is
+slow or unsupported). It is not thread-safe: a worker runs one job at a time.
+
+Two limits apply, both counted over entries (a pipeline set of one `ModelSpec`, or one component):
+`max_entries`, and optionally `max_bytes`, the parameter and buffer bytes of everything resident.
+A size already seen is used to make room before loading; a first load is measured afterwards and
+older entries are evicted until the total fits (a single entry larger than the budget still loads).
+
+What is shared, so that nothing is loaded twice:
+- Per-request settings (scheduler, LoRAs, embeddings, clip skip, token merging) never create a new
+  entry: they are applied to the resident pipeline for one request and undone afterwards.
+- A pipeline source (class and location) resident for one spec is reused by every other spec that
+  names it, e.g. the Kandinsky prior shared by all image-mixer decoders.
+- Components used beside a pipeline (a custom VAE, the safety checker) are entries of their own,
+  keyed by location, so one VAE serves every model and request that names it.
+- The byte count sees each tensor once, however many entries hold it.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import diffusers
 import torch
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from transformers import CLIPImageProcessor
 
 from worker.models.registry import ModelSpec, PipelineSource
+
+# diffusers wraps its constructors in untyped decorators: treat these as untyped.
+_diffusers: Any = diffusers
+_SafetyCheckerModel: Any = StableDiffusionSafetyChecker
+
+VAE = "vae"
+SAFETY_CHECKER = "safety_checker"
+
+
+@dataclass(frozen=True)
+class ComponentSource:
+    """One model used beside a pipeline (`VAE` or `SAFETY_CHECKER`) and where to load it from."""
+
+    kind: str
+    location: str
 
 
 @dataclass(frozen=True)
@@ -26,49 +59,156 @@ class ResidentModel:
     load_seconds: float
 
 
+@dataclass(frozen=True)
+class SafetyChecker:
+    """Stable Diffusion's safety checker and the CLIP preprocessing it expects."""
+
+    model: Any
+    feature_extractor: Any
+
+
+CacheKey = ModelSpec | ComponentSource
+
+
 def default_device() -> str:
     """The device this process runs pipelines on."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class ModelCache:
-    """Loads each `ModelSpec` once and keeps the most recently used ones resident."""
+    """Loads each model once and keeps the most recently used ones within the limits."""
 
-    def __init__(self, max_entries: int = 4, device: str | None = None) -> None:
+    def __init__(
+        self, max_entries: int = 4, device: str | None = None, max_bytes: int | None = None
+    ) -> None:
         if max_entries < 1:
             raise ValueError("A model cache must hold at least one model.")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("A model cache's byte budget must be positive.")
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
         self.device = device or default_device()
-        self._entries: OrderedDict[ModelSpec, ResidentModel] = OrderedDict()
+        self.dtype = torch.float16 if self.device == "cuda" else torch.float32
+        self._entries: OrderedDict[CacheKey, Any] = OrderedDict()
+        self._sizes: dict[CacheKey, int] = {}  # bytes of every key ever loaded, resident or not
 
-    def __contains__(self, spec: ModelSpec) -> bool:
-        return spec in self._entries
+    def __contains__(self, key: CacheKey) -> bool:
+        return key in self._entries
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, spec: ModelSpec) -> tuple[ResidentModel, float]:
-        """The resident model for `spec` and the seconds spent loading it now (0.0 if cached)."""
-        if spec in self._entries:
-            self._entries.move_to_end(spec)
-            return self._entries[spec], 0.0
-        # Evict before loading, so that two large models never share the GPU at once.
-        while len(self._entries) >= self.max_entries:
-            self._entries.popitem(last=False)
-            if self.device == "cuda":
-                torch.cuda.empty_cache()
-        model = self._load(spec)
-        self._entries[spec] = model
-        return model, model.load_seconds
+    @property
+    def resident_bytes(self) -> int:
+        """Parameter and buffer bytes of everything resident, each tensor counted once."""
+        return _tensor_bytes(self._entries.values())
 
-    def _load(self, spec: ModelSpec) -> ResidentModel:
+    def get(self, spec: ModelSpec, pinned: Iterable[CacheKey] = ()) -> tuple[ResidentModel, float]:
+        """The resident model for `spec` and the seconds spent loading it now (0.0 if cached)."""
+        model: ResidentModel
+        model, seconds = self._fetch(spec, set(pinned), lambda: self._load_model(spec))
+        return model, seconds
+
+    def component(
+        self, source: ComponentSource, pinned: Iterable[CacheKey] = ()
+    ) -> tuple[Any, float]:
+        """A VAE or `SafetyChecker`, and the seconds spent loading it now; `pinned` stay."""
+        return self._fetch(source, set(pinned), lambda: self._load_component(source))
+
+    def _fetch(
+        self, key: CacheKey, pinned: set[CacheKey], load: Callable[[], Any]
+    ) -> tuple[Any, float]:
+        """The entry for `key`, loaded (making room first) when it is not resident."""
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key], 0.0
+        self._make_room(key, pinned)
         started = time.perf_counter()
-        pipelines = tuple(self._load_pipeline(source) for source in spec.sources)
+        value = load()
+        seconds = time.perf_counter() - started
+        self._entries[key] = value
+        self._sizes[key] = _tensor_bytes([value])
+        self._fit_budget(pinned | {key})
+        return value, seconds
+
+    def _make_room(self, key: CacheKey, pinned: set[CacheKey]) -> None:
+        """Evict before loading, so that two large models never share the GPU at once."""
+        while len(self._entries) >= self.max_entries and self._evict_one(pinned):
+            pass
+        expected = self._sizes.get(key)
+        if self.max_bytes is None or expected is None:
+            return
+        while self.resident_bytes + expected > self.max_bytes and self._evict_one(pinned):
+            pass
+
+    def _fit_budget(self, pinned: set[CacheKey]) -> None:
+        """Evict the least recently used entries until the byte budget holds again."""
+        if self.max_bytes is None:
+            return
+        while self.resident_bytes > self.max_bytes and self._evict_one(pinned):
+            pass
+
+    def _evict_one(self, pinned: set[CacheKey]) -> bool:
+        """Drop the least recently used entry that is not pinned; False when there is none."""
+        victim = next((key for key in self._entries if key not in pinned), None)
+        if victim is None:
+            return False
+        del self._entries[victim]
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+        return True
+
+    def _load_model(self, spec: ModelSpec) -> ResidentModel:
+        started = time.perf_counter()
+        pipelines = tuple(
+            self._shared(source) or self._load_pipeline(source) for source in spec.sources
+        )
         return ResidentModel(pipelines, time.perf_counter() - started)
 
+    def _shared(self, source: PipelineSource) -> Any | None:
+        """A pipeline already resident for `source` under another spec, if any."""
+        for key, value in self._entries.items():
+            if isinstance(key, ModelSpec) and source in key.sources:
+                return value.pipelines[key.sources.index(source)]
+        return None
+
     def _load_pipeline(self, source: PipelineSource) -> Any:
-        pipeline_class = getattr(diffusers, source.class_name)
-        dtype = torch.float16 if self.device == "cuda" else torch.float32
-        pipeline = pipeline_class.from_pretrained(source.location, dtype=dtype)
+        pipeline_class = getattr(_diffusers, source.class_name)
+        options: dict[str, Any] = {"dtype": self.dtype}
+        if "safety_checker" in inspect.signature(pipeline_class.__init__).parameters:
+            # The worker runs the checker itself, when asked, and censors per request.
+            options |= {"safety_checker": None, "requires_safety_checker": False}
+        pipeline = pipeline_class.from_pretrained(source.location, **options)
         pipeline.set_progress_bar_config(disable=True)
         return pipeline.to(self.device)
+
+    def _load_component(self, source: ComponentSource) -> Any:
+        if source.kind == VAE:
+            vae = _diffusers.AutoencoderKL.from_pretrained(source.location, dtype=self.dtype)
+            return vae.to(self.device)
+        if source.kind == SAFETY_CHECKER:
+            model = _SafetyCheckerModel.from_pretrained(source.location, dtype=self.dtype)
+            extractor = CLIPImageProcessor.from_pretrained(source.location)
+            return SafetyChecker(model.to(self.device), extractor)
+        raise ValueError(f"Unknown component kind {source.kind!r}.")
+
+
+def _modules(value: Any) -> Iterable[torch.nn.Module]:
+    """The torch modules inside a cache entry."""
+    if isinstance(value, torch.nn.Module):
+        yield value
+    elif isinstance(value, ResidentModel):
+        for pipeline in value.pipelines:
+            yield from (c for c in pipeline.components.values() if isinstance(c, torch.nn.Module))
+    elif isinstance(value, SafetyChecker):
+        yield value.model
+
+
+def _tensor_bytes(values: Iterable[Any]) -> int:
+    """Bytes of the distinct parameters and buffers of `values`."""
+    seen: dict[int, int] = {}
+    for value in values:
+        for module in _modules(value):
+            for tensor in [*module.parameters(), *module.buffers()]:
+                seen[id(tensor)] = tensor.numel() * tensor.element_size()
+    return sum(seen.values())

@@ -1,107 +1,65 @@
-"""Where the weights for an (operation, model_id) pair come from.
+"""The worker's side of id resolution: `darkroom.registry` decides, this module builds tiny weights.
 
-- `model_preset == "tiny"`: every model id resolves to the tiny models built in code
-  (`worker.models.tiny`), so tests and demos never download anything.
-- `model_id` None: the operation's default Hugging Face repositories.
-- `model_id` naming a folder under `settings.models_dir`: that folder.
-- anything else: a Hugging Face repository id.
-
-The image mixer needs two pipelines (Kandinsky 2.2's prior and decoder); a `model_id` for it
-replaces the decoder and keeps the default prior, which all Kandinsky 2.2 decoders share.
+`darkroom.registry` is free of torch so that the API can refuse unknown ids; under the tiny preset
+the paths it returns may not exist yet, so the worker builds them here (lazily, once per id)
+before loading them. Real weights are never built, only located.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
+from darkroom import registry
+from darkroom.registry import ModelSpec, PipelineSource, UnknownModelError, is_tiny
 from darkroom.settings import Settings
 from worker.models import tiny
-from worker.pipelines.request import IMG2IMG, IMG_MIXER, PIX2PIX
 
-# Hub repo ids and local folder names: no leading dot, slash or dash, no "..", no backslash.
-_VALID_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*(/[A-Za-z0-9_][A-Za-z0-9_.\-]*)?")
-
-
-class UnknownModelError(ValueError):
-    """A model id that cannot name any model."""
-
-
-@dataclass(frozen=True)
-class PipelineSource:
-    """One diffusers pipeline class and the folder or Hub repo id to load it from."""
-
-    class_name: str
-    location: str
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything an operation loads; hashable, so it doubles as the cache key."""
-
-    operation: str
-    sources: tuple[PipelineSource, ...]
-
-
-@dataclass(frozen=True)
-class _Default:
-    class_name: str
-    repo_id: str
-    tiny_name: str
-
-
-# Per operation, the pipelines it runs in order; a model_id replaces the last one.
-_DEFAULTS: dict[str, tuple[_Default, ...]] = {
-    IMG2IMG: (
-        _Default(
-            "StableDiffusionImg2ImgPipeline",
-            "stable-diffusion-v1-5/stable-diffusion-v1-5",
-            tiny.SD_IMG2IMG,
-        ),
-    ),
-    PIX2PIX: (
-        _Default(
-            "StableDiffusionInstructPix2PixPipeline",
-            "timbrooks/instruct-pix2pix",
-            tiny.INSTRUCT_PIX2PIX,
-        ),
-    ),
-    IMG_MIXER: (
-        _Default(
-            "KandinskyV22PriorPipeline",
-            "kandinsky-community/kandinsky-2-2-prior",
-            tiny.KANDINSKY_PRIOR,
-        ),
-        _Default(
-            "KandinskyV22Pipeline",
-            "kandinsky-community/kandinsky-2-2-decoder",
-            tiny.KANDINSKY_DECODER,
-        ),
-    ),
-}
+__all__ = [
+    "ModelSpec",
+    "PipelineSource",
+    "UnknownModelError",
+    "resolve_embedding",
+    "resolve_lora",
+    "resolve_model",
+    "resolve_safety_checker",
+    "resolve_vae",
+]
 
 
 def resolve_model(operation: str, model_id: str | None, settings: Settings) -> ModelSpec:
-    """The pipelines to load for `operation` when asked for `model_id`."""
-    defaults = _DEFAULTS.get(operation)
-    if defaults is None:
-        raise ValueError(f"Unknown operation {operation!r}; expected one of {sorted(_DEFAULTS)}.")
-    if model_id is not None and not _VALID_ID.fullmatch(model_id):
-        raise UnknownModelError(f"{model_id!r} is not a valid model id.")
-    if settings.model_preset == "tiny":
+    """The pipelines for `operation` and `model_id`, tiny ones built first when needed."""
+    spec = registry.resolve_model(operation, model_id, settings)
+    if is_tiny(settings):
         tiny.ensure_tiny_models(settings.tiny_models_dir)
-        locations = [str(settings.tiny_models_dir / d.tiny_name) for d in defaults]
-    else:
-        locations = [d.repo_id for d in defaults]
-        if model_id is not None:
-            locations[-1] = _locate(model_id, settings.models_dir)
-    pairs = zip(defaults, locations, strict=True)
-    return ModelSpec(operation, tuple(PipelineSource(d.class_name, loc) for d, loc in pairs))
+    return spec
 
 
-def _locate(model_id: str, models_dir: Path | None) -> str:
-    """A folder under `models_dir` when one has this name, else the id as a Hub repo id."""
-    if models_dir is not None and (models_dir / model_id).is_dir():
-        return str((models_dir / model_id).resolve())
-    return model_id
+def resolve_lora(name: str, settings: Settings) -> str:
+    """A LoRA file or repo id; under the tiny preset the file is built from the id."""
+    location = registry.resolve_lora(name, settings)
+    if is_tiny(settings):
+        tiny.ensure_tiny_lora(Path(location), name)
+    return location
+
+
+def resolve_vae(name: str, settings: Settings) -> str:
+    """A VAE folder or repo id; under the tiny preset the folder is built from the id."""
+    location = registry.resolve_vae(name, settings)
+    if is_tiny(settings):
+        tiny.ensure_tiny_vae(Path(location), name)
+    return location
+
+
+def resolve_embedding(name: str, settings: Settings) -> str:
+    """An embedding file or repo id; under the tiny preset the file is built from the id."""
+    location = registry.resolve_embedding(name, settings)
+    if is_tiny(settings):
+        tiny.ensure_tiny_embedding(Path(location), name)
+    return location
+
+
+def resolve_safety_checker(settings: Settings, prompt: str) -> str:
+    """The safety checker's folder or repo id (see `darkroom.registry.resolve_safety_checker`)."""
+    if is_tiny(settings):
+        tiny.ensure_tiny_models(settings.tiny_models_dir)
+    return registry.resolve_safety_checker(settings, prompt)

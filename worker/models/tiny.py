@@ -7,10 +7,18 @@ MoVQ downsample by 8 like the real ones, which keeps a 512x512 request to a few 
 
 Several processes may call `ensure_tiny_models` at once: each builds into its own temporary folder
 beside the target and renames it into place; the loser of the race deletes its copy.
+
+Add-ons named by the request (LoRAs, VAEs, textual-inversion embeddings) are built lazily, one per
+id, seeded from a hash of the id: the same id always gives the same weights, different ids give
+different weights. The two tiny safety checkers differ only in their concept thresholds: the
+checker flags an image when a cosine similarity (always within [-1, 1]) exceeds a threshold, so
+thresholds of +2 never flag and thresholds of -2 always do (see `darkroom.registry` for which one a
+request gets).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -21,7 +29,12 @@ from typing import Any, TypeVar
 
 import diffusers
 import torch
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
 from transformers import (
+    CLIPConfig,
     CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModel,
@@ -35,6 +48,13 @@ SD_IMG2IMG = "sd-img2img"
 INSTRUCT_PIX2PIX = "instruct-pix2pix"
 KANDINSKY_PRIOR = "kandinsky-prior"
 KANDINSKY_DECODER = "kandinsky-decoder"
+SAFETY_CHECKER = "safety-checker"
+SAFETY_CHECKER_ALWAYS = "safety-checker-always"
+
+# Tiny safety checkers' concept thresholds: a cosine similarity is never above 2 nor below -2.
+_NEVER_FLAG, _ALWAYS_FLAG = 2.0, -2.0
+# Layers of the SD text encoders: clip_skip goes up to 8 and must pick a real layer.
+_SD_TEXT_LAYERS = 8
 
 _HIDDEN = 32  # text/image embedding width shared by every tiny encoder
 _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -61,6 +81,8 @@ def ensure_tiny_models(root: Path) -> None:
         INSTRUCT_PIX2PIX: _instruct_pix2pix,
         KANDINSKY_PRIOR: _kandinsky_prior,
         KANDINSKY_DECODER: _kandinsky_decoder,
+        SAFETY_CHECKER: lambda _workdir: _SafetyCheckerFolder(_NEVER_FLAG),
+        SAFETY_CHECKER_ALWAYS: lambda _workdir: _SafetyCheckerFolder(_ALWAYS_FLAG),
     }
     root.mkdir(parents=True, exist_ok=True)
     for name, build in builders.items():
@@ -110,15 +132,15 @@ def _tokenizer(workdir: Path) -> Any:
     return CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
 
 
-def _text_config() -> Any:
-    """A two-layer CLIP text encoder over the tokenizer's 514 tokens."""
+def _text_config(layers: int = 2) -> Any:
+    """A CLIP text encoder over the tokenizer's 514 tokens."""
     return CLIPTextConfig(
         vocab_size=514,
         hidden_size=_HIDDEN,
         projection_dim=_HIDDEN,
         intermediate_size=37,
         num_attention_heads=4,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         bos_token_id=512,
         eos_token_id=513,
         pad_token_id=513,
@@ -157,7 +179,7 @@ def _sd_components(workdir: Path, unet_in_channels: int) -> dict[str, Any]:
     return {
         "unet": _seeded(lambda: _sd_unet(unet_in_channels)),
         "vae": _seeded(_vae),
-        "text_encoder": _seeded(lambda: CLIPTextModel(_text_config())),
+        "text_encoder": _seeded(lambda: CLIPTextModel(_text_config(_SD_TEXT_LAYERS))),
         "tokenizer": _tokenizer(workdir),
         "safety_checker": None,
         "feature_extractor": None,
@@ -195,9 +217,9 @@ def _prior_transformer() -> Any:
     return prior
 
 
-def _image_encoder() -> Any:
+def _vision_config() -> Any:
     """A CLIP vision tower on 32x32 inputs in 8x8 patches."""
-    config = CLIPVisionConfig(
+    return CLIPVisionConfig(
         hidden_size=_HIDDEN,
         projection_dim=_HIDDEN,
         image_size=32,
@@ -206,7 +228,18 @@ def _image_encoder() -> Any:
         num_attention_heads=4,
         num_hidden_layers=2,
     )
-    return CLIPVisionModelWithProjection(config)
+
+
+def _image_encoder() -> Any:
+    """The tiny CLIP vision tower with its projection, as Kandinsky's prior uses it."""
+    return CLIPVisionModelWithProjection(_vision_config())
+
+
+def _image_processor() -> Any:
+    """CLIP preprocessing at the tiny vision tower's 32x32 input size."""
+    return CLIPImageProcessor(
+        size=32, crop_size=32, resample=3, image_mean=_CLIP_MEAN, image_std=_CLIP_STD
+    )
 
 
 def _kandinsky_prior(workdir: Path) -> Any:
@@ -223,9 +256,7 @@ def _kandinsky_prior(workdir: Path) -> Any:
             clip_sample=True,
             clip_sample_range=10.0,
         ),
-        image_processor=CLIPImageProcessor(
-            size=32, crop_size=32, resample=3, image_mean=_CLIP_MEAN, image_std=_CLIP_STD
-        ),
+        image_processor=_image_processor(),
     )
 
 
@@ -279,3 +310,72 @@ def _kandinsky_decoder(workdir: Path) -> Any:
     return _diffusers.KandinskyV22Pipeline(
         unet=_seeded(_decoder_unet), scheduler=scheduler, movq=_seeded(_movq)
     )
+
+
+class _SafetyCheckerFolder:
+    """A safety checker and its feature extractor, saved side by side as in the real repo."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+
+    def save_pretrained(self, folder: Path) -> None:
+        checker = _seeded(self._checker)
+        checker.save_pretrained(folder)
+        _image_processor().save_pretrained(folder)
+
+    def _checker(self) -> Any:
+        config = CLIPConfig(
+            text_config=_text_config().to_dict(),
+            vision_config=_vision_config().to_dict(),
+            projection_dim=_HIDDEN,
+        )
+        checker = StableDiffusionSafetyChecker(config)
+        with torch.no_grad():
+            checker.concept_embeds.normal_()
+            checker.special_care_embeds.normal_()
+            checker.concept_embeds_weights.fill_(self.threshold)
+            checker.special_care_embeds_weights.fill_(self.threshold)
+        return checker
+
+
+def id_seed(kind: str, name: str) -> int:
+    """A seed that depends only on the kind of add-on and its id."""
+    digest = hashlib.sha256(f"{kind}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 2**63
+
+
+def ensure_tiny_vae(target: Path, name: str) -> None:
+    """Build the tiny VAE for id `name` into the folder `target` unless it is there."""
+    _build_once(target, lambda _workdir: _seeded(_vae, id_seed("vae", name)))
+
+
+def ensure_tiny_embedding(target: Path, name: str) -> None:
+    """Write the one-vector textual-inversion embedding for id `name` to the file `target`."""
+    vector = _seeded(lambda: torch.randn(1, _HIDDEN), id_seed("embedding", name))
+    _write_once(target, {name: vector})
+
+
+def ensure_tiny_lora(target: Path, name: str) -> None:
+    """Write a rank-4 LoRA for the tiny img2img UNet's attention, for id `name`, to `target`."""
+    if target.exists():
+        return
+    _write_once(target, _seeded(_lora_state_dict, id_seed("lora", name)))
+
+
+def _lora_state_dict() -> dict[str, torch.Tensor]:
+    """The diffusers-format state dict of a random (not zero-initialised) UNet LoRA."""
+    unet = _sd_unet(4)
+    targets = ["to_q", "to_k", "to_v", "to_out.0"]
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+    layers = get_peft_model_state_dict(unet)
+    return {f"unet.{key}": value.contiguous() for key, value in layers.items()}
+
+
+def _write_once(target: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Save `tensors` to the safetensors file `target` atomically, unless it exists."""
+    if target.exists():
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}")
+    save_file(tensors, str(staging))
+    os.replace(staging, target)

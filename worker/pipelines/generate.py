@@ -1,4 +1,4 @@
-"""One generation, start to finish: check the request, get the model, run its pipeline.
+"""One generation, start to finish: check the request, get the models, run, check for NSFW.
 
 `generate` is a plain function so that the Celery task stays a thin shell and tests can call it
 directly. It refuses impossible input with a `ValueError` whose message can be shown to a client.
@@ -8,42 +8,111 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import fields
 from typing import Any
 
 from PIL import Image
 
 from darkroom.settings import Settings
-from worker.models.cache import ModelCache
-from worker.models.registry import resolve_model
+from worker.models.cache import SAFETY_CHECKER, VAE, ComponentSource, ModelCache
+from worker.models.registry import (
+    ModelSpec,
+    resolve_embedding,
+    resolve_lora,
+    resolve_model,
+    resolve_safety_checker,
+    resolve_vae,
+)
 from worker.pipelines import img2img, mixer, pix2pix
+from worker.pipelines.options import RequestAssets
 from worker.pipelines.request import (
     IMG2IMG,
     IMG_MIXER,
     PIX2PIX,
+    SAFETY_CHECKER_TYPES,
     GenerationRequest,
     GenerationResult,
 )
+from worker.pipelines.safety import censor, flag_images
+from worker.pipelines.schedulers import check_scheduler_name
 
-Runner = Callable[[tuple[Any, ...], GenerationRequest], list[Image.Image]]
+Runner = Callable[[tuple[Any, ...], GenerationRequest, RequestAssets], list[Image.Image]]
 
 _RUNNERS: dict[str, Runner] = {IMG2IMG: img2img.run, PIX2PIX: pix2pix.run, IMG_MIXER: mixer.run}
 # The number of init images each operation accepts, inclusive.
 _IMAGE_COUNTS = {IMG2IMG: (1, 1), PIX2PIX: (1, 1), IMG_MIXER: (1, 4)}
 MAX_SAMPLES = 4
+MAX_CLIP_SKIP = 8
+# Options of Stable Diffusion models, which the image mixer (Kandinsky) cannot apply.
+_SD_OPTIONS = (
+    "scheduler",
+    "use_karras_sigmas",
+    "algorithm_type",
+    "loras",
+    "vae",
+    "embeddings",
+    "clip_skip",
+    "tomesd",
+)
+_SD_DEFAULTS = {f.name: f.default for f in fields(GenerationRequest) if f.name in _SD_OPTIONS}
 
 
 def generate(request: GenerationRequest, cache: ModelCache, settings: Settings) -> GenerationResult:
-    """Run `request` on its model (loading it into `cache` if needed) and time the parts."""
+    """Run `request` on its model (loading what it needs into `cache`) and time the parts.
+
+    `pipeline_seconds` covers the diffusion calls and the safety check; `model_load_seconds`
+    the loading of the model, its VAE and the safety checker (0.0 when all were resident).
+    """
     check_request(request)
-    model, load_seconds = cache.get(resolve_model(request.operation, request.model_id, settings))
+    spec = resolve_model(request.operation, request.model_id, settings)
+    model, model_seconds = cache.get(spec)
+    assets, assets_seconds = load_assets(request, cache, settings, spec)
+    checker, checker_seconds = _load_checker(request, cache, settings, spec)
     started = time.perf_counter()
-    images = _RUNNERS[request.operation](model.pipelines, request)
+    images = _RUNNERS[request.operation](model.pipelines, request, assets)
+    images = [image.convert("RGB") for image in images]
+    nsfw = flag_images(checker, images) if checker is not None else [False] * len(images)
     pipeline_seconds = time.perf_counter() - started
     return GenerationResult(
-        images=[image.convert("RGB") for image in images],
+        images=_censored(images, nsfw, request.safety_checker_type),
         pipeline_seconds=pipeline_seconds,
-        model_load_seconds=load_seconds,
+        model_load_seconds=model_seconds + assets_seconds + checker_seconds,
+        nsfw=nsfw,
     )
+
+
+def load_assets(
+    request: GenerationRequest, cache: ModelCache, settings: Settings, spec: ModelSpec
+) -> tuple[RequestAssets, float]:
+    """Locate the request's LoRAs and embeddings, load its VAE; the seconds spent loading."""
+    vae, seconds = None, 0.0
+    if request.vae is not None:
+        source = ComponentSource(VAE, resolve_vae(request.vae, settings))
+        vae, seconds = cache.component(source, pinned=[spec])
+    loras = tuple((resolve_lora(lora.name, settings), lora.strength) for lora in request.loras)
+    embeddings = tuple((name, resolve_embedding(name, settings)) for name in request.embeddings)
+    return RequestAssets(vae=vae, loras=loras, embeddings=embeddings), seconds
+
+
+def _load_checker(
+    request: GenerationRequest, cache: ModelCache, settings: Settings, spec: ModelSpec
+) -> tuple[Any, float]:
+    """The safety checker when the request wants one (else None), and its loading time."""
+    if not request.safety_checker:
+        return None, 0.0
+    location = resolve_safety_checker(settings, request.prompt)
+    pinned: list[Any] = [spec]
+    if request.vae is not None:
+        pinned.append(ComponentSource(VAE, resolve_vae(request.vae, settings)))
+    return cache.component(ComponentSource(SAFETY_CHECKER, location), pinned=pinned)
+
+
+def _censored(images: list[Image.Image], nsfw: list[bool], how: str) -> list[Image.Image]:
+    """The images with each flagged one replaced as `how` says."""
+    return [
+        censor(image, how) if flagged else image
+        for image, flagged in zip(images, nsfw, strict=True)
+    ]
 
 
 def check_request(request: GenerationRequest) -> None:
@@ -59,8 +128,26 @@ def check_request(request: GenerationRequest) -> None:
         raise ValueError(f"1 to {MAX_SAMPLES} samples can be made, not {len(request.seeds)}.")
     if request.width % 8 or request.height % 8 or min(request.width, request.height) < 8:
         raise ValueError("Width and height must be positive multiples of 8.")
+    _check_options(request)
     if request.operation == IMG_MIXER:
         _check_mixer_weights(request)
+
+
+def _check_options(request: GenerationRequest) -> None:
+    """Refuse option values that no pipeline of this operation can apply."""
+    if request.safety_checker_type not in SAFETY_CHECKER_TYPES:
+        raise ValueError(f"safety_checker_type must be one of {', '.join(SAFETY_CHECKER_TYPES)}.")
+    if request.clip_skip is not None and not 1 <= request.clip_skip <= MAX_CLIP_SKIP:
+        raise ValueError(f"clip_skip must be between 1 and {MAX_CLIP_SKIP}.")
+    if request.scheduler is not None:
+        check_scheduler_name(request.scheduler)
+    if request.operation == IMG2IMG and int(request.steps * request.strength) < 1:
+        # diffusers would denoise int(steps * strength) steps: none at all, and then crash.
+        raise ValueError("num_inference_steps x strength must be at least 1 for img2img.")
+    if request.operation == IMG_MIXER:
+        changed = [name for name in _SD_OPTIONS if getattr(request, name) != _SD_DEFAULTS[name]]
+        if changed:
+            raise ValueError(f"img_mixer does not support {', '.join(changed)}.")
 
 
 def _check_mixer_weights(request: GenerationRequest) -> None:

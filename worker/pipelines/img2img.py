@@ -6,6 +6,10 @@ when the client gives none, so the aspect ratio is normally preserved.
 
 Seeds: one `torch.Generator` per sample, each seeded with that sample's seed, so that sample i
 depends only on seeds[i] and the same request and seeds give the same bytes on the same machine.
+
+The request's model options (scheduler, VAE, LoRAs, embeddings, tomesd) are applied for the call
+and undone afterwards (`worker.pipelines.options`); prompts are encoded by the worker, without the
+77-token limit and with clip skip (`worker.pipelines.prompts`).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from worker.pipelines.options import RequestAssets, request_options
+from worker.pipelines.prompts import encode_prompts
 from worker.pipelines.request import GenerationRequest
 
 
@@ -31,18 +37,24 @@ def resize_exact(image: Image.Image, width: int, height: int) -> Image.Image:
     return image.resize((width, height), Image.Resampling.LANCZOS)
 
 
-def run(pipelines: tuple[Any, ...], request: GenerationRequest) -> list[Image.Image]:
+def run(
+    pipelines: tuple[Any, ...], request: GenerationRequest, assets: RequestAssets
+) -> list[Image.Image]:
     """Run StableDiffusionImg2ImgPipeline once for all of the request's samples."""
     (pipe,) = pipelines
-    output = pipe(
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt or None,
-        image=resize_exact(request.images[0], request.width, request.height),
-        strength=request.strength,
-        num_inference_steps=request.steps,
-        guidance_scale=request.guidance_scale,
-        num_images_per_prompt=len(request.seeds),
-        generator=sample_generators(pipe.device, request.seeds),
-        output_type="pil",
-    )
+    with request_options(pipe, request, assets):
+        prompt_embeds, negative_embeds = encode_prompts(
+            pipe, request.prompt, request.negative_prompt, request.clip_skip
+        )
+        output = pipe(
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_embeds,
+            image=resize_exact(request.images[0], request.width, request.height),
+            strength=request.strength,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance_scale,
+            num_images_per_prompt=len(request.seeds),
+            generator=sample_generators(pipe.device, request.seeds),
+            output_type="pil",
+        )
     return list(output.images)

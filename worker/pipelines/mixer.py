@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from worker.pipelines.img2img import resize_exact, sample_generators
+from worker.pipelines.options import RequestAssets
 from worker.pipelines.request import GenerationRequest
 
 PROMPT_WEIGHT = 1.0
@@ -39,8 +40,13 @@ PRIOR_GUIDANCE_SCALE = 4.0
 
 
 @torch.no_grad()
-def run(pipelines: tuple[Any, ...], request: GenerationRequest) -> list[Image.Image]:
-    """Mix the request's images and prompt once per seed, then decode all samples together."""
+def run(
+    pipelines: tuple[Any, ...], request: GenerationRequest, _assets: RequestAssets
+) -> list[Image.Image]:
+    """Mix the request's images and prompt once per seed, then decode all samples together.
+
+    Stable Diffusion's model options do not apply here; `generate` refuses them beforehand.
+    """
     prior, decoder = pipelines
     image_embeds, weights = _image_conditions(prior, request)
     mixed, negatives = [], []

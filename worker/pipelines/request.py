@@ -7,7 +7,7 @@ refuses combinations that no pipeline can run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from PIL import Image
 
@@ -15,6 +15,15 @@ IMG2IMG = "img2img"
 PIX2PIX = "pix2pix"
 IMG_MIXER = "img_mixer"
 OPERATIONS = (IMG2IMG, PIX2PIX, IMG_MIXER)
+SAFETY_CHECKER_TYPES = ("blur", "pixelate", "black", "sensitive_content_text")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA applied for one request, at its own scale."""
+
+    name: str  # a LoRA id (see darkroom.registry)
+    strength: float  # its adapter weight; 0 leaves the model unchanged
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,18 @@ class GenerationRequest:
     strength: float = 0.7  # img2img: how far from the init image to go
     image_guidance_scale: float = 1.5  # pix2pix: how closely to follow the init image
     seeds: tuple[int, ...] = (0,)  # one per sample
+    # img2img and pix2pix only; the image mixer refuses anything but these defaults.
+    scheduler: str | None = None  # a diffusers scheduler class name; None: the model's own
+    use_karras_sigmas: bool = False  # applied where the scheduler's config has it
+    algorithm_type: str | None = None  # "dpmsolver+++" or a diffusers value, where supported
+    loras: tuple[LoraSpec, ...] = ()
+    vae: str | None = None  # a VAE id
+    embeddings: tuple[str, ...] = ()  # textual-inversion ids; each id is also its prompt token
+    clip_skip: int | None = None  # 1..8, A1111's convention: 1 (like None) uses the last layer
+    tomesd: bool = False  # token merging in the highest-resolution attention layers
+    # Every operation.
+    safety_checker: bool = False
+    safety_checker_type: str = "sensitive_content_text"  # one of SAFETY_CHECKER_TYPES
 
 
 @dataclass(frozen=True)
@@ -42,4 +63,9 @@ class GenerationResult:
 
     images: list[Image.Image]  # one per seed, each exactly width x height, RGB
     pipeline_seconds: float  # the diffusion calls only
-    model_load_seconds: float  # 0.0 when the model was already resident
+    model_load_seconds: float  # 0.0 when the model (and its VAE, checker) was already resident
+    nsfw: list[bool] = field(default_factory=list)  # per image; filled in by `generate`
+
+    def __post_init__(self) -> None:
+        if not self.nsfw:
+            self.nsfw.extend([False] * len(self.images))

@@ -1,0 +1,237 @@
+"""Which weights a model, LoRA, VAE, embedding or safety-checker id names; free of torch.
+
+The API imports this module to refuse unknown ids before a job is queued, and the worker uses it
+to find what to load, so both tiers apply the same rules:
+
+- Tiny preset (`model_preset == "tiny"`): every well-formed id is known. Models resolve to the
+  tiny pipelines; LoRA, VAE and embedding ids resolve to files under `tiny_models_dir` that the
+  worker builds lazily, seeded from the id (`worker.models.tiny`).
+- Otherwise an id names, in this order, a local file or folder under `models_dir`:
+  `<models_dir>/<model_id>/` (a diffusers pipeline folder), `<models_dir>/loras/<name>.safetensors`,
+  `<models_dir>/vae/<name>/` (an AutoencoderKL folder), `<models_dir>/embeddings/<name>.safetensors`
+  (or `.pt`); or else a Hugging Face repo id of the form `owner/name`. Anything else is an
+  `UnknownModelError` whose message says how to add it.
+
+The image mixer needs two pipelines (Kandinsky 2.2's prior and decoder); a `model_id` for it
+replaces the decoder and keeps the default prior, which all Kandinsky 2.2 decoders share.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from darkroom.settings import Settings
+
+# The operation names of `worker.pipelines.request`, repeated so that the API needs no worker code.
+IMG2IMG, PIX2PIX, IMG_MIXER = "img2img", "pix2pix", "img_mixer"
+
+TINY_PRESET = "tiny"
+#: Under the tiny preset only, a prompt containing this marker gets the safety checker that flags
+#: every image, so that tests can exercise the NSFW path; real checkers ignore it.
+TINY_NSFW_MARKER = "[[nsfw-test]]"
+TINY_SAFETY_CHECKER = "safety-checker"
+TINY_SAFETY_CHECKER_ALWAYS = "safety-checker-always"
+SAFETY_CHECKER_REPO = "CompVis/stable-diffusion-safety-checker"
+
+# Local names and Hub repo ids: no leading dot, slash or dash, no "..", no backslash.
+_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.\-]*"
+_VALID_ID = re.compile(rf"{_NAME}(/{_NAME})?")
+_HUB_ID = re.compile(rf"{_NAME}/{_NAME}")
+_EMBEDDING_SUFFIXES = (".safetensors", ".pt")
+
+
+class UnknownModelError(ValueError):
+    """An id that names no model, LoRA, VAE or embedding this server can load."""
+
+
+@dataclass(frozen=True)
+class PipelineSource:
+    """One diffusers pipeline class and the folder or Hub repo id to load it from."""
+
+    class_name: str
+    location: str
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything an operation loads; hashable, so it doubles as the cache key."""
+
+    operation: str
+    sources: tuple[PipelineSource, ...]
+
+
+@dataclass(frozen=True)
+class _Default:
+    class_name: str
+    repo_id: str
+    tiny_name: str
+
+
+# Per operation, the pipelines it runs in order; a model_id replaces the last one.
+_DEFAULTS: dict[str, tuple[_Default, ...]] = {
+    IMG2IMG: (
+        _Default(
+            "StableDiffusionImg2ImgPipeline",
+            "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            "sd-img2img",
+        ),
+    ),
+    PIX2PIX: (
+        _Default(
+            "StableDiffusionInstructPix2PixPipeline",
+            "timbrooks/instruct-pix2pix",
+            "instruct-pix2pix",
+        ),
+    ),
+    IMG_MIXER: (
+        _Default(
+            "KandinskyV22PriorPipeline",
+            "kandinsky-community/kandinsky-2-2-prior",
+            "kandinsky-prior",
+        ),
+        _Default(
+            "KandinskyV22Pipeline",
+            "kandinsky-community/kandinsky-2-2-decoder",
+            "kandinsky-decoder",
+        ),
+    ),
+}
+
+
+def is_tiny(settings: Settings) -> bool:
+    """True when every id resolves to tiny models built in code."""
+    return settings.model_preset == TINY_PRESET
+
+
+def resolve_model(operation: str, model_id: str | None, settings: Settings) -> ModelSpec:
+    """The pipelines to load for `operation` when asked for `model_id` (None: the default)."""
+    defaults = _DEFAULTS.get(operation)
+    if defaults is None:
+        raise ValueError(f"Unknown operation {operation!r}; expected one of {sorted(_DEFAULTS)}.")
+    if model_id is not None:
+        _check_syntax("model", model_id)
+    if is_tiny(settings):
+        locations = [str(settings.tiny_models_dir / d.tiny_name) for d in defaults]
+    else:
+        locations = [d.repo_id for d in defaults]
+        if model_id is not None:
+            locations[-1] = _locate_folder("model", model_id, settings, "")
+    pairs = zip(defaults, locations, strict=True)
+    return ModelSpec(operation, tuple(PipelineSource(d.class_name, loc) for d, loc in pairs))
+
+
+def resolve_lora(name: str, settings: Settings) -> str:
+    """A LoRA's `.safetensors` file, or its Hub repo id."""
+    _check_syntax("LoRA", name)
+    if is_tiny(settings):
+        return str(settings.tiny_models_dir / "loras" / f"{_digest(name)}.safetensors")
+    return _locate_file("LoRA", name, settings, "loras", (".safetensors",))
+
+
+def resolve_vae(name: str, settings: Settings) -> str:
+    """A VAE's AutoencoderKL folder, or its Hub repo id."""
+    _check_syntax("VAE", name)
+    if is_tiny(settings):
+        return str(settings.tiny_models_dir / "vae" / _digest(name))
+    return _locate_folder("VAE", name, settings, "vae")
+
+
+def resolve_embedding(name: str, settings: Settings) -> str:
+    """A textual-inversion embedding's `.safetensors` or `.pt` file, or its Hub repo id."""
+    _check_syntax("embedding", name)
+    if is_tiny(settings):
+        return str(settings.tiny_models_dir / "embeddings" / f"{_digest(name)}.safetensors")
+    return _locate_file("embedding", name, settings, "embeddings", _EMBEDDING_SUFFIXES)
+
+
+def resolve_safety_checker(settings: Settings, prompt: str) -> str:
+    """The folder or repo holding the safety checker and its feature extractor.
+
+    The one place where a test marker has an effect: under the tiny preset, a prompt containing
+    `TINY_NSFW_MARKER` gets the checker that flags everything; any other prompt the one that
+    never flags. Real presets use `<models_dir>/safety-checker/` when present, else the Hub's.
+    """
+    if is_tiny(settings):
+        name = TINY_SAFETY_CHECKER_ALWAYS if TINY_NSFW_MARKER in prompt else TINY_SAFETY_CHECKER
+        return str(settings.tiny_models_dir / name)
+    local = settings.models_dir / "safety-checker" if settings.models_dir else None
+    if local is not None and local.is_dir():
+        return str(local.resolve())
+    return SAFETY_CHECKER_REPO
+
+
+def check_ids(
+    settings: Settings,
+    model_id: str | None,
+    loras: Sequence[str],
+    vae: str | None,
+    embeddings: Sequence[str],
+) -> None:
+    """Raise `UnknownModelError` for the first id that names nothing loadable (img2img models)."""
+    if model_id is not None:
+        resolve_model(IMG2IMG, model_id, settings)
+    for lora in loras:
+        resolve_lora(lora, settings)
+    if vae is not None:
+        resolve_vae(vae, settings)
+    for embedding in embeddings:
+        resolve_embedding(embedding, settings)
+
+
+def _check_syntax(kind: str, name: str) -> None:
+    """Refuse ids that could escape a folder or cannot be a repo id."""
+    if not _VALID_ID.fullmatch(name):
+        raise UnknownModelError(
+            f"{name!r} is not a valid {kind} id: use letters, digits, '_', '-' and '.', "
+            "optionally as owner/name."
+        )
+
+
+def _folder(settings: Settings, subfolder: str) -> Path | None:
+    """`models_dir/subfolder`, None when no models folder is configured."""
+    return settings.models_dir / subfolder if settings.models_dir is not None else None
+
+
+def _locate_folder(kind: str, name: str, settings: Settings, subfolder: str) -> str:
+    """`models_dir/subfolder/name/` when it is a folder, else `name` as a Hub repo id."""
+    folder = _folder(settings, subfolder)
+    if folder is not None and (folder / name).is_dir():
+        return str((folder / name).resolve())
+    return _hub_or_refuse(kind, name, f"the folder {_hint(settings, subfolder)}{name}/")
+
+
+def _locate_file(
+    kind: str, name: str, settings: Settings, subfolder: str, suffixes: tuple[str, ...]
+) -> str:
+    """`models_dir/subfolder/name<suffix>` for the first suffix that exists, else a Hub id."""
+    folder = _folder(settings, subfolder)
+    for suffix in suffixes:
+        if folder is not None and (folder / f"{name}{suffix}").is_file():
+            return str((folder / f"{name}{suffix}").resolve())
+    wanted = " or ".join(f"{_hint(settings, subfolder)}{name}{suffix}" for suffix in suffixes)
+    return _hub_or_refuse(kind, name, f"the file {wanted}")
+
+
+def _hub_or_refuse(kind: str, name: str, local_hint: str) -> str:
+    """`name` when it has the owner/name form of a Hub repo id; else say how to add it."""
+    if _HUB_ID.fullmatch(name):
+        return name
+    raise UnknownModelError(
+        f"Unknown {kind} id {name!r}. To add it, create {local_hint}, "
+        "or use a Hugging Face repo id of the form owner/name."
+    )
+
+
+def _hint(settings: Settings, subfolder: str) -> str:
+    """The folder a message tells the operator to put weights in, ending with a slash."""
+    root = str(settings.models_dir) if settings.models_dir is not None else "$DARKROOM_MODELS_DIR"
+    return f"{root}/{subfolder}/" if subfolder else f"{root}/"
+
+
+def _digest(name: str) -> str:
+    """A file-system-safe name for an id (ids may contain a slash)."""
+    return hashlib.sha256(name.encode()).hexdigest()[:16]

@@ -1,0 +1,127 @@
+"""A request's model options, applied to a resident Stable Diffusion pipeline and then undone.
+
+The cache keeps one pipeline per model, shared by every request, so whatever a request changes
+is restored before the next one runs, also when the request fails (each change is its own
+context manager on an `ExitStack`, undone in reverse order):
+
+- scheduler: a new object built from the model's config; the original is put back.
+- VAE: the request's AutoencoderKL (a cache entry of its own) replaces the model's; put back.
+- LoRAs: loaded through diffusers' PEFT integration as adapters `request-0`, `request-1`, ...
+  with `set_adapters(names, strengths)`, never fused; `unload_lora_weights` removes the adapter
+  layers again, leaving the original modules and their untouched weights.
+- embeddings: `load_textual_inversion(weights, token=id)`; every token that the loading added
+  (several for a multi-vector embedding) is unloaded again, which restores tokenizer and
+  embedding matrix.
+- tomesd: `tomesd.apply_patch` / `remove_patch`, merging half of the tokens (`TOME_RATIO`) in the
+  highest-resolution attention layers (ToMe's `max_downsample=1` on SD 1.5, computed from the
+  UNet so that models whose first attention is lower down are merged too), without ToMe's random
+  destination choice, which forks the global RNG and would make outputs irreproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomesd  # type: ignore[import-untyped]
+import torch
+from safetensors.torch import load_file
+
+from worker.pipelines.request import GenerationRequest
+from worker.pipelines.schedulers import build_scheduler
+
+TOME_RATIO = 0.5
+
+
+@dataclass(frozen=True)
+class RequestAssets:
+    """What the worker located or loaded for one request's options."""
+
+    vae: Any | None = None  # a loaded AutoencoderKL
+    loras: tuple[tuple[str, float], ...] = ()  # (file or repo id, strength)
+    embeddings: tuple[tuple[str, str], ...] = ()  # (token, file or repo id)
+
+
+@contextmanager
+def request_options(pipe: Any, request: GenerationRequest, assets: RequestAssets) -> Iterator[None]:
+    """Apply the request's options to `pipe` for the duration of the block."""
+    scheduler = build_scheduler(
+        request.scheduler, pipe.scheduler.config, request.use_karras_sigmas, request.algorithm_type
+    )
+    with ExitStack() as stack:
+        stack.enter_context(_swapped(pipe, "scheduler", scheduler))
+        if assets.vae is not None:
+            stack.enter_context(_swapped(pipe, "vae", assets.vae))
+        if assets.loras:
+            stack.enter_context(_loras(pipe, assets.loras))
+        if assets.embeddings:
+            stack.enter_context(_embeddings(pipe, assets.embeddings))
+        if request.tomesd:
+            stack.enter_context(_token_merging(pipe))
+        yield
+
+
+@contextmanager
+def _swapped(pipe: Any, name: str, value: Any) -> Iterator[None]:
+    """Replace the pipeline component `name` by `value`, then put the original back."""
+    original = getattr(pipe, name)
+    setattr(pipe, name, value)
+    try:
+        yield
+    finally:
+        setattr(pipe, name, original)
+
+
+@contextmanager
+def _loras(pipe: Any, loras: tuple[tuple[str, float], ...]) -> Iterator[None]:
+    """Load each LoRA as its own adapter at its strength; unload them all afterwards."""
+    try:
+        names = []
+        for index, (location, _strength) in enumerate(loras):
+            names.append(f"request-{index}")
+            pipe.load_lora_weights(_lora_weights(location), adapter_name=names[-1])
+        pipe.set_adapters(names, adapter_weights=[strength for _location, strength in loras])
+        yield
+    finally:
+        pipe.unload_lora_weights()
+
+
+def _lora_weights(location: str) -> dict[str, torch.Tensor] | str:
+    """A local LoRA file's state dict, or the Hub repo id for diffusers to fetch."""
+    return load_file(location) if Path(location).is_file() else location
+
+
+@contextmanager
+def _embeddings(pipe: Any, embeddings: tuple[tuple[str, str], ...]) -> Iterator[None]:
+    """Add each embedding's token(s) to the tokenizer and text encoder; remove them afterwards."""
+    before = set(pipe.tokenizer.get_added_vocab())
+    try:
+        for token, location in embeddings:
+            pipe.load_textual_inversion(location, token=token)
+        yield
+    finally:
+        added = sorted(set(pipe.tokenizer.get_added_vocab()) - before)
+        if added:
+            pipe.unload_textual_inversion(tokens=added)
+
+
+@contextmanager
+def _token_merging(pipe: Any) -> Iterator[None]:
+    """Patch the UNet's transformer blocks with token merging; restore the classes afterwards."""
+    downsample = first_attention_downsample(pipe.unet.config.down_block_types)
+    tomesd.apply_patch(pipe, ratio=TOME_RATIO, max_downsample=downsample, use_rand=False)
+    try:
+        yield
+    finally:
+        tomesd.remove_patch(pipe)
+
+
+def first_attention_downsample(down_block_types: list[str]) -> int:
+    """The downsampling factor of the UNet's highest-resolution attention layers."""
+    for level, block_type in enumerate(down_block_types):
+        if "Attn" in block_type:
+            return int(2**level)
+    return 1

@@ -1,0 +1,77 @@
+"""Prompt embeddings for Stable Diffusion without the 77-token limit, with clip skip.
+
+The pipelines' own `encode_prompt` truncates at the text encoder's 77 positions, and its
+`clip_skip` path reads `text_encoder.text_model.final_layer_norm`, an attribute that transformers
+5.6 removed (`CLIPTextModel` now holds its layers directly): with transformers 5.23 any clip_skip
+raises AttributeError. So the worker encodes prompts itself and passes `prompt_embeds` and
+`negative_prompt_embeds`:
+
+- Long prompts: the token ids (without BOS/EOS) are cut into windows of `CHUNK_TOKENS` (75); each
+  window is framed as BOS + window + EOS + padding to 77 and encoded on its own, and the results
+  are concatenated along the sequence axis. The shorter of prompt and negative prompt is padded
+  with encodings of the empty window, so both have the same length, as classifier-free guidance
+  needs. A prompt of at most 75 tokens gives exactly the ids, and so the embedding, of diffusers'.
+- Clip skip follows the convention of the page's range (1..8, as in A1111's "CLIP skip"): N uses
+  the output of the N-th layer from the end, through the final layer norm, so 1 (like None) is
+  the normal embedding and 2 the penultimate layer; diffusers' own `clip_skip=N-1` is the same.
+- Textual-inversion tokens with several vectors are expanded first (`maybe_convert_prompt`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+CHUNK_TOKENS = 75
+
+
+@torch.no_grad()
+def encode_prompts(
+    pipe: Any, prompt: str, negative_prompt: str, clip_skip: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings of shape (1, 77 * chunks, dim) for the prompt and the negative prompt."""
+    positive, negative = _windows(pipe, prompt), _windows(pipe, negative_prompt)
+    chunks = max(len(positive), len(negative))
+    positive += [[]] * (chunks - len(positive))
+    negative += [[]] * (chunks - len(negative))
+    return _encode(pipe, positive, clip_skip), _encode(pipe, negative, clip_skip)
+
+
+def check_clip_skip(text_encoder: Any, clip_skip: int | None) -> None:
+    """Refuse a clip skip that names no layer of this text encoder."""
+    layers = int(text_encoder.config.num_hidden_layers)
+    if clip_skip is not None and not 1 <= clip_skip <= layers:
+        raise ValueError(f"clip_skip must be between 1 and {layers} for this model.")
+
+
+def _windows(pipe: Any, text: str) -> list[list[int]]:
+    """The token ids of `text`, without BOS/EOS, in windows of CHUNK_TOKENS (at least one)."""
+    text = pipe.maybe_convert_prompt(text, pipe.tokenizer)
+    ids: list[int] = pipe.tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+    return [ids[start : start + CHUNK_TOKENS] for start in range(0, len(ids), CHUNK_TOKENS)] or [[]]
+
+
+def _encode(pipe: Any, windows: list[list[int]], clip_skip: int | None) -> torch.Tensor:
+    """Encode each framed window and join them along the sequence axis."""
+    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+    check_clip_skip(text_encoder, clip_skip)
+    rows = [_framed(window, tokenizer) for window in windows]
+    input_ids = torch.tensor(rows, device=text_encoder.device)
+    if clip_skip is None or clip_skip == 1:
+        hidden: torch.Tensor = text_encoder(input_ids)[0]
+    else:
+        states = text_encoder(input_ids, output_hidden_states=True).hidden_states
+        hidden = _final_layer_norm(text_encoder)(states[-clip_skip])
+    return hidden.reshape(1, -1, hidden.shape[-1])
+
+
+def _framed(window: list[int], tokenizer: Any) -> list[int]:
+    """BOS + window + EOS, padded to the encoder's 77 positions as diffusers pads."""
+    padding = [tokenizer.pad_token_id] * (CHUNK_TOKENS - len(window))
+    return [tokenizer.bos_token_id, *window, tokenizer.eos_token_id, *padding]
+
+
+def _final_layer_norm(text_encoder: Any) -> Any:
+    """The encoder's final layer norm, where transformers < 5.6 and >= 5.6 keep it."""
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm
