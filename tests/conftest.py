@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -33,18 +34,34 @@ def _sqlalchemy_url(conninfo: str, database: str) -> str:
     return f"{base}/{database}"
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A migrated Postgres database of this test session's own, dropped afterwards."""
-    name = f"darkroom_test_{uuid.uuid4().hex[:10]}"
+@contextmanager
+def fresh_database(prefix: str) -> Iterator[str]:
+    """A new migrated Postgres database, dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     url = _sqlalchemy_url(PG_ADMIN, name)
-    upgrade_to_head(url)
-    yield url
-    session_factory(url).kw["bind"].dispose()
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        upgrade_to_head(url)
+        yield url
+    finally:
+        session_factory(url).kw["bind"].dispose()
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """The test session's shared database."""
+    with fresh_database("darkroom_test") as url:
+        yield url
+
+
+@pytest.fixture
+def own_pg_url() -> Iterator[str]:
+    """A database for one test alone: for code that sweeps every row, like the sweeper."""
+    with fresh_database("darkroom_own") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

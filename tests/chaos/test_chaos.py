@@ -21,19 +21,16 @@ import threading
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
-from db.migrate import upgrade_to_head
 from db.models import (
     TERMINAL_STATES,
     Job,
@@ -45,7 +42,6 @@ from db.models import (
 from db.repositories.keys import find_active_key
 from db.session import session_factory
 from tests.chaos.harness import OwnedRedis, Tier, wait_until
-from tests.conftest import PG_ADMIN
 from tests.support.servers import ImageServer, Received, WebhookReceiver
 from tests.support.system import darkroom, free_port
 
@@ -82,19 +78,10 @@ EXHAUSTED_PREFIX = "The job failed after"
 
 
 @pytest.fixture
-def chaos_db() -> Iterator[str]:
-    """A migrated database of this test's own: the sweeper sweeps every row of its database,
-    so it must not meet jobs other tests left behind in the session's shared one."""
-    name = f"darkroom_chaos_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    url = f"{base}/{name}"
-    upgrade_to_head(url)
-    yield url
-    session_factory(url).kw["bind"].dispose()
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def chaos_db(own_pg_url: str) -> str:
+    """A database of this test's own: the sweeper sweeps every row of its database, so it
+    must not meet jobs other tests left behind in the session's shared one."""
+    return own_pg_url
 
 
 # --- the receiver ---------------------------------------------------------------------------

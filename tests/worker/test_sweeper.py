@@ -18,7 +18,7 @@ from darkroom.settings import Settings
 from db.models import DeliveryState, Job, JobState, Operation, WebhookDelivery, utcnow
 from db.repositories import jobs, webhooks
 from db.repositories.jobs import ClaimOutcome, NewJob
-from db.repositories.keys import IssuedKey
+from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
 from worker import outcomes
 from worker.outcomes import exhausted_message
@@ -28,9 +28,18 @@ HOOK = "http://127.0.0.1:9/hook"
 
 
 @pytest.fixture
-def tuned(settings: Settings) -> Settings:
+def api_key(own_pg_url: str) -> IssuedKey:
+    """A key in this test's own database (the sweeper must see no other test's rows)."""
+    with session_scope(own_pg_url) as session:
+        return create_key(session, "sweeper-test")
+
+
+@pytest.fixture
+def tuned(settings: Settings, own_pg_url: str) -> Settings:
     """Settings with a 30 s outbox grace and a 5 min republish interval (the defaults' scale)."""
-    return settings.model_copy(update={"outbox_grace_s": 30.0, "republish_after_s": 300.0})
+    return settings.model_copy(
+        update={"database_url": own_pg_url, "outbox_grace_s": 30.0, "republish_after_s": 300.0}
+    )
 
 
 @pytest.fixture
