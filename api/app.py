@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
-from api.routes import fetch, health, outputs, submit
+from api.routes import cancel, fetch, health, outputs, submit
 from darkroom.queue import make_celery
 from darkroom.settings import Settings, get_settings
 
@@ -21,6 +21,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.broker = make_celery(settings)
     install_error_handlers(app)
-    for module in (submit, fetch, outputs, health):
+    for module in (submit, fetch, cancel, outputs, health):
         app.include_router(module.router)
     return app

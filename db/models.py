@@ -144,6 +144,8 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     lease_until: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Set by a cancel of a running job; its worker checks it between denoising steps.
+    cancel_requested_at: Mapped[datetime | None] = mapped_column(default=None)
 
     outputs: Mapped[list[JobOutput]] = relationship(
         back_populates="job", order_by="JobOutput.index", lazy="selectin"

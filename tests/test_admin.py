@@ -10,13 +10,13 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from darkroom import outcomes
 from darkroom.settings import Settings
 from db.models import DeliveryState, Operation, WebhookDelivery
 from db.repositories import jobs, keys
 from db.session import session_scope
 from tests.support.servers import WebhookReceiver
 from tests.support.system import darkroom
-from worker import outcomes
 from worker.webhooks.dispatcher import deliver
 
 

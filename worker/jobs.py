@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from celery import Celery
 
+from darkroom import outcomes
 from darkroom.jobspec import JobSpec
+from darkroom.outcomes import exhausted_message
 from darkroom.queue import DELIVER_WEBHOOK_TASK, send
 from darkroom.responses import output_filename
 from darkroom.settings import Settings
@@ -25,10 +28,8 @@ from db.models import Job, utcnow
 from db.repositories import jobs
 from db.repositories.jobs import ClaimOutcome, OutputRecord
 from db.session import session_scope
-from worker import outcomes
 from worker.images import ImageInputError, fetch_image, output_size, png_bytes
 from worker.models.cache import ModelCache
-from worker.outcomes import exhausted_message
 from worker.pipelines.generate import generate
 from worker.pipelines.request import GenerationRequest, GenerationResult, LoraSpec
 
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 #: How long `temp: yes` output links work; the sweeper deletes the files afterwards.
 TEMP_LIFETIME = timedelta(hours=24)
+#: How often a running job looks for a cancel request, at most.
+CANCEL_POLL_S = 0.5
 INTERNAL_ERROR = "The image could not be generated because of an internal error."
 
 
@@ -60,8 +63,13 @@ def run_job(job_id: int, runtime: WorkerRuntime) -> None:
     spec = JobSpec.model_validate(job.params)
     try:
         with _heartbeat(job_id, runtime.settings):
-            request = _build_request(spec, runtime.settings)
+            request = _build_request(
+                spec, runtime.settings, _cancel_check(job_id, runtime.settings)
+            )
             result = generate(request, runtime.cache, runtime.settings)
+    except JobCanceledError:
+        _finish(runtime, job_id, outcomes.CANCELED_MESSAGE)
+        return
     except (ImageInputError, ValueError) as exc:
         _finish(runtime, job_id, str(exc))
         return
@@ -79,6 +87,9 @@ def _claim(job_id: int, runtime: WorkerRuntime) -> Job | None:
         outcome, job = jobs.claim_job(
             session, job_id, lease_s=settings.job_lease_s, max_attempts=settings.job_max_attempts
         )
+    if outcome == ClaimOutcome.CLAIMED and job is not None and job.cancel_requested_at:
+        _finish(runtime, job_id, outcomes.CANCELED_MESSAGE)  # canceled while it was orphaned
+        return None
     if outcome == ClaimOutcome.CLAIMED:
         return job
     log.info("job %s not run here: %s", job_id, outcome)
@@ -87,7 +98,30 @@ def _claim(job_id: int, runtime: WorkerRuntime) -> Job | None:
     return None
 
 
-def _build_request(spec: JobSpec, settings: Settings) -> GenerationRequest:
+class JobCanceledError(Exception):
+    """Raised between denoising steps when the job's cancel was requested."""
+
+
+def _cancel_check(job_id: int, settings: Settings) -> Callable[[], None]:
+    """An `on_step` hook raising JobCanceledError once a cancel is recorded (read at most twice a
+    second, so a fast model does not query the database on every step)."""
+    last_read = 0.0
+
+    def check() -> None:
+        nonlocal last_read
+        if time.monotonic() - last_read < CANCEL_POLL_S:
+            return
+        last_read = time.monotonic()
+        with session_scope(settings.resolved_database_url) as session:
+            if jobs.cancel_requested(session, job_id):
+                raise JobCanceledError
+
+    return check
+
+
+def _build_request(
+    spec: JobSpec, settings: Settings, on_step: Callable[[], None] | None = None
+) -> GenerationRequest:
     """Fetch the init images and settle the output size."""
     images = tuple(fetch_image(url, settings) for url in spec.init_images)
     width, height = output_size(spec.width, spec.height, images[0])
@@ -115,6 +149,7 @@ def _build_request(spec: JobSpec, settings: Settings) -> GenerationRequest:
         tomesd=spec.tomesd,
         safety_checker=spec.safety_checker,
         safety_checker_type=spec.safety_checker_type,
+        on_step=on_step,
     )
 
 

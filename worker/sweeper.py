@@ -16,14 +16,14 @@ from datetime import timedelta
 
 from celery import Celery
 
+from darkroom import outcomes
+from darkroom.outcomes import exhausted_message
 from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, send
 from darkroom.settings import Settings
 from darkroom.storage import LocalStorage
 from db.models import utcnow
 from db.repositories import jobs, webhooks
 from db.session import session_scope
-from worker import outcomes
-from worker.outcomes import exhausted_message
 
 log = logging.getLogger(__name__)
 

@@ -273,3 +273,19 @@ def expired_outputs(session: Session, *, limit: int = 200) -> list[JobOutput]:
 def _rowcount(result: Any) -> int:
     """Rows matched by an UPDATE (typed accessor: Result.rowcount is untyped in stubs)."""
     return int(result.rowcount)
+
+
+def request_cancel(session: Session, job_id: int) -> None:
+    """Ask a running job's worker to stop at its next denoising step."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.PROCESSING)
+        .values(cancel_requested_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+
+
+def cancel_requested(session: Session, job_id: int) -> bool:
+    """Whether someone asked job `job_id` to stop."""
+    value = session.scalar(select(Job.cancel_requested_at).where(Job.id == job_id))
+    return value is not None

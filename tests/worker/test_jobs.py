@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -13,6 +15,7 @@ from PIL import Image
 from sqlalchemy import update
 
 from darkroom.jobspec import JobSpec, describe
+from darkroom.outcomes import CANCELED_MESSAGE, exhausted_message
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
 from db.models import Job, JobOutput, JobState, Operation, utcnow
@@ -23,7 +26,6 @@ from tests.conftest import count_rows
 from tests.support.servers import ImageServer, WebhookReceiver, png
 from worker.jobs import WorkerRuntime, run_job
 from worker.models.cache import ModelCache
-from worker.outcomes import exhausted_message
 from worker.sweeper import sweep_once
 
 
@@ -292,3 +294,33 @@ def test_every_enterprise_option_runs_and_flags_are_recorded(
     assert [output.nsfw for output in job.outputs] == [True, True]
     with Image.open(runtime.settings.outputs_dir / job.outputs[0].filename) as image:
         assert image.getextrema() == ((0, 0), (0, 0), (0, 0))  # "black" replaced the sample
+
+
+def test_a_running_job_stops_between_steps_when_canceled(
+    runtime: WorkerRuntime, api_key: IssuedKey, image_server: ImageServer
+) -> None:
+    job_id = new_job(
+        runtime,
+        api_key,
+        None,
+        operation=Operation.IMG2IMG,
+        init_images=[image_server.url("/red.png")],
+        width=512,
+        height=512,
+        steps=50,
+        strength=1.0,
+        samples=1,
+    )
+    worker = threading.Thread(target=run_job, args=(job_id, runtime))
+    worker.start()
+    while load(runtime, job_id).state == JobState.QUEUED:
+        time.sleep(0.05)
+    with session_scope(runtime.settings.resolved_database_url) as session:
+        jobs.request_cancel(session, job_id)
+    worker.join(timeout=60)
+
+    job = load(runtime, job_id)
+    assert job.state == JobState.FAILED
+    assert job.error == CANCELED_MESSAGE
+    assert job.outputs == []
+    assert not list(runtime.settings.outputs_dir.glob(f"{job.file_prefix}-*"))

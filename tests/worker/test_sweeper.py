@@ -13,6 +13,8 @@ import redis
 from celery import Celery
 from sqlalchemy import update
 
+from darkroom import outcomes
+from darkroom.outcomes import exhausted_message
 from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, make_celery
 from darkroom.settings import Settings
 from db.models import DeliveryState, Job, JobState, Operation, WebhookDelivery, utcnow
@@ -20,8 +22,6 @@ from db.repositories import jobs, webhooks
 from db.repositories.jobs import ClaimOutcome, NewJob
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
-from worker import outcomes
-from worker.outcomes import exhausted_message
 from worker.sweeper import SweepReport, sweep_once
 
 HOOK = "http://127.0.0.1:9/hook"

@@ -14,6 +14,7 @@ and undone afterwards (`worker.pipelines.options`); prompts are encoded by the w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,6 +28,19 @@ from worker.pipelines.request import GenerationRequest
 def sample_generators(device: Any, seeds: tuple[int, ...]) -> list[torch.Generator]:
     """One freshly seeded generator per sample: a shared one would couple the samples."""
     return [torch.Generator(device).manual_seed(seed) for seed in seeds]
+
+
+def step_callback(request: GenerationRequest) -> Callable[..., dict[str, Any]] | None:
+    """A diffusers `callback_on_step_end` that calls the request's `on_step` hook, if any."""
+    on_step = request.on_step
+    if on_step is None:
+        return None
+
+    def callback(_pipe: Any, _step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        on_step()
+        return tensors
+
+    return callback
 
 
 def resize_exact(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -56,5 +70,6 @@ def run(
             num_images_per_prompt=len(request.seeds),
             generator=sample_generators(pipe.device, request.seeds),
             output_type="pil",
+            callback_on_step_end=step_callback(request),
         )
     return list(output.images)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from worker.pipelines.img2img import resize_exact, sample_generators
+from worker.pipelines.img2img import resize_exact, sample_generators, step_callback
 from worker.pipelines.options import RequestAssets
 from worker.pipelines.request import GenerationRequest
 
@@ -64,6 +64,7 @@ def run(
         guidance_scale=request.guidance_scale,
         generator=sample_generators(decoder.device, request.seeds),
         output_type="pil",
+        callback_on_step_end=step_callback(request),
     )
     return [resize_exact(image, request.width, request.height) for image in output.images]
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from PIL import Image
 
-from worker.pipelines.img2img import resize_exact, sample_generators
+from worker.pipelines.img2img import resize_exact, sample_generators, step_callback
 from worker.pipelines.options import RequestAssets, request_options
 from worker.pipelines.prompts import encode_prompts
 from worker.pipelines.request import GenerationRequest
@@ -39,5 +39,6 @@ def run(
             num_images_per_prompt=len(request.seeds),
             generator=sample_generators(pipe.device, request.seeds),
             output_type="pil",
+            callback_on_step_end=step_callback(request),
         )
     return list(output.images)

@@ -7,6 +7,7 @@ refuses combinations that no pipeline can run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from PIL import Image
@@ -55,6 +56,8 @@ class GenerationRequest:
     # Every operation.
     safety_checker: bool = False
     safety_checker_type: str = "sensitive_content_text"  # one of SAFETY_CHECKER_TYPES
+    # Called after every denoising step; it may raise to stop the run (job cancel).
+    on_step: Callable[[], None] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """A job's terminal transition and its webhook, in one transaction (the webhook outbox).
 
-Used by the GPU worker when a job ends and by the sweeper when a job runs out of attempts, so
-both paths create the delivery row the same way, and only the caller that won the transition.
+Used by the GPU worker when a job ends, by the sweeper when a job runs out of attempts and by
+the API when a queued job is canceled, so every path creates the delivery row the same way,
+and only the caller that won the transition does.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from darkroom.settings import Settings
 from darkroom.storage import LocalStorage
 from db.models import Job
 from db.repositories import jobs, webhooks
+
+CANCELED_MESSAGE = "The job was canceled."
 
 
 def exhausted_message(attempts: int) -> str:
