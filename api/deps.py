@@ -14,7 +14,7 @@ from api.errors import ApiError
 from darkroom.settings import Settings
 from db.models import ApiKey
 from db.repositories.keys import find_active_key
-from db.session import session_factory
+from db.session import session_scope
 
 #: Room for a base64 init image of 10 MB (base64 grows it by a third) and the other fields.
 MAX_BODY_BYTES = 16 * 1024 * 1024
@@ -31,15 +31,8 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 def get_session(settings: SettingsDep) -> Iterator[Session]:
     """One session per request; it commits on success (routes that must commit earlier do)."""
-    session = session_factory(settings.resolved_database_url)()
-    try:
+    with session_scope(settings.resolved_database_url) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]

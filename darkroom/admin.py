@@ -11,6 +11,8 @@ import json
 from datetime import timedelta
 from typing import Any
 
+from sqlalchemy.orm import Session
+
 from darkroom.settings import Settings
 from db.models import ApiKey
 from db.repositories import keys, webhooks
@@ -48,12 +50,19 @@ def keys_list(_args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _find_key(session: Session, ref: str) -> ApiKey | None:
+    """The key named on the command line, or None after saying so."""
+    key = keys.find_key(session, ref)
+    if key is None:
+        _print({"error": f"no key {ref}"})
+    return key
+
+
 def keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
     """Revoke a key by id or prefix."""
     with session_scope(settings.resolved_database_url) as session:
-        key = keys.find_key(session, args.key)
+        key = _find_key(session, args.key)
         if key is None:
-            _print({"error": f"no key {args.key}"})
             return 1
         keys.revoke_key(session, key)
         _print(_key_row(key))
@@ -63,9 +72,8 @@ def keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
 def keys_rotate_secret(args: argparse.Namespace, settings: Settings) -> int:
     """New webhook secret; the old one co-signs for --grace-hours (default 24)."""
     with session_scope(settings.resolved_database_url) as session:
-        key = keys.find_key(session, args.key)
+        key = _find_key(session, args.key)
         if key is None:
-            _print({"error": f"no key {args.key}"})
             return 1
         secret = keys.rotate_webhook_secret(session, key, timedelta(hours=args.grace_hours))
         _print(

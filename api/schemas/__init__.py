@@ -5,13 +5,11 @@ turns itself into a JobSpec: the one normalised shape that the worker runs.
 """
 
 from api.schemas.fetch import FetchRequest
-from api.schemas.img2img import IMG2IMG_SCHEDULERS, NON_IMG2IMG_SCHEDULERS, Img2ImgRequest
+from api.schemas.img2img import Img2ImgRequest
 from api.schemas.mixer import MixerRequest, V5MixerRequest
 from api.schemas.pix2pix import Pix2PixRequest
 
 __all__ = [
-    "IMG2IMG_SCHEDULERS",
-    "NON_IMG2IMG_SCHEDULERS",
     "FetchRequest",
     "Img2ImgRequest",
     "MixerRequest",

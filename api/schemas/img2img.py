@@ -23,33 +23,10 @@ from api.fields import (
 from api.schemas.common import SubmitBase
 from darkroom import prompts, registry
 from darkroom.jobspec import JobSpec, LoraRef
+from darkroom.schedulers import IMG2IMG_SCHEDULERS, REFUSED_SCHEDULERS
 from darkroom.settings import Settings
 from db.models import Operation
 
-#: The schedulers named on the enterprise page that can run img2img (they implement add_noise).
-IMG2IMG_SCHEDULERS = (
-    "DDPMScheduler",
-    "DDIMScheduler",
-    "PNDMScheduler",
-    "LMSDiscreteScheduler",
-    "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler",
-    "DPMSolverMultistepScheduler",
-    "HeunDiscreteScheduler",
-    "KDPM2DiscreteScheduler",
-    "DPMSolverSinglestepScheduler",
-    "KDPM2AncestralDiscreteScheduler",
-    "UniPCMultistepScheduler",
-    "DEISMultistepScheduler",
-    "LCMScheduler",
-)
-#: Named on the page but unable to noise an init image (no add_noise): refused before queueing.
-NON_IMG2IMG_SCHEDULERS = (
-    "DDIMInverseScheduler",
-    "IPNDMScheduler",
-    "KarrasVeScheduler",
-    "ScoreSdeVeScheduler",
-)
 #: `algorithm_type` values: the page's "dpmsolver+++" and diffusers' own DPM-Solver variants.
 ALGORITHM_TYPES = ("dpmsolver+++", "dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
 SafetyCheckerType = Literal["sensitive_content_text", "blur", "pixelate", "black"]
@@ -124,7 +101,7 @@ class Img2ImgRequest(SubmitBase):
     def _check_scheduler(self) -> None:
         if self.scheduler is None or self.scheduler in IMG2IMG_SCHEDULERS:
             return
-        if self.scheduler in NON_IMG2IMG_SCHEDULERS:
+        if self.scheduler in REFUSED_SCHEDULERS:
             reason = f"{self.scheduler} cannot run image to image (it has no add_noise)"
         else:
             reason = f"unknown scheduler '{self.scheduler[:100]}'"

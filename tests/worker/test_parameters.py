@@ -14,6 +14,7 @@ from PIL import Image
 
 from darkroom import registry
 from darkroom.registry import UnknownModelError, check_ids
+from darkroom.schedulers import IMG2IMG_SCHEDULERS, REFUSED_SCHEDULERS
 from darkroom.settings import Settings
 from tests.test_architecture import HEAVY, modules_loaded_by
 from worker.models.cache import ModelCache
@@ -27,7 +28,7 @@ from worker.pipelines.request import (
     GenerationResult,
     LoraSpec,
 )
-from worker.pipelines.schedulers import IMG2IMG_SCHEDULERS, REFUSED_SCHEDULERS, build_scheduler
+from worker.pipelines.schedulers import build_scheduler
 
 MARKER = registry.TINY_NSFW_MARKER
 

@@ -25,28 +25,8 @@ from typing import Any
 
 import diffusers
 
-IMG2IMG_SCHEDULERS = (
-    "DDPMScheduler",
-    "DDIMScheduler",
-    "PNDMScheduler",
-    "LMSDiscreteScheduler",
-    "EulerDiscreteScheduler",
-    "EulerAncestralDiscreteScheduler",
-    "DPMSolverMultistepScheduler",
-    "HeunDiscreteScheduler",
-    "KDPM2DiscreteScheduler",
-    "DPMSolverSinglestepScheduler",
-    "KDPM2AncestralDiscreteScheduler",
-    "UniPCMultistepScheduler",
-    "DEISMultistepScheduler",
-    "LCMScheduler",
-)
-REFUSED_SCHEDULERS = (
-    "DDIMInverseScheduler",
-    "IPNDMScheduler",
-    "KarrasVeScheduler",
-    "ScoreSdeVeScheduler",
-)
+from darkroom.schedulers import IMG2IMG_SCHEDULERS, REFUSED_SCHEDULERS
+
 PAGE_DPMSOLVER_PLUS_PLUS_PLUS = "dpmsolver+++"
 DPMSOLVER_PLUS_PLUS_PLUS: dict[str, Any] = {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}
 
