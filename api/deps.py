@@ -67,7 +67,7 @@ async def json_body(request: Request) -> dict[str, Any]:
 BodyDep = Annotated[dict[str, Any], Depends(json_body)]
 
 
-def _presented_key(request: Request, body: dict[str, Any]) -> str | None:
+def presented_key(request: Request, body: dict[str, Any]) -> str | None:
     """The key from `Authorization: Bearer` or, as the hosted API's clients send it, the body."""
     header = request.headers.get("authorization", "")
     if header.lower().startswith("bearer "):
@@ -78,7 +78,7 @@ def _presented_key(request: Request, body: dict[str, Any]) -> str | None:
 
 def get_api_key(request: Request, body: BodyDep, session: SessionDep) -> ApiKey:
     """The caller's active key, or 401 "Invalid Api Key"."""
-    presented = _presented_key(request, body)
+    presented = presented_key(request, body)
     row = find_active_key(session, presented) if presented else None
     if row is None:
         raise ApiError(401, "Invalid Api Key")

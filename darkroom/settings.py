@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     database_url: str = ""
     broker_url: str = ""
     public_url: str = "http://127.0.0.1:8000"
+
+    # "public": output links work for whoever holds them (the hosted API's CDN behaviour);
+    # "key": a download must carry the owning key (Authorization: Bearer or ?key=).
+    output_access: Literal["public", "key"] = "public"
 
     model_preset: str = ""
     models_dir: Path | None = None

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import re
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse
+from sqlalchemy.orm import Session
 
-from api.deps import SessionDep, SettingsDep
+from api.deps import SessionDep, SettingsDep, presented_key
 from api.errors import ApiError
-from db.models import utcnow
+from darkroom.settings import Settings
+from db.models import JobOutput, utcnow
 from db.repositories.jobs import get_output
+from db.repositories.keys import find_active_key
 
 router = APIRouter(tags=["outputs"])
 
@@ -19,12 +22,33 @@ _OUTPUT_NAME = re.compile(r"^[0-9a-f]{32}-\d{1,2}\.png$")
 
 
 @router.get("/outputs/{filename}", summary="Download an output image")
-def download_output(filename: str, session: SessionDep, settings: SettingsDep) -> FileResponse:
-    """Serve one output PNG by its unguessable name, until it expires if it is temporary."""
+def download_output(
+    filename: str, request: Request, session: SessionDep, settings: SettingsDep
+) -> FileResponse:
+    """Serve one output PNG by its unguessable name, until it expires if it is temporary.
+
+    With DARKROOM_OUTPUT_ACCESS=key only the key that owns the job may download it; another
+    key, or none, gets the same 404 as a missing file.
+    """
     output = get_output(session, filename) if _OUTPUT_NAME.match(filename) else None
     path = settings.outputs_dir / filename
-    if output is None or not path.is_file():
+    if (
+        output is None
+        or not path.is_file()
+        or not _may_download(request, session, settings, output)
+    ):
         raise ApiError(404, "No such output.")
     if output.expires_at is not None and output.expires_at <= utcnow():
         raise ApiError(410, "This temporary link has expired.")
     return FileResponse(path, media_type="image/png")
+
+
+def _may_download(
+    request: Request, session: Session, settings: Settings, output: JobOutput
+) -> bool:
+    """Public links always; in key mode only with the owning key."""
+    if settings.output_access == "public":
+        return True
+    presented = presented_key(request, {"key": request.query_params.get("key")})
+    key = find_active_key(session, presented) if presented else None
+    return key is not None and key.id == output.job.api_key_id

@@ -140,3 +140,27 @@ def test_operation_is_recorded(client: TestClient, api_key: IssuedKey, db: Sessi
     job = jobs.get_job(db, submit_pix2pix(client, api_key))
     assert job is not None
     assert job.operation == Operation.PIX2PIX
+
+
+def test_key_mode_downloads_only_with_the_owning_key(
+    settings: Settings, api_key: IssuedKey, db: Session
+) -> None:
+    private = settings.model_copy(update={"output_access": "key"})
+    with TestClient(create_app(private)) as client:
+        job_id = submit_pix2pix(client, api_key)
+        name = finish_with_output(db, private, job_id)
+        other = create_key(db, "stranger")
+        db.commit()
+
+        anonymous = client.get(f"/outputs/{name}")
+        stranger = client.get(
+            f"/outputs/{name}", headers={"authorization": f"Bearer {other.plaintext}"}
+        )
+        owner = client.get(
+            f"/outputs/{name}", headers={"authorization": f"Bearer {api_key.plaintext}"}
+        )
+        by_query = client.get(f"/outputs/{name}", params={"key": api_key.plaintext})
+
+    assert anonymous.status_code == stranger.status_code == 404
+    assert anonymous.json() == stranger.json() == {"status": "error", "message": "No such output."}
+    assert owner.status_code == by_query.status_code == 200
