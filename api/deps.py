@@ -57,11 +57,30 @@ async def json_body(request: Request) -> dict[str, Any]:
         raise ApiError(413, f"Request body too large: at most {MAX_BODY_BYTES} bytes.")
     try:
         body = json.loads(raw or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # bad JSON, bad UTF-8, 4300+ digit numbers, deep nesting
         raise ApiError(400, "The request body is not valid JSON.") from None
+    if _holds_nul(body):
+        # Postgres text cannot hold NUL, and no field has a use for it.
+        raise ApiError(400, "The request body must not contain NUL characters.")
     if not isinstance(body, dict):
         raise ApiError(400, "The request body must be a JSON object.")
     return body
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether any string (or key) in a parsed JSON value contains NUL; iterative, as bodies
+    may nest deeply."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str) and "\x00" in item:
+            return True
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
 
 
 BodyDep = Annotated[dict[str, Any], Depends(json_body)]

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BeforeValidator, ValidationInfo
+from pydantic import AfterValidator, BeforeValidator
 
 T = TypeVar("T")
 
@@ -26,7 +26,10 @@ def _to_number(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("must be a number")
     if isinstance(value, int | float):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # a JSON integer beyond float range
+            raise ValueError("is too large") from None
     elif isinstance(value, str) and value.strip():
         try:
             number = float(value.strip())
@@ -100,13 +103,18 @@ def to_weight_list(value: Any) -> list[float]:
     return [to_float(item) for item in items]
 
 
+MAX_TRACK_ID_CHARS = 200
+
+
 def to_track_id(value: Any) -> str | int | None:
     """track_id comes back unchanged in the webhook: integers stay integers."""
-    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
-        return value
-    if isinstance(value, str):
-        return value if value.strip() else None
-    raise ValueError("must be a string or an integer")
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError("must be a string or an integer")
+    if len(str(value)) > MAX_TRACK_ID_CHARS:
+        raise ValueError(f"must be at most {MAX_TRACK_ID_CHARS} characters")
+    return value
 
 
 def _check_url(value: Any) -> str:
@@ -143,11 +151,12 @@ def optional(parse: Callable[[Any], T]) -> Callable[[Any], T | None]:
 
 
 def in_range(low: float, high: float) -> AfterValidator:
-    """A range check whose message names the field the way the hosted API does."""
+    """A range check; api.errors prefixes the field as the client spelled it, giving the hosted
+    API's sentence ("guidance_scale must be between 1 and 20")."""
 
-    def check(value: Any, info: ValidationInfo) -> Any:
+    def check(value: Any) -> Any:
         if value is not None and not low <= value <= high:
-            raise ValueError(f"{info.field_name} must be between {_fmt(low)} and {_fmt(high)}")
+            raise ValueError(f"must be between {_fmt(low)} and {_fmt(high)}")
         return value
 
     return AfterValidator(check)

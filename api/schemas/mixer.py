@@ -17,7 +17,7 @@ class MixerRequest(SubmitBase):
 
     init_image: UrlList
     init_image_weights: Weights = None
-    samples: Annotated[Samples, in_range(1, 1)] = 1
+    samples: Annotated[Int, in_range(1, 1)] = 1
     steps: Steps = Field(default=25, validation_alias=AliasChoices("steps", "num_inference_steps"))
 
     @model_validator(mode="after")

@@ -76,8 +76,14 @@ def get_job(session: Session, job_id: int) -> Job | None:
     return session.get(Job, job_id)
 
 
+#: Job ids are a 32-bit serial on Postgres; a larger id cannot exist (and would not bind).
+MAX_JOB_ID = 2**31 - 1
+
+
 def get_job_for_key(session: Session, job_id: int, api_key_id: int) -> Job | None:
     """A job by id if `api_key_id` owns it; another key's job looks exactly like a missing one."""
+    if not 1 <= job_id <= MAX_JOB_ID:
+        return None
     return session.scalar(select(Job).where(Job.id == job_id, Job.api_key_id == api_key_id))
 
 
