@@ -31,6 +31,9 @@ def queue_webhook(session: Session, job: Job, settings: Settings) -> int | None:
     """Freeze the job's webhook payload as a pending delivery; its id, or None without webhook."""
     if not job.webhook_url:
         return None
+    existing = webhooks.get_delivery_for_job(session, job.id)
+    if existing is not None:  # one delivery per job, whatever happens (its id never changes)
+        return existing.id
     session.refresh(job)
     read = LocalStorage(settings.outputs_dir).read
     payload = json.dumps(webhook_body(job, settings.public_url, read), separators=(",", ":"))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from celery import Celery
+from pydantic import ValidationError
 
 from darkroom import outcomes
 from darkroom.jobspec import JobSpec
@@ -60,7 +61,12 @@ def run_job(job_id: int, runtime: WorkerRuntime) -> None:
     job = _claim(job_id, runtime)
     if job is None:
         return
-    spec = JobSpec.model_validate(job.params)
+    try:
+        spec = JobSpec.model_validate(job.params)
+    except ValidationError:
+        log.exception("job %s has unreadable parameters", job_id)
+        _finish(runtime, job_id, INTERNAL_ERROR)
+        return
     try:
         with _heartbeat(job_id, runtime.settings):
             request = _build_request(

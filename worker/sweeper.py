@@ -47,7 +47,7 @@ def sweep_once(settings: Settings, broker: Celery) -> SweepReport:
         failed_jobs=failed,
         enqueued_jobs=_drain_job_outbox(settings, broker),
         sent_deliveries=_send_due_deliveries(settings, broker),
-        expired_outputs=_expire_temporary_outputs(settings),
+        expired_outputs=expire_temporary_outputs(settings),
     )
 
 
@@ -102,7 +102,7 @@ def _send_due_deliveries(settings: Settings, broker: Celery) -> int:
     return sent
 
 
-def _expire_temporary_outputs(settings: Settings) -> int:
+def expire_temporary_outputs(settings: Settings) -> int:
     """Delete the files of `temp: yes` outputs whose 24 hours are over."""
     storage = LocalStorage(settings.outputs_dir)
     with session_scope(settings.resolved_database_url) as session:

@@ -73,7 +73,7 @@ def submissions(
 
 def test_reference_examples_end_to_end_on_postgres_and_redis(
     tmp_path: Path,
-    pg_url: str,
+    own_pg_url: str,
     redis_url: str,
     image_server: ImageServer,
     receiver: WebhookReceiver,
@@ -81,7 +81,8 @@ def test_reference_examples_end_to_end_on_postgres_and_redis(
     suffix = uuid.uuid4().hex[:8]
     env = {
         "DARKROOM_DATA_DIR": str(tmp_path / "data"),
-        "DARKROOM_DATABASE_URL": pg_url,
+        # A database of its own: the system's sweeper would also run other tests' leftovers.
+        "DARKROOM_DATABASE_URL": own_pg_url,
         "DARKROOM_BROKER_URL": redis_url,
         "DARKROOM_JOB_QUEUE": f"e2e.jobs.{suffix}",
         "DARKROOM_WEBHOOK_QUEUE": f"e2e.webhooks.{suffix}",
