@@ -306,3 +306,15 @@ def test_broker_down_still_accepts_into_the_outbox(
 
 def test_health(client: TestClient) -> None:
     assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_oversized_body_is_a_413(client: TestClient) -> None:
+    from api.deps import MAX_BODY_BYTES
+
+    response = client.post(
+        "/api/v5/pix2pix",
+        content=b" " * (MAX_BODY_BYTES + 1),
+        headers={"content-type": "application/json"},
+    )
+    assert response.status_code == 413
+    assert response.json()["status"] == "error"
