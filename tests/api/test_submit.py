@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import base64
-import json
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
@@ -16,6 +13,7 @@ from api.app import create_app
 from darkroom.settings import Settings
 from db.models import Job, JobState, Operation
 from db.repositories.keys import IssuedKey
+from tests.support.broker import published_ids
 
 MIXER_V5 = {
     "seed": 12345,
@@ -91,14 +89,8 @@ def client(settings: Settings) -> Iterator[TestClient]:
 
 
 def queued_job_ids(settings: Settings) -> list[int]:
-    """The job ids waiting in the Redis list of the jobs queue (kombu's message format)."""
-    raw = redis.Redis.from_url(settings.broker_url).lrange(settings.job_queue, 0, -1)
-    ids = []
-    for message in raw:
-        envelope = json.loads(message)
-        args = json.loads(base64.b64decode(envelope["body"]))[0]
-        ids.append(int(args[0]))
-    return ids
+    """The job ids waiting in the jobs queue."""
+    return published_ids(settings.broker_url, settings.job_queue)
 
 
 def post(client: TestClient, path: str, key: IssuedKey, body: dict[str, Any]) -> Any:

@@ -10,7 +10,6 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-import redis
 from PIL import Image
 from sqlalchemy import update
 
@@ -23,6 +22,7 @@ from db.repositories import jobs, webhooks
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
 from tests.conftest import count_rows
+from tests.support.broker import published_ids
 from tests.support.servers import ImageServer, WebhookReceiver, png
 from worker.jobs import INTERNAL_ERROR, WorkerRuntime, run_job
 from worker.models.cache import ModelCache
@@ -65,8 +65,7 @@ def load(runtime: WorkerRuntime, job_id: int) -> Job:
 
 
 def published_deliveries(settings: Settings) -> list[int]:
-    raw = redis.Redis.from_url(settings.broker_url).lrange(settings.webhook_queue, 0, -1)
-    return [int(json.loads(base64.b64decode(json.loads(m)["body"]))[0][0]) for m in raw]
+    return published_ids(settings.broker_url, settings.webhook_queue)
 
 
 def test_success_writes_outputs_records_them_and_queues_the_webhook(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from db.repositories import jobs, webhooks
 from db.repositories.jobs import ClaimOutcome, NewJob
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
+from tests.support.broker import published
 from worker.sweeper import SweepReport, sweep_once
 
 HOOK = "http://127.0.0.1:9/hook"
@@ -57,20 +57,8 @@ def rds(tuned: Settings) -> Iterator[redis.Redis]:
     client.close()
 
 
-def _published(rds: redis.Redis, queue: str) -> list[tuple[str, int]]:
-    """(task name, id) of every message waiting in `queue` (kombu: JSON, base64 body)."""
-    found = []
-    for raw in rds.lrange(queue, 0, -1):
-        message = json.loads(raw)
-        assert message["properties"]["body_encoding"] == "base64"
-        args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
-        [record_id] = args
-        found.append((message["headers"]["task"], int(record_id)))
-    return found
-
-
 def _count(rds: redis.Redis, queue: str, task: str, record_id: int) -> int:
-    return _published(rds, queue).count((task, record_id))
+    return published(rds, queue).count((task, record_id))
 
 
 def _ago(seconds: float) -> datetime:
@@ -143,7 +131,7 @@ def test_outbox_publishes_a_lost_job_once(
 
     _sweep(tuned, broker)
     assert _count(rds, tuned.job_queue, RUN_JOB_TASK, lost) == 1
-    assert all(task == RUN_JOB_TASK for task, _ in _published(rds, tuned.job_queue))
+    assert all(task == RUN_JOB_TASK for task, _ in published(rds, tuned.job_queue))
 
 
 def test_stale_queued_job_is_republished(
@@ -261,7 +249,7 @@ def test_due_deliveries_are_published_once(
 
     _sweep(tuned, broker)
     assert _count(rds, tuned.webhook_queue, DELIVER_WEBHOOK_TASK, ids["due"]) == 1
-    assert all(task == DELIVER_WEBHOOK_TASK for task, _ in _published(rds, tuned.webhook_queue))
+    assert all(task == DELIVER_WEBHOOK_TASK for task, _ in published(rds, tuned.webhook_queue))
 
 
 def test_republish_after_interval(
