@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from darkroom.responses import webhook_body
 from darkroom.settings import Settings
-from darkroom.storage import LocalStorage
+from darkroom.storage import make_storage
 from db.models import Job
 from db.repositories import jobs, webhooks
 
@@ -35,7 +35,7 @@ def queue_webhook(session: Session, job: Job, settings: Settings) -> int | None:
     if existing is not None:  # one delivery per job, whatever happens (its id never changes)
         return existing.id
     session.refresh(job)
-    read = LocalStorage(settings.outputs_dir).read
+    read = make_storage(settings).read
     payload = json.dumps(webhook_body(job, settings.public_url, read), separators=(",", ":"))
     delivery = webhooks.create_delivery(
         session, job_id=job.id, url=job.webhook_url, payload=payload

@@ -66,6 +66,18 @@ class Settings(BaseSettings):
     image_max_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     image_fetch_timeout_s: float = Field(default=20.0, gt=0)
 
+    # --- performance: fast path and batching ---
+
+    # --- storage backends ---
+
+    # --- observability ---
+
+    # --- routing: model affinity ---
+
+    # --- progress and sync wait ---
+
+    # --- operators: dashboard ---
+
     @field_validator("url_allowlist", "webhook_schedule_s", mode="before")
     @classmethod
     def _parse_lists(cls, value: object) -> object:

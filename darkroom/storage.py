@@ -1,7 +1,8 @@
-"""Output storage on local disk: the worker writes, the API serves, the sweeper expires.
+"""Output storage: the worker writes, the API serves, the sweeper expires.
 
 Shared by the tiers (it needs no image library): files are written atomically under names
-derived from the job, so a re-run overwrites rather than duplicates.
+derived from the job, so a re-run overwrites rather than duplicates. `make_storage` picks the
+backend from the settings; every tier goes through it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,27 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import Protocol
+
+from darkroom.settings import Settings
+
+
+class Storage(Protocol):
+    """Where output images live."""
+
+    def save(self, filename: str, data: bytes) -> None:
+        """Store `data` as `filename`, atomically: readers see the old object or the new one."""
+
+    def read(self, filename: str) -> bytes:
+        """The bytes of a stored file."""
+
+    def delete(self, filename: str) -> None:
+        """Remove a file (already gone is fine)."""
+
+
+def make_storage(settings: Settings) -> LocalStorage:
+    """The storage backend the settings select."""
+    return LocalStorage(settings.outputs_dir)
 
 
 class LocalStorage:

@@ -146,6 +146,12 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     # Set by a cancel of a running job; its worker checks it between denoising steps.
     cancel_requested_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Denoising progress of a running job, 0..1, written by its worker at most twice a second.
+    progress: Mapped[float | None] = mapped_column(Float, default=None)
+    # Jobs with equal keys can run as one batch (same model, size, steps, scheduler, adapters).
+    batch_key: Mapped[str | None] = mapped_column(String(64), default=None, index=True)
+    # The broker queue the job's id was published to (model-affinity routing may pick one).
+    queue_name: Mapped[str | None] = mapped_column(String(200), default=None)
 
     outputs: Mapped[list[JobOutput]] = relationship(
         back_populates="job", order_by="JobOutput.index", lazy="selectin"

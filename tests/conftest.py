@@ -66,8 +66,9 @@ def own_pg_url() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    """A Redis database emptied for this test session."""
-    redis.Redis.from_url(REDIS_URL).flushdb()
+    """The tests' Redis database. It is not emptied: several test sessions may share it at once,
+    and each test publishes to queue names of its own (see `settings`)."""
+    redis.Redis.from_url(REDIS_URL).ping()
     return REDIS_URL
 
 

@@ -24,7 +24,7 @@ from darkroom.outcomes import exhausted_message
 from darkroom.queue import DELIVER_WEBHOOK_TASK, send
 from darkroom.responses import output_filename
 from darkroom.settings import Settings
-from darkroom.storage import LocalStorage
+from darkroom.storage import Storage, make_storage
 from db.models import Job, utcnow
 from db.repositories import jobs
 from db.repositories.jobs import ClaimOutcome, OutputRecord
@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 
 #: How long `temp: yes` output links work; the sweeper deletes the files afterwards.
 TEMP_LIFETIME = timedelta(hours=24)
-#: How often a running job looks for a cancel request, at most.
-CANCEL_POLL_S = 0.5
+#: How often a running job records its progress and looks for a cancel request, at most.
+PROGRESS_INTERVAL_S = 0.5
 INTERNAL_ERROR = "The image could not be generated because of an internal error."
 
 
@@ -50,10 +50,10 @@ class WorkerRuntime:
     settings: Settings
     broker: Celery
     cache: ModelCache = field(default_factory=ModelCache)
-    storage: LocalStorage = field(init=False)
+    storage: Storage = field(init=False)
 
     def __post_init__(self) -> None:
-        self.storage = LocalStorage(self.settings.outputs_dir)
+        self.storage = make_storage(self.settings)
 
 
 def run_job(job_id: int, runtime: WorkerRuntime) -> None:
@@ -69,9 +69,7 @@ def run_job(job_id: int, runtime: WorkerRuntime) -> None:
         return
     try:
         with _heartbeat(job_id, runtime.settings):
-            request = _build_request(
-                spec, runtime.settings, _cancel_check(job_id, runtime.settings)
-            )
+            request = _build_request(spec, runtime.settings, _step_hook(job_id, runtime.settings))
             result = generate(request, runtime.cache, runtime.settings)
     except JobCanceledError:
         _finish(runtime, job_id, outcomes.CANCELED_MESSAGE)
@@ -108,25 +106,26 @@ class JobCanceledError(Exception):
     """Raised between denoising steps when the job's cancel was requested."""
 
 
-def _cancel_check(job_id: int, settings: Settings) -> Callable[[], None]:
-    """An `on_step` hook raising JobCanceledError once a cancel is recorded (read at most twice a
-    second, so a fast model does not query the database on every step)."""
-    last_read = 0.0
+def _step_hook(job_id: int, settings: Settings) -> Callable[[int, int], None]:
+    """An `on_step` hook that records progress and raises JobCanceledError once a cancel is
+    recorded. It touches the database at most twice a second, so a fast model is not slowed."""
+    last_write = 0.0
 
-    def check() -> None:
-        nonlocal last_read
-        if time.monotonic() - last_read < CANCEL_POLL_S:
+    def on_step(done: int, total: int) -> None:
+        nonlocal last_write
+        if time.monotonic() - last_write < PROGRESS_INTERVAL_S:
             return
-        last_read = time.monotonic()
+        last_write = time.monotonic()
         with session_scope(settings.resolved_database_url) as session:
+            jobs.record_progress(session, [job_id], min(done / max(total, 1), 1.0))
             if jobs.cancel_requested(session, job_id):
                 raise JobCanceledError
 
-    return check
+    return on_step
 
 
 def _build_request(
-    spec: JobSpec, settings: Settings, on_step: Callable[[], None] | None = None
+    spec: JobSpec, settings: Settings, on_step: Callable[[int, int], None] | None = None
 ) -> GenerationRequest:
     """Fetch the init images and settle the output size."""
     images = tuple(fetch_image(url, settings) for url in spec.init_images)

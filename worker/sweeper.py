@@ -20,7 +20,7 @@ from darkroom import outcomes
 from darkroom.outcomes import exhausted_message
 from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, send
 from darkroom.settings import Settings
-from darkroom.storage import LocalStorage
+from darkroom.storage import make_storage
 from db.models import utcnow
 from db.repositories import jobs, webhooks
 from db.session import session_scope
@@ -104,7 +104,7 @@ def _send_due_deliveries(settings: Settings, broker: Celery) -> int:
 
 def expire_temporary_outputs(settings: Settings) -> int:
     """Delete the files of `temp: yes` outputs whose 24 hours are over."""
-    storage = LocalStorage(settings.outputs_dir)
+    storage = make_storage(settings)
     with session_scope(settings.resolved_database_url) as session:
         expired = jobs.expired_outputs(session)
         for output in expired:

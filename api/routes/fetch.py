@@ -13,7 +13,7 @@ from api.schemas import FetchRequest
 from api.submission import DEFAULT_ETA_S
 from darkroom.responses import failed_body, processing_body, success_body
 from darkroom.settings import Settings
-from darkroom.storage import LocalStorage
+from darkroom.storage import make_storage
 from db.models import ApiKey, JobState
 from db.repositories import jobs
 
@@ -26,7 +26,7 @@ def fetch_job(session: Session, settings: Settings, key: ApiKey, job_id: int) ->
     if job is None:
         raise ApiError(404, f"No request with id {job_id}.")
     if job.state == JobState.SUCCESS:
-        return success_body(job, settings.public_url, LocalStorage(settings.outputs_dir).read)
+        return success_body(job, settings.public_url, make_storage(settings).read)
     if job.state == JobState.FAILED:
         return failed_body(job)
     eta = jobs.typical_generation_time(session, job.operation) or DEFAULT_ETA_S

@@ -29,6 +29,7 @@ class NewJob:
     meta: dict[str, Any]
     track_id: str | None
     webhook_url: str | None
+    batch_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ def create_job(session: Session, new: NewJob) -> Job:
         meta=new.meta,
         track_id=new.track_id,
         webhook_url=new.webhook_url,
+        batch_key=new.batch_key,
         file_prefix=secrets.token_hex(16),
     )
     session.add(job)
@@ -109,6 +111,7 @@ def claim_job(
             attempts=Job.attempts + 1,
             started_at=now,
             lease_until=now + timedelta(seconds=lease_s),
+            progress=0.0,
         )
         .execution_options(synchronize_session=False)
     )
@@ -295,3 +298,21 @@ def cancel_requested(session: Session, job_id: int) -> bool:
     """Whether someone asked job `job_id` to stop."""
     value = session.scalar(select(Job.cancel_requested_at).where(Job.id == job_id))
     return value is not None
+
+
+def record_progress(session: Session, job_ids: list[int], progress: float) -> None:
+    """Store the denoising progress (0..1) of running jobs (several when they run as a batch)."""
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.state == JobState.PROCESSING)
+        .values(progress=progress)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def any_cancel_requested(session: Session, job_ids: list[int]) -> list[int]:
+    """Those of `job_ids` whose cancel was requested."""
+    rows = session.scalars(
+        select(Job.id).where(Job.id.in_(job_ids), Job.cancel_requested_at.is_not(None))
+    )
+    return list(rows)

@@ -36,8 +36,8 @@ def step_callback(request: GenerationRequest) -> Callable[..., dict[str, Any]] |
     if on_step is None:
         return None
 
-    def callback(_pipe: Any, _step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        on_step()
+    def callback(pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+        on_step(step + 1, int(getattr(pipe, "num_timesteps", 0) or request.steps))
         return tensors
 
     return callback

@@ -56,8 +56,9 @@ class GenerationRequest:
     # Every operation.
     safety_checker: bool = False
     safety_checker_type: str = "sensitive_content_text"  # one of SAFETY_CHECKER_TYPES
-    # Called after every denoising step; it may raise to stop the run (job cancel).
-    on_step: Callable[[], None] | None = field(default=None, compare=False)
+    # Called after every denoising step with (steps done, steps in all); it may raise to stop
+    # the run (job cancel). img2img runs fewer steps than `steps` (strength), hence the total.
+    on_step: Callable[[int, int], None] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
