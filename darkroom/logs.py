@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
+from celery import signals
+
+from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK
+
 _JOB_CONTEXT: ContextVar[dict[str, Any] | None] = ContextVar("darkroom_job_context", default=None)
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+
+#: The field a task's one argument fills in the context of the lines written while it runs.
+_TASK_ID_FIELDS = {RUN_JOB_TASK: "job_id", DELIVER_WEBHOOK_TASK: "delivery_id"}
 
 
 @contextmanager
@@ -50,13 +60,67 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-def configure_logging(fmt: str = "json", level: int = logging.INFO) -> None:
-    """Route the root logger to stderr, as JSON lines (`fmt="json"`) or plain text."""
+def resolve_format(fmt: str) -> str:
+    """The format to use: `auto` means JSON unless stderr is a terminal, where people read it."""
+    if fmt == "auto":
+        return "text" if sys.stderr.isatty() else "json"
+    return fmt
+
+
+def configure_logging(fmt: str = "json", level: int | str = logging.INFO) -> None:
+    """Route the root logger to stderr, as JSON lines (`fmt="json"`), plain text, or `auto`."""
     handler = logging.StreamHandler()
-    if fmt == "json":
+    if resolve_format(fmt) == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # Library warnings (diffusers, torch) become records too, not raw lines between the JSON.
+    logging.captureWarnings(True)
+
+
+def adopt_library_loggers() -> None:
+    """Send diffusers' and transformers' records through the root handler.
+
+    Each library gives its logger a plain-text stderr handler of its own when first imported,
+    and transformers warns during imports, before any worker hook runs. This imports both (and
+    torch), so only the worker calls it, before importing its app.
+    """
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for library in (diffusers_logging, transformers_logging):
+        library.disable_default_handler()
+        library.enable_propagation()
+
+
+def install_celery_logging(fmt: str, level: int | str) -> None:
+    """Make a Celery worker log through `configure_logging` and tag each task's lines.
+
+    Any receiver of `setup_logging` stops Celery from installing handlers of its own (its task
+    logger would otherwise write plain text beside our JSON). The task hooks put the job or
+    delivery id on the lines Celery writes about a task, `succeeded in ...` included.
+    """
+
+    def setup(**_kwargs: Any) -> None:
+        configure_logging(fmt, level)
+
+    signals.setup_logging.connect(setup, weak=False)
+    signals.task_prerun.connect(_enter_task, weak=False)
+    signals.task_postrun.connect(_leave_task, weak=False)
+
+
+def _enter_task(task_id: str, task: Any, args: tuple[Any, ...], **_kwargs: Any) -> None:
+    """Start a task's context; each pool thread has its own, so tasks never mix."""
+    fields: dict[str, Any] = {"task_id": task_id}
+    id_field = _TASK_ID_FIELDS.get(task.name)
+    if id_field and args:
+        fields[id_field] = args[0]
+    _JOB_CONTEXT.set(fields)
+
+
+def _leave_task(**_kwargs: Any) -> None:
+    """End a task's context, so the worker's own lines between tasks carry no stale ids."""
+    _JOB_CONTEXT.set(None)

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: Default webhook retry delays in seconds: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h.
@@ -67,18 +67,109 @@ class Settings(BaseSettings):
     image_fetch_timeout_s: float = Field(default=20.0, gt=0)
 
     # --- performance: fast path and batching ---
+    # Weights' dtype; "auto": float16 on CUDA, float32 on the CPU (see docs/PERFORMANCE.md).
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    # CUDA only: channels_last memory format and fused QKV projections in the UNet and VAE.
+    fast_path: bool = True
+    # CUDA only: "unet" compiles each Stable Diffusion UNet with torch.compile, warmed up at load.
+    compile: Literal["off", "unet"] = "off"
+    compile_cache_dir: Path | None = None  # default: <data_dir>/compile-cache
+    # Jobs run as one batch at most; 0: 8 on CUDA, 1 (no batching) on the CPU.
+    max_batch: int = Field(default=0, ge=0)
+    # Samples in one pipeline call at most; on CUDA measured memory may allow fewer.
+    max_batch_samples: int = Field(default=32, ge=1)
+    # How long the first job of a batch waits for compatible jobs to arrive (0: not at all).
+    batch_window_ms: int = Field(default=0, ge=0)
+    # CUDA: the share of GPU memory that models and activations may use together.
+    gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1)
 
     # --- storage backends ---
+    # "local": files under data_dir/outputs; "s3": an S3-compatible bucket (credentials come
+    # from the standard AWS variables and chain, never from DARKROOM_* settings).
+    storage: Literal["local", "s3"] = "local"
+    s3_bucket: str = ""
+    s3_endpoint_url: str = ""  # empty: AWS itself; e.g. http://minio:9000
+    s3_region: str = ""  # empty: the AWS chain's region
+    s3_prefix: str = ""  # prepended to every object key, e.g. "outputs/"
+    # The endpoint as clients reach it, when it differs from the one the services use (links
+    # are signed for their host, so a presigned link must name the outside address).
+    s3_public_endpoint_url: str = ""
+    s3_public_url: str = ""  # base of public links (a CDN); empty: the bucket's own URL
+    # "api": links go through the API's /outputs/ route (key checks, 410 after expiry);
+    # "public": straight to the bucket or CDN; "presigned": signed links valid presign_ttl_s.
+    output_links: Literal["api", "public", "presigned"] = "api"
+    presign_ttl_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+
+    @model_validator(mode="after")
+    def _check_storage(self) -> Settings:
+        """Refuse storage settings that cannot work together, naming the variables."""
+        if self.storage == "s3" and not self.s3_bucket:
+            raise ValueError("DARKROOM_STORAGE=s3 needs DARKROOM_S3_BUCKET.")
+        if self.output_links != "api" and self.storage != "s3":
+            raise ValueError(
+                f"DARKROOM_OUTPUT_LINKS={self.output_links} needs DARKROOM_STORAGE=s3."
+            )
+        if self.output_links != "api" and self.output_access == "key":
+            raise ValueError(
+                "DARKROOM_OUTPUT_ACCESS=key needs DARKROOM_OUTPUT_LINKS=api: "
+                "links that bypass the API cannot check the key."
+            )
+        return self
 
     # --- observability ---
+    # "auto": JSON lines, unless stderr is a terminal (then text, so `darkroom up` stays
+    # readable); "json" or "text" force one.
+    log_format: Literal["auto", "json", "text"] = "auto"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Each worker and dispatcher process serves its own /metrics on this port (0: off).
+    worker_metrics_port: int = Field(default=0, ge=0, le=65535)
+    dispatcher_metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"  # the exporters' bind address; 0.0.0.0 in containers
+    metrics_token: str = ""  # when set, the API's /metrics needs `Authorization: Bearer <it>`
+    # Bound on each broker and database probe of a scrape of the API's /metrics.
+    metrics_probe_timeout_s: float = Field(default=0.5, gt=0, le=10)
 
     # --- routing: model affinity ---
+    # Send a job to a worker that already holds its model (Redis broker only; see
+    # docs/SCALING.md). Off, or with the embedded filesystem broker: one general queue.
+    affinity_routing: bool = True
+    # Models this worker loads at start, e.g. "my-sd,pix2pix:,img_mixer:owner/decoder".
+    worker_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # A worker's advertisement of its models lives this long unless renewed (every third).
+    affinity_ttl_s: float = Field(default=15.0, gt=0)
+    # Bound on the API's Redis lookup at submit; past it the job goes to the general queue.
+    affinity_lookup_timeout_s: float = Field(default=0.1, gt=0)
+    # A model queue may hold this many more messages than the general queue and still win.
+    affinity_queue_slack: int = Field(default=4, ge=0)
+    # A job left this long in a model queue that no live worker consumes goes to the general one.
+    affinity_stranded_after_s: float = Field(default=30.0, gt=0)
 
     # --- progress and sync wait ---
+    # Longest a request may wait for its job (`Prefer: wait=N` or body `wait`); 0: never wait.
+    sync_wait_max_s: float = Field(default=60.0, ge=0, le=600)
+    # Postgres: a waiting request re-reads its job this often even without a notification,
+    # a safety net should one be lost. SQLite has no notifications: waits poll this often.
+    sync_wait_recheck_s: float = Field(default=5.0, gt=0)
+    sync_wait_poll_s: float = Field(default=0.5, gt=0)
 
     # --- operators: dashboard ---
+    # Bearer token of /dashboard and /admin/api/...; empty turns both off (they answer 404).
+    admin_token: str = Field(default="", repr=False)
 
-    @field_validator("url_allowlist", "webhook_schedule_s", mode="before")
+    @field_validator("admin_token")
+    @classmethod
+    def _refuse_weak_admin_token(cls, value: str) -> str:
+        """Refuse short or placeholder tokens: the dashboard shows every key's jobs."""
+        words = ("change", "example", "placeholder", "secret", "password", "admin", "token")
+        weak = len(value) < 24 or len(set(value)) < 8 or any(w in value.lower() for w in words)
+        if value and weak:
+            raise ValueError(
+                "DARKROOM_ADMIN_TOKEN is too weak: use 24 or more random characters, "
+                "e.g. `openssl rand -hex 32`"
+            )
+        return value
+
+    @field_validator("url_allowlist", "webhook_schedule_s", "worker_models", mode="before")
     @classmethod
     def _parse_lists(cls, value: object) -> object:
         return _split_commas(value)

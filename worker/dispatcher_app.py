@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import httpx
 
+from darkroom.logs import install_celery_logging
+from darkroom.metrics import serve_metrics_in_worker
 from darkroom.queue import DELIVER_WEBHOOK_TASK, make_celery
 from darkroom.settings import get_settings
 from worker.webhooks.dispatcher import deliver
 
 settings = get_settings()
 app = make_celery(settings, "darkroom-dispatcher")
+install_celery_logging(settings.log_format, settings.log_level)
+serve_metrics_in_worker(settings.dispatcher_metrics_port, settings.metrics_host)
 # Acknowledge deliveries on receipt. The delivery row (its lease and due time) is what keeps a
 # webhook safe: if this process dies mid-attempt the sweeper publishes it again. Late acks would
 # add nothing, and kombu's restore of unacked messages on a broker disconnect crashes the whole

@@ -1,8 +1,9 @@
 """The models a worker process keeps loaded, least recently used evicted first.
 
 Loading a real pipeline takes seconds to minutes, so each worker process owns one `ModelCache`
-and keeps several models resident on its device: fp16 on CUDA, fp32 on the CPU (where fp16 is
-slow or unsupported). It is not thread-safe: a worker runs one job at a time.
+and keeps several models resident on its device, in its fast path's dtype (by default fp16 on
+CUDA, fp32 on the CPU, where fp16 is slow or unsupported). It is not thread-safe: a worker runs
+one job (or one batch) at a time.
 
 Two limits apply, both counted over entries (a pipeline set of one `ModelSpec`, or one component):
 `max_entries`, and optionally `max_bytes`, the parameter and buffer bytes of everything resident.
@@ -17,6 +18,11 @@ What is shared, so that nothing is loaded twice:
 - Components used beside a pipeline (a custom VAE, the safety checker) are entries of their own,
   keyed by location, so one VAE serves every model and request that names it.
 - The byte count sees each tensor once, however many entries hold it.
+
+On CUDA the byte budget also keeps room for activations: the largest activation peak measured
+for any resident model (`worker.memory.MemoryProfile`, filled in by the batch runner) counts
+against `max_bytes` beside the weights, so a model is evicted rather than the next batch running
+out of memory. Every pipeline goes through the fast path (`worker.fastpath`) once it is loaded.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ import torch
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import CLIPImageProcessor
 
+from darkroom import metrics
+from worker.fastpath import FastPath, apply_fast_path, prepare_module
+from worker.memory import MemoryProfile
 from worker.models.registry import ModelSpec, PipelineSource
 
 # diffusers wraps its constructors in untyped decorators: treat these as untyped.
@@ -79,7 +88,11 @@ class ModelCache:
     """Loads each model once and keeps the most recently used ones within the limits."""
 
     def __init__(
-        self, max_entries: int = 4, device: str | None = None, max_bytes: int | None = None
+        self,
+        max_entries: int = 4,
+        device: str | None = None,
+        max_bytes: int | None = None,
+        fast_path: FastPath | None = None,
     ) -> None:
         if max_entries < 1:
             raise ValueError("A model cache must hold at least one model.")
@@ -88,7 +101,9 @@ class ModelCache:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.device = device or default_device()
-        self.dtype = torch.float16 if self.device == "cuda" else torch.float32
+        self.fast_path = fast_path or FastPath.plain(self.device)
+        self.dtype = self.fast_path.dtype
+        self.memory = MemoryProfile()  # activation peaks, measured by the batch runner
         self._entries: OrderedDict[CacheKey, Any] = OrderedDict()
         self._sizes: dict[CacheKey, int] = {}  # bytes of every key ever loaded, resident or not
 
@@ -102,6 +117,25 @@ class ModelCache:
     def resident_bytes(self) -> int:
         """Parameter and buffer bytes of everything resident, each tensor counted once."""
         return _tensor_bytes(self._entries.values())
+
+    def configure(self, fast_path: FastPath, max_bytes: int | None) -> None:
+        """Adopt a worker's fast path and byte budget (None keeps the current budget).
+
+        Only before anything is loaded: resident models were prepared for the old fast path.
+        """
+        if self._entries and fast_path != self.fast_path:
+            raise ValueError("A model cache's fast path cannot change once models are loaded.")
+        self.fast_path, self.dtype = fast_path, fast_path.dtype
+        if max_bytes is not None:
+            self.max_bytes = max_bytes
+
+    def _budgeted_bytes(self, extra: CacheKey | None = None) -> int:
+        """Resident bytes, the expected size of `extra`, and the activation room the largest
+        batch of a resident model (or `extra`) was measured to need."""
+        specs = [key for key in [*self._entries, extra] if isinstance(key, ModelSpec)]
+        reserve = max((self.memory.reserve_bytes(spec) for spec in specs), default=0)
+        expected = self._sizes.get(extra, 0) if extra is not None and extra not in self else 0
+        return self.resident_bytes + expected + reserve
 
     def get(self, spec: ModelSpec, pinned: Iterable[CacheKey] = ()) -> tuple[ResidentModel, float]:
         """The resident model for `spec` and the seconds spent loading it now (0.0 if cached)."""
@@ -121,11 +155,13 @@ class ModelCache:
         """The entry for `key`, loaded (making room first) when it is not resident."""
         if key in self._entries:
             self._entries.move_to_end(key)
+            metrics.record_model_cache_hit(key)
             return self._entries[key], 0.0
         self._make_room(key, pinned)
         started = time.perf_counter()
         value = load()
         seconds = time.perf_counter() - started
+        metrics.record_model_load(key, seconds)
         self._entries[key] = value
         self._sizes[key] = _tensor_bytes([value])
         self._fit_budget(pinned | {key})
@@ -135,17 +171,16 @@ class ModelCache:
         """Evict before loading, so that two large models never share the GPU at once."""
         while len(self._entries) >= self.max_entries and self._evict_one(pinned):
             pass
-        expected = self._sizes.get(key)
-        if self.max_bytes is None or expected is None:
+        if self.max_bytes is None or key not in self._sizes:
             return
-        while self.resident_bytes + expected > self.max_bytes and self._evict_one(pinned):
+        while self._budgeted_bytes(key) > self.max_bytes and self._evict_one(pinned):
             pass
 
     def _fit_budget(self, pinned: set[CacheKey]) -> None:
         """Evict the least recently used entries until the byte budget holds again."""
         if self.max_bytes is None:
             return
-        while self.resident_bytes > self.max_bytes and self._evict_one(pinned):
+        while self._budgeted_bytes() > self.max_bytes and self._evict_one(pinned):
             pass
 
     def _evict_one(self, pinned: set[CacheKey]) -> bool:
@@ -180,12 +215,16 @@ class ModelCache:
             options |= {"safety_checker": None, "requires_safety_checker": False}
         pipeline = pipeline_class.from_pretrained(source.location, **options)
         pipeline.set_progress_bar_config(disable=True)
-        return pipeline.to(self.device)
+        pipeline = pipeline.to(self.device)
+        apply_fast_path(pipeline, self.fast_path)
+        return pipeline
 
     def _load_component(self, source: ComponentSource) -> Any:
         if source.kind == VAE:
             vae = _diffusers.AutoencoderKL.from_pretrained(source.location, dtype=self.dtype)
-            return vae.to(self.device)
+            vae = vae.to(self.device)
+            prepare_module(vae, self.fast_path)
+            return vae
         if source.kind == SAFETY_CHECKER:
             model = _SafetyCheckerModel.from_pretrained(source.location, dtype=self.dtype)
             extractor = CLIPImageProcessor.from_pretrained(source.location)

@@ -15,9 +15,11 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 
+from darkroom import metrics
+from darkroom.logs import job_context
 from darkroom.settings import Settings
 from darkroom.urlguard import UnsafeURLError, check_url
-from db.models import WebhookDelivery, utcnow
+from db.models import DeliveryState, WebhookDelivery, utcnow
 from db.repositories import keys, webhooks
 from db.repositories.webhooks import AttemptRecord
 from db.session import session_scope
@@ -39,6 +41,8 @@ class Ticket:
     payload: str
     message_id: str
     secrets: list[str]
+    job_id: int | None = None
+    track_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -64,8 +68,11 @@ def deliver(delivery_id: int, settings: Settings, client: httpx.Client) -> None:
     ticket = _claim(delivery_id, settings)
     if ticket is None:
         return
-    result = attempt(ticket, settings, client)
-    _record(ticket, result, settings)
+    with job_context(job_id=ticket.job_id, track_id=ticket.track_id, delivery_id=delivery_id):
+        result = attempt(ticket, settings, client)
+        metrics.record_webhook_attempt(result.record)
+        log.info("webhook attempt: %s", result.record.status_code or result.record.error)
+        _record(ticket, result, settings)
 
 
 def _claim(delivery_id: int, settings: Settings) -> Ticket | None:
@@ -78,7 +85,15 @@ def _claim(delivery_id: int, settings: Settings) -> Ticket | None:
         key = keys.get_key(session, delivery.job.api_key_id)
         assert key is not None, "a job always has its key"
         secrets = key.signing_secrets(utcnow())
-        return Ticket(delivery.id, delivery.url, delivery.payload, delivery.message_id, secrets)
+        return Ticket(
+            delivery.id,
+            delivery.url,
+            delivery.payload,
+            delivery.message_id,
+            secrets,
+            delivery.job_id,
+            delivery.job.track_id,
+        )
 
 
 def attempt(ticket: Ticket, settings: Settings, client: httpx.Client) -> AttemptResult:
@@ -130,10 +145,12 @@ def _record(ticket: Ticket, result: AttemptResult, settings: Settings) -> None:
         webhooks.record_attempt(session, delivery, result.record)
         if result.delivered:
             webhooks.mark_delivered(session, delivery)
+            metrics.record_delivery_end(DeliveryState.DELIVERED)
             return
         delay = next_delay(delivery.attempt_count, settings, result.retry_after_s)
         if result.gone or delay is None:
             webhooks.mark_failed(session, delivery)
+            metrics.record_delivery_end(DeliveryState.FAILED)
             log.warning(
                 "webhook %s abandoned after %s attempts", ticket.message_id, delivery.attempt_count
             )
