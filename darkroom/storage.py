@@ -22,14 +22,27 @@ class Storage(Protocol):
         """Store `data` as `filename`, atomically: readers see the old object or the new one."""
 
     def read(self, filename: str) -> bytes:
-        """The bytes of a stored file."""
+        """The bytes of a stored file (FileNotFoundError if there is none)."""
 
     def delete(self, filename: str) -> None:
         """Remove a file (already gone is fine)."""
 
+    def path(self, filename: str) -> Path | None:
+        """The local file the API may stream, or None (missing, or not on this machine)."""
 
-def make_storage(settings: Settings) -> LocalStorage:
+    def public_link(self, filename: str) -> str | None:
+        """A lasting direct link, or None where only the API serves the file."""
+
+    def presigned_link(self, filename: str, ttl_s: int) -> str | None:
+        """A direct link valid for `ttl_s` seconds, or None where only the API serves the file."""
+
+
+def make_storage(settings: Settings) -> Storage:
     """The storage backend the settings select."""
+    if settings.storage == "s3":
+        from darkroom.s3storage import S3Storage  # boto3 loads only where S3 is configured
+
+        return S3Storage.from_settings(settings)
     return LocalStorage(settings.outputs_dir)
 
 
@@ -65,3 +78,11 @@ class LocalStorage:
     def delete(self, filename: str) -> None:
         """Remove a file (already gone is fine)."""
         (self.root / filename).unlink(missing_ok=True)
+
+    def public_link(self, filename: str) -> str | None:
+        """None: local files are reachable only through the API."""
+        return None
+
+    def presigned_link(self, filename: str, ttl_s: int) -> str | None:
+        """None: local files are reachable only through the API."""
+        return None

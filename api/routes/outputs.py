@@ -1,15 +1,16 @@
-"""Output files (embedded profile): the PNGs behind the links in `output`."""
+"""Output files: the PNGs behind the API links in `output`, from disk or from the bucket."""
 
 from __future__ import annotations
 
 import re
 
-from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import FileResponse, RedirectResponse
 from sqlalchemy.orm import Session
 
 from api.deps import SessionDep, SettingsDep, presented_key
 from api.errors import ApiError
+from darkroom.links import OutputLinks
 from darkroom.settings import Settings
 from db.models import JobOutput, utcnow
 from db.repositories.jobs import get_output
@@ -24,23 +25,27 @@ _OUTPUT_NAME = re.compile(r"^[0-9a-f]{32}-\d{1,2}\.png$")
 @router.get("/outputs/{filename}", summary="Download an output image")
 def download_output(
     filename: str, request: Request, session: SessionDep, settings: SettingsDep
-) -> FileResponse:
+) -> Response:
     """Serve one output PNG by its unguessable name, until it expires if it is temporary.
 
-    With DARKROOM_OUTPUT_ACCESS=key only the key that owns the job may download it; another
-    key, or none, gets the same 404 as a missing file.
+    A local file is streamed; an object in the bucket is a redirect to a link signed now, so
+    links handed out before a move to S3, and `future_links`, keep working. With
+    DARKROOM_OUTPUT_ACCESS=key only the key that owns the job may download it; another key,
+    or none, gets the same 404 as a missing file.
     """
     output = get_output(session, filename) if _OUTPUT_NAME.match(filename) else None
-    path = settings.outputs_dir / filename
-    if (
-        output is None
-        or not path.is_file()
-        or not _may_download(request, session, settings, output)
-    ):
+    if output is None or not _may_download(request, session, settings, output):
         raise ApiError(404, "No such output.")
     if output.expires_at is not None and output.expires_at <= utcnow():
         raise ApiError(410, "This temporary link has expired.")
-    return FileResponse(path, media_type="image/png")
+    links = OutputLinks.from_settings(settings)
+    path = links.storage.path(filename)
+    if path is not None:
+        return FileResponse(path, media_type="image/png")
+    target = None if output.deleted_at else links.direct(filename, output.expires_at)
+    if target is None:
+        raise ApiError(404, "No such output.")
+    return RedirectResponse(target, status_code=307)
 
 
 def _may_download(
