@@ -29,4 +29,5 @@ lint: install
 # The whole suite: lint, types, then every test against real Postgres and Redis on 127.0.0.1.
 test: lint
 	./scripts/dev-services.sh
+	./scripts/system-deps.sh
 	$(BIN)/python -m pytest

@@ -1,7 +1,8 @@
-"""Operator commands: `darkroom keys ...` and `darkroom webhooks ...`.
+"""Operator commands: `darkroom keys ...`, `darkroom webhooks ...` and `darkroom jobs ...`.
 
 Each prints one JSON object per line, so the output is readable and scriptable; the last line
-of `keys create` and `keys rotate-secret` holds the secret values, shown only then.
+of `keys create` and `keys rotate-secret` holds the secret values, shown only then. `jobs list`
+and `jobs show` print for people (a table, a timeline) unless given `--json`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,21 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from darkroom import outcomes
+from darkroom.links import output_url
+from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, make_celery, send
 from darkroom.settings import Settings
-from db.models import ApiKey
-from db.repositories import keys, webhooks
+from db.models import TERMINAL_STATES, ApiKey, Job, JobRequeue, JobState, Operation, utcnow
+from db.repositories import admin as operator
+from db.repositories import jobs, keys, webhooks
 from db.session import session_scope
+
+#: Columns of `jobs list`: header and the summary field each shows.
+LIST_COLUMNS = ("ID", "STATE", "OPERATION", "KEY", "CREATED", "ATTEMPTS", "OUTPUTS", "WEBHOOK")
+
+
+class RefusedError(Exception):
+    """An operator command that cannot be carried out; the message says why."""
 
 
 def _print(row: dict[str, Any]) -> None:
@@ -118,8 +130,202 @@ def webhooks_replay(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def jobs_list(args: argparse.Namespace, settings: Settings) -> int:
+    """List the newest jobs, optionally only of one --state, --operation or --key."""
+    with session_scope(settings.resolved_database_url) as session:
+        key = _find_key(session, args.key) if args.key else None
+        if args.key and key is None:
+            return 1
+        key_id = None if key is None else key.id
+        wanted = operator.JobFilter(args.state, args.operation, key_id, args.limit)
+        rows = operator.job_summaries(session, operator.list_jobs(session, wanted), _link(settings))
+    if args.json:
+        for row in rows:
+            _print(row)
+    else:
+        print(_table([_list_cells(row) for row in rows]))
+    return 0
+
+
+def jobs_show(args: argparse.Namespace, settings: Settings) -> int:
+    """A job's parameters, meta, timeline (runs, requeues, webhook attempts) and outputs."""
+    with session_scope(settings.resolved_database_url) as session:
+        record = operator.job_record(session, args.id)
+        view = None if record is None else operator.job_detail(record, _link(settings))
+    if view is None:
+        _print({"error": f"no job {args.id}"})
+        return 1
+    if args.json:
+        _print(view)
+    else:
+        print("\n".join(_detail_lines(view)))
+    return 0
+
+
+def jobs_cancel(args: argparse.Namespace, settings: Settings) -> int:
+    """Cancel as the API does: a queued job fails at once, a running one at its next step."""
+    try:
+        with session_scope(settings.resolved_database_url) as session:
+            state, delivery_id = cancel_job(session, settings, args.id)
+    except RefusedError as refused:
+        _print({"error": str(refused)})
+        return 1
+    if delivery_id is not None:
+        send(make_celery(settings), DELIVER_WEBHOOK_TASK, delivery_id)
+    _print({"id": args.id, "state": state, "cancel_requested": True, "webhook": delivery_id})
+    return 0
+
+
+def cancel_job(session: Session, settings: Settings, job_id: int) -> tuple[str, int | None]:
+    """Cancel job `job_id`: its state afterwards, and the failure webhook's delivery id."""
+    job = operator.lock_job(session, job_id)
+    if job is None:
+        raise RefusedError(f"no job {job_id}")
+    if job.state in TERMINAL_STATES:
+        raise RefusedError(f"job {job_id} has already finished ({job.state}): not canceled")
+    delivery_id = None
+    if job.state == JobState.QUEUED:
+        delivery_id = outcomes.fail(session, settings, job, outcomes.CANCELED_MESSAGE)
+    jobs.request_cancel(session, job_id)
+    session.refresh(job)
+    return job.state.value, delivery_id
+
+
+def jobs_requeue(args: argparse.Namespace, settings: Settings) -> int:
+    """Put a failed job, or a stuck running one, back in the queue with fresh attempts."""
+    try:
+        with session_scope(settings.resolved_database_url) as session:
+            record = requeue_job(session, args.id, force=args.force, reason=args.reason)
+            replaced = _requeue_row(record)
+    except RefusedError as refused:
+        _print({"error": str(refused)})
+        return 1
+    _print({"id": args.id, "state": "queued", "published": _publish(settings, args.id), **replaced})
+    return 0
+
+
+def requeue_job(session: Session, job_id: int, *, force: bool, reason: str | None) -> JobRequeue:
+    """Requeue job `job_id`: attempts start again from 0, and its webhook delivery moves into
+    the returned requeue record, so that its next outcome gets a new webhook of its own."""
+    job = operator.lock_job(session, job_id)
+    if job is None:
+        raise RefusedError(f"no job {job_id}")
+    _check_requeueable(job, force)
+    delivery = operator.lock_delivery(session, job_id)
+    sending = delivery is not None and delivery.lease_until and delivery.lease_until > utcnow()
+    if sending:  # the dispatcher holds it for one attempt: a short wait
+        raise RefusedError(f"job {job_id}'s webhook is being sent right now: try again")
+    record = operator.supersede_run(session, job, delivery, reason)
+    if not operator.reset_to_queued(session, job_id, record.previous_state):
+        raise RefusedError(f"job {job_id} changed state meanwhile: try again")
+    return record
+
+
+def _check_requeueable(job: Job, force: bool) -> None:
+    """Only failed jobs, and processing ones whose worker is gone or (with force) stuck."""
+    if job.state == JobState.SUCCESS:
+        raise RefusedError(f"job {job.id} succeeded: only failed or stuck jobs can be requeued")
+    if job.state == JobState.QUEUED:
+        raise RefusedError(f"job {job.id} is already queued")
+    live = job.lease_until is not None and job.lease_until >= utcnow()
+    if job.state == JobState.PROCESSING and live and not force:
+        raise RefusedError(
+            f"job {job.id} is running and its worker renews its lease (until "
+            f"{job.lease_until:%H:%M:%S}): pass --force if that worker is stuck"
+        )
+
+
+def _requeue_row(record: JobRequeue) -> dict[str, Any]:
+    """What `jobs requeue` reports about the run it replaced."""
+    hook = record.previous_webhook
+    return {
+        "previous_state": record.previous_state.value,
+        "previous_attempts": record.previous_attempts,
+        "superseded_webhook": None if hook is None else hook["webhook_id"],
+    }
+
+
+def _publish(settings: Settings, job_id: int) -> bool:
+    """Send a requeued job's id; if the broker is down the sweeper sends it later."""
+    if not send(make_celery(settings), RUN_JOB_TASK, job_id):
+        return False
+    with session_scope(settings.resolved_database_url) as session:
+        operator.mark_published(session, job_id, settings.job_queue)
+    return True
+
+
+def _link(settings: Settings) -> operator.Link:
+    """Output links as clients see them, through the API."""
+    return lambda filename: output_url(settings.public_url, filename)
+
+
+def _list_cells(row: dict[str, Any]) -> list[str]:
+    """One `jobs list` table row."""
+    key = row["key"] or {}
+    hook = row["webhook"]
+    return [
+        str(row["id"]),
+        row["state"],
+        row["operation"],
+        str(key.get("prefix", "-")),
+        str(row["created_at"])[:19],
+        str(row["attempts"]),
+        str(len(row["outputs"])),
+        "-" if hook is None else f"{hook['state']}/{hook['attempts']}",
+    ]
+
+
+def _table(rows: list[list[str]]) -> str:
+    """Left-aligned columns under LIST_COLUMNS."""
+    lines = [list(LIST_COLUMNS), *rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(LIST_COLUMNS))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def _detail_lines(view: dict[str, Any]) -> list[str]:
+    """`jobs show` for people: a header, then parameters, inputs, meta, timeline, outputs."""
+    key = view["key"] or {}
+    running = view["state"] == "processing" and view["progress"] is not None
+    progress = f"{view['progress']:.0%}" if running else "-"
+    lines = [
+        f"job {view['id']}  {view['operation']} ({view['endpoint']})  {view['state']}  "
+        f"key {key.get('id')} {key.get('name')} ({key.get('prefix')})",
+        f"attempts {view['attempts']}  progress {progress}  track_id {view['track_id']}",
+    ]
+    if view["error"]:
+        lines.append(f"error: {view['error']}")
+    lines.append("params")
+    lines += [f"  {name}: {value}" for name, value in view["params"].items()]
+    lines.append("inputs")
+    lines += [
+        f"  {image['url']}" if image["kind"] == "url" else f"  inline image, {image['chars']} chars"
+        for image in view["inputs"]
+    ]
+    lines.append(f"meta {json.dumps(view['meta'], default=str)}")
+    lines.append("timeline")
+    lines += [
+        f"  {event['at'][:23]}  {event['event']:<17} {event['detail']}".rstrip()
+        for event in view["timeline"]
+    ]
+    lines.append("outputs")
+    lines += [
+        f"  {out['url']}  {out['width']}x{out['height']}  seed {out['seed']}"
+        for out in view["outputs"]
+    ]
+    return lines
+
+
 def add_parsers(sub: Any) -> None:
-    """Attach the `keys` and `webhooks` command groups to the main parser."""
+    """Attach the `keys`, `webhooks` and `jobs` command groups to the main parser."""
+    _add_key_parsers(sub)
+    _add_webhook_parsers(sub)
+    _add_job_parsers(sub)
+
+
+def _add_key_parsers(sub: Any) -> None:
     group = sub.add_parser("keys", help="manage API keys").add_subparsers(
         dest="action", required=True
     )
@@ -133,6 +339,9 @@ def add_parsers(sub: Any) -> None:
         command.set_defaults(handler=handler)
         if handler is keys_rotate_secret:
             command.add_argument("--grace-hours", type=float, default=24.0)
+
+
+def _add_webhook_parsers(sub: Any) -> None:
     hooks = sub.add_parser("webhooks", help="inspect and replay webhook deliveries")
     actions = hooks.add_subparsers(dest="action", required=True)
     actions.add_parser("failed", help=webhooks_failed.__doc__).set_defaults(handler=webhooks_failed)
@@ -141,3 +350,25 @@ def add_parsers(sub: Any) -> None:
     which.add_argument("--id", type=int)
     which.add_argument("--all", action="store_true")
     replay.set_defaults(handler=webhooks_replay)
+
+
+def _add_job_parsers(sub: Any) -> None:
+    group = sub.add_parser("jobs", help="inspect, cancel and requeue jobs").add_subparsers(
+        dest="action", required=True
+    )
+    listing = group.add_parser("list", help=jobs_list.__doc__)
+    listing.add_argument("--state", type=JobState, choices=list(JobState))
+    listing.add_argument("--operation", type=Operation, choices=list(Operation))
+    listing.add_argument("--key", help="key id or prefix")
+    listing.add_argument("--limit", type=int, default=50, help="the newest N (default 50)")
+    listing.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    listing.set_defaults(handler=jobs_list)
+    for name, handler in (("show", jobs_show), ("cancel", jobs_cancel), ("requeue", jobs_requeue)):
+        command = group.add_parser(name, help=handler.__doc__)
+        command.add_argument("id", type=int, help="job id")
+        command.set_defaults(handler=handler)
+        if handler is jobs_show:
+            command.add_argument("--json", action="store_true", help="JSON instead of text")
+        if handler is jobs_requeue:
+            command.add_argument("--force", action="store_true", help="even if its worker is live")
+            command.add_argument("--reason", help="kept in the requeue record")

@@ -223,3 +223,22 @@ class WebhookAttempt(Base):
     error: Mapped[str | None] = mapped_column(Text, default=None)
 
     delivery: Mapped[WebhookDelivery] = relationship(back_populates="attempts")
+
+
+class JobRequeue(Base):
+    """An operator's requeue of a job, and what the run it replaced left behind."""
+
+    __tablename__ = "job_requeues"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    requeued_at: Mapped[datetime] = mapped_column(default=utcnow)
+    reason: Mapped[str | None] = mapped_column(Text, default=None)
+    previous_state: Mapped[JobState] = mapped_column(_enum_column(JobState))
+    previous_error: Mapped[str | None] = mapped_column(Text, default=None)
+    previous_attempts: Mapped[int] = mapped_column(Integer)
+    previous_started_at: Mapped[datetime | None] = mapped_column(default=None)
+    previous_finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The replaced run's webhook delivery with its attempts: webhook_deliveries holds one row
+    # per job, and the next outcome needs a delivery of its own (new webhook-id and payload).
+    previous_webhook: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
