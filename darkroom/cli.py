@@ -6,13 +6,14 @@ Tier commands import their tier only when run, so `darkroom api` never loads tor
 from __future__ import annotations
 
 import argparse
-import logging
+import json
 import os
 import sys
 import threading
 from collections.abc import Callable, Sequence
 
 from darkroom import admin
+from darkroom.logs import configure_logging, resolve_format
 from darkroom.settings import Settings, get_settings
 
 Command = Callable[[argparse.Namespace, Settings], int]
@@ -21,6 +22,12 @@ Command = Callable[[argparse.Namespace, Settings], int]
 def _node(args: argparse.Namespace, tier: str) -> str:
     """A Celery node name unique on this host, so several workers can share a machine."""
     return str(args.name or f"{tier}-{os.getpid()}@%h")
+
+
+def _celery_argv(settings: Settings, *argv: str) -> list[str]:
+    """`celery worker` arguments; with JSON logs no banner, so every line of output is JSON."""
+    quiet = ["--quiet"] if resolve_format(settings.log_format) == "json" else []
+    return [*quiet, "worker", *argv, "-l", settings.log_level]
 
 
 def cmd_migrate(_args: argparse.Namespace, settings: Settings) -> int:
@@ -37,27 +44,41 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
 
     from api.app import create_app
 
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    # No log_config: uvicorn's loggers then reach the root handler (JSON lines or text).
+    uvicorn.run(
+        create_app(settings), host=args.host, port=args.port, log_level="info", log_config=None
+    )
     return 0
 
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """Run a GPU worker: solo pool (no fork after CUDA), one job at a time."""
+    if args.models is not None:
+        # The worker app reads the settings when imported: the option overrides the variable.
+        os.environ["DARKROOM_WORKER_MODELS"] = args.models
+        get_settings.cache_clear()
+    from darkroom.logs import adopt_library_loggers
+
+    adopt_library_loggers()  # before the worker's imports write their first warnings
     from worker.gpu_app import app
 
     app.worker_main(
-        [
-            "worker",
-            "-P",
-            "solo",
-            "-Q",
-            settings.job_queue,
-            "-n",
-            _node(args, "worker"),
-            "-l",
-            "INFO",
-        ]
+        _celery_argv(settings, "-P", "solo", "-Q", settings.job_queue, "-n", _node(args, "worker"))
     )
+    return 0
+
+
+def cmd_workers(_args: argparse.Namespace, settings: Settings) -> int:
+    """List the live workers: the models each advertises, its cold loads per model, jobs run."""
+    from dataclasses import asdict
+
+    from darkroom.affinity import live_workers, routing_enabled
+
+    if not routing_enabled(settings):
+        print(json.dumps({"error": "model-affinity routing is off: it needs a Redis broker"}))
+        return 1
+    for worker in live_workers(settings):
+        print(json.dumps(asdict(worker)))
     return 0
 
 
@@ -72,9 +93,9 @@ def cmd_dispatcher(args: argparse.Namespace, settings: Settings) -> int:
     )
     sweeper.start()
     concurrency = str(settings.webhook_concurrency)
-    argv = ["worker", "-P", "threads", "-c", concurrency, "-Q", settings.webhook_queue]
+    argv = ["-P", "threads", "-c", concurrency, "-Q", settings.webhook_queue]
     try:
-        app.worker_main([*argv, "-n", _node(args, "dispatcher"), "-l", "INFO"])
+        app.worker_main(_celery_argv(settings, *argv, "-n", _node(args, "dispatcher")))
     finally:
         stop.set()
     return 0
@@ -99,7 +120,11 @@ def _parser() -> argparse.ArgumentParser:
     for name, handler in (("worker", cmd_worker), ("dispatcher", cmd_dispatcher)):
         tier = sub.add_parser(name, help=handler.__doc__)
         tier.add_argument("--name", default=None, help="Celery node name (default: unique)")
+        if handler is cmd_worker:
+            models_help = "models to load at start, e.g. my-sd,pix2pix: (DARKROOM_WORKER_MODELS)"
+            tier.add_argument("--models", default=None, help=models_help)
         tier.set_defaults(handler=handler)
+    sub.add_parser("workers", help=cmd_workers.__doc__).set_defaults(handler=cmd_workers)
     sub.add_parser("migrate", help=cmd_migrate.__doc__).set_defaults(handler=cmd_migrate)
     admin.add_parsers(sub)
     return parser
@@ -107,10 +132,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `darkroom` command."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = _parser().parse_args(argv)
     handler: Command = args.handler
-    return handler(args, get_settings())
+    settings = get_settings()
+    configure_logging(settings.log_format, settings.log_level)
+    return handler(args, settings)
 
 
 if __name__ == "__main__":

@@ -61,10 +61,11 @@ def make_celery(settings: Settings, name: str = "darkroom") -> Celery:
     return app
 
 
-def send(app: Celery, task_name: str, record_id: int) -> bool:
-    """Publish one id; False (logged) if the broker cannot be reached, so the caller can retry."""
+def send(app: Celery, task_name: str, record_id: int, queue: str | None = None) -> bool:
+    """Publish one id, to `queue` or the task's own queue; False (logged) if the broker cannot
+    be reached, so the caller can retry."""
     try:
-        app.send_task(task_name, args=[record_id])
+        app.send_task(task_name, args=[record_id], queue=queue)
     except Exception:
         log.warning("broker unreachable: %s(%s) left for the sweeper", task_name, record_id)
         return False

@@ -107,6 +107,19 @@ def is_tiny(settings: Settings) -> bool:
     return settings.model_preset == TINY_PRESET
 
 
+def operations() -> tuple[str, ...]:
+    """Every operation name, in a fixed order."""
+    return tuple(_DEFAULTS)
+
+
+def default_model_id(operation: str) -> str:
+    """The Hub repo id an operation loads when a request names no model (the one it replaces)."""
+    defaults = _DEFAULTS.get(operation)
+    if defaults is None:
+        raise ValueError(f"Unknown operation {operation!r}; expected one of {sorted(_DEFAULTS)}.")
+    return defaults[-1].repo_id
+
+
 def resolve_model(operation: str, model_id: str | None, settings: Settings) -> ModelSpec:
     """The pipelines to load for `operation` when asked for `model_id` (None: the default)."""
     defaults = _DEFAULTS.get(operation)

@@ -1,7 +1,8 @@
 """The GPU worker's Celery app: consumes job ids from the jobs queue, one at a time.
 
 Run with the solo pool (`darkroom worker`): CUDA must never be initialised in a process that
-forks, and the model cache must live as long as the process.
+forks, and the model cache must live as long as the process. Beside the general jobs queue it
+consumes the queue of each model it holds (`worker.affinity`).
 """
 
 from __future__ import annotations
@@ -9,12 +10,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutting_down
 from diffusers.utils import logging as diffusers_logging
 from transformers.utils import logging as transformers_logging
 
+from darkroom.logs import install_celery_logging
+from darkroom.metrics import serve_metrics_in_worker
 from darkroom.queue import RUN_JOB_TASK, make_celery
 from darkroom.settings import get_settings
+from worker.affinity import TrackedCache, WorkerAffinity
 from worker.jobs import WorkerRuntime, run_job
 from worker.models.tiny import ensure_tiny_models
 
@@ -22,24 +26,37 @@ log = logging.getLogger(__name__)
 
 settings = get_settings()
 app = make_celery(settings, "darkroom-worker")
+install_celery_logging(settings.log_format, settings.log_level)
+serve_metrics_in_worker(settings.worker_metrics_port, settings.metrics_host)
 
 # Loading bars would flood the worker's log with one line per component.
 diffusers_logging.disable_progress_bar()
 transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
 # The one piece of process-wide state: resident models survive between jobs.
-runtime = WorkerRuntime(settings=settings, broker=app)
+cache = TrackedCache()
+runtime = WorkerRuntime(settings=settings, broker=app, cache=cache)
+affinity = WorkerAffinity(settings, cache)
 
 
 @app.task(name=RUN_JOB_TASK)
 def run_job_task(job_id: int) -> None:
     """Thin shell: everything happens in worker.jobs.run_job."""
-    run_job(job_id, runtime)
+    with affinity.tracking(job_id):
+        run_job(job_id, runtime)
 
 
 @worker_ready.connect
-def _prepare_models(**_kwargs: Any) -> None:
-    """Build the tiny preset's models before the first job rather than during it."""
+def _prepare_models(sender: Any, **_kwargs: Any) -> None:
+    """Build the tiny preset's models before the first job rather than during it; then load
+    the configured models and consume their queues."""
     if settings.model_preset == "tiny":
         ensure_tiny_models(settings.tiny_models_dir)
         log.info("tiny models ready in %s", settings.tiny_models_dir)
+    affinity.start(sender)
+
+
+@worker_shutting_down.connect
+def _withdraw(**_kwargs: Any) -> None:
+    """Stop advertising models as soon as shutdown begins, so new jobs go elsewhere."""
+    affinity.stop()

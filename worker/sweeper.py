@@ -2,9 +2,10 @@
 
 Every few seconds it (1) hands back jobs whose worker stopped renewing its lease, failing
 those out of attempts, (2) publishes job ids that were committed but never reached the broker,
-(3) publishes webhook deliveries whose retry time has come, and (4) deletes the files of
-temporary outputs that have expired. Publishing twice is harmless:
-workers and the dispatcher claim rows with conditional updates.
+to the queue model-affinity routing picks now, (3) moves jobs out of model queues that no live
+worker consumes to the general queue, (4) publishes webhook deliveries whose retry time has
+come, and (5) deletes the files of temporary outputs that have expired. Publishing twice is
+harmless: workers and the dispatcher claim rows with conditional updates.
 """
 
 from __future__ import annotations
@@ -14,15 +15,17 @@ import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
+import redis
 from celery import Celery
 
 from darkroom import outcomes
+from darkroom.affinity import model_queue_prefix, publish_job, routing_enabled, unconsumed
 from darkroom.outcomes import exhausted_message
 from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, send
 from darkroom.settings import Settings
 from darkroom.storage import make_storage
 from db.models import utcnow
-from db.repositories import jobs, webhooks
+from db.repositories import jobs, routing, webhooks
 from db.session import session_scope
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,7 @@ class SweepReport:
     enqueued_jobs: int = 0
     sent_deliveries: int = 0
     expired_outputs: int = 0
+    rescued_jobs: int = 0
 
 
 def sweep_once(settings: Settings, broker: Celery) -> SweepReport:
@@ -46,6 +50,7 @@ def sweep_once(settings: Settings, broker: Celery) -> SweepReport:
         requeued_jobs=requeued,
         failed_jobs=failed,
         enqueued_jobs=_drain_job_outbox(settings, broker),
+        rescued_jobs=_rescue_stranded(settings, broker),
         sent_deliveries=_send_due_deliveries(settings, broker),
         expired_outputs=expire_temporary_outputs(settings),
     )
@@ -77,14 +82,50 @@ def _drain_job_outbox(settings: Settings, broker: Celery) -> int:
             created_before=now - timedelta(seconds=settings.outbox_grace_s),
             republish_before=now - timedelta(seconds=settings.republish_after_s),
         )
+        models = routing.requested_models(session, pending)
     sent = 0
     for job_id in pending:
-        if not send(broker, RUN_JOB_TASK, job_id):
+        operation, model_id = models[job_id]
+        queue = publish_job(broker, settings, job_id, operation, model_id)
+        if queue is None:
             break  # broker still down: try again next sweep
         with session_scope(settings.resolved_database_url) as session:
-            jobs.mark_enqueued(session, job_id)
+            routing.mark_published(session, job_id, queue)
         sent += 1
     return sent
+
+
+def _rescue_stranded(settings: Settings, broker: Celery) -> int:
+    """Publish to the general queue the jobs stranded in model queues (see `_stranded_jobs`)."""
+    sent = 0
+    for job_id in _stranded_jobs(settings):
+        if not send(broker, RUN_JOB_TASK, job_id, queue=settings.job_queue):
+            break
+        with session_scope(settings.resolved_database_url) as session:
+            routing.mark_published(session, job_id, settings.job_queue)
+        sent += 1
+    return sent
+
+
+def _stranded_jobs(settings: Settings) -> list[int]:
+    """Queued jobs that waited `affinity_stranded_after_s` in a model queue that no live worker
+    advertises (its holder died or evicted the model); none when Redis cannot tell."""
+    if not routing_enabled(settings):
+        return []
+    # The wait keeps a job routed a moment before its holder's renewal from moving needlessly.
+    waited = utcnow() - timedelta(seconds=settings.affinity_stranded_after_s)
+    with session_scope(settings.resolved_database_url) as session:
+        waiting = routing.jobs_in_model_queues(
+            session, model_queue_prefix(settings), enqueued_before=waited
+        )
+    if not waiting:
+        return []
+    try:
+        stranded = unconsumed(settings, (queue for _job_id, queue in waiting))
+    except redis.RedisError:
+        log.warning("cannot tell which model queues are consumed; stranded jobs wait a sweep")
+        return []
+    return [job_id for job_id, queue in waiting if queue in stranded]
 
 
 def _send_due_deliveries(settings: Settings, broker: Celery) -> int:

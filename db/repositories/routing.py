@@ -1,0 +1,60 @@
+"""Queries of model-affinity routing: where a job was published, and who waits in model queues.
+
+Functions flush; the caller owns the commit (see `darkroom.affinity` for the routing itself).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from db.models import Job, JobState, utcnow
+
+
+def mark_published(session: Session, job_id: int, queue_name: str) -> None:
+    """Record that the job's id reached the broker, and on which queue."""
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(enqueued_at=utcnow(), queue_name=queue_name)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def mark_published_many(session: Session, job_ids: Sequence[int], queue_name: str) -> None:
+    """`mark_published` for several jobs sent to the same queue, in one statement."""
+    session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids))
+        .values(enqueued_at=utcnow(), queue_name=queue_name)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def requested_models(session: Session, job_ids: Sequence[int]) -> dict[int, tuple[str, str | None]]:
+    """Each job's operation and the model id its request named (None: the default model)."""
+    if not job_ids:
+        return {}
+    rows = session.execute(select(Job.id, Job.operation, Job.params).where(Job.id.in_(job_ids)))
+    return {job_id: (operation.value, params.get("model_id")) for job_id, operation, params in rows}
+
+
+def jobs_in_model_queues(
+    session: Session, prefix: str, *, enqueued_before: datetime, limit: int = 100
+) -> list[tuple[int, str]]:
+    """(id, queue) of queued jobs published before `enqueued_before` to a queue whose name
+    starts with `prefix` (the model queues), oldest first."""
+    rows = session.execute(
+        select(Job.id, Job.queue_name)
+        .where(
+            Job.state == JobState.QUEUED,
+            Job.queue_name.startswith(prefix, autoescape=True),
+            Job.enqueued_at < enqueued_before,
+        )
+        .order_by(Job.id)
+        .limit(limit)
+    )
+    return [(job_id, queue) for job_id, queue in rows if queue is not None]
