@@ -6,6 +6,8 @@ the job row stores this one shape, so the worker never re-parses client input.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
@@ -63,6 +65,50 @@ class JobSpec(BaseModel):
     def to_row(self) -> dict[str, Any]:
         """The JSON stored in `jobs.params`."""
         return self.model_dump(mode="json")
+
+
+#: The fields that one pipeline call shares among all of its samples: jobs can run as one batch
+#: only when these are equal. Prompts, seeds, sample counts, init images, clip skip and the
+#: safety checker are per sample (or per job) and so may differ within a batch.
+_SHARED_FIELDS = (
+    "operation",
+    "model_id",
+    "width",
+    "height",
+    "steps",
+    "guidance_scale",
+    "scheduler",
+    "use_karras_sigmas",
+    "algorithm_type",
+    "loras",
+    "vae",
+    "embeddings",
+    "tomesd",
+)
+#: Shared only by the operation that reads it.
+_OPERATION_FIELDS = {Operation.IMG2IMG: ("strength",), Operation.PIX2PIX: ("image_guidance_scale",)}
+#: Bumped whenever the meaning of a key changes, so that old rows never batch with new ones.
+_BATCH_KEY_VERSION = "batch-v1"
+
+
+def shared_fields(operation: str) -> tuple[str, ...]:
+    """The fields that jobs of `operation` must agree on to share a pipeline call (the worker's
+    `GenerationRequest` has fields of the same names)."""
+    return (*_SHARED_FIELDS, *_OPERATION_FIELDS.get(Operation(operation), ()))
+
+
+def batch_key(spec: JobSpec) -> str | None:
+    """A short hash of what jobs must share to run in one pipeline call; None: never batched.
+
+    The image mixer is never batched (its prior runs per seed and its images per job). The
+    worker still checks the exact size and prompt length before stacking jobs (a `width` of
+    None takes the init image's size), so equal keys are necessary, not sufficient.
+    """
+    if spec.operation == Operation.IMG_MIXER:
+        return None
+    shared = spec.model_dump(mode="json", include=set(shared_fields(spec.operation)))
+    text = json.dumps([_BATCH_KEY_VERSION, shared], sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def describe(spec: JobSpec, file_prefix: str, warnings: list[str]) -> dict[str, Any]:

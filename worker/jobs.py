@@ -1,8 +1,21 @@
-"""Running one job: claim it, generate, store the images, record the outcome, notify.
+"""Running jobs: claim one, take compatible queued jobs beside it, generate them as one batch,
+store each job's images, record each outcome, notify.
 
 `run_job` is a plain function (the Celery task is a thin shell around it), safe to call twice
 with the same id: the claim lets one worker at a time run a job, outputs are written under
 stable names, and the terminal transition happens once.
+
+Batching (see docs/PERFORMANCE.md): after claiming the job it was sent, the worker claims up to
+`max_batch - 1` more queued jobs with the same `batch_key` in one conditional UPDATE
+(`jobs.claim_batch_companions`, FOR UPDATE SKIP LOCKED on Postgres, so two workers never take
+the same job). Their own messages arrive later and are refused by the claim (busy or terminal).
+Every job of the batch has its lease renewed and its progress recorded; a job whose init image
+cannot be fetched, or whose request is refused, fails alone.
+
+Cancel within a batch: the step hook reads the cancel requests of every job of the batch. A
+canceled job keeps computing with its batch mates (its samples cannot leave a running call) and
+fails as canceled when the batch ends, without outputs; when every job of a running call is
+canceled, the call stops at its next step.
 """
 
 from __future__ import annotations
@@ -10,16 +23,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from celery import Celery
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
 from darkroom import outcomes
-from darkroom.jobspec import JobSpec
+from darkroom.jobspec import JobSpec, batch_key
+from darkroom.logs import job_context
 from darkroom.outcomes import exhausted_message
 from darkroom.queue import DELIVER_WEBHOOK_TASK, send
 from darkroom.responses import output_filename
@@ -29,17 +44,23 @@ from db.models import Job, utcnow
 from db.repositories import jobs
 from db.repositories.jobs import ClaimOutcome, OutputRecord
 from db.session import session_scope
+from worker.batching import BatchStepHook, Outcome, StopBatch, generate_batch
+from worker.fastpath import fast_path_for
 from worker.images import ImageInputError, fetch_image, output_size, png_bytes
+from worker.memory import device_budget
 from worker.models.cache import ModelCache
-from worker.pipelines.generate import generate
-from worker.pipelines.request import GenerationRequest, GenerationResult, LoraSpec
+from worker.pipelines.request import GenerationRequest, GenerationResult, LoraSpec, StepHook
 
 log = logging.getLogger(__name__)
 
 #: How long `temp: yes` output links work; the sweeper deletes the files afterwards.
 TEMP_LIFETIME = timedelta(hours=24)
-#: How often a running job records its progress and looks for a cancel request, at most.
+#: How often a running batch records its progress and looks for cancel requests, at most.
 PROGRESS_INTERVAL_S = 0.5
+#: How often the first job of a batch looks for companions during `batch_window_ms`.
+BATCH_POLL_S = 0.02
+#: Jobs per batch when `max_batch` is 0 (auto): batching pays on a GPU, hardly on a CPU.
+CUDA_MAX_BATCH = 8
 INTERNAL_ERROR = "The image could not be generated because of an internal error."
 
 
@@ -54,34 +75,49 @@ class WorkerRuntime:
 
     def __post_init__(self) -> None:
         self.storage = make_storage(self.settings)
+        device = self.cache.device
+        budget = device_budget(device, self.settings.gpu_memory_fraction)
+        self.cache.configure(fast_path_for(self.settings, device), budget)
+
+    @property
+    def max_batch(self) -> int:
+        """Jobs per batch at most: the setting, or by device when it is 0 (auto)."""
+        if self.settings.max_batch:
+            return self.settings.max_batch
+        return CUDA_MAX_BATCH if self.cache.device == "cuda" else 1
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """A claimed job whose request is built: its init images are fetched."""
+
+    job: Job
+    spec: JobSpec
+    request: GenerationRequest
 
 
 def run_job(job_id: int, runtime: WorkerRuntime) -> None:
-    """Run job `job_id` to a terminal state, unless another worker has it or it has ended."""
+    """Run job `job_id`, and compatible queued jobs beside it as one batch, to terminal states,
+    unless another worker has it or it has ended."""
     job = _claim(job_id, runtime)
     if job is None:
         return
+    with job_context(job_id=job.id, track_id=job.track_id):
+        spec = _read_spec(runtime, job)
+        if spec is None:
+            return
+        batch = [(job, spec), *_claim_companions(runtime, job, spec)]
+    _run_batch(runtime, batch)
+
+
+def _read_spec(runtime: WorkerRuntime, job: Job) -> JobSpec | None:
+    """The job's parameters; None (and the job failed) when they cannot be read."""
     try:
-        spec = JobSpec.model_validate(job.params)
+        return JobSpec.model_validate(job.params)
     except ValidationError:
-        log.exception("job %s has unreadable parameters", job_id)
-        _finish(runtime, job_id, INTERNAL_ERROR)
-        return
-    try:
-        with _heartbeat(job_id, runtime.settings):
-            request = _build_request(spec, runtime.settings, _step_hook(job_id, runtime.settings))
-            result = generate(request, runtime.cache, runtime.settings)
-    except JobCanceledError:
-        _finish(runtime, job_id, outcomes.CANCELED_MESSAGE)
-        return
-    except (ImageInputError, ValueError) as exc:
-        _finish(runtime, job_id, str(exc))
-        return
-    except Exception:
-        log.exception("job %s failed", job_id)
-        _finish(runtime, job_id, INTERNAL_ERROR)
-        return
-    _store_and_finish(runtime, job, spec, request, result)
+        log.exception("job %s has unreadable parameters", job.id)
+        _finish(runtime, job.id, INTERNAL_ERROR)
+        return None
 
 
 def _claim(job_id: int, runtime: WorkerRuntime) -> Job | None:
@@ -102,30 +138,131 @@ def _claim(job_id: int, runtime: WorkerRuntime) -> Job | None:
     return None
 
 
-class JobCanceledError(Exception):
-    """Raised between denoising steps when the job's cancel was requested."""
+def _claim_companions(
+    runtime: WorkerRuntime, leader: Job, spec: JobSpec
+) -> list[tuple[Job, JobSpec]]:
+    """Queued jobs that can share the leader's pipeline call, claimed for this worker.
+
+    With `batch_window_ms`, keeps looking until the batch is full or the window has passed.
+    """
+    key, wanted = batch_key(spec), runtime.max_batch - 1
+    if key is None or wanted < 1:
+        return []
+    settings = runtime.settings
+    deadline = time.monotonic() + settings.batch_window_ms / 1000
+    claimed: list[Job] = []
+    while True:
+        with session_scope(settings.resolved_database_url) as session:
+            claimed += jobs.claim_batch_companions(
+                session,
+                leader_id=leader.id,
+                batch_key=key,
+                limit=wanted - len(claimed),
+                lease_s=settings.job_lease_s,
+                max_attempts=settings.job_max_attempts,
+            )
+        if len(claimed) >= wanted or time.monotonic() >= deadline:
+            break
+        time.sleep(min(BATCH_POLL_S, max(0.0, deadline - time.monotonic())))
+    if claimed:
+        log.info("job %s takes jobs %s into its batch", leader.id, [job.id for job in claimed])
+    companions = []
+    for job in claimed:
+        with job_context(job_id=job.id, track_id=job.track_id):
+            companion_spec = _read_spec(runtime, job)
+        if companion_spec is not None:
+            companions.append((job, companion_spec))
+    return companions
 
 
-def _step_hook(job_id: int, settings: Settings) -> Callable[[int, int], None]:
-    """An `on_step` hook that records progress and raises JobCanceledError once a cancel is
-    recorded. It touches the database at most twice a second, so a fast model is not slowed."""
+def _run_batch(runtime: WorkerRuntime, batch: list[tuple[Job, JobSpec]]) -> None:
+    """Fetch each job's images, generate them together, and conclude each job on its own."""
+    settings = runtime.settings
+    with _heartbeat([job.id for job, _spec in batch], settings):
+        ready = [item for job, spec in batch if (item := _prepare(runtime, job, spec))]
+        if not ready:
+            return
+        ids = [item.job.id for item in ready]
+        canceled: set[int] = set()
+        hook = _step_hook(ids, settings, canceled)
+        with job_context(batch_job_ids=ids):
+            requests = [item.request for item in ready]
+            results = generate_batch(requests, runtime.cache, settings, hook)
+        canceled.update(_cancel_requests(settings, ids))
+        for item, result in zip(ready, results, strict=True):
+            with job_context(job_id=item.job.id, track_id=item.job.track_id):
+                try:
+                    _conclude(runtime, item, result, canceled=item.job.id in canceled)
+                except Exception:
+                    # Not recorded (storage or database trouble): its lease runs out and the
+                    # sweeper queues it again, as for a worker that died; the others go on.
+                    log.exception("job %s could not be recorded", item.job.id)
+
+
+def _prepare(runtime: WorkerRuntime, job: Job, spec: JobSpec) -> _Ready | None:
+    """The job with its request built; None (and the job failed) when that is impossible."""
+    with job_context(job_id=job.id, track_id=job.track_id):
+        try:
+            return _Ready(job, spec, _build_request(spec, runtime.settings))
+        except (ImageInputError, ValueError) as exc:
+            _finish(runtime, job.id, str(exc))
+        except Exception:
+            log.exception("job %s failed", job.id)
+            _finish(runtime, job.id, INTERNAL_ERROR)
+    return None
+
+
+def _conclude(runtime: WorkerRuntime, item: _Ready, result: Outcome, *, canceled: bool) -> None:
+    """Record the job's outcome: its images, a cancel, or the reason it failed."""
+    job_id = item.job.id
+    if canceled or isinstance(result, StopBatch):
+        _finish(runtime, job_id, outcomes.CANCELED_MESSAGE)
+    elif isinstance(result, ImageInputError | ValueError):
+        _finish(runtime, job_id, str(result))
+    elif isinstance(result, Exception):
+        log.error("job %s failed", job_id, exc_info=result)
+        _finish(runtime, job_id, INTERNAL_ERROR)
+    else:
+        _store_and_finish(runtime, item.job, item.spec, item.request, result)
+
+
+class JobCanceledError(StopBatch):
+    """Raised between denoising steps when every job of the running call was canceled."""
+
+
+def _step_hook(job_ids: list[int], settings: Settings, canceled: set[int]) -> BatchStepHook:
+    """A batch step hook that records the running jobs' progress and collects the cancel
+    requests of the whole batch into `canceled`, raising JobCanceledError once every job of
+    the running call is canceled. It touches the database at most twice a second, so a fast
+    model is not slowed, and a database error only skips one check."""
     last_write = 0.0
 
-    def on_step(done: int, total: int) -> None:
+    def on_step(running: list[int], done: int, total: int) -> None:
         nonlocal last_write
         if time.monotonic() - last_write < PROGRESS_INTERVAL_S:
             return
         last_write = time.monotonic()
-        with session_scope(settings.resolved_database_url) as session:
-            jobs.record_progress(session, [job_id], min(done / max(total, 1), 1.0))
-            if jobs.cancel_requested(session, job_id):
-                raise JobCanceledError
+        ids = [job_ids[index] for index in running]
+        try:
+            with session_scope(settings.resolved_database_url) as session:
+                jobs.record_progress(session, ids, min(done / max(total, 1), 1.0))
+                canceled.update(jobs.any_cancel_requested(session, job_ids))
+        except SQLAlchemyError:
+            log.warning("progress of jobs %s not recorded; will retry", ids, exc_info=True)
+        if all(job_id in canceled for job_id in ids):
+            raise JobCanceledError
 
     return on_step
 
 
+def _cancel_requests(settings: Settings, job_ids: list[int]) -> list[int]:
+    """Those of `job_ids` whose cancel was requested (checked once more when the batch ends)."""
+    with session_scope(settings.resolved_database_url) as session:
+        return jobs.any_cancel_requested(session, job_ids)
+
+
 def _build_request(
-    spec: JobSpec, settings: Settings, on_step: Callable[[int, int], None] | None = None
+    spec: JobSpec, settings: Settings, on_step: StepHook | None = None
 ) -> GenerationRequest:
     """Fetch the init images and settle the output size."""
     images = tuple(fetch_image(url, settings) for url in spec.init_images)
@@ -221,8 +358,9 @@ def _notify(broker: Celery, delivery_id: int | None) -> None:
 
 
 @contextmanager
-def _heartbeat(job_id: int, settings: Settings) -> Iterator[None]:
-    """Renew the job's lease while it runs, so the sweeper knows this worker is alive."""
+def _heartbeat(job_ids: list[int], settings: Settings) -> Iterator[None]:
+    """Renew the leases of a batch's jobs while it runs, so the sweeper knows this worker is
+    alive; a job that has ended is skipped by the update."""
     stop = threading.Event()
     interval = settings.job_lease_s / 3
 
@@ -230,11 +368,11 @@ def _heartbeat(job_id: int, settings: Settings) -> Iterator[None]:
         while not stop.wait(interval):
             try:
                 with session_scope(settings.resolved_database_url) as session:
-                    jobs.extend_lease(session, job_id, settings.job_lease_s)
+                    jobs.extend_leases(session, job_ids, settings.job_lease_s)
             except Exception:
-                log.warning("lease renewal for job %s failed; will retry", job_id)
+                log.warning("lease renewal for jobs %s failed; will retry", job_ids)
 
-    thread = threading.Thread(target=beat, name=f"lease-{job_id}", daemon=True)
+    thread = threading.Thread(target=beat, name=f"lease-{job_ids[0]}", daemon=True)
     thread.start()
     try:
         yield

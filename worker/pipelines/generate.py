@@ -2,13 +2,15 @@
 
 `generate` is a plain function so that the Celery task stays a thin shell and tests can call it
 directly. It refuses impossible input with a `ValueError` whose message can be shown to a client.
+Its two halves, `load_for` and `run_loaded`, also run several compatible requests as one
+pipeline call; `worker.batching` decides which requests go together.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 from PIL import Image
@@ -32,13 +34,22 @@ from worker.pipelines.request import (
     SAFETY_CHECKER_TYPES,
     GenerationRequest,
     GenerationResult,
+    StepHook,
 )
 from worker.pipelines.safety import censor, flag_images
 from worker.pipelines.schedulers import check_scheduler_name
 
-Runner = Callable[[tuple[Any, ...], GenerationRequest, RequestAssets], list[Image.Image]]
+#: Runs compatible requests on their pipelines; the images of each request, in order.
+Runner = Callable[
+    [tuple[Any, ...], Sequence[GenerationRequest], RequestAssets, StepHook | None],
+    list[list[Image.Image]],
+]
 
-_RUNNERS: dict[str, Runner] = {IMG2IMG: img2img.run, PIX2PIX: pix2pix.run, IMG_MIXER: mixer.run}
+_RUNNERS: dict[str, Runner] = {
+    IMG2IMG: img2img.run_batch,
+    PIX2PIX: pix2pix.run_batch,
+    IMG_MIXER: mixer.run_batch,
+}
 # The number of init images each operation accepts, inclusive.
 _IMAGE_COUNTS = {IMG2IMG: (1, 1), PIX2PIX: (1, 1), IMG_MIXER: (1, 4)}
 MAX_SAMPLES = 4
@@ -64,21 +75,69 @@ def generate(request: GenerationRequest, cache: ModelCache, settings: Settings) 
     the loading of the model, its VAE and the safety checker (0.0 when all were resident).
     """
     check_request(request)
-    spec = resolve_model(request.operation, request.model_id, settings)
+    loaded = load_for([request], cache, settings)
+    [result] = run_loaded(loaded, [request], cache, settings, request.on_step)
+    return result
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The resident model and options that a group of compatible requests runs on."""
+
+    spec: ModelSpec
+    pipelines: tuple[Any, ...]
+    assets: RequestAssets
+    load_seconds: float  # spent loading the model and the VAE now (0.0 when resident)
+
+
+def load_for(
+    requests: Sequence[GenerationRequest], cache: ModelCache, settings: Settings
+) -> Loaded:
+    """Load the model and options of `requests`, which share them (the first one's are used)."""
+    first = requests[0]
+    spec = resolve_model(first.operation, first.model_id, settings)
     model, model_seconds = cache.get(spec)
-    assets, assets_seconds = load_assets(request, cache, settings, spec)
-    checker, checker_seconds = _load_checker(request, cache, settings, spec)
+    assets, assets_seconds = load_assets(first, cache, settings, spec)
+    return Loaded(spec, model.pipelines, assets, model_seconds + assets_seconds)
+
+
+def run_loaded(
+    loaded: Loaded,
+    requests: Sequence[GenerationRequest],
+    cache: ModelCache,
+    settings: Settings,
+    on_step: StepHook | None = None,
+) -> list[GenerationResult]:
+    """Run `requests` in one pipeline call (per prompt length), then each one's safety check.
+
+    Every result carries the whole call's time: what each of its clients waited.
+    """
     started = time.perf_counter()
-    images = _RUNNERS[request.operation](model.pipelines, request, assets)
-    images = [image.convert("RGB") for image in images]
+    runner = _RUNNERS[requests[0].operation]
+    batches = runner(loaded.pipelines, requests, loaded.assets, on_step)
+    checked, checker_seconds = [], 0.0
+    for request, images in zip(requests, batches, strict=True):
+        checker, seconds = _load_checker(request, cache, settings, loaded.spec)
+        checker_seconds += seconds
+        checked.append(_checked([image.convert("RGB") for image in images], checker, request))
+    pipeline_seconds = time.perf_counter() - started - checker_seconds
+    return [
+        GenerationResult(
+            images=images,
+            pipeline_seconds=pipeline_seconds,
+            model_load_seconds=loaded.load_seconds + checker_seconds,
+            nsfw=nsfw,
+        )
+        for images, nsfw in checked
+    ]
+
+
+def _checked(
+    images: list[Image.Image], checker: Any, request: GenerationRequest
+) -> tuple[list[Image.Image], list[bool]]:
+    """The images, each flagged one censored as the request says, and the flags."""
     nsfw = flag_images(checker, images) if checker is not None else [False] * len(images)
-    pipeline_seconds = time.perf_counter() - started
-    return GenerationResult(
-        images=_censored(images, nsfw, request.safety_checker_type),
-        pipeline_seconds=pipeline_seconds,
-        model_load_seconds=model_seconds + assets_seconds + checker_seconds,
-        nsfw=nsfw,
-    )
+    return _censored(images, nsfw, request.safety_checker_type), nsfw
 
 
 def load_assets(

@@ -7,40 +7,35 @@ when the client gives none, so the aspect ratio is normally preserved.
 Seeds: one `torch.Generator` per sample, each seeded with that sample's seed, so that sample i
 depends only on seeds[i] and the same request and seeds give the same bytes on the same machine.
 
+Several compatible requests (same model, size, steps, strength, guidance, scheduler and adapters:
+`darkroom.jobspec.batch_key`) run in one pipeline call, sample by sample in request order
+(`worker.pipelines.batch`); a request alone is the batch of one, so both take the same path.
+
 The request's model options (scheduler, VAE, LoRAs, embeddings, tomesd) are applied for the call
 and undone afterwards (`worker.pipelines.options`); prompts are encoded by the worker, without the
-77-token limit and with clip skip (`worker.pipelines.prompts`).
+77-token limit and with clip skip (`worker.pipelines.prompts`), each with its own clip skip.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-import torch
 from PIL import Image
 
-from worker.pipelines.options import RequestAssets, request_options
+from worker.pipelines.batch import (
+    batch_seeds,
+    per_sample,
+    run_by_prompt_length,
+    sample_generators,
+    stack_prompts,
+    step_callback,
+)
+from worker.pipelines.options import RequestAssets, fresh_scheduler, request_options
 from worker.pipelines.prompts import encode_prompts
-from worker.pipelines.request import GenerationRequest
+from worker.pipelines.request import GenerationRequest, StepHook
 
-
-def sample_generators(device: Any, seeds: tuple[int, ...]) -> list[torch.Generator]:
-    """One freshly seeded generator per sample: a shared one would couple the samples."""
-    return [torch.Generator(device).manual_seed(seed) for seed in seeds]
-
-
-def step_callback(request: GenerationRequest) -> Callable[..., dict[str, Any]] | None:
-    """A diffusers `callback_on_step_end` that calls the request's `on_step` hook, if any."""
-    on_step = request.on_step
-    if on_step is None:
-        return None
-
-    def callback(pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        on_step(step + 1, int(getattr(pipe, "num_timesteps", 0) or request.steps))
-        return tensors
-
-    return callback
+__all__ = ["resize_exact", "run", "run_batch", "sample_generators", "step_callback"]
 
 
 def resize_exact(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -55,21 +50,36 @@ def run(
     pipelines: tuple[Any, ...], request: GenerationRequest, assets: RequestAssets
 ) -> list[Image.Image]:
     """Run StableDiffusionImg2ImgPipeline once for all of the request's samples."""
+    return run_batch(pipelines, [request], assets, request.on_step)[0]
+
+
+def run_batch(
+    pipelines: tuple[Any, ...],
+    requests: Sequence[GenerationRequest],
+    assets: RequestAssets,
+    on_step: StepHook | None = None,
+) -> list[list[Image.Image]]:
+    """Run StableDiffusionImg2ImgPipeline for compatible requests; each request's images."""
     (pipe,) = pipelines
-    with request_options(pipe, request, assets):
-        prompt_embeds, negative_embeds = encode_prompts(
-            pipe, request.prompt, request.negative_prompt, request.clip_skip
-        )
-        output = pipe(
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_embeds,
-            image=resize_exact(request.images[0], request.width, request.height),
-            strength=request.strength,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance_scale,
-            num_images_per_prompt=len(request.seeds),
-            generator=sample_generators(pipe.device, request.seeds),
-            output_type="pil",
-            callback_on_step_end=step_callback(request),
-        )
-    return list(output.images)
+    first = requests[0]
+    with request_options(pipe, first, assets):
+        embeds = [encode_prompts(pipe, r.prompt, r.negative_prompt, r.clip_skip) for r in requests]
+        inits = [resize_exact(r.images[0], r.width, r.height) for r in requests]
+
+        def call(indices: list[int], callback: Callable[..., Any] | None) -> list[Image.Image]:
+            prompt_embeds, negative_embeds = stack_prompts(embeds, requests, indices)
+            fresh_scheduler(pipe)
+            output = pipe(
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_embeds,
+                image=per_sample(inits, requests, indices),
+                strength=first.strength,
+                num_inference_steps=first.steps,
+                guidance_scale=first.guidance_scale,
+                generator=sample_generators(pipe.device, batch_seeds(requests, indices)),
+                output_type="pil",
+                callback_on_step_end=callback,
+            )
+            return list(output.images)
+
+        return run_by_prompt_length(requests, embeds, on_step, call)

@@ -22,26 +22,45 @@ request's step count; the decoder with the request's guidance scale and steps.
 
 Size rule: the decoder renders at width and height rounded up to multiples of 64 (its native
 grid); the result is resized (Lanczos) to exactly width x height.
+
+Batching: the mixer is never batched with other jobs (`darkroom.jobspec.batch_key` is None): its
+prior runs once per seed and its image embeddings per job, so a batch would save little but
+the decoder's calls. `run_batch` exists so that every operation has the same runner signature.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from PIL import Image
 
-from worker.pipelines.img2img import resize_exact, sample_generators, step_callback
+from worker.pipelines.batch import sample_generators, step_callback
+from worker.pipelines.img2img import resize_exact
 from worker.pipelines.options import RequestAssets
-from worker.pipelines.request import GenerationRequest
+from worker.pipelines.request import GenerationRequest, StepHook
 
 PROMPT_WEIGHT = 1.0
 PRIOR_GUIDANCE_SCALE = 4.0
 
 
+def run_batch(
+    pipelines: tuple[Any, ...],
+    requests: Sequence[GenerationRequest],
+    assets: RequestAssets,
+    on_step: StepHook | None = None,
+) -> list[list[Image.Image]]:
+    """Run each request on its own (the mixer does not batch), in order."""
+    return [run(pipelines, request, assets, on_step) for request in requests]
+
+
 @torch.no_grad()
 def run(
-    pipelines: tuple[Any, ...], request: GenerationRequest, _assets: RequestAssets
+    pipelines: tuple[Any, ...],
+    request: GenerationRequest,
+    _assets: RequestAssets,
+    on_step: StepHook | None = None,
 ) -> list[Image.Image]:
     """Mix the request's images and prompt once per seed, then decode all samples together.
 
@@ -64,7 +83,7 @@ def run(
         guidance_scale=request.guidance_scale,
         generator=sample_generators(decoder.device, request.seeds),
         output_type="pil",
-        callback_on_step_end=step_callback(request),
+        callback_on_step_end=step_callback(on_step or request.on_step),
     )
     return [resize_exact(image, request.width, request.height) for image in output.images]
 

@@ -4,11 +4,15 @@ The cache keeps one pipeline per model, shared by every request, so whatever a r
 is restored before the next one runs, also when the request fails (each change is its own
 context manager on an `ExitStack`, undone in reverse order):
 
-- scheduler: a new object built from the model's config; the original is put back.
+- scheduler: a new object built from the model's config; the original is put back. A batch that
+  makes several pipeline calls starts each on a fresh copy (`fresh_scheduler`), so no step state
+  crosses calls.
 - VAE: the request's AutoencoderKL (a cache entry of its own) replaces the model's; put back.
 - LoRAs: loaded through diffusers' PEFT integration as adapters `request-0`, `request-1`, ...
   with `set_adapters(names, strengths)`, never fused; `unload_lora_weights` removes the adapter
-  layers again, leaving the original modules and their untouched weights.
+  layers again, leaving the original modules and their untouched weights. A UNet on the fast
+  path's fused QKV projections goes back to its separate ones while LoRAs are loaded (the
+  adapters attach there) and is fused again afterwards (`worker.fastpath.unfused_qkv`).
 - embeddings: `load_textual_inversion(weights, token=id)`; every token that the loading added
   (several for a multi-vector embedding) is unloaded again, which restores tokenizer and
   embedding matrix.
@@ -30,6 +34,7 @@ import tomesd  # type: ignore[import-untyped]
 import torch
 from safetensors.torch import load_file
 
+from worker.fastpath import unfused_qkv
 from worker.pipelines.request import GenerationRequest
 from worker.pipelines.schedulers import build_scheduler
 
@@ -64,6 +69,15 @@ def request_options(pipe: Any, request: GenerationRequest, assets: RequestAssets
         yield
 
 
+def fresh_scheduler(pipe: Any) -> None:
+    """Give `pipe` a new scheduler of the same class and config, free of any step state.
+
+    Inside `request_options`, whose swap puts the model's own scheduler back at the end.
+    """
+    scheduler = pipe.scheduler
+    pipe.scheduler = type(scheduler).from_config(scheduler.config)
+
+
 @contextmanager
 def _swapped(pipe: Any, name: str, value: Any) -> Iterator[None]:
     """Replace the pipeline component `name` by `value`, then put the original back."""
@@ -78,15 +92,16 @@ def _swapped(pipe: Any, name: str, value: Any) -> Iterator[None]:
 @contextmanager
 def _loras(pipe: Any, loras: tuple[tuple[str, float], ...]) -> Iterator[None]:
     """Load each LoRA as its own adapter at its strength; unload them all afterwards."""
-    try:
-        names = []
-        for index, (location, _strength) in enumerate(loras):
-            names.append(f"request-{index}")
-            pipe.load_lora_weights(_lora_weights(location), adapter_name=names[-1])
-        pipe.set_adapters(names, adapter_weights=[strength for _location, strength in loras])
-        yield
-    finally:
-        pipe.unload_lora_weights()
+    with unfused_qkv(pipe):
+        try:
+            names = []
+            for index, (location, _strength) in enumerate(loras):
+                names.append(f"request-{index}")
+                pipe.load_lora_weights(_lora_weights(location), adapter_name=names[-1])
+            pipe.set_adapters(names, adapter_weights=[strength for _location, strength in loras])
+            yield
+        finally:
+            pipe.unload_lora_weights()
 
 
 def _lora_weights(location: str) -> dict[str, torch.Tensor] | str:

@@ -18,6 +18,9 @@ IMG_MIXER = "img_mixer"
 OPERATIONS = (IMG2IMG, PIX2PIX, IMG_MIXER)
 SAFETY_CHECKER_TYPES = ("blur", "pixelate", "black", "sensitive_content_text")
 
+#: Called after every denoising step with (steps done, steps in all); it may raise to stop.
+StepHook = Callable[[int, int], None]
+
 
 @dataclass(frozen=True)
 class LoraSpec:
@@ -58,7 +61,7 @@ class GenerationRequest:
     safety_checker_type: str = "sensitive_content_text"  # one of SAFETY_CHECKER_TYPES
     # Called after every denoising step with (steps done, steps in all); it may raise to stop
     # the run (job cancel). img2img runs fewer steps than `steps` (strength), hence the total.
-    on_step: Callable[[int, int], None] | None = field(default=None, compare=False)
+    on_step: StepHook | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
