@@ -11,9 +11,10 @@ import json
 
 from sqlalchemy.orm import Session
 
+from darkroom import metrics
+from darkroom.links import OutputLinks
 from darkroom.responses import webhook_body
 from darkroom.settings import Settings
-from darkroom.storage import make_storage
 from db.models import Job
 from db.repositories import jobs, webhooks
 
@@ -35,8 +36,9 @@ def queue_webhook(session: Session, job: Job, settings: Settings) -> int | None:
     if existing is not None:  # one delivery per job, whatever happens (its id never changes)
         return existing.id
     session.refresh(job)
-    read = make_storage(settings).read
-    payload = json.dumps(webhook_body(job, settings.public_url, read), separators=(",", ":"))
+    links = OutputLinks.from_settings(settings)
+    body = webhook_body(job, links, links.storage.read)
+    payload = json.dumps(body, separators=(",", ":"))
     delivery = webhooks.create_delivery(
         session, job_id=job.id, url=job.webhook_url, payload=payload
     )
@@ -56,10 +58,16 @@ def succeed(
     won = jobs.complete_job(
         session, job.id, outputs=outputs, meta=dict(meta), generation_time=generation_time
     )
+    if won:
+        metrics.record_job_end(session, job, generation_time=generation_time)
+        jobs.notify_job_done(session, job.id)  # wakes sync waits once this commits
     return queue_webhook(session, job, settings) if won else None
 
 
 def fail(session: Session, settings: Settings, job: Job, message: str) -> int | None:
     """Record failure with a client-safe message and queue its webhook."""
     won = jobs.fail_job(session, job.id, message)
+    if won:
+        metrics.record_job_end(session, job, failure=message)
+        jobs.notify_job_done(session, job.id)
     return queue_webhook(session, job, settings) if won else None

@@ -10,18 +10,27 @@ import base64
 from collections.abc import Callable
 from typing import Any
 
+from darkroom.links import OutputLinks, output_url
 from db.models import Job, JobOutput, JobState, Operation
 
 #: Reads a stored output file by name (for `base64: yes` answers).
 ReadFile = Callable[[str], bytes]
 
 PROCESSING_MESSAGE = "Your request is being processed. Fetch the result with the fetch_result URL."
+# Legacy clients validate `tip` as a required string of the processing shape.
+PROCESSING_TIP = (
+    "Poll fetch_result, wait for the webhook, or send the header `Prefer: wait=N` to get the"
+    " result in the answer when it is ready within N seconds."
+)
 
 #: Where each endpoint family's clients poll for a job (`{id}` is the job id).
 FETCH_PATHS = {
     "v5": "/api/v5/fetch/{id}",
     "v6": "/api/v6/image_editing/fetch/{id}",
     "enterprise": "/api/v1/enterprise/fetch/{id}",
+    "v3": "/api/v3/fetch/{id}",
+    "v6_images": "/api/v6/images/fetch/{id}",
+    "enterprise_images": "/api/v1/enterprise/images/fetch/{id}",
 }
 
 
@@ -30,21 +39,24 @@ def output_filename(job: Job, index: int) -> str:
     return f"{job.file_prefix}-{index}.png"
 
 
-def output_url(public_url: str, filename: str) -> str:
-    """The public link of an output file."""
-    return f"{public_url}/outputs/{filename}"
-
-
 def processing_body(job: Job, public_url: str, eta: float) -> dict[str, Any]:
-    """The answer for an accepted or running job (queued work is reported as processing too)."""
+    """The answer for an accepted or running job (queued work is reported as processing too).
+
+    `progress` is the denoising progress, 0 to 1 (0 while queued); `eta` is in seconds.
+    """
     samples = int(job.params.get("samples", 1))
     message = PROCESSING_MESSAGE
+    # A requeued job keeps its last run's progress until a worker claims it again.
+    running = job.state == JobState.PROCESSING
+    progress = min(max(job.progress or 0.0, 0.0), 1.0) if running else 0.0
     return {
         "status": "processing",
         "id": job.id,
         "eta": round(eta, 2),
+        "progress": round(progress, 3),
         "message": message,
         "messege": message,
+        "tip": PROCESSING_TIP,
         "fetch_result": public_url + FETCH_PATHS[job.endpoint].format(id=job.id),
         "future_links": [output_url(public_url, output_filename(job, i)) for i in range(samples)],
         "output": [],
@@ -53,25 +65,26 @@ def processing_body(job: Job, public_url: str, eta: float) -> dict[str, Any]:
     }
 
 
-def success_body(job: Job, public_url: str, read: ReadFile) -> dict[str, Any]:
+def success_body(job: Job, links: OutputLinks, read: ReadFile) -> dict[str, Any]:
     """The answer for a finished job.
 
-    pix2pix keeps its page's quirk: `output` is one string. With `base64: yes` (enterprise
-    img2img) `output` holds the PNGs as base64 strings; `proxy_links` always holds the links.
+    v5 pix2pix keeps its page's quirk: `output` is one string (clients of the v6 alias read a
+    list). With `base64: yes` (enterprise img2img) `output` holds the PNGs as base64 strings;
+    `proxy_links` always holds the links.
     """
     outputs = _sorted(job.outputs)
-    links = [output_url(public_url, out.filename) for out in outputs]
-    output: list[str] | str = links
+    urls = [links.link(out.filename, out.expires_at) for out in outputs]
+    output: list[str] | str = urls
     if job.params.get("base64_output"):
         output = [base64.b64encode(read(out.filename)).decode() for out in outputs]
-    elif job.operation == Operation.PIX2PIX:
-        output = links[0] if links else ""
+    elif job.operation == Operation.PIX2PIX and job.endpoint == "v5":
+        output = urls[0] if urls else ""
     return {
         "status": "success",
         "generationTime": job.generation_time,
         "id": job.id,
         "output": output,
-        "proxy_links": links,
+        "proxy_links": urls,
         "track_id": job.params.get("track_id"),
         "meta": job.meta,
     }
@@ -89,10 +102,10 @@ def failed_body(job: Job) -> dict[str, Any]:
     }
 
 
-def webhook_body(job: Job, public_url: str, read: ReadFile) -> dict[str, Any]:
+def webhook_body(job: Job, links: OutputLinks, read: ReadFile) -> dict[str, Any]:
     """The webhook payload of a terminal job: the success fields, or the failure fields."""
     if job.state == JobState.SUCCESS:
-        body = success_body(job, public_url, read)
+        body = success_body(job, links, read)
         return {key: body[key] for key in _WEBHOOK_SUCCESS_KEYS}
     return failed_body(job)
 

@@ -5,7 +5,7 @@ turns itself into a JobSpec: the one normalised shape that the worker runs.
 """
 
 from api.schemas.fetch import FetchRequest
-from api.schemas.img2img import Img2ImgRequest
+from api.schemas.img2img import Img2ImgRequest, V3Img2ImgRequest
 from api.schemas.mixer import MixerRequest, V5MixerRequest
 from api.schemas.pix2pix import Pix2PixRequest
 
@@ -14,5 +14,6 @@ __all__ = [
     "Img2ImgRequest",
     "MixerRequest",
     "Pix2PixRequest",
+    "V3Img2ImgRequest",
     "V5MixerRequest",
 ]

@@ -10,7 +10,9 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, BeforeValidator, Field, model_validator
 
 from api.fields import (
+    MAX_STEPS,
     Flag,
+    Int,
     OptionalInt,
     Steps,
     Strength,
@@ -214,3 +216,24 @@ def _data_uri(value: str) -> str:
     if not payload:
         raise ValueError("init_image: the base64 image is empty")
     return f"data:application/octet-stream;base64,{payload}"
+
+
+class V3Img2ImgRequest(Img2ImgRequest):
+    """`POST /api/v3/img2img`, the older img2img: the same body, but its page offered 21, 31,
+    41 and 51 steps. 51 is accepted and run as 50; `warnings()` says so in `meta`."""
+
+    num_inference_steps: Annotated[Int, in_range(1, MAX_STEPS + 1)] = Field(
+        default=30, validation_alias=AliasChoices("num_inference_steps", "steps")
+    )
+
+    def to_spec(self) -> JobSpec:
+        spec = super().to_spec()
+        return spec.model_copy(update={"steps": min(self.num_inference_steps, MAX_STEPS)})
+
+    def warnings(self) -> list[str]:
+        if self.num_inference_steps <= MAX_STEPS:
+            return []
+        return [
+            f"num_inference_steps {self.num_inference_steps} is above the maximum of"
+            f" {MAX_STEPS}; {MAX_STEPS} were run"
+        ]
