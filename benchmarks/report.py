@@ -82,6 +82,9 @@ class Report:
     parameters: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Facts that show the run did what it claims (rows stored, messages queued, failures),
+    # so a test can assert them without parsing the table.
+    checks: dict[str, Any] = field(default_factory=dict)
 
     def add(self, **row: Any) -> None:
         """Add one row (the same keys in every row make the table's columns)."""
@@ -110,11 +113,14 @@ class Report:
             "parameters": self.parameters,
             "rows": self.rows,
             "notes": self.notes,
+            "checks": self.checks,
         }
         print(f"# {self.name}  {record['date']}  {host.get('gpu', 'no GPU')}")
         print(self.table())
         for note in self.notes:
             print(f"note: {note}")
+        for name, value in self.checks.items():
+            print(f"check: {name} = {value}")
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(record, indent=2) + "\n")

@@ -1,0 +1,87 @@
+"""The service-tier benchmarks, each run in its --quick mode so that none of them can rot.
+
+No figure is judged here (speed is for the benchmarks to report, on a quiet machine): these
+tests check that each benchmark drives the real system, that what it claims to have done was
+done (rows stored, ids queued, webhooks delivered once), and that its JSON record is complete.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks import api_tier, dispatcher, queue_overhead
+
+pytestmark = pytest.mark.slow
+
+
+def _run(main: Any, tmp_path: Path) -> dict[str, Any]:
+    """Run a benchmark's main in quick mode; its record, checked against the file it wrote."""
+    out = tmp_path / "result.json"
+    record: dict[str, Any] = main(["--quick", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(record))
+    assert record["parameters"]["quick"] is True
+    assert record["machine"]["cpus"] >= 1
+    return record
+
+
+def _rows_by(record: dict[str, Any], column: str) -> dict[str, dict[str, Any]]:
+    return {row[column]: row for row in record["rows"]}
+
+
+def test_api_tier_quick_submits_every_job_and_reports_both_baselines(tmp_path: Path) -> None:
+    record = _run(api_tier.main, tmp_path)
+
+    rows = _rows_by(record, "case")
+    assert list(rows) == ["health", "submit", "raw"]
+    for row in rows.values():
+        assert row["errors"] == 0
+        assert row["count"] == record["parameters"]["count"]
+        assert row["per_s"] > 0
+        assert 0 < row["p50_ms"] <= row["p99_ms"]
+    assert rows["submit"]["submit_ratio"] == 1.0
+    assert rows["raw"]["submit_ratio"] == pytest.approx(
+        rows["submit"]["per_s"] / rows["raw"]["per_s"]
+    )
+    checks = record["checks"]
+    assert checks["jobs_stored"] == checks["jobs_sent"] == checks["ids_queued"]
+    assert checks["api_jobs_not_marked_enqueued"] == 0
+    assert any("goal >= 0.5" in note for note in record["notes"])
+
+
+def test_queue_overhead_quick_times_every_job_through_the_real_tiers(tmp_path: Path) -> None:
+    record = _run(queue_overhead.main, tmp_path)
+
+    assert record["checks"] == {"jobs_measured": 3, "jobs_asked": 3}
+    rows = _rows_by(record, "interval")
+    lower = rows["submit -> claim (pipeline start, lower bound)"]
+    upper = rows["submit -> finish - generationTime (pipeline start, upper bound)"]
+    end_to_end = rows["end to end (submit -> webhook)"]
+    pipeline = rows["generationTime (pipeline)"]
+    overhead = rows["overhead: end to end - generationTime"]
+    assert 0 < lower["p50_ms"] <= upper["p50_ms"] < end_to_end["p50_ms"]
+    assert pipeline["p50_ms"] > 0
+    assert rows["finish -> webhook received"]["p50_ms"] > 0
+    assert 0 < overhead["p50_ms"] < end_to_end["p50_ms"]
+
+
+def test_dispatcher_quick_delivers_each_webhook_once_and_beside_plain_posts(
+    tmp_path: Path,
+) -> None:
+    record = _run(dispatcher.main, tmp_path)
+
+    rows = _rows_by(record, "case")
+    assert list(rows) == ["dispatcher", "baseline"]
+    for row in rows.values():
+        assert row["errors"] == 0
+        assert row["count"] == record["parameters"]["count"]
+        assert row["per_s"] > 0
+    assert rows["dispatcher"]["ratio"] == pytest.approx(
+        rows["dispatcher"]["per_s"] / rows["baseline"]["per_s"]
+    )
+    checks = record["checks"]
+    assert checks["delivered"] == checks["deliveries_created"] == checks["attempts"]
+    assert record["parameters"]["concurrency"] >= 1
