@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import enum
 import secrets
-from dataclasses import dataclass
+import statistics
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -30,6 +32,8 @@ class NewJob:
     track_id: str | None
     webhook_url: str | None
     batch_key: str | None = None
+    # Chosen before the insert so that `meta` (which shows it) goes in with the same INSERT.
+    file_prefix: str = field(default_factory=lambda: new_file_prefix())
 
 
 @dataclass(frozen=True)
@@ -55,9 +59,19 @@ class ClaimOutcome(enum.StrEnum):
     MISSING = "missing"
 
 
+def new_file_prefix() -> str:
+    """An unguessable prefix for a job's output file names (128 random bits)."""
+    return secrets.token_hex(16)
+
+
 def create_job(session: Session, new: NewJob) -> Job:
-    """Insert a queued job with an unguessable file prefix."""
-    job = Job(
+    """Insert a queued job."""
+    return create_jobs(session, [new])[0]
+
+
+def _job_row(new: NewJob) -> Job:
+    """The row of a new queued job."""
+    return Job(
         api_key_id=new.api_key_id,
         operation=new.operation,
         endpoint=new.endpoint,
@@ -66,11 +80,8 @@ def create_job(session: Session, new: NewJob) -> Job:
         track_id=new.track_id,
         webhook_url=new.webhook_url,
         batch_key=new.batch_key,
-        file_prefix=secrets.token_hex(16),
+        file_prefix=new.file_prefix,
     )
-    session.add(job)
-    session.flush()
-    return job
 
 
 def get_job(session: Session, job_id: int) -> Job | None:
@@ -125,6 +136,79 @@ def claim_job(
     if job.lease_until is not None and job.lease_until >= now and job.state == JobState.PROCESSING:
         return ClaimOutcome.BUSY, job
     return ClaimOutcome.EXHAUSTED, job
+
+
+def claim_batch_companions(
+    session: Session,
+    *,
+    leader_id: int,
+    batch_key: str,
+    limit: int,
+    lease_s: float,
+    max_attempts: int,
+) -> list[Job]:
+    """Take up to `limit` more queued jobs with `batch_key` to run beside job `leader_id`.
+
+    The candidates are locked with SELECT ... FOR UPDATE SKIP LOCKED on Postgres: two workers
+    collecting companions at once skip each other's rows instead of waiting, and a row that
+    another worker is claiming right now (its own message arrived) is skipped too. Then one
+    conditional UPDATE takes those still queued. (Not one UPDATE over a LIMIT subquery: Postgres
+    may rescan such a subquery and take more than `limit` rows.) SQLite ignores the lock clause;
+    it has one writer at a time, and the UPDATE's condition covers the moment in between.
+    Oldest jobs first.
+    """
+    if limit < 1:
+        return []
+    now = utcnow()
+    candidates = session.scalars(
+        select(Job.id)
+        .where(
+            Job.batch_key == batch_key,
+            Job.state == JobState.QUEUED,
+            Job.id != leader_id,
+            Job.attempts < max_attempts,
+            Job.cancel_requested_at.is_(None),
+        )
+        .order_by(Job.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    if not candidates:
+        return []
+    result = session.execute(
+        update(Job)
+        .where(Job.id.in_(candidates), Job.state == JobState.QUEUED)
+        .values(
+            state=JobState.PROCESSING,
+            attempts=Job.attempts + 1,
+            started_at=now,
+            lease_until=now + timedelta(seconds=lease_s),
+            progress=0.0,
+        )
+        .returning(Job.id)
+        .execution_options(synchronize_session=False)
+    )
+    claimed = sorted(result.scalars())
+    if not claimed:
+        return []
+    rows = session.scalars(
+        select(Job)
+        .where(Job.id.in_(claimed))
+        .order_by(Job.id)
+        .execution_options(populate_existing=True)
+    )
+    return list(rows)
+
+
+def extend_leases(session: Session, job_ids: list[int], lease_s: float) -> int:
+    """Heartbeat for a batch: push the leases of those of `job_ids` still running here."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id.in_(job_ids), Job.state == JobState.PROCESSING)
+        .values(lease_until=utcnow() + timedelta(seconds=lease_s))
+        .execution_options(synchronize_session=False)
+    )
+    return _rowcount(result)
 
 
 def extend_lease(session: Session, job_id: int, lease_s: float) -> bool:
@@ -231,17 +315,34 @@ def requeue_job(session: Session, job_id: int) -> bool:
     return _rowcount(result) == 1
 
 
-def active_jobs_of_key(session: Session, api_key_id: int) -> int:
-    """Jobs of a key that are queued or running."""
+@dataclass(frozen=True)
+class KeyLoad:
+    """A key's jobs as admission control sees them."""
+
+    active: int  # queued and running
+    recent: int  # created since the rate window began
+
+
+def key_loads(
+    session: Session, api_key_ids: Collection[int], since: datetime
+) -> dict[int, KeyLoad]:
+    """Active and recent jobs of each key, in one query (keys without any are left out)."""
     active = Job.state.in_([JobState.QUEUED, JobState.PROCESSING])
-    count = session.scalar(select(func.count(Job.id)).where(Job.api_key_id == api_key_id, active))
-    return int(count or 0)
+    recent = Job.created_at >= since
+    rows = session.execute(
+        select(Job.api_key_id, func.count(Job.id).filter(active), func.count(Job.id).filter(recent))
+        .where(Job.api_key_id.in_(api_key_ids), or_(active, recent))
+        .group_by(Job.api_key_id)
+    )
+    return {key_id: KeyLoad(int(n_active), int(n_recent)) for key_id, n_active, n_recent in rows}
 
 
-def jobs_of_key_since(session: Session, api_key_id: int, since: datetime) -> int:
-    """Jobs a key submitted since `since` (its request rate)."""
-    window = and_(Job.api_key_id == api_key_id, Job.created_at >= since)
-    return int(session.scalar(select(func.count(Job.id)).where(window)) or 0)
+def create_jobs(session: Session, new_jobs: Sequence[NewJob]) -> list[Job]:
+    """Insert queued jobs together (one multi-row INSERT on Postgres), in the given order."""
+    rows = [_job_row(new) for new in new_jobs]
+    session.add_all(rows)
+    session.flush()
+    return rows
 
 
 def queued_jobs(session: Session) -> int:
@@ -261,6 +362,110 @@ def typical_generation_time(session: Session, operation: Operation) -> float | N
     )
     value = session.scalar(select(func.avg(recent.c.generation_time)))
     return float(value) if value is not None else None
+
+
+#: The Postgres channel that announces a job's terminal transition; the payload is its id.
+JOB_DONE_CHANNEL = "darkroom_job_done"
+#: How many recent successful jobs of an operation give its typical duration.
+RECENT_JOBS_PER_OPERATION = 20
+#: The durations are read from the last successes among this many job ids (a bounded scan).
+DURATION_LOOKBACK_IDS = 10_000
+
+
+def notify_job_done(session: Session, job_id: int) -> None:
+    """Announce that job `job_id` ended to listening API processes (sync waits).
+
+    Postgres delivers the notification when the transaction commits, and never if it rolls
+    back; SQLite has no notifications, and waiting requests poll instead.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_notify(JOB_DONE_CHANNEL, str(job_id))))
+
+
+@dataclass(frozen=True)
+class QueueSnapshot:
+    """What a job's eta depends on: the work ahead of it and how long jobs take."""
+
+    queued_ahead: dict[Operation, int]
+    running_progress: list[tuple[Operation, float]]
+    durations: dict[Operation, list[float]]
+
+
+def queue_snapshot(session: Session, job: Job) -> QueueSnapshot:
+    """The queued jobs before `job`, the running jobs with their progress, recent durations."""
+    ahead = session.execute(
+        select(Job.operation, func.count(Job.id))
+        .where(Job.state == JobState.QUEUED, Job.id < job.id)
+        .group_by(Job.operation)
+    )
+    running = session.execute(
+        select(Job.id, Job.operation, Job.progress, Job.batch_key).where(
+            Job.state == JobState.PROCESSING
+        )
+    )
+    runs: dict[tuple[str, str], tuple[Operation, float]] = {}
+    for job_id, operation, progress, batch_key in running:
+        # Jobs of one batch run in one pipeline call: one run, one worker.
+        run = ("batch", batch_key) if batch_key else ("job", str(job_id))
+        runs[run] = (operation, progress or 0.0)
+    return QueueSnapshot(
+        queued_ahead={operation: int(count) for operation, count in ahead},
+        running_progress=list(runs.values()),
+        durations=recent_job_seconds(session, job.id),
+    )
+
+
+def recent_job_seconds(session: Session, anchor_id: int) -> dict[Operation, list[float]]:
+    """Claim-to-finish seconds of recent successful jobs, newest first, per operation."""
+    rows = session.execute(
+        select(Job.operation, Job.started_at, Job.finished_at)
+        .where(Job.state == JobState.SUCCESS, Job.id > anchor_id - DURATION_LOOKBACK_IDS)
+        .order_by(Job.id.desc())
+        .limit(RECENT_JOBS_PER_OPERATION * len(Operation))
+    )
+    durations: dict[Operation, list[float]] = {}
+    for operation, started_at, finished_at in rows:
+        seconds = durations.setdefault(operation, [])
+        if started_at and finished_at and len(seconds) < RECENT_JOBS_PER_OPERATION:
+            seconds.append(max((finished_at - started_at).total_seconds(), 0.0))
+    return durations
+
+
+def estimated_eta(session: Session, job: Job, *, default_s: float) -> float:
+    """Seconds until `job` should finish (the formula is in docs/CLIENTS.md)."""
+    if job.state == JobState.PROCESSING:  # what waits in the queue is behind it
+        snapshot = QueueSnapshot({}, [], recent_job_seconds(session, job.id))
+    else:
+        snapshot = queue_snapshot(session, job)
+    return eta_from(snapshot, job, default_s=default_s)
+
+
+def eta_from(snapshot: QueueSnapshot, job: Job, *, default_s: float) -> float:
+    """A running job: the rest of its typical duration. A queued one: the work ahead of it
+    spread over the jobs running now (a proxy for live workers), then its own duration."""
+    typical = _typical_seconds(snapshot.durations, default_s)
+    own = typical(job.operation)
+    if job.state == JobState.PROCESSING:
+        return own * (1.0 - min(max(job.progress or 0.0, 0.0), 1.0))
+    queued = sum(typical(operation) * count for operation, count in snapshot.queued_ahead.items())
+    running = sum(typical(op) * (1.0 - min(p, 1.0)) for op, p in snapshot.running_progress)
+    workers = max(len(snapshot.running_progress), 1)
+    return (queued + running) / workers + own
+
+
+def _typical_seconds(
+    durations: dict[Operation, list[float]], default_s: float
+) -> Callable[[Operation], float]:
+    """The median recent duration of an operation; of all operations when it has none yet; the
+    default only when no job has ever finished. Medians, so one cold model load does not skew."""
+    overall = [seconds for values in durations.values() for seconds in values]
+    fallback = statistics.median(overall) if overall else default_s
+
+    def typical(operation: Operation) -> float:
+        values = durations.get(operation)
+        return statistics.median(values) if values else fallback
+
+    return typical
 
 
 def get_output(session: Session, filename: str) -> JobOutput | None:
