@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 Message = str | dict[str, list[str]]
 
+#: The hosted API's answer to a missing, unknown or revoked key.
+INVALID_KEY = "Invalid Api Key"
+
 
 class ApiError(Exception):
     """An error answered to the client as `{"status": "error", "message": ...}`."""

@@ -13,19 +13,21 @@ import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from celery import Celery
 from sqlalchemy.orm import Session
 
-from api.errors import ApiError
+from api.errors import INVALID_KEY, ApiError
 from api.limits import Admission
-from darkroom.affinity import publish_job
+from darkroom.affinity import choose_queue
 from darkroom.jobspec import JobSpec, batch_key, describe
+from darkroom.queue import RUN_JOB_TASK, send
 from darkroom.settings import Settings
-from db.models import Job, Operation
+from db.models import ApiKey, Job, Operation
 from db.repositories import jobs, routing
 from db.repositories.jobs import NewJob
+from db.repositories.keys import active_keys_by_digest, hash_key
 from db.session import session_scope
 
 log = logging.getLogger(__name__)
@@ -49,22 +51,42 @@ class SubmitRequest(Protocol):
 
 @dataclass(frozen=True)
 class PreparedJob:
-    """A validated request, ready to be stored."""
+    """A validated request, ready to be stored once its key is known."""
 
     spec: JobSpec
-    new: NewJob
+    key_digest: str  # the presented key's digest: keys are checked a group at a time
+    endpoint: str
+    meta: dict[str, Any]
+    webhook_url: str | None
+    file_prefix: str
+
+    def new_job(self, api_key_id: int) -> NewJob:
+        """The row to insert for the key `api_key_id`."""
+        spec = self.spec
+        return NewJob(
+            api_key_id=api_key_id,
+            operation=spec.operation,
+            endpoint=self.endpoint,
+            params=spec.to_row(),
+            meta=self.meta,
+            track_id=None if spec.track_id is None else str(spec.track_id),
+            webhook_url=self.webhook_url,
+            batch_key=batch_key(spec),
+            file_prefix=self.file_prefix,
+        )
 
 
 @dataclass(frozen=True)
 class Accepted:
-    """A stored job and the eta to quote for it."""
+    """A stored job, the key that submitted it and the eta to quote."""
 
     job: Job
+    key: ApiKey
     eta: float
 
 
 def prepare_job(
-    settings: Settings, key_id: int, request: SubmitRequest, endpoint: str
+    settings: Settings, presented_key: str, request: SubmitRequest, endpoint: str
 ) -> PreparedJob:
     """Check what the request names and build its row (no database access)."""
     errors = request.model_errors(settings)
@@ -73,46 +95,49 @@ def prepare_job(
     spec = request.to_spec()
     file_prefix = jobs.new_file_prefix()
     return PreparedJob(
-        spec,
-        NewJob(
-            api_key_id=key_id,
-            operation=spec.operation,
-            endpoint=endpoint,
-            params=spec.to_row(),
-            meta=describe(spec, file_prefix, request.warnings()),
-            track_id=None if spec.track_id is None else str(spec.track_id),
-            webhook_url=request.webhook,
-            batch_key=batch_key(spec),
-            file_prefix=file_prefix,
-        ),
+        spec=spec,
+        key_digest=hash_key(presented_key),
+        endpoint=endpoint,
+        meta=describe(spec, file_prefix, request.warnings()),
+        webhook_url=request.webhook,
+        file_prefix=file_prefix,
     )
 
 
 def store_jobs(
     settings: Settings, broker: Celery, group: Sequence[PreparedJob]
 ) -> list[Accepted | BaseException]:
-    """Admit, insert and commit a group of jobs, then publish them: one outcome per job, in
-    order (the stored job, or the ApiError that refused it)."""
+    """Authenticate, admit, insert and commit a group of jobs, then publish them: one outcome
+    per job, in order (the stored job, or the ApiError that refused it)."""
     with session_scope(settings.resolved_database_url) as session:
-        admission = Admission(session, settings, {prepared.new.api_key_id for prepared in group})
-        refusals = [_refusal(admission, prepared) for prepared in group]
+        keys = active_keys_by_digest(session, {prepared.key_digest for prepared in group})
+        admission = Admission(session, settings, {key.id for key in keys.values()})
+        decisions = [_decide(admission, keys.get(prepared.key_digest)) for prepared in group]
         admitted = [
-            prepared for prepared, refusal in zip(group, refusals, strict=True) if not refusal
+            (prepared, key)
+            for prepared, key in zip(group, decisions, strict=True)
+            if isinstance(key, ApiKey)
         ]
-        rows = jobs.create_jobs(session, [prepared.new for prepared in admitted])
+        rows = jobs.create_jobs(session, [prepared.new_job(key.id) for prepared, key in admitted])
         session.commit()
-        etas = _publish_and_estimate(session, settings, broker, admitted, rows)
-    accepted = iter([Accepted(job, eta) for job, eta in zip(rows, etas, strict=True)])
-    return [refusal or next(accepted) for refusal in refusals]
+        etas = _publish_and_estimate(
+            session, settings, broker, [prepared for prepared, _ in admitted], rows
+        )
+    accepted = iter(
+        [Accepted(job, key, eta) for job, (_, key), eta in zip(rows, admitted, etas, strict=True)]
+    )
+    return [next(accepted) if isinstance(key, ApiKey) else key for key in decisions]
 
 
-def _refusal(admission: Admission, prepared: PreparedJob) -> ApiError | None:
-    """Why the job may not be queued now, or None once it is counted."""
+def _decide(admission: Admission, key: ApiKey | None) -> ApiKey | ApiError:
+    """The key, once its job is counted; or why the job may not be queued now."""
+    if key is None:
+        return ApiError(401, INVALID_KEY)
     try:
-        admission.admit(prepared.new.api_key_id)
+        admission.admit(key.id)
     except ApiError as refusal:
         return refusal
-    return None
+    return key
 
 
 def _publish_and_estimate(
@@ -129,11 +154,13 @@ def _publish_and_estimate(
     """
     try:
         by_queue: dict[str, list[int]] = defaultdict(list)
+        queue_of_model: dict[tuple[str, str | None], str] = {}  # one routing lookup per model
         for prepared, job in zip(admitted, rows, strict=True):
-            spec = prepared.spec
-            queue = publish_job(broker, settings, job.id, spec.operation, spec.model_id)
-            if queue is not None:
-                by_queue[queue].append(job.id)
+            model = (prepared.spec.operation.value, prepared.spec.model_id)
+            if model not in queue_of_model:
+                queue_of_model[model] = choose_queue(settings, *model)
+            if send(broker, RUN_JOB_TASK, job.id, queue=queue_of_model[model]):
+                by_queue[queue_of_model[model]].append(job.id)
         for queue, job_ids in by_queue.items():
             routing.mark_published_many(session, job_ids, queue)
         session.commit()

@@ -13,10 +13,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel
-from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import ApiKeyDep, BodyDep, SessionDep, SettingsDep
+from api.deps import BodyDep, presented_key
+from api.errors import INVALID_KEY, ApiError
 from api.intake import GroupCommit
 from api.routes.fetch import JOB_RESPONSES, WAIT_HELP, answer_or_wait
 from api.schemas import (
@@ -68,40 +68,39 @@ ROUTES = (
 )
 
 
-def _store(
-    model: type[BaseModel],
-    endpoint: str,
-    body: dict[str, Any],
-    session: Session,
-    intake: GroupCommit[PreparedJob, Accepted],
-    settings: Settings,
-    key: ApiKey,
-) -> Answer:
-    """Validate, then store with the submissions arriving at the same time (api.intake)."""
-    request: Any = model.model_validate(body)
-    prepared = prepare_job(settings, key.id, request, endpoint)
-    session.commit()  # the key was read: hand the connection back before waiting for a group
-    accepted = intake.submit(prepared)
-    return processing_body(accepted.job, settings.public_url, accepted.eta)
+@dataclass(frozen=True)
+class Stored:
+    """A submission's answer, the key that made it, and how long it asked to wait."""
+
+    answer: Answer
+    key: ApiKey
+    wait_s: float
+
+
+def _store(route: SubmitRoute, request: Request, body: dict[str, Any]) -> Stored:
+    """Validate, then authenticate and store with the submissions arriving at the same time
+    (api.intake), which look their keys up together. One function in one worker thread: every
+    hop to the thread pool costs a context switch, and a submission is otherwise cheap."""
+    settings: Settings = request.app.state.settings
+    intake: GroupCommit[PreparedJob, Accepted] = request.app.state.intake
+    presented = presented_key(request, body)
+    if presented is None:
+        raise ApiError(401, INVALID_KEY)
+    wait_s = requested_wait(request, body, settings)
+    parsed: Any = route.model.model_validate(body)
+    accepted = intake.submit(prepare_job(settings, presented, parsed, route.endpoint))
+    answer = processing_body(accepted.job, settings.public_url, accepted.eta)
+    return Stored(answer, accepted.key, wait_s)
 
 
 def _submit_endpoint(route: SubmitRoute) -> Handler:
     """A handler that validates the body as the route's model and submits it."""
 
-    async def handler(
-        request: Request,
-        response: Response,
-        body: BodyDep,
-        key: ApiKeyDep,
-        session: SessionDep,
-        settings: SettingsDep,
-    ) -> Answer:
-        wait_s = requested_wait(request, body, settings)
-        intake = request.app.state.intake
-        answer = await run_in_threadpool(
-            _store, route.model, route.endpoint, body, session, intake, settings, key
+    async def handler(request: Request, response: Response, body: BodyDep) -> Answer:
+        stored = await run_in_threadpool(_store, route, request, body)
+        return await answer_or_wait(
+            request, response, stored.answer, wait_s=stored.wait_s, key=stored.key
         )
-        return await answer_or_wait(request, response, answer, wait_s=wait_s, key=key)
 
     return handler
 

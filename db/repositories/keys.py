@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -56,6 +57,14 @@ def find_active_key(session: Session, plaintext: str) -> ApiKey | None:
     if row is None or row.revoked_at is not None:
         return None
     return row
+
+
+def active_keys_by_digest(session: Session, digests: Collection[str]) -> dict[str, ApiKey]:
+    """The unrevoked keys among `digests` (see `hash_key`), by digest, in one query."""
+    rows = session.scalars(
+        select(ApiKey).where(ApiKey.key_hash.in_(digests), ApiKey.revoked_at.is_(None))
+    )
+    return {row.key_hash: row for row in rows}
 
 
 def get_key(session: Session, key_id: int) -> ApiKey | None:

@@ -53,7 +53,7 @@ def submit_all(intake: GroupCommit[int, int], numbers: list[int]) -> list[Any]:
 def test_submissions_waiting_for_a_group_are_stored_together_with_their_own_results() -> None:
     store = SlowDoubler()
     numbers = list(range(1, 13))
-    results = submit_all(GroupCommit(store), numbers)
+    results = submit_all(GroupCommit(store, max_storing=1), numbers)
 
     assert results == [n * 2 for n in numbers]
     assert sorted(n for group in store.groups for n in group) == numbers  # each stored once
@@ -86,10 +86,38 @@ def test_a_store_that_fails_as_a_whole_fails_every_submitter_and_the_next_group_
 
 def test_group_size_is_bounded() -> None:
     store = SlowDoubler()
-    submit_all(GroupCommit(store, max_group=4), list(range(1, 11)))
+    submit_all(GroupCommit(store, max_group=4, max_storing=1), list(range(1, 11)))
 
     assert max(len(group) for group in store.groups) == 4
     assert sorted(n for group in store.groups for n in group) == list(range(1, 11))
+
+
+def test_two_groups_are_stored_at_once_and_no_more() -> None:
+    second_group_started = threading.Event()
+    running = 0
+    most_running = 0
+    guard = threading.Lock()
+
+    def store(items: Sequence[int]) -> list[int | BaseException]:
+        nonlocal running, most_running
+        with guard:
+            running += 1
+            most_running = max(most_running, running)
+            if running == 2:
+                second_group_started.set()
+        try:
+            # The first group holds on until a second one is being stored beside it.
+            assert second_group_started.wait(timeout=5), "no second group while one was stored"
+            time.sleep(0.05)
+            return list(items)
+        finally:
+            with guard:
+                running -= 1
+
+    results = submit_all(GroupCommit(store, max_storing=2), list(range(20)))
+
+    assert results == list(range(20))
+    assert most_running == 2
 
 
 def test_concurrent_submissions_through_the_api_share_inserts_and_respect_the_limits(
@@ -119,3 +147,15 @@ def test_concurrent_submissions_through_the_api_share_inserts_and_respect_the_li
     assert accepted <= set(queued_job_ids(settings))  # every accepted id reached the broker
     assert 1 <= len(inserts) <= 5
     print(f"12 concurrent submissions: {len(inserts)} INSERT statement(s) for 5 accepted jobs")
+
+
+def test_keys_are_checked_per_submission_within_a_group(
+    settings: Settings, api_key: IssuedKey
+) -> None:
+    bodies = [{"key": api_key.plaintext if i % 2 else f"dk_wrong{i}", **PIX2PIX} for i in range(8)]
+    with TestClient(create_app(settings)) as client, ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda body: client.post("/api/v5/pix2pix", json=body), bodies))
+
+    assert [a.status_code for a in answers] == [401, 200] * 4
+    assert answers[0].json() == {"status": "error", "message": "Invalid Api Key"}
+    assert len({a.json()["id"] for a in answers[1::2]}) == 4
