@@ -35,7 +35,14 @@ from worker.pipelines.options import RequestAssets, fresh_scheduler, request_opt
 from worker.pipelines.prompts import encode_prompts
 from worker.pipelines.request import GenerationRequest, StepHook
 
-__all__ = ["resize_exact", "run", "run_batch", "sample_generators", "step_callback"]
+__all__ = [
+    "resize_exact",
+    "run",
+    "run_batch",
+    "run_init_image_batch",
+    "sample_generators",
+    "step_callback",
+]
 
 
 def resize_exact(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -61,10 +68,24 @@ def run_batch(
 ) -> list[list[Image.Image]]:
     """Run StableDiffusionImg2ImgPipeline for compatible requests; each request's images."""
     (pipe,) = pipelines
+    return run_init_image_batch(pipe, requests, assets, on_step, strength=requests[0].strength)
+
+
+def run_init_image_batch(
+    pipe: Any,
+    requests: Sequence[GenerationRequest],
+    assets: RequestAssets,
+    on_step: StepHook | None,
+    **call_options: Any,
+) -> list[list[Image.Image]]:
+    """One batched run of a Stable Diffusion pipeline that starts from an init image (img2img,
+    pix2pix): the first request's model options applied, each request's prompts encoded on
+    their own, one init image and one generator per sample; `call_options` are the
+    operation's own pipeline arguments, shared by the batch."""
     first = requests[0]
+    inits = [resize_exact(r.images[0], r.width, r.height) for r in requests]
     with request_options(pipe, first, assets):
         embeds = [encode_prompts(pipe, r.prompt, r.negative_prompt, r.clip_skip) for r in requests]
-        inits = [resize_exact(r.images[0], r.width, r.height) for r in requests]
 
         def call(indices: list[int], callback: Callable[..., Any] | None) -> list[Image.Image]:
             prompt_embeds, negative_embeds = stack_prompts(embeds, requests, indices)
@@ -72,13 +93,15 @@ def run_batch(
             output = pipe(
                 prompt_embeds=prompt_embeds,
                 negative_prompt_embeds=negative_embeds,
+                # One image per sample: a single image for several samples is a deprecated
+                # broadcast.
                 image=per_sample(inits, requests, indices),
-                strength=first.strength,
                 num_inference_steps=first.steps,
                 guidance_scale=first.guidance_scale,
                 generator=sample_generators(pipe.device, batch_seeds(requests, indices)),
                 output_type="pil",
                 callback_on_step_end=callback,
+                **call_options,
             )
             return list(output.images)
 
