@@ -105,6 +105,17 @@ def mark_enqueued(session: Session, job_id: int) -> None:
     session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
 
 
+def _claimed(now: datetime, lease_s: float) -> dict[Any, Any]:
+    """What a claim writes: running, one more attempt, a fresh lease, no progress yet."""
+    return {
+        Job.state: JobState.PROCESSING,
+        Job.attempts: Job.attempts + 1,
+        Job.started_at: now,
+        Job.lease_until: now + timedelta(seconds=lease_s),
+        Job.progress: 0.0,
+    }
+
+
 def claim_job(
     session: Session, job_id: int, *, lease_s: float, max_attempts: int
 ) -> tuple[ClaimOutcome, Job | None]:
@@ -117,13 +128,7 @@ def claim_job(
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, claimable, Job.attempts < max_attempts)
-        .values(
-            state=JobState.PROCESSING,
-            attempts=Job.attempts + 1,
-            started_at=now,
-            lease_until=now + timedelta(seconds=lease_s),
-            progress=0.0,
-        )
+        .values(_claimed(now, lease_s))
         .execution_options(synchronize_session=False)
     )
     job = session.get(Job, job_id, populate_existing=True)
@@ -178,13 +183,7 @@ def claim_batch_companions(
     result = session.execute(
         update(Job)
         .where(Job.id.in_(candidates), Job.state == JobState.QUEUED)
-        .values(
-            state=JobState.PROCESSING,
-            attempts=Job.attempts + 1,
-            started_at=now,
-            lease_until=now + timedelta(seconds=lease_s),
-            progress=0.0,
-        )
+        .values(_claimed(now, lease_s))
         .returning(Job.id)
         .execution_options(synchronize_session=False)
     )
