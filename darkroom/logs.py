@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,6 +68,22 @@ def resolve_format(fmt: str) -> str:
     return fmt
 
 
+#: An API key in a query string (`/outputs/<name>?key=...` in key-scoped download mode).
+_KEY_IN_QUERY = re.compile(r"([?&]key=)[^&\s]*")
+
+
+class RedactKeysInAccessLog(logging.Filter):
+    """Keep API keys that clients put in query strings out of uvicorn's access log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple):
+            record.args = tuple(
+                _KEY_IN_QUERY.sub(r"\1[redacted]", arg) if isinstance(arg, str) else arg
+                for arg in record.args
+            )
+        return True
+
+
 def configure_logging(fmt: str = "json", level: int | str = logging.INFO) -> None:
     """Route the root logger to stderr, as JSON lines (`fmt="json"`), plain text, or `auto`."""
     handler = logging.StreamHandler()
@@ -74,6 +91,7 @@ def configure_logging(fmt: str = "json", level: int | str = logging.INFO) -> Non
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(RedactKeysInAccessLog())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

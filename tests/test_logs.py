@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from darkroom import outcomes
-from darkroom.logs import JsonFormatter, job_context, resolve_format
+from darkroom.logs import JsonFormatter, RedactKeysInAccessLog, job_context, resolve_format
 from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, make_celery, send
 from darkroom.settings import Settings
 from db.models import Job, JobState, Operation
@@ -191,3 +191,19 @@ def test_the_worker_writes_json_lines_with_job_and_track_ids(
     assert "ValidationError" in unreadable["exception"]
     [done] = [line for line in lines if "succeeded in" in line["message"]]
     assert done["job_id"] == job_id  # Celery's own line about the task
+
+
+def test_keys_in_query_strings_never_reach_the_access_log() -> None:
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5000", "GET", "/outputs/ab-0.png?size=1&key=dk_secret123&x=2", "1.1", 200),
+        None,
+    )
+    assert RedactKeysInAccessLog().filter(record)
+    line = record.getMessage()
+    assert "dk_secret123" not in line
+    assert "/outputs/ab-0.png?size=1&key=[redacted]&x=2" in line
