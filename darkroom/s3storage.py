@@ -103,6 +103,10 @@ class S3Storage:
         """None: objects are not on this machine's disk."""
         return None
 
+    def remove_partial_writes(self, older_than_s: float) -> int:
+        """Nothing to remove: a PUT stores the whole object or nothing."""
+        return 0
+
     def public_link(self, filename: str) -> str:
         """The object's plain URL: under DARKROOM_S3_PUBLIC_URL, or the bucket's own URL."""
         if self.public_url:

@@ -7,8 +7,10 @@ backend from the settings; every tier goes through it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Protocol
 
@@ -36,6 +38,10 @@ class Storage(Protocol):
     def presigned_link(self, filename: str, ttl_s: int) -> str | None:
         """A direct link valid for `ttl_s` seconds, or None where only the API serves the file."""
 
+    def remove_partial_writes(self, older_than_s: float) -> int:
+        """Delete what writes interrupted by a crash left behind, older than `older_than_s`
+        (so no write in progress is touched); how many were removed."""
+
 
 def make_storage(settings: Settings) -> Storage:
     """The storage backend the settings select."""
@@ -44,6 +50,10 @@ def make_storage(settings: Settings) -> Storage:
 
         return S3Storage.from_settings(settings)
     return LocalStorage(settings.outputs_dir)
+
+
+#: The temporary files of writes in progress: renamed into place when complete.
+_PARTIAL_PREFIX, _PARTIAL_SUFFIX = ".tmp-", ".part"
 
 
 class LocalStorage:
@@ -55,7 +65,7 @@ class LocalStorage:
 
     def save(self, filename: str, data: bytes) -> None:
         """Write `data` as `filename` atomically: readers see the old file or the whole new one."""
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".part")
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=_PARTIAL_PREFIX, suffix=_PARTIAL_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
@@ -86,3 +96,14 @@ class LocalStorage:
     def presigned_link(self, filename: str, ttl_s: int) -> str | None:
         """None: local files are reachable only through the API."""
         return None
+
+    def remove_partial_writes(self, older_than_s: float) -> int:
+        """Delete temporary files of writes a killed worker never renamed into place."""
+        cutoff = time.time() - older_than_s
+        removed = 0
+        for partial in self.root.glob(f"{_PARTIAL_PREFIX}*{_PARTIAL_SUFFIX}"):
+            with contextlib.suppress(FileNotFoundError):  # another sweeper got there first
+                if partial.stat().st_mtime < cutoff:
+                    partial.unlink()
+                    removed += 1
+        return removed

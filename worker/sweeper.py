@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -29,6 +30,9 @@ from db.repositories import jobs, routing, webhooks
 from db.session import session_scope
 
 log = logging.getLogger(__name__)
+
+#: Age after which a temporary output file is a crashed write's leftover, and how often to look.
+PARTIAL_WRITE_MAX_AGE_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -154,10 +158,22 @@ def expire_temporary_outputs(settings: Settings) -> int:
     return len(expired)
 
 
+def remove_partial_writes(settings: Settings) -> int:
+    """Delete output files whose write a killed worker left half done (an hour old at least:
+    a write takes milliseconds, so none in progress is touched)."""
+    return make_storage(settings).remove_partial_writes(PARTIAL_WRITE_MAX_AGE_S)
+
+
 def run_sweeper(settings: Settings, broker: Celery, stop: threading.Event) -> None:
-    """Sweep every `sweep_interval_s` until `stop` is set; a failing sweep is logged and retried."""
+    """Sweep every `sweep_interval_s` until `stop` is set; a failing sweep is logged and retried.
+    Partial writes are looked for at start and hourly: that lists the outputs folder."""
+    next_partials_check = 0.0
     while not stop.wait(settings.sweep_interval_s):
         try:
+            if time.monotonic() >= next_partials_check:
+                next_partials_check = time.monotonic() + PARTIAL_WRITE_MAX_AGE_S
+                if removed := remove_partial_writes(settings):
+                    log.info("removed %d partial output writes", removed)
             report = sweep_once(settings, broker)
         except Exception:
             log.exception("sweep failed; retrying next interval")

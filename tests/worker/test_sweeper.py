@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -16,13 +17,14 @@ from darkroom import outcomes
 from darkroom.outcomes import exhausted_message
 from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, make_celery
 from darkroom.settings import Settings
+from darkroom.storage import LocalStorage
 from db.models import DeliveryState, Job, JobState, Operation, WebhookDelivery, utcnow
 from db.repositories import jobs, webhooks
 from db.repositories.jobs import ClaimOutcome, NewJob
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
 from tests.support.broker import published
-from worker.sweeper import SweepReport, sweep_once
+from worker.sweeper import PARTIAL_WRITE_MAX_AGE_S, SweepReport, remove_partial_writes, sweep_once
 
 HOOK = "http://127.0.0.1:9/hook"
 
@@ -265,3 +267,20 @@ def test_republish_after_interval(
     time.sleep(0.4)
     _sweep(quick, broker)
     assert _count(rds, quick.job_queue, RUN_JOB_TASK, job_id) == 2
+
+
+def test_partial_writes_of_a_killed_worker_are_removed_once_old(settings: Settings) -> None:
+    storage = LocalStorage(settings.outputs_dir)
+    storage.save("done-0.png", b"png")
+    old_partial = settings.outputs_dir / ".tmp-killed.part"
+    fresh_partial = settings.outputs_dir / ".tmp-writing.part"
+    for partial in (old_partial, fresh_partial):
+        partial.write_bytes(b"half")
+    hour_and_more = time.time() - PARTIAL_WRITE_MAX_AGE_S - 60
+    os.utime(old_partial, (hour_and_more, hour_and_more))
+
+    assert remove_partial_writes(settings) == 1
+
+    assert not old_partial.exists()
+    assert fresh_partial.exists()  # may be a write in progress
+    assert storage.read("done-0.png") == b"png"
