@@ -22,13 +22,13 @@ from typing import Any
 
 import redis
 from celery.signals import worker_init
-from kombu.transport.redis import PRIORITY_STEPS
 from kombu.transport.redis import Channel as RedisChannel
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from sqlalchemy import event, func, select, text
 from sqlalchemy.orm import Session
 
+from darkroom.queue import filesystem_queue_lengths, redis_list_lengths
 from darkroom.settings import Settings
 from db.models import DeliveryState, Job, JobState, Operation, WebhookDelivery, utcnow
 from db.repositories.webhooks import AttemptRecord
@@ -289,21 +289,12 @@ def redis_queue_sizes(client: redis.Redis, settings: Settings) -> dict[str, int]
         found.append(key.decode(errors="replace").split(RedisChannel.sep)[0])
         if time.monotonic() > deadline:  # a huge keyspace: report the queues seen so far
             break
-    names = sorted(_queue_names(settings, found))
-    pipe = client.pipeline(transaction=False)
-    for name in names:
-        for priority in PRIORITY_STEPS:
-            pipe.llen(f"{name}{RedisChannel.sep}{priority}" if priority else name)
-    lengths = iter(pipe.execute())
-    return {name: sum(int(next(lengths)) for _ in PRIORITY_STEPS) for name in names}
+    return redis_list_lengths(client, _queue_names(settings, found))
 
 
 def filesystem_queue_sizes(settings: Settings) -> dict[str, int]:
-    """Messages per queue of the embedded broker: one `<stamp>_<uuid>.<queue>.msg` file each."""
-    counts: dict[str, int] = {}
-    for path in settings.broker_dir.glob("*.msg"):
-        queue = path.name.partition(".")[2].removesuffix(".msg")
-        counts[queue] = counts.get(queue, 0) + 1
+    """Messages per queue of the embedded broker, the fixed queues included."""
+    counts = filesystem_queue_lengths(settings)
     return {name: counts.get(name, 0) for name in _queue_names(settings, counts)}
 
 

@@ -6,9 +6,13 @@ No task code lives here: the API sends tasks by name, so it never imports the wo
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import Any
 
+import redis
 from celery import Celery
+from kombu.transport.redis import PRIORITY_STEPS
+from kombu.transport.redis import Channel as RedisChannel
 
 from darkroom.settings import Settings
 
@@ -70,3 +74,39 @@ def send(app: Celery, task_name: str, record_id: int, queue: str | None = None) 
         log.warning("broker unreachable: %s(%s) left for the sweeper", task_name, record_id)
         return False
     return True
+
+
+def redis_list_lengths(client: redis.Redis, names: Iterable[str]) -> dict[str, int]:
+    """Messages waiting in each named queue, as kombu keeps them in Redis: one list per queue
+    and priority step (messages a worker has taken but not acked are not counted)."""
+    names = sorted(set(names))
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        for priority in PRIORITY_STEPS:
+            pipe.llen(f"{name}{RedisChannel.sep}{priority}" if priority else name)
+    lengths = iter(pipe.execute())
+    return {name: sum(int(next(lengths)) for _ in PRIORITY_STEPS) for name in names}
+
+
+def filesystem_queue_lengths(settings: Settings) -> dict[str, int]:
+    """Messages per queue of the embedded broker: one `<stamp>_<uuid>.<queue>.msg` file each."""
+    counts: dict[str, int] = {}
+    for path in settings.broker_dir.glob("*.msg"):
+        queue = path.name.partition(".")[2].removesuffix(".msg")
+        counts[queue] = counts.get(queue, 0) + 1
+    return counts
+
+
+def queue_lengths(settings: Settings, names: Iterable[str], timeout_s: float) -> dict[str, int]:
+    """Messages waiting in each named queue, on either broker (raises if Redis cannot answer
+    within `timeout_s`)."""
+    if settings.is_embedded_broker:
+        found = filesystem_queue_lengths(settings)
+        return {name: found.get(name, 0) for name in names}
+    client = redis.Redis.from_url(
+        settings.resolved_broker_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+    )
+    try:
+        return redis_list_lengths(client, names)
+    finally:
+        client.close()

@@ -14,15 +14,16 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import redis
 from celery import Celery
+from sqlalchemy.orm import Session
 
 from darkroom import outcomes
 from darkroom.affinity import model_queue_prefix, publish_job, routing_enabled, unconsumed
 from darkroom.outcomes import exhausted_message
-from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, send
+from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, queue_lengths, send
 from darkroom.settings import Settings
 from darkroom.storage import make_storage
 from db.models import utcnow
@@ -31,6 +32,8 @@ from db.session import session_scope
 
 log = logging.getLogger(__name__)
 
+#: How long the sweeper waits for the broker to count a queue's messages.
+BROKER_PROBE_TIMEOUT_S = 2.0
 #: Age after which a temporary output file is a crashed write's leftover, and how often to look.
 PARTIAL_WRITE_MAX_AGE_S = 3600.0
 
@@ -78,14 +81,13 @@ def _recover_orphans(settings: Settings, broker: Celery) -> tuple[int, int]:
 
 
 def _drain_job_outbox(settings: Settings, broker: Celery) -> int:
-    """Publish queued jobs that never reached the broker, or whose message may be lost."""
+    """Publish queued jobs that never reached the broker, or whose message was lost."""
     now = utcnow()
     with session_scope(settings.resolved_database_url) as session:
-        pending = jobs.jobs_to_publish(
-            session,
-            created_before=now - timedelta(seconds=settings.outbox_grace_s),
-            republish_before=now - timedelta(seconds=settings.republish_after_s),
+        never = jobs.never_published(
+            session, created_before=now - timedelta(seconds=settings.outbox_grace_s)
         )
+        pending = never + _lost_messages(settings, session, now)
         models = routing.requested_models(session, pending)
     sent = 0
     for job_id in pending:
@@ -97,6 +99,26 @@ def _drain_job_outbox(settings: Settings, broker: Celery) -> int:
             routing.mark_published(session, job_id, queue)
         sent += 1
     return sent
+
+
+def _lost_messages(settings: Settings, session: Session, now: datetime) -> list[int]:
+    """Jobs queued for longer than `republish_after_s` in a queue that holds fewer messages
+    than the database has jobs waiting in it: the broker lost messages. Without the count, a
+    long backlog would be sent again, all of it, every `republish_after_s`, inflating the queue
+    (and any autoscaler reading its length) with duplicates."""
+    published_before = now - timedelta(seconds=settings.republish_after_s)
+    candidates = jobs.long_queued(session, published_before=published_before)
+    if not candidates:
+        return []
+    waiting = jobs.published_queued_counts(session, settings.job_queue)
+    queues = {queue or settings.job_queue for _, queue in candidates}
+    try:
+        held = queue_lengths(settings, queues, timeout_s=BROKER_PROBE_TIMEOUT_S)
+    except Exception:
+        log.warning("broker unreachable: cannot tell lost messages yet")
+        return []
+    short = {queue for queue in queues if held.get(queue, 0) < waiting.get(queue, 0)}
+    return [job_id for job_id, queue in candidates if (queue or settings.job_queue) in short]
 
 
 def _rescue_stranded(settings: Settings, broker: Celery) -> int:

@@ -272,24 +272,45 @@ def fail_job(session: Session, job_id: int, message: str) -> bool:
     return _rowcount(result) == 1
 
 
-def jobs_to_publish(
-    session: Session, *, created_before: datetime, republish_before: datetime, limit: int = 100
-) -> list[int]:
-    """Queued jobs whose id must (again) go to the broker.
-
-    Those never published (the API crashed after commit, or the broker was down), once past a
-    grace period that lets the API publish them itself; and those published long ago that are
-    still queued, whose message the broker may have lost (a Redis restart without persistence).
-    """
-    never = and_(Job.enqueued_at.is_(None), Job.created_at < created_before)
-    stale = Job.enqueued_at < republish_before
+def never_published(session: Session, *, created_before: datetime, limit: int = 100) -> list[int]:
+    """Queued jobs whose id never reached the broker (the API crashed after commit, or the
+    broker was down), once past a grace period that lets the API publish them itself."""
     rows = session.scalars(
         select(Job.id)
-        .where(Job.state == JobState.QUEUED, or_(never, stale))
+        .where(
+            Job.state == JobState.QUEUED,
+            Job.enqueued_at.is_(None),
+            Job.created_at < created_before,
+        )
         .order_by(Job.id)
         .limit(limit)
     )
     return list(rows)
+
+
+def long_queued(
+    session: Session, *, published_before: datetime, limit: int = 100
+) -> list[tuple[int, str | None]]:
+    """(id, queue) of queued jobs published before `published_before`, oldest first: those
+    whose message the broker may have lost (a Redis restart without persistence)."""
+    rows = session.execute(
+        select(Job.id, Job.queue_name)
+        .where(Job.state == JobState.QUEUED, Job.enqueued_at < published_before)
+        .order_by(Job.id)
+        .limit(limit)
+    )
+    return [(job_id, queue) for job_id, queue in rows]
+
+
+def published_queued_counts(session: Session, default_queue: str) -> dict[str, int]:
+    """Queued jobs per queue their id was published to (unrecorded: `default_queue`)."""
+    queue = func.coalesce(Job.queue_name, default_queue)
+    rows = session.execute(
+        select(queue, func.count(Job.id))
+        .where(Job.state == JobState.QUEUED, Job.enqueued_at.is_not(None))
+        .group_by(queue)
+    )
+    return {name: int(count) for name, count in rows}
 
 
 def jobs_with_expired_lease(session: Session, *, limit: int = 100) -> list[Job]:

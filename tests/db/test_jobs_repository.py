@@ -196,7 +196,7 @@ def test_get_job_for_key_hides_other_keys(db: Session, api_key: IssuedKey) -> No
     assert jobs.get_job(db, job.id) is not None
 
 
-def test_jobs_to_publish(db: Session, api_key: IssuedKey) -> None:
+def test_never_published_and_long_queued_jobs(db: Session, api_key: IssuedKey) -> None:
     never_old = _new(db, api_key)
     _set(db, never_old.id, created_at=_ago(60))
     fresh = _new(db, api_key)
@@ -215,19 +215,18 @@ def test_jobs_to_publish(db: Session, api_key: IssuedKey) -> None:
     done = _new(db, api_key)
     _set(db, done.id, created_at=_ago(3600), state=JobState.FAILED)
 
-    picked = set(
-        jobs.jobs_to_publish(db, created_before=_ago(5), republish_before=_ago(300), limit=100_000)
-    )
-    assert never_old.id in picked
-    assert stale.id in picked
-    assert not picked & {fresh.id, recent.id, running.id, done.id}
+    def picked() -> set[int]:
+        never = jobs.never_published(db, created_before=_ago(5), limit=100_000)
+        long = jobs.long_queued(db, published_before=_ago(300), limit=100_000)
+        return {*never, *(job_id for job_id, _queue in long)}
+
+    assert never_old.id in picked()
+    assert stale.id in picked()
+    assert not picked() & {fresh.id, recent.id, running.id, done.id}
 
     jobs.mark_enqueued(db, never_old.id)
     db.commit()
-    picked = set(
-        jobs.jobs_to_publish(db, created_before=_ago(5), republish_before=_ago(300), limit=100_000)
-    )
-    assert never_old.id not in picked
+    assert never_old.id not in picked()
     assert _reload(db, never_old.id).enqueued_at is not None
 
 
