@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from db.models import Job, JobState, Operation
 from db.repositories import jobs, keys
 from db.session import session_scope
 from tests.support.servers import WebhookReceiver
+from tests.support.system import settings_env
 
 
 def formatted(record_logger: Callable[[logging.Logger], None]) -> dict[str, Any]:
@@ -122,15 +122,9 @@ def wait_until(what: str, check: Callable[[], bool], log_path: Path, timeout: fl
 
 def tier_env(settings: Settings, tmp_path: Path) -> dict[str, str]:
     return {
-        **os.environ,
+        **settings_env(settings, tmp_path / "data"),
         "PYTHONUNBUFFERED": "1",
         "DARKROOM_LOG_FORMAT": "json",
-        "DARKROOM_DATA_DIR": str(tmp_path / "data"),
-        "DARKROOM_DATABASE_URL": settings.resolved_database_url,
-        "DARKROOM_BROKER_URL": settings.resolved_broker_url,
-        "DARKROOM_JOB_QUEUE": settings.job_queue,
-        "DARKROOM_WEBHOOK_QUEUE": settings.webhook_queue,
-        "DARKROOM_URL_ALLOWLIST": "127.0.0.1/32",
     }
 
 

@@ -28,7 +28,7 @@ from darkroom.settings import Settings
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
 from tests.support.servers import ImageServer, Received, WebhookReceiver
-from tests.support.system import darkroom_up, free_port
+from tests.support.system import darkroom_up, free_port, production_env
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -243,17 +243,10 @@ def test_worker_and_dispatcher_export_job_model_and_webhook_metrics(
     image_server: ImageServer,
     receiver: WebhookReceiver,
 ) -> None:
-    suffix = uuid.uuid4().hex[:8]
     worker_port, dispatcher_port = free_port(), free_port()
     receiver.respond = first_post_fails([])
     env = {
-        "DARKROOM_DATA_DIR": str(tmp_path / "data"),
-        "DARKROOM_DATABASE_URL": own_pg_url,
-        "DARKROOM_BROKER_URL": redis_url,
-        "DARKROOM_JOB_QUEUE": f"metrics.jobs.{suffix}",
-        "DARKROOM_WEBHOOK_QUEUE": f"metrics.webhooks.{suffix}",
-        "DARKROOM_MODEL_PRESET": "tiny",
-        "DARKROOM_URL_ALLOWLIST": "127.0.0.1/32",
+        **production_env(tmp_path / "data", own_pg_url, redis_url, "metrics"),
         "DARKROOM_WEBHOOK_SCHEDULE_S": "0,0.2,0.2",
         "DARKROOM_WEBHOOK_JITTER": "0",
         "DARKROOM_WORKER_METRICS_PORT": str(worker_port),

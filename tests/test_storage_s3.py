@@ -35,7 +35,7 @@ from tests.api.test_fetch import submit_pix2pix
 from tests.api.test_submit import IMG2IMG, PIX2PIX, post
 from tests.conftest import fresh_database
 from tests.support.servers import ImageServer, WebhookReceiver
-from tests.support.system import darkroom_up
+from tests.support.system import darkroom_up, production_env
 from tests.test_storage import PNG, finish_job
 from worker.sweeper import expire_temporary_outputs
 
@@ -282,16 +282,9 @@ def test_a_real_job_stores_its_output_in_the_bucket_end_to_end(
     image_server: ImageServer,
     receiver: WebhookReceiver,
 ) -> None:
-    suffix = uuid.uuid4().hex[:8]
     env = {
         **AWS_ENV,
-        "DARKROOM_DATA_DIR": str(tmp_path / "data"),
-        "DARKROOM_DATABASE_URL": own_pg_url,
-        "DARKROOM_BROKER_URL": redis_url,
-        "DARKROOM_JOB_QUEUE": f"s3.jobs.{suffix}",
-        "DARKROOM_WEBHOOK_QUEUE": f"s3.webhooks.{suffix}",
-        "DARKROOM_MODEL_PRESET": "tiny",
-        "DARKROOM_URL_ALLOWLIST": "127.0.0.1/32",
+        **production_env(tmp_path / "data", own_pg_url, redis_url, "s3"),
         "DARKROOM_STORAGE": "s3",
         "DARKROOM_S3_BUCKET": bucket,
         "DARKROOM_S3_ENDPOINT_URL": s3_endpoint,

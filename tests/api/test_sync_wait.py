@@ -8,7 +8,6 @@ re-check only every 30 s here, so a prompt answer can only come from the notific
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -38,6 +37,7 @@ from db.repositories.keys import IssuedKey, create_key
 from db.session import session_factory, session_scope
 from tests.api.test_submit import PIX2PIX
 from tests.support.servers import ImageServer
+from tests.support.system import settings_env
 
 #: Long enough that only a notification can wake a wait within a test's patience.
 RECHECK_S = 30.0
@@ -407,15 +407,7 @@ def _wait_until(condition: Any, timeout: float = 10) -> None:
 @contextmanager
 def running_worker(settings: Settings, workdir: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A `darkroom worker` process on the settings' database and job queue; SIGTERM after."""
-    env = {
-        **os.environ,
-        "DARKROOM_DATA_DIR": str(workdir / "worker-data"),
-        "DARKROOM_DATABASE_URL": settings.resolved_database_url,
-        "DARKROOM_BROKER_URL": settings.resolved_broker_url,
-        "DARKROOM_JOB_QUEUE": settings.job_queue,
-        "DARKROOM_MODEL_PRESET": "tiny",
-        "DARKROOM_URL_ALLOWLIST": "127.0.0.1/32",
-    }
+    env = settings_env(settings, workdir / "worker-data")
     log_path = workdir / "worker.log"
     with log_path.open("wb") as log:
         worker = subprocess.Popen(

@@ -8,7 +8,6 @@ worker ran a job. Then the holder of `tiny-a` is killed, and its model's jobs st
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from db.models import TERMINAL_STATES, Job, JobState
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
 from tests.support.servers import ImageServer
+from tests.support.system import settings_env
 from worker.sweeper import sweep_once
 
 pytestmark = pytest.mark.slow
@@ -99,14 +99,7 @@ def _start(tuned: Settings, tmp_path: Path, name: str, model_id: str) -> Worker:
     data_dir = tmp_path / name
     data_dir.mkdir()
     env = {
-        **os.environ,
-        "DARKROOM_DATA_DIR": str(data_dir),
-        "DARKROOM_DATABASE_URL": tuned.resolved_database_url,
-        "DARKROOM_BROKER_URL": tuned.resolved_broker_url,
-        "DARKROOM_JOB_QUEUE": tuned.job_queue,
-        "DARKROOM_WEBHOOK_QUEUE": tuned.webhook_queue,
-        "DARKROOM_MODEL_PRESET": "tiny",
-        "DARKROOM_URL_ALLOWLIST": "127.0.0.1/32",
+        **settings_env(tuned, data_dir),
         "DARKROOM_AFFINITY_TTL_S": str(TTL_S),
         "DARKROOM_LOG_FORMAT": "text",
         "OMP_NUM_THREADS": "1",  # two workers share two cores with everything else

@@ -11,7 +11,6 @@ import base64
 import io
 import json
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from standardwebhooks.webhooks import Webhook
 
 from tests.api.test_submit import IMG2IMG, MIXER_V5, MIXER_V6, PIX2PIX
 from tests.support.servers import ImageServer, Received, WebhookReceiver, png
-from tests.support.system import RunningSystem, darkroom_up
+from tests.support.system import RunningSystem, darkroom_up, production_env
 
 pytestmark = pytest.mark.slow
 
@@ -78,17 +77,8 @@ def test_reference_examples_end_to_end_on_postgres_and_redis(
     image_server: ImageServer,
     receiver: WebhookReceiver,
 ) -> None:
-    suffix = uuid.uuid4().hex[:8]
-    env = {
-        "DARKROOM_DATA_DIR": str(tmp_path / "data"),
-        # A database of its own: the system's sweeper would also run other tests' leftovers.
-        "DARKROOM_DATABASE_URL": own_pg_url,
-        "DARKROOM_BROKER_URL": redis_url,
-        "DARKROOM_JOB_QUEUE": f"e2e.jobs.{suffix}",
-        "DARKROOM_WEBHOOK_QUEUE": f"e2e.webhooks.{suffix}",
-        "DARKROOM_MODEL_PRESET": "tiny",
-        "DARKROOM_URL_ALLOWLIST": "127.0.0.1/32",
-    }
+    # A database of its own: the system's sweeper would also run other tests' leftovers.
+    env = production_env(tmp_path / "data", own_pg_url, redis_url, "e2e")
     with darkroom_up(env, tmp_path) as system:
         key = system.create_key()
         accepted = []

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from typing import Any
 
 import httpx
 
+from darkroom.settings import Settings
+
 
 def free_port() -> int:
     """An unused TCP port on 127.0.0.1."""
@@ -24,6 +27,38 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def production_env(
+    data_dir: Path, database_url: str, broker_url: str, queue_prefix: str
+) -> dict[str, str]:
+    """Variables for a production-profile system under test: the given database and broker,
+    queue names no other run shares, the tiny models, loopback image and webhook URLs allowed."""
+    suffix = uuid.uuid4().hex[:8]
+    return {
+        "DARKROOM_DATA_DIR": str(data_dir),
+        "DARKROOM_DATABASE_URL": database_url,
+        "DARKROOM_BROKER_URL": broker_url,
+        "DARKROOM_JOB_QUEUE": f"{queue_prefix}.jobs.{suffix}",
+        "DARKROOM_WEBHOOK_QUEUE": f"{queue_prefix}.webhooks.{suffix}",
+        "DARKROOM_MODEL_PRESET": "tiny",
+        "DARKROOM_URL_ALLOWLIST": "127.0.0.1/32",
+    }
+
+
+def settings_env(settings: Settings, data_dir: Path) -> dict[str, str]:
+    """The environment of one tier process started on `settings`' database, broker and queues
+    (the tiny models, loopback URLs allowed), with a data folder of its own."""
+    return {
+        **os.environ,
+        "DARKROOM_DATA_DIR": str(data_dir),
+        "DARKROOM_DATABASE_URL": settings.resolved_database_url,
+        "DARKROOM_BROKER_URL": settings.resolved_broker_url,
+        "DARKROOM_JOB_QUEUE": settings.job_queue,
+        "DARKROOM_WEBHOOK_QUEUE": settings.webhook_queue,
+        "DARKROOM_MODEL_PRESET": "tiny",
+        "DARKROOM_URL_ALLOWLIST": "127.0.0.1/32",
+    }
 
 
 def darkroom(env: dict[str, str], *args: str, timeout: float = 120) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from db.repositories import jobs
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
 from tests.support.servers import ImageServer
+from tests.support.system import settings_env
 
 pytestmark = pytest.mark.slow
 
@@ -56,15 +56,7 @@ def test_sigterm_lets_the_running_job_finish(
                 api_key.row.id, spec.operation, "enterprise", spec.to_row(), {}, None, None
             ),
         ).id
-    env = {
-        **os.environ,
-        "DARKROOM_DATA_DIR": str(tmp_path / "data"),
-        "DARKROOM_DATABASE_URL": settings.resolved_database_url,
-        "DARKROOM_BROKER_URL": settings.resolved_broker_url,
-        "DARKROOM_JOB_QUEUE": queue,
-        "DARKROOM_MODEL_PRESET": "tiny",
-        "DARKROOM_URL_ALLOWLIST": "127.0.0.1/32",
-    }
+    env = settings_env(settings.model_copy(update={"job_queue": queue}), tmp_path / "data")
     log = (tmp_path / "worker.log").open("wb")
     worker = subprocess.Popen(
         [sys.executable, "-m", "darkroom.cli", "worker"], env=env, stdout=log, stderr=log
