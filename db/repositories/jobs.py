@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from db.clock import DbNow, db_now
 from db.models import TERMINAL_STATES, Job, JobOutput, JobState, Operation, utcnow
 
 
@@ -102,7 +103,7 @@ def get_job_for_key(session: Session, job_id: int, api_key_id: int) -> Job | Non
 
 def mark_enqueued(session: Session, job_id: int) -> None:
     """Record that the job's id reached the broker (the outbox is drained for it)."""
-    session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()))
+    session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=DbNow()))
 
 
 def _claimed(now: datetime, lease_s: float) -> dict[Any, Any]:
@@ -120,7 +121,7 @@ def claim_job(
     session: Session, job_id: int, *, lease_s: float, max_attempts: int
 ) -> tuple[ClaimOutcome, Job | None]:
     """Take a job: queued, or processing with an expired lease, and with attempts left."""
-    now = utcnow()
+    now = db_now(session)  # leases are compared on the database's clock, not this host's
     claimable = or_(
         Job.state == JobState.QUEUED,
         and_(Job.state == JobState.PROCESSING, Job.lease_until < now),
@@ -164,7 +165,7 @@ def claim_batch_companions(
     """
     if limit < 1:
         return []
-    now = utcnow()
+    now = db_now(session)
     candidates = session.scalars(
         select(Job.id)
         .where(
@@ -204,7 +205,7 @@ def extend_leases(session: Session, job_ids: list[int], lease_s: float) -> int:
     result = session.execute(
         update(Job)
         .where(Job.id.in_(job_ids), Job.state == JobState.PROCESSING)
-        .values(lease_until=utcnow() + timedelta(seconds=lease_s))
+        .values(lease_until=db_now(session) + timedelta(seconds=lease_s))
         .execution_options(synchronize_session=False)
     )
     return _rowcount(result)
@@ -215,7 +216,7 @@ def extend_lease(session: Session, job_id: int, lease_s: float) -> bool:
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.state == JobState.PROCESSING)
-        .values(lease_until=utcnow() + timedelta(seconds=lease_s))
+        .values(lease_until=db_now(session) + timedelta(seconds=lease_s))
         .execution_options(synchronize_session=False)
     )
     return _rowcount(result) == 1
@@ -317,7 +318,7 @@ def jobs_with_expired_lease(session: Session, *, limit: int = 100) -> list[Job]:
     """Processing jobs whose worker stopped renewing the lease (it crashed or vanished)."""
     rows = session.scalars(
         select(Job)
-        .where(Job.state == JobState.PROCESSING, Job.lease_until < utcnow())
+        .where(Job.state == JobState.PROCESSING, Job.lease_until < DbNow())
         .order_by(Job.id)
         .limit(limit)
     )
@@ -328,7 +329,7 @@ def requeue_job(session: Session, job_id: int) -> bool:
     """Hand an orphaned processing job back to the queue (the sweeper re-sends its id)."""
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.state == JobState.PROCESSING, Job.lease_until < utcnow())
+        .where(Job.id == job_id, Job.state == JobState.PROCESSING, Job.lease_until < DbNow())
         .values(state=JobState.QUEUED, enqueued_at=None, lease_until=None)
         .execution_options(synchronize_session=False)
     )
