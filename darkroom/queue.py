@@ -5,8 +5,11 @@ No task code lives here: the API sends tasks by name, so it never imports the wo
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis
@@ -110,3 +113,93 @@ def queue_lengths(settings: Settings, names: Iterable[str], timeout_s: float) ->
         return redis_list_lengths(client, names)
     finally:
         client.close()
+
+
+@dataclass(frozen=True)
+class HeldIds:
+    """The record ids the broker holds per queue: `waiting` in the queue, or `unacked`: handed
+    to a consumer that has not acknowledged them yet (running, or held by a dead consumer)."""
+
+    waiting: dict[str, set[int]] = field(default_factory=dict)
+    unacked: dict[str, set[int]] = field(default_factory=dict)
+
+    def holds(self, queue: str, record_id: int) -> bool:
+        """True if a message for `record_id` waits in `queue`."""
+        return record_id in self.waiting.get(queue, set())
+
+    def delivered(self, queue: str, record_id: int) -> bool:
+        """True if a consumer of `queue` took `record_id`'s message and has not acknowledged it."""
+        return record_id in self.unacked.get(queue, set())
+
+
+def held_ids(
+    settings: Settings, task_name: str, queues: Iterable[str], timeout_s: float
+) -> HeldIds:
+    """Which ids of `task_name` the broker holds in each of `queues` (raises if Redis cannot
+    answer within `timeout_s`). Read message by message, not counted: a stale duplicate in a
+    queue must not hide another job's lost message."""
+    names = sorted(set(queues))
+    if settings.is_embedded_broker:
+        return HeldIds(waiting=_filesystem_ids(settings, task_name, names))
+    client = redis.Redis.from_url(
+        settings.resolved_broker_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
+    )
+    try:
+        return _redis_ids(client, task_name, names)
+    finally:
+        client.close()
+
+
+def _redis_ids(client: redis.Redis, task_name: str, names: list[str]) -> HeldIds:
+    """kombu's Redis layout: one list per queue and priority step, and one `unacked` hash of
+    `[message, exchange, routing key]` for every message a consumer holds (acks late)."""
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        for priority in PRIORITY_STEPS:
+            pipe.lrange(f"{name}{RedisChannel.sep}{priority}" if priority else name, 0, -1)
+    pipe.hvals(RedisChannel.unacked_key)
+    *lists, unacked = pipe.execute()
+    waiting: dict[str, set[int]] = {name: set() for name in names}
+    for index, raw_messages in enumerate(lists):
+        found = waiting[names[index // len(PRIORITY_STEPS)]]
+        found.update(i for raw in raw_messages if (i := _record_id(raw, task_name)) is not None)
+    taken: dict[str, set[int]] = {name: set() for name in names}
+    for raw in unacked:
+        message, _exchange, routing_key = json.loads(raw)
+        record_id = _record_id(message, task_name)
+        if routing_key in taken and record_id is not None:
+            taken[routing_key].add(record_id)  # the default exchange routes by queue name
+    return HeldIds(waiting, taken)
+
+
+def _filesystem_ids(settings: Settings, task_name: str, names: list[str]) -> dict[str, set[int]]:
+    """The embedded broker: one `<stamp>_<uuid>.<queue>.msg` file per waiting message (a
+    consumer deletes the file when it takes the message: nothing is held unacknowledged)."""
+    waiting: dict[str, set[int]] = {name: set() for name in names}
+    for path in settings.broker_dir.glob("*.msg"):
+        queue = path.name.partition(".")[2].removesuffix(".msg")
+        if queue not in waiting:
+            continue
+        try:
+            record_id = _record_id(path.read_bytes(), task_name)
+        except FileNotFoundError:  # taken by a consumer since the listing
+            continue
+        if record_id is not None:
+            waiting[queue].add(record_id)
+    return waiting
+
+
+def _record_id(message: bytes | str | dict[str, Any], task_name: str) -> int | None:
+    """The record id a Celery message of `task_name` carries; None for any other message."""
+    try:
+        payload = json.loads(message) if isinstance(message, bytes | str) else message
+        if payload["headers"]["task"] != task_name:
+            return None
+        body = payload["body"]
+        if payload["properties"].get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args, _kwargs, _embed = json.loads(body)
+        return int(args[0])
+    except (ValueError, KeyError, TypeError, IndexError):
+        log.warning("unreadable message in the broker ignored")
+        return None

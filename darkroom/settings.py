@@ -152,6 +152,19 @@ class Settings(BaseSettings):
     sync_wait_recheck_s: float = Field(default=5.0, gt=0)
     sync_wait_poll_s: float = Field(default=0.5, gt=0)
 
+    # --- recovery: lost messages and database outages (docs/RELIABILITY.md) ---
+    # Every sweep compares the broker's messages with the jobs and deliveries waiting in the
+    # database; one published longer ago than this (the database's clock) and absent from the
+    # broker was lost and is sent again. `republish_after_s` still applies to a message a
+    # consumer took and never acknowledged (a worker that died before claiming it).
+    lost_message_grace_s: float = Field(default=2.0, gt=0)
+    # A worker whose claim cannot reach the database waits this long, then returns the message
+    # to its queue instead of acknowledging it.
+    claim_retry_delay_s: float = Field(default=1.0, gt=0, le=30)
+    # A worker that cannot record a finished job (the database is down) retries this long,
+    # with back-off, while it still holds the images; past it the job's lease decides.
+    finish_retry_s: float = Field(default=60.0, ge=0)
+
     # --- operators: dashboard ---
     # Bearer token of /dashboard and /admin/api/...; empty turns both off (they answer 404).
     admin_token: str = Field(default="", repr=False)

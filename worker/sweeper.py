@@ -2,10 +2,17 @@
 
 Every few seconds it (1) hands back jobs whose worker stopped renewing its lease, failing
 those out of attempts, (2) publishes job ids that were committed but never reached the broker,
-to the queue model-affinity routing picks now, (3) moves jobs out of model queues that no live
-worker consumes to the general queue, (4) publishes webhook deliveries whose retry time has
-come, and (5) deletes the files of temporary outputs that have expired. Publishing twice is
-harmless: workers and the dispatcher claim rows with conditional updates.
+or whose message the broker lost, to the queue model-affinity routing picks now, (3) moves jobs
+out of model queues that no live worker consumes to the general queue, (4) publishes webhook
+deliveries whose retry time has come or whose message was lost, and (5) deletes the files of
+temporary outputs that have expired. Publishing twice is harmless: workers and the dispatcher
+claim rows with conditional updates.
+
+Lost messages are found by comparison, on every sweep: the ids the broker holds (its queues and
+kombu's unacked hash, `darkroom.queue.held_ids`) against the rows waiting in the database. A
+row published longer ago than `lost_message_grace_s` whose id the broker does not hold is sent
+again, so a broker that restarts empty is refilled within seconds. Every age is measured on the
+database's clock (`db.clock`), never this host's.
 """
 
 from __future__ import annotations
@@ -23,17 +30,20 @@ from sqlalchemy.orm import Session
 from darkroom import outcomes
 from darkroom.affinity import model_queue_prefix, publish_job, routing_enabled, unconsumed
 from darkroom.outcomes import exhausted_message
-from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, queue_lengths, send
+from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, HeldIds, held_ids, send
 from darkroom.settings import Settings
 from darkroom.storage import make_storage
+from db.clock import db_now
 from db.models import utcnow
 from db.repositories import jobs, routing, webhooks
 from db.session import session_scope
 
 log = logging.getLogger(__name__)
 
-#: How long the sweeper waits for the broker to count a queue's messages.
+#: How long the sweeper waits for the broker to list a queue's messages.
 BROKER_PROBE_TIMEOUT_S = 2.0
+#: Waiting jobs compared with the broker per sweep at most (oldest first).
+LOST_SCAN_LIMIT = 10_000
 #: Age after which a temporary output file is a crashed write's leftover, and how often to look.
 PARTIAL_WRITE_MAX_AGE_S = 3600.0
 
@@ -82,12 +92,10 @@ def _recover_orphans(settings: Settings, broker: Celery) -> tuple[int, int]:
 
 def _drain_job_outbox(settings: Settings, broker: Celery) -> int:
     """Publish queued jobs that never reached the broker, or whose message was lost."""
-    now = utcnow()
+    lost = _lost_jobs(settings)
     with session_scope(settings.resolved_database_url) as session:
-        never = jobs.never_published(
-            session, created_before=now - timedelta(seconds=settings.outbox_grace_s)
-        )
-        pending = never + _lost_messages(settings, session, now)
+        created_before = db_now(session) - timedelta(seconds=settings.outbox_grace_s)
+        pending = jobs.never_published(session, created_before=created_before) + lost
         models = routing.requested_models(session, pending)
     sent = 0
     for job_id in pending:
@@ -101,24 +109,43 @@ def _drain_job_outbox(settings: Settings, broker: Celery) -> int:
     return sent
 
 
-def _lost_messages(settings: Settings, session: Session, now: datetime) -> list[int]:
-    """Jobs queued for longer than `republish_after_s` in a queue that holds fewer messages
-    than the database has jobs waiting in it: the broker lost messages. Without the count, a
-    long backlog would be sent again, all of it, every `republish_after_s`, inflating the queue
-    (and any autoscaler reading its length) with duplicates."""
-    published_before = now - timedelta(seconds=settings.republish_after_s)
-    candidates = jobs.long_queued(session, published_before=published_before)
-    if not candidates:
+def _lost_jobs(settings: Settings) -> list[int]:
+    """Queued jobs whose message the broker no longer holds: exactly those, not a whole backlog.
+
+    The broker is read before the jobs: a job published after that read is younger than the
+    grace (on the database's clock), and a job a worker took meanwhile was waiting when read.
+    A message a consumer took and never acknowledged counts as held for `republish_after_s`.
+    """
+    with session_scope(settings.resolved_database_url) as session:
+        queues = set(jobs.published_queued_counts(session, settings.job_queue))
+    held = _held(settings, RUN_JOB_TASK, queues) if queues else None
+    if held is None:
         return []
-    waiting = jobs.published_queued_counts(session, settings.job_queue)
-    queues = {queue or settings.job_queue for _, queue in candidates}
+    with session_scope(settings.resolved_database_url) as session:
+        now = db_now(session)
+        waiting = _published_jobs(session, settings, now, settings.lost_message_grace_s)
+        missing = [(job_id, queue) for job_id, queue in waiting if not held.holds(queue, job_id)]
+        taken = {job_id for job_id, queue in missing if held.delivered(queue, job_id)}
+        stale = _published_jobs(session, settings, now, settings.republish_after_s) if taken else []
+    return [job_id for job_id, _ in missing if job_id not in taken or job_id in dict(stale)]
+
+
+def _published_jobs(
+    session: Session, settings: Settings, now: datetime, seconds: float
+) -> list[tuple[int, str]]:
+    """(id, queue) of queued jobs published more than `seconds` before `now`, oldest first."""
+    before = now - timedelta(seconds=seconds)
+    rows = jobs.long_queued(session, published_before=before, limit=LOST_SCAN_LIMIT)
+    return [(job_id, queue or settings.job_queue) for job_id, queue in rows]
+
+
+def _held(settings: Settings, task_name: str, queues: set[str]) -> HeldIds | None:
+    """What the broker holds of `queues`; None (logged) when it cannot answer."""
     try:
-        held = queue_lengths(settings, queues, timeout_s=BROKER_PROBE_TIMEOUT_S)
+        return held_ids(settings, task_name, queues, timeout_s=BROKER_PROBE_TIMEOUT_S)
     except Exception:
         log.warning("broker unreachable: cannot tell lost messages yet")
-        return []
-    short = {queue for queue in queues if held.get(queue, 0) < waiting.get(queue, 0)}
-    return [job_id for job_id, queue in candidates if (queue or settings.job_queue) in short]
+        return None
 
 
 def _rescue_stranded(settings: Settings, broker: Celery) -> int:
@@ -138,9 +165,9 @@ def _stranded_jobs(settings: Settings) -> list[int]:
     advertises (its holder died or evicted the model); none when Redis cannot tell."""
     if not routing_enabled(settings):
         return []
-    # The wait keeps a job routed a moment before its holder's renewal from moving needlessly.
-    waited = utcnow() - timedelta(seconds=settings.affinity_stranded_after_s)
     with session_scope(settings.resolved_database_url) as session:
+        # The wait keeps a job routed a moment before its holder's renewal from moving needlessly.
+        waited = db_now(session) - timedelta(seconds=settings.affinity_stranded_after_s)
         waiting = routing.jobs_in_model_queues(
             session, model_queue_prefix(settings), enqueued_before=waited
         )
@@ -155,10 +182,9 @@ def _stranded_jobs(settings: Settings) -> list[int]:
 
 
 def _send_due_deliveries(settings: Settings, broker: Celery) -> int:
-    """Publish webhook deliveries whose next attempt is due."""
-    republish_before = utcnow() - timedelta(seconds=settings.republish_after_s)
-    with session_scope(settings.resolved_database_url) as session:
-        due = webhooks.due_delivery_ids(session, republish_before=republish_before)
+    """Publish webhook deliveries whose next attempt is due and whose message is not in the
+    broker: never published (a retry fell due), or published and lost."""
+    due = _due_deliveries(settings)
     sent = 0
     for delivery_id in due:
         if not send(broker, DELIVER_WEBHOOK_TASK, delivery_id):
@@ -167,6 +193,28 @@ def _send_due_deliveries(settings: Settings, broker: Celery) -> int:
             webhooks.mark_published(session, delivery_id)
         sent += 1
     return sent
+
+
+def _due_deliveries(settings: Settings) -> list[int]:
+    """Due deliveries held by nobody (no live lease) that the broker does not hold either; the
+    broker is read first, as for jobs (`_lost_jobs`)."""
+    queue = settings.webhook_queue
+    held = _held(settings, DELIVER_WEBHOOK_TASK, {queue})
+    with session_scope(settings.resolved_database_url) as session:
+        now = db_now(session)
+        grace = now - timedelta(seconds=settings.lost_message_grace_s)
+        due = webhooks.due_deliveries(session, grace, limit=LOST_SCAN_LIMIT)
+    stale = now - timedelta(seconds=settings.republish_after_s)
+    if held is None:  # the broker cannot answer: send only what was never sent (it may work)
+        return [delivery_id for delivery_id, published_at in due if published_at is None]
+    lost = [
+        delivery_id
+        for delivery_id, published_at in due
+        if published_at is not None
+        and not held.holds(queue, delivery_id)
+        and (not held.delivered(queue, delivery_id) or published_at < stale)
+    ]
+    return [delivery_id for delivery_id, published_at in due if published_at is None] + lost
 
 
 def expire_temporary_outputs(settings: Settings) -> int:

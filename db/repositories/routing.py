@@ -11,15 +11,17 @@ from datetime import datetime
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from db.models import Job, JobState, utcnow
+from db.clock import DbNow
+from db.models import Job, JobState
 
 
 def mark_published(session: Session, job_id: int, queue_name: str) -> None:
-    """Record that the job's id reached the broker, and on which queue."""
+    """Record that the job's id reached the broker, and on which queue (the database's clock
+    stamps it: the sweeper compares it with its own `now()`)."""
     session.execute(
         update(Job)
         .where(Job.id == job_id)
-        .values(enqueued_at=utcnow(), queue_name=queue_name)
+        .values(enqueued_at=DbNow(), queue_name=queue_name)
         .execution_options(synchronize_session=False)
     )
 
@@ -29,7 +31,7 @@ def mark_published_many(session: Session, job_ids: Sequence[int], queue_name: st
     session.execute(
         update(Job)
         .where(Job.id.in_(job_ids))
-        .values(enqueued_at=utcnow(), queue_name=queue_name)
+        .values(enqueued_at=DbNow(), queue_name=queue_name)
         .execution_options(synchronize_session=False)
     )
 

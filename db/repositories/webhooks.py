@@ -9,6 +9,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from db.clock import DbNow, db_now
 from db.models import DeliveryState, WebhookAttempt, WebhookDelivery, utcnow
 
 
@@ -23,9 +24,19 @@ class AttemptRecord:
 
 
 def create_delivery(session: Session, *, job_id: int, url: str, payload: str) -> WebhookDelivery:
-    """Queue the one delivery of a job, due now, with the `webhook-id` every attempt will carry."""
+    """Queue the one delivery of a job, due now, with the `webhook-id` every attempt will carry.
+
+    "Now" is the database's: a dispatcher whose clock is behind this process's must still find
+    it due (the caller publishes it right after the commit, so it counts as published too).
+    """
+    now = db_now(session)
     delivery = WebhookDelivery(
-        job_id=job_id, url=url, payload=payload, message_id="msg_" + secrets.token_hex(12)
+        job_id=job_id,
+        url=url,
+        payload=payload,
+        message_id="msg_" + secrets.token_hex(12),
+        next_attempt_at=now,
+        enqueued_at=now,
     )
     session.add(delivery)
     session.flush()
@@ -33,8 +44,13 @@ def create_delivery(session: Session, *, job_id: int, url: str, payload: str) ->
 
 
 def claim_delivery(session: Session, delivery_id: int, *, lease_s: float) -> WebhookDelivery | None:
-    """Take a due delivery for one attempt; None if it is not due, finished or held elsewhere."""
-    now = utcnow()
+    """Take a due delivery for one attempt; None if it is not due, finished or held elsewhere.
+
+    One attempt at a time: the conditional UPDATE refuses while another attempt's lease is live
+    (`lease_s` must outlast a whole attempt), and "due" and "live" are read on the database's
+    clock, so hosts whose clocks differ agree on both.
+    """
+    now = db_now(session)
     due = and_(
         WebhookDelivery.state == DeliveryState.PENDING,
         WebhookDelivery.next_attempt_at <= now,
@@ -86,6 +102,11 @@ def schedule_retry(session: Session, delivery: WebhookDelivery, at: datetime) ->
     session.flush()
 
 
+def schedule_retry_in(session: Session, delivery: WebhookDelivery, delay_s: float) -> None:
+    """Make the delivery due again `delay_s` seconds from now on the database's clock."""
+    schedule_retry(session, delivery, db_now(session) + timedelta(seconds=delay_s))
+
+
 def mark_failed(session: Session, delivery: WebhookDelivery) -> None:
     """Give up: the schedule is exhausted or the receiver said 410 Gone."""
     delivery.state = DeliveryState.FAILED
@@ -97,27 +118,35 @@ def mark_failed(session: Session, delivery: WebhookDelivery) -> None:
 def due_delivery_ids(
     session: Session, *, republish_before: datetime, limit: int = 200
 ) -> list[int]:
-    """Pending deliveries that are due, held by nobody, and not published since `republish_before`.
+    """Ids of the `due_deliveries` (not published since `republish_before`)."""
+    return [delivery_id for delivery_id, _ in due_deliveries(session, republish_before, limit)]
+
+
+def due_deliveries(
+    session: Session, published_before: datetime, limit: int = 200
+) -> list[tuple[int, datetime | None]]:
+    """(id, enqueued_at) of pending deliveries that are due and held by nobody (no live lease,
+    on the database's clock), never published or published before `published_before`.
 
     A delivery is published when created (by the worker) and when a retry falls due (by the
-    sweeper); one published long ago and still pending had its message lost, so it goes again.
+    sweeper); the sweeper sends again those whose message the broker no longer holds.
     """
-    now = utcnow()
-    rows = session.scalars(
-        select(WebhookDelivery.id)
+    now = DbNow()
+    rows = session.execute(
+        select(WebhookDelivery.id, WebhookDelivery.enqueued_at)
         .where(
             WebhookDelivery.state == DeliveryState.PENDING,
             WebhookDelivery.next_attempt_at <= now,
             or_(WebhookDelivery.lease_until.is_(None), WebhookDelivery.lease_until < now),
             or_(
                 WebhookDelivery.enqueued_at.is_(None),
-                WebhookDelivery.enqueued_at < republish_before,
+                WebhookDelivery.enqueued_at < published_before,
             ),
         )
         .order_by(WebhookDelivery.next_attempt_at)
         .limit(limit)
     )
-    return list(rows)
+    return [(delivery_id, enqueued_at) for delivery_id, enqueued_at in rows]
 
 
 def mark_published(session: Session, delivery_id: int) -> None:
@@ -125,7 +154,7 @@ def mark_published(session: Session, delivery_id: int) -> None:
     session.execute(
         update(WebhookDelivery)
         .where(WebhookDelivery.id == delivery_id)
-        .values(enqueued_at=utcnow())
+        .values(enqueued_at=DbNow())
         .execution_options(synchronize_session=False)
     )
 
@@ -150,7 +179,7 @@ def replay(session: Session, delivery: WebhookDelivery) -> None:
     """Start a failed delivery's schedule again, due now, with the same webhook-id and body."""
     delivery.state = DeliveryState.PENDING
     delivery.attempt_count = 0
-    delivery.next_attempt_at = utcnow()
+    delivery.next_attempt_at = db_now(session)
     delivery.enqueued_at = None
     delivery.lease_until = None
     delivery.finished_at = None
