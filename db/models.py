@@ -242,3 +242,24 @@ class JobRequeue(Base):
     # The replaced run's webhook delivery with its attempts: webhook_deliveries holds one row
     # per job, and the next outcome needs a delivery of its own (new webhook-id and payload).
     previous_webhook: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+
+
+class IdempotencyKey(Base):
+    """A client's `Idempotency-Key` and the job its first request created: a retry with the
+    same key and body answers that job instead of creating another (kept 24 hours)."""
+
+    __tablename__ = "idempotency_keys"
+    # Scoped per API key: one tenant's key never collides with or reveals another's. The
+    # unique constraint is also what makes two concurrent first requests create one job.
+    __table_args__ = (
+        UniqueConstraint("api_key_id", "key", name="uq_idempotency_keys_api_key_id_key"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    key: Mapped[str] = mapped_column(String(255))
+    # SHA-256 of the endpoint and the body (less the credentials): a reuse with another body
+    # is refused instead of answering a job that does not match the request.
+    request_hash: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
