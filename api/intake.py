@@ -7,6 +7,9 @@ as one multi-row INSERT and one commit. At low load a group is one submission an
 waits; under load the round trips are shared by the whole group. There is no timer: a group is
 simply whatever arrived while the previous one was being stored.
 
+A store function answers each item on its own: one item that cannot be stored must not fail
+the others of its group (api.submission.store_jobs stores a failed group again in halves).
+
 Threads, not asyncio: the request handlers call `submit` from the server's thread pool, which
 works the same under every event loop (the tests' clients start one per request).
 """
@@ -62,6 +65,11 @@ class GroupCommit(Generic[Item, Result]):
         if isinstance(entry.outcome, BaseException):
             raise entry.outcome
         return entry.outcome  # type: ignore[return-value]  # set with done=True
+
+    def pending(self) -> int:
+        """How many submissions wait for a group to take them (for tests and operators)."""
+        with self._changed:
+            return len(self._waiting)
 
     def _store_next_group(self) -> None:
         """Store the oldest waiting items (called holding the lock; released while storing)."""
