@@ -2,33 +2,58 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 
+import anyio.to_thread
 from fastapi import FastAPI
 
-from api.errors import install_error_handlers
+from api.auth import key_cache_for
+from api.errors import MAX_BODY_BYTES, SafeJSONResponse, install_error_handlers
 from api.intake import GroupCommit
+from api.middleware import BodyLimit, InFlightLimit
 from api.routes import cancel, dashboard, fetch, health, metrics, outputs, submit
 from api.submission import store_jobs
 from api.waiting import JobWaiter, listening
 from darkroom.queue import make_celery
 from darkroom.settings import Settings, get_settings
+from db.session import PoolLimits, configure_pool
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The FastAPI application for `settings` (default: from the environment)."""
     settings = settings or get_settings()
+    # Sized with the thread limiter (see `lifespan`): docs/OPERATIONS.md "Sizing the API".
+    configure_pool(
+        PoolLimits(settings.db_pool_size, settings.db_pool_overflow, settings.db_pool_timeout_s)
+    )
     app = FastAPI(
         title="Darkroom",
         summary="Self-hosted image editing with the hosted img_mixer / pix2pix / img2img API.",
         version="0.1.0",
-        lifespan=listening,
+        lifespan=lifespan,
+        default_response_class=SafeJSONResponse,
     )
     app.state.settings = settings
     app.state.broker = make_celery(settings)
     app.state.waiter = JobWaiter.from_settings(settings)
+    app.state.key_cache = key_cache_for(settings)
     app.state.intake = GroupCommit(partial(store_jobs, settings, app.state.broker))
     install_error_handlers(app)
+    # The last added runs first: a request over the in-flight limit is refused at once.
+    app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
+    app.add_middleware(InFlightLimit, limit=settings.api_max_in_flight)
     for module in (submit, fetch, cancel, outputs, health, metrics, dashboard):
         app.include_router(module.router)
     return app
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Set the thread limiter explicitly (anyio's default of 40 is per event loop, and the pool
+    is sized against it), then listen for job ends until shutdown."""
+    settings: Settings = app.state.settings
+    anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
+    async with listening(app):
+        yield

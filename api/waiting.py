@@ -46,11 +46,16 @@ class JobWaiter:
         conninfo: str | None,
         *,
         recheck_s: float,
+        max_waits: int = 200,
         reconnect_s: float = 1.0,
         health_check_s: float = 30.0,
     ) -> None:
         self.conninfo = conninfo
         self.recheck_s = recheck_s
+        #: Sync waits this process holds at once at most (DARKROOM_SYNC_WAIT_MAX_CONCURRENT).
+        self.max_waits = max_waits
+        #: Sync waits in progress now.
+        self.waits = 0
         self.reconnect_s = reconnect_s
         self.health_check_s = health_check_s
         #: How many times the listener has (re)established LISTEN; for tests and operators.
@@ -65,7 +70,7 @@ class JobWaiter:
         waits = settings.sync_wait_max_s > 0
         conninfo = listen_conninfo(settings.resolved_database_url) if waits else None
         recheck = settings.sync_wait_recheck_s if conninfo else settings.sync_wait_poll_s
-        return cls(conninfo, recheck_s=recheck)
+        return cls(conninfo, recheck_s=recheck, max_waits=settings.sync_wait_max_concurrent)
 
     def start(self) -> None:
         """Start listening on the running loop (again, if the loop changed or the task died)."""
@@ -82,6 +87,19 @@ class JobWaiter:
             task.cancel()
             with suppress(asyncio.CancelledError):
                 await task
+
+    @contextmanager
+    def slot(self) -> Iterator[bool]:
+        """Whether a request may wait now; its place is held until the block ends. Each wait
+        re-reads its job now and then: unbounded, waits would crowd out every other request."""
+        if self.waits >= self.max_waits:
+            yield False
+            return
+        self.waits += 1  # only the event loop's thread counts: no lock needed
+        try:
+            yield True
+        finally:
+            self.waits -= 1
 
     @contextmanager
     def subscribe(self, job_id: int) -> Iterator[asyncio.Event]:

@@ -152,6 +152,30 @@ class Settings(BaseSettings):
     sync_wait_recheck_s: float = Field(default=5.0, gt=0)
     sync_wait_poll_s: float = Field(default=0.5, gt=0)
 
+    # --- API tier under load and hostile clients (sized together: docs/OPERATIONS.md) ---
+    # Sync waits one API process holds at once; past it a request answers "processing" at once.
+    sync_wait_max_concurrent: int = Field(default=200, ge=0)
+    # Threads that run blocking request work (anyio's limiter); each holds one connection at most.
+    api_threads: int = Field(default=40, ge=1, le=1000)
+    # Database connections per process: the pool and its overflow; threads <= size + overflow.
+    db_pool_size: int = Field(default=10, ge=1)
+    db_pool_overflow: int = Field(default=30, ge=0)
+    # A request that finds every connection busy this long answers 503 with Retry-After.
+    db_pool_timeout_s: float = Field(default=2.0, gt=0)
+    # How long a valid key is trusted without a lookup: also how late a revocation takes effect.
+    api_key_cache_s: float = Field(default=5.0, ge=0)
+    # Requests in progress per process (not /health); past it 503 with Retry-After at once.
+    api_max_in_flight: int = Field(default=512, ge=1)
+    # Open connections per process; past it a new one is answered 503 and closed.
+    api_max_connections: int = Field(default=4096, ge=1)
+    # A request's head (line and headers) must arrive within this; its body within the other.
+    api_header_timeout_s: float = Field(default=10.0, gt=0)
+    api_body_timeout_s: float = Field(default=60.0, gt=0)
+    # An idle keep-alive connection is closed after this.
+    api_keep_alive_s: float = Field(default=5.0, gt=0)
+    # Connections the kernel queues before the API accepts them.
+    api_backlog: int = Field(default=2048, ge=1)
+
     # --- recovery: lost messages and database outages (docs/RELIABILITY.md) ---
     # Every sweep compares the broker's messages with the jobs and deliveries waiting in the
     # database; one published longer ago than this (the database's clock) and absent from the

@@ -9,9 +9,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from sqlalchemy.orm import Session
-from starlette.concurrency import run_in_threadpool
 
-from api.deps import ApiKeyDep, BodyDep, SessionDep, SettingsDep
+from api.auth import Work, keyed
+from api.deps import BodyDep, SettingsDep, presented_key
 from api.errors import ApiError
 from api.schemas import FetchRequest
 from api.schemas.answers import ErrorAnswer, JobAnswer
@@ -92,54 +92,57 @@ def job_reader(settings: Settings, key: ApiKey, job_id: int) -> ReadAnswer:
 async def answer_or_wait(
     request: Request, response: Response, answer: Answer, *, wait_s: float, key: ApiKey
 ) -> Answer:
-    """`answer`, or with a sync wait the job's answer once it ends or the wait is over."""
+    """`answer`, or with a sync wait the job's answer once it ends or the wait is over. When
+    this process already holds DARKROOM_SYNC_WAIT_MAX_CONCURRENT waits, `answer` at once."""
     if wait_s <= 0:
         return answer
-    response.headers["Preference-Applied"] = applied_preference(wait_s)
-    if answer.get("status") != "processing":
-        return answer
-    settings: Settings = request.app.state.settings
-    read = job_reader(settings, key, int(answer["id"]))
-    return await wait_for_outcome(get_waiter(request), int(answer["id"]), wait_s, read)
+    waiter = get_waiter(request)
+    with waiter.slot() as may_wait:
+        if not may_wait:
+            return answer  # no Preference-Applied: the client learns it did not wait
+        response.headers["Preference-Applied"] = applied_preference(wait_s)
+        if answer.get("status") != "processing":
+            return answer
+        settings: Settings = request.app.state.settings
+        read = job_reader(settings, key, int(answer["id"]))
+        return await wait_for_outcome(waiter, int(answer["id"]), wait_s, read)
 
 
-def _fetch_now(session: Session, settings: Settings, key: ApiKey, job_id: int) -> Answer:
-    """The answer, with the request's transaction ended so a wait holds no connection."""
-    answer = fetch_job(session, settings, key, job_id)
-    session.commit()
-    return answer
+def _fetch_as(settings: Settings, job_id: int) -> Work[tuple[Answer, ApiKey]]:
+    """The work of a fetch: the answer, and the key for a wait's later re-reads."""
+
+    def work(session: Session, key: ApiKey) -> tuple[Answer, ApiKey]:
+        return fetch_job(session, settings, key, job_id), key
+
+    return work
 
 
-async def fetch_by_path(
-    job_id: int,
-    request: Request,
-    response: Response,
-    body: BodyDep,
-    key: ApiKeyDep,
-    session: SessionDep,
-    settings: SettingsDep,
+async def _fetch(
+    request: Request, response: Response, body: dict[str, Any], settings: Settings, job_id: int
 ) -> Answer:
-    """`POST .../fetch/{id}` with body `{key}`."""
+    """Authenticate and read in one thread-pool hop and one short session, then maybe wait
+    (holding no connection and no thread)."""
     wait_s = requested_wait(request, body, settings)
-    answer = await run_in_threadpool(_fetch_now, session, settings, key, job_id)
+    presented = presented_key(request, body)
+    answer, key = await keyed(request, presented, _fetch_as(settings, job_id))
     return await answer_or_wait(request, response, answer, wait_s=wait_s, key=key)
 
 
+async def fetch_by_path(
+    job_id: int, request: Request, response: Response, body: BodyDep, settings: SettingsDep
+) -> Answer:
+    """`POST .../fetch/{id}` with body `{key}`."""
+    return await _fetch(request, response, body, settings, job_id)
+
+
 async def fetch_by_body(
-    request: Request,
-    response: Response,
-    body: BodyDep,
-    key: ApiKeyDep,
-    session: SessionDep,
-    settings: SettingsDep,
+    request: Request, response: Response, body: BodyDep, settings: SettingsDep
 ) -> Answer:
     """`POST .../fetch` with body `{key, request_id}`."""
     parsed = FetchRequest.model_validate(body)
     if parsed.request_id is None:
         raise ApiError(422, {"request_id": ["The request_id field is required."]})
-    wait_s = requested_wait(request, body, settings)
-    answer = await run_in_threadpool(_fetch_now, session, settings, key, parsed.request_id)
-    return await answer_or_wait(request, response, answer, wait_s=wait_s, key=key)
+    return await _fetch(request, response, body, settings, parsed.request_id)
 
 
 #: Fetch by id in the path: the documented paths, then aliases that clients of the hosted API

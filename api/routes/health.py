@@ -8,6 +8,9 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/health", summary="Liveness")
-def health() -> dict[str, str]:
-    """200 while the API process serves requests."""
+async def health() -> dict[str, str]:
+    """200 while the API process serves requests.
+
+    `async`, so it needs no thread: it answers while every thread and connection is busy, and
+    it is never counted against the in-flight limit (api.middleware)."""
     return {"status": "ok"}

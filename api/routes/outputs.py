@@ -7,14 +7,16 @@ import re
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import FileResponse, RedirectResponse
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from api.deps import SessionDep, SettingsDep, presented_key
+from api.auth import KeyCache, authenticate, get_key_cache
+from api.deps import SettingsDep, presented_key
 from api.errors import ApiError
 from darkroom.links import OutputLinks
 from darkroom.settings import Settings
 from db.models import JobOutput, utcnow
 from db.repositories.jobs import get_output
-from db.repositories.keys import find_active_key
+from db.session import session_scope
 
 router = APIRouter(tags=["outputs"])
 
@@ -23,9 +25,7 @@ _OUTPUT_NAME = re.compile(r"^[0-9a-f]{32}-\d{1,2}\.png$")
 
 
 @router.get("/outputs/{filename}", summary="Download an output image")
-def download_output(
-    filename: str, request: Request, session: SessionDep, settings: SettingsDep
-) -> Response:
+async def download_output(filename: str, request: Request, settings: SettingsDep) -> Response:
     """Serve one output PNG by its unguessable name, until it expires if it is temporary.
 
     A local file is streamed; an object in the bucket is a redirect to a link signed now, so
@@ -33,27 +33,45 @@ def download_output(
     DARKROOM_OUTPUT_ACCESS=key only the key that owns the job may download it; another key,
     or none, gets the same 404 as a missing file.
     """
-    output = get_output(session, filename) if _OUTPUT_NAME.match(filename) else None
-    if output is None or not _may_download(request, session, settings, output):
-        raise ApiError(404, "No such output.")
-    if output.expires_at is not None and output.expires_at <= utcnow():
+    presented = presented_key(request, {"key": request.query_params.get("key")})
+    cache = get_key_cache(request)
+    # One thread-pool hop and one short session; the file is streamed after it is closed.
+    return await run_in_threadpool(_output_response, settings, cache, presented, filename)
+
+
+def _output_response(
+    settings: Settings, cache: KeyCache, presented: str | None, filename: str
+) -> Response:
+    """The file, or the redirect to it, after the checks (one session, closed on return)."""
+    with session_scope(settings.resolved_database_url) as session:
+        output = get_output(session, filename) if _OUTPUT_NAME.match(filename) else None
+        if output is None or not _may_download(session, settings, cache, presented, output):
+            raise ApiError(404, "No such output.")
+        expires_at, deleted = output.expires_at, output.deleted_at is not None
+    if expires_at is not None and expires_at <= utcnow():
         raise ApiError(410, "This temporary link has expired.")
     links = OutputLinks.from_settings(settings)
     path = links.storage.path(filename)
     if path is not None:
         return FileResponse(path, media_type="image/png")
-    target = None if output.deleted_at else links.direct(filename, output.expires_at)
+    target = None if deleted else links.direct(filename, expires_at)
     if target is None:
         raise ApiError(404, "No such output.")
     return RedirectResponse(target, status_code=307)
 
 
 def _may_download(
-    request: Request, session: Session, settings: Settings, output: JobOutput
+    session: Session,
+    settings: Settings,
+    cache: KeyCache,
+    presented: str | None,
+    output: JobOutput,
 ) -> bool:
     """Public links always; in key mode only with the owning key."""
     if settings.output_access == "public":
         return True
-    presented = presented_key(request, {"key": request.query_params.get("key")})
-    key = find_active_key(session, presented) if presented else None
-    return key is not None and key.id == output.job.api_key_id
+    try:
+        key = authenticate(session, cache, presented)
+    except ApiError:
+        return False
+    return key.id == output.job.api_key_id
