@@ -37,7 +37,7 @@ from db.models import ApiKey, Job, Operation
 from db.repositories import idempotency, jobs, routing
 from db.repositories.jobs import NewJob
 from db.repositories.keys import active_keys_by_digest, hash_key
-from db.session import session_scope
+from db.session import session_factory
 
 log = logging.getLogger(__name__)
 
@@ -218,26 +218,59 @@ def _refusal(cause: BaseException) -> BaseException:
 
 
 def _store_group(settings: Settings, broker: Celery, group: Sequence[PreparedJob]) -> list[Outcome]:
-    """One transaction for the whole group; _NotStoredError if it failed before its commit."""
-    with session_scope(settings.resolved_database_url) as session:
-        try:
-            decisions = _decide_all(session, settings, group)
-            admitted = [
-                (prepared, decision)
-                for prepared, decision in zip(group, decisions, strict=True)
-                if isinstance(decision, ApiKey)
-            ]
-            rows = _insert(session, admitted)
-        except Exception as exc:
-            raise _NotStoredError from exc
-        session.commit()
+    """One transaction for the whole group; _NotStoredError if it failed before its commit.
+
+    Once the commit returns, every job of the group is answered as accepted whatever happens
+    next (publishing, etas, closing the session): an error answer for a stored job is what
+    makes a client that retries create a duplicate. So only a failing commit itself leaves the
+    outcome unknown (docs/RELIABILITY.md)."""
+    session = session_factory(settings.resolved_database_url)()
+    try:
+        decisions, admitted, rows = _insert_and_commit(session, settings, group)
         etas = _publish_and_estimate(
             session, settings, broker, [prepared for prepared, _ in admitted], rows
         )
+    finally:
+        _close(session)
     accepted = iter(
         [Accepted(job, key, eta) for job, (_, key), eta in zip(rows, admitted, etas, strict=True)]
     )
     return [next(accepted) if isinstance(d, ApiKey) else d for d in decisions]
+
+
+def _insert_and_commit(
+    session: Session, settings: Settings, group: Sequence[PreparedJob]
+) -> tuple[list[ApiKey | Replayed | ApiError], list[tuple[PreparedJob, ApiKey]], list[Job]]:
+    """Decide, insert and commit: each submission's fate, the admitted ones and their rows."""
+    try:
+        decisions = _decide_all(session, settings, group)
+        admitted = [
+            (prepared, decision)
+            for prepared, decision in zip(group, decisions, strict=True)
+            if isinstance(decision, ApiKey)
+        ]
+        rows = _insert(session, admitted)
+    except Exception as exc:
+        _rollback(session)
+        raise _NotStoredError from exc
+    session.commit()
+    return decisions, admitted, rows
+
+
+def _rollback(session: Session) -> None:
+    """Roll back; on a lost connection there is nothing to roll back, and no one to tell."""
+    try:
+        session.rollback()
+    except Exception:
+        log.warning("rollback failed (the connection is gone)", exc_info=True)
+
+
+def _close(session: Session) -> None:
+    """Close the session without raising: its jobs' fate is already decided."""
+    try:
+        session.close()
+    except Exception:
+        log.warning("closing a submission session failed", exc_info=True)
 
 
 def _decide_all(
@@ -331,7 +364,7 @@ def _publish_and_estimate(
         session.commit()
         return _etas(session, rows)
     except Exception:
-        session.rollback()
+        _rollback(session)
         log.exception(
             "jobs %s stored but not all published; the sweeper will", [j.id for j in rows]
         )

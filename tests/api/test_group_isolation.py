@@ -27,7 +27,15 @@ from api.app import create_app
 from api.errors import ApiError
 from api.intake import GroupCommit
 from api.schemas import Pix2PixRequest
-from api.submission import UNSTORABLE, Accepted, Outcome, PreparedJob, prepare_job, store_jobs
+from api.submission import (
+    UNSTORABLE,
+    Accepted,
+    Outcome,
+    PreparedJob,
+    Replayed,
+    prepare_job,
+    store_jobs,
+)
 from api.waiting import listen_conninfo
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
@@ -133,7 +141,7 @@ def test_the_rest_of_a_group_is_stored_when_the_database_refuses_one_row(
 ) -> None:
     url = settings.resolved_database_url
     recorder = Recorder(partial(store_jobs, settings, make_celery(settings)))
-    intake: GroupCommit[PreparedJob, Accepted] = GroupCommit(recorder)
+    intake: GroupCommit[PreparedJob, Accepted | Replayed] = GroupCommit(recorder)
     items = [prepared(settings, api_key, n) for n in range(GROUP)]
     bad = GROUP // 3
     items[bad] = poison(items[bad])
@@ -217,7 +225,7 @@ def test_refused_and_valid_submissions_in_many_concurrent_groups(
 ) -> None:
     """Under a burst with several bad rows, every valid submission is stored exactly once."""
     limited = settings.model_copy(update={"max_active_jobs_per_key": 1000})
-    intake: GroupCommit[PreparedJob, Accepted] = GroupCommit(
+    intake: GroupCommit[PreparedJob, Accepted | Replayed] = GroupCommit(
         partial(store_jobs, limited, make_celery(limited)), max_group=16
     )
     items = [prepared(settings, api_key, n) for n in range(48)]
