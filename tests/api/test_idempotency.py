@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select, update
@@ -19,6 +20,7 @@ from sqlalchemy import select, update
 from api.app import create_app
 from api.routes.submit import MAX_IDEMPOTENCY_KEY, ROUTES
 from api.submission import IDEMPOTENCY_MISMATCH
+from api.waiting import listen_conninfo
 from darkroom.settings import Settings
 from db.migrate import upgrade_to_head
 from db.models import IdempotencyKey, Job, utcnow
@@ -26,7 +28,7 @@ from db.repositories import idempotency
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
 from tests.api.test_compat import ALIASES
-from tests.api.test_group_isolation import in_one_group
+from tests.api.test_group_isolation import in_one_group, jobs_locked, wait_until
 from tests.api.test_submit import ENDPOINTS, PIX2PIX, queued_job_ids
 from tests.api.test_sync_wait import finish_job
 from tests.conftest import count_rows
@@ -185,6 +187,32 @@ def test_concurrent_duplicates_across_groups_make_one_job(
 
     assert {answer.status_code for answer in answers} == {200}
     assert len({answer.json()["id"] for answer in answers}) == 1
+    assert jobs_of(settings, api_key) == 1
+
+
+def test_a_submit_answered_503_was_not_stored_and_its_retry_makes_one_job(
+    client: TestClient, settings: Settings, api_key: IssuedKey
+) -> None:
+    """The database connection is lost while the group waits at its INSERT: 503, nothing kept."""
+    url = settings.resolved_database_url
+    conninfo = listen_conninfo(url)
+    assert conninfo is not None
+    with ThreadPoolExecutor(1) as pool, jobs_locked(url) as blocked:
+        lost = pool.submit(submit, client, api_key, "lost-1")
+        wait_until(lambda: blocked() == 1)
+        with psycopg.connect(conninfo, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks"
+                " WHERE relation = 'jobs'::regclass AND NOT granted"
+            )
+        answer = lost.result(timeout=30)
+
+    assert answer.status_code == 503
+    assert answer.json()["status"] == "error"
+    assert jobs_of(settings, api_key) == 0
+    retried = submit(client, api_key, "lost-1")
+    assert retried.status_code == 200
+    assert submit(client, api_key, "lost-1").json()["id"] == retried.json()["id"]
     assert jobs_of(settings, api_key) == 1
 
 
