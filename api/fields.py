@@ -20,6 +20,19 @@ MAX_SEED = 2**32 - 1
 MAX_IMAGES = 4
 MAX_STEPS = 50
 
+# Caps on the size of what one request carries (docs/PARAMETERS.md lists them). No real request
+# comes near them; they bound the work, memory and answer size (`meta` echoes the request) that
+# one request can cost. The prompt's token cap lives with the tokenizer, in the worker
+# (worker.pipelines.prompts.MAX_PROMPT_WINDOWS).
+MAX_PROMPT_CHARS = 5000
+MAX_ID_CHARS = 200
+MAX_LORAS = 5
+MAX_EMBEDDINGS = 10
+MAX_TRACK_ID_CHARS = 200
+MAX_WEBHOOK_URL_CHARS = 2048
+#: Presigned links carrying session tokens run to a few thousand characters.
+MAX_IMAGE_URL_CHARS = 4096
+
 
 def _to_number(value: Any) -> float:
     """A JSON number, or a string holding one; booleans are not numbers."""
@@ -81,18 +94,49 @@ def to_optional_text(value: Any) -> str | None:
     return text if text.strip() else None
 
 
+def check_length(text: str, max_chars: int) -> str:
+    """`text`, refused when longer than `max_chars` characters."""
+    if len(text) > max_chars:
+        raise ValueError(f"must be at most {max_chars} characters")
+    return text
+
+
+def capped_text(max_chars: int) -> Callable[[Any], str | None]:
+    """`to_optional_text`, refusing strings longer than `max_chars` characters."""
+
+    def parse(value: Any) -> str | None:
+        text = to_optional_text(value)
+        return None if text is None else check_length(text, max_chars)
+
+    return parse
+
+
 def to_url_list(value: Any) -> list[str]:
-    """Image URLs as an array or as one comma-separated string."""
+    """Image URLs as an array or as one comma-separated string (callers cap the count first,
+    with `url_items`, so that a long list is refused before any URL is parsed)."""
+    return [_check_url(item, MAX_IMAGE_URL_CHARS) for item in url_items(value)]
+
+
+def to_single_url(value: Any) -> str:
+    """Exactly one image URL, given as a string or a one-item array."""
+    items = url_items(value)
+    if len(items) != 1:
+        raise ValueError("must be one image URL")
+    return _check_url(items[0], MAX_IMAGE_URL_CHARS)
+
+
+def url_items(value: Any) -> list[Any]:
+    """The non-blank items of an array or a comma-separated string; at least one."""
     if isinstance(value, str):
-        items = value.split(",")
+        items: list[Any] = value.split(",")
     elif isinstance(value, list):
         items = value
     else:
         raise ValueError("must be a URL, a comma-separated list of URLs, or an array of URLs")
-    urls = [_check_url(item) for item in items if not (isinstance(item, str) and not item.strip())]
-    if not urls:
+    given = [item for item in items if not (isinstance(item, str) and not item.strip())]
+    if not given:
         raise ValueError("at least one image URL is required")
-    return urls
+    return given
 
 
 def to_weight_list(value: Any) -> list[float]:
@@ -101,9 +145,6 @@ def to_weight_list(value: Any) -> list[float]:
     if not isinstance(items, list):
         raise ValueError("must be a comma-separated list of numbers")
     return [to_float(item) for item in items]
-
-
-MAX_TRACK_ID_CHARS = 200
 
 
 def to_track_id(value: Any) -> str | int | None:
@@ -117,11 +158,13 @@ def to_track_id(value: Any) -> str | int | None:
     return value
 
 
-def _check_url(value: Any) -> str:
-    """An absolute http(s) URL (reachability is the worker's concern)."""
+def _check_url(value: Any, max_chars: int) -> str:
+    """An absolute http(s) URL of at most `max_chars` (reachability is the worker's concern)."""
     if not isinstance(value, str):
         raise ValueError("must be a URL string")
     url = value.strip()
+    if len(url) > max_chars:
+        raise ValueError(f"URLs must be at most {max_chars} characters")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"'{url[:200]}' is not an http or https URL")
@@ -132,11 +175,16 @@ def _check_url(value: Any) -> str:
     return url
 
 
-def to_url(value: Any) -> str | None:
+def to_url(value: Any, max_chars: int = MAX_IMAGE_URL_CHARS) -> str | None:
     """An optional http(s) URL, null or "" meaning absent."""
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
-    return _check_url(value)
+    return _check_url(value, max_chars)
+
+
+def to_webhook_url(value: Any) -> str | None:
+    """An optional webhook URL, at most MAX_WEBHOOK_URL_CHARS."""
+    return to_url(value, MAX_WEBHOOK_URL_CHARS)
 
 
 def optional(parse: Callable[[Any], T]) -> Callable[[Any], T | None]:
@@ -172,7 +220,10 @@ OptionalInt = Annotated[int | None, BeforeValidator(optional(to_int))]
 Flag = Annotated[bool, BeforeValidator(to_flag)]
 Text = Annotated[str | None, BeforeValidator(to_optional_text)]
 Url = Annotated[str | None, BeforeValidator(to_url)]
-UrlList = Annotated[list[str], BeforeValidator(to_url_list)]
+WebhookUrl = Annotated[str | None, BeforeValidator(to_webhook_url)]
+#: A model, LoRA, VAE, embedding or scheduler id.
+Id = Annotated[str | None, BeforeValidator(capped_text(MAX_ID_CHARS))]
+NegativePrompt = Annotated[str | None, BeforeValidator(capped_text(MAX_PROMPT_CHARS))]
 Weights = Annotated[list[float] | None, BeforeValidator(optional(to_weight_list))]
 TrackId = Annotated[str | int | None, BeforeValidator(to_track_id)]
 

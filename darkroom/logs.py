@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import unquote_plus
 
 from celery import signals
 
@@ -68,8 +69,37 @@ def resolve_format(fmt: str) -> str:
     return fmt
 
 
-#: An API key in a query string (`/outputs/<name>?key=...` in key-scoped download mode).
-_KEY_IN_QUERY = re.compile(r"([?&]key=)[^&\s]*")
+#: One query parameter (`/outputs/<name>?key=...` in key-scoped download mode): its separator,
+#: name and value, all still percent-encoded.
+_QUERY_PARAMETER = re.compile(r"([?&])([^=&\s#]*)=([^&\s#]*)")
+#: Parameter names whose values never reach a log, compared once decoded and lowercased.
+_SECRET_PARAMETERS = {"key"}
+
+
+def redact_query_keys(text: str) -> str:
+    """`text` with the value of every `key` query parameter replaced by `[redacted]`.
+
+    Names are compared as the server reads them, percent-decoded (`%6Bey` and `k%65y` are `key`
+    to Starlette), and also lowercased (`KEY`), so that no spelling escapes the redaction.
+    """
+
+    def redact(match: re.Match[str]) -> str:
+        separator, name, _value = match.groups()
+        if _decoded(name).strip().lower() in _SECRET_PARAMETERS:
+            return f"{separator}{name}=[redacted]"
+        return match.group(0)
+
+    return _QUERY_PARAMETER.sub(redact, text)
+
+
+def _decoded(name: str) -> str:
+    """A parameter name percent-decoded until it stops changing (a few rounds at most)."""
+    for _ in range(3):
+        plain = unquote_plus(name)
+        if plain == name:
+            break
+        name = plain
+    return name
 
 
 class RedactKeysInAccessLog(logging.Filter):
@@ -78,8 +108,7 @@ class RedactKeysInAccessLog(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "uvicorn.access" and isinstance(record.args, tuple):
             record.args = tuple(
-                _KEY_IN_QUERY.sub(r"\1[redacted]", arg) if isinstance(arg, str) else arg
-                for arg in record.args
+                redact_query_keys(arg) if isinstance(arg, str) else arg for arg in record.args
             )
         return True
 

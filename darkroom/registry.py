@@ -9,8 +9,10 @@ to find what to load, so both tiers apply the same rules:
 - Otherwise an id names, in this order, a local file or folder under `models_dir`:
   `<models_dir>/<model_id>/` (a diffusers pipeline folder), `<models_dir>/loras/<name>.safetensors`,
   `<models_dir>/vae/<name>/` (an AutoencoderKL folder), `<models_dir>/embeddings/<name>.safetensors`
-  (or `.pt`); or else a Hugging Face repo id of the form `owner/name`. Anything else is an
-  `UnknownModelError` whose message says how to add it.
+  (or `.pt`); or else a Hugging Face repo id of the form `owner/name` that the operator allows
+  (`hub_models`, DARKROOM_HUB_MODELS) or that is one of the built-in defaults below. Anything
+  else is an `UnknownModelError` whose message says what is installed and how to add it: a
+  client never makes a worker download a repository the operator did not choose.
 
 The image mixer needs two pipelines (Kandinsky 2.2's prior and decoder); a `model_id` for it
 replaces the decoder and keeps the default prior, which all Kandinsky 2.2 decoders share.
@@ -20,8 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from darkroom.settings import Settings
@@ -42,6 +45,10 @@ _NAME = r"[A-Za-z0-9_][A-Za-z0-9_.\-]*"
 _VALID_ID = re.compile(rf"{_NAME}(/{_NAME})?")
 _HUB_ID = re.compile(rf"{_NAME}/{_NAME}")
 _EMBEDDING_SUFFIXES = (".safetensors", ".pt")
+#: Longer ids are refused before any file-system lookup (the API caps its fields the same).
+MAX_ID_CHARS = 200
+#: At most this many installed names are listed in an unknown id's message.
+_LISTED = 20
 
 
 class UnknownModelError(ValueError):
@@ -161,6 +168,20 @@ def resolve_embedding(name: str, settings: Settings) -> str:
     return _locate_file("embedding", name, settings, "embeddings", _EMBEDDING_SUFFIXES)
 
 
+def allowed_hub_ids(settings: Settings) -> frozenset[str]:
+    """The Hub repo ids this server may download: the operator's list and the built-in defaults
+    (the pipelines it loads when a request names no model, and the safety checker)."""
+    defaults = {d.repo_id for chain in _DEFAULTS.values() for d in chain} | {SAFETY_CHECKER_REPO}
+    return frozenset(settings.hub_models) | defaults
+
+
+def may_download(location: str, settings: Settings) -> bool:
+    """Whether a resolved location may be fetched from the Hub: an allowed repo id. The worker's
+    model cache loads every other location with `local_files_only`, in case an id ever reaches
+    it without passing the checks above."""
+    return bool(_HUB_ID.fullmatch(location)) and location in allowed_hub_ids(settings)
+
+
 def resolve_safety_checker(settings: Settings, prompt: str) -> str:
     """The folder or repo holding the safety checker and its feature extractor.
 
@@ -197,6 +218,8 @@ def check_ids(
 
 def _check_syntax(kind: str, name: str) -> None:
     """Refuse ids that could escape a folder or cannot be a repo id."""
+    if len(name) > MAX_ID_CHARS:
+        raise UnknownModelError(f"A {kind} id must be at most {MAX_ID_CHARS} characters.")
     if not _VALID_ID.fullmatch(name):
         raise UnknownModelError(
             f"{name!r} is not a valid {kind} id: use letters, digits, '_', '-' and '.', "
@@ -210,11 +233,12 @@ def _folder(settings: Settings, subfolder: str) -> Path | None:
 
 
 def _locate_folder(kind: str, name: str, settings: Settings, subfolder: str) -> str:
-    """`models_dir/subfolder/name/` when it is a folder, else `name` as a Hub repo id."""
+    """`models_dir/subfolder/name/` when it is a folder, else `name` as an allowed Hub id."""
     folder = _folder(settings, subfolder)
     if folder is not None and (folder / name).is_dir():
         return str((folder / name).resolve())
-    return _hub_or_refuse(kind, name, f"the folder {_hint(settings, subfolder)}{name}/")
+    hint = f"the folder {_hint(settings, subfolder)}{name}/"
+    return _hub_or_refuse(kind, name, settings, hint, partial(_installed_folders, folder))
 
 
 def _locate_file(
@@ -226,17 +250,58 @@ def _locate_file(
         if folder is not None and (folder / f"{name}{suffix}").is_file():
             return str((folder / f"{name}{suffix}").resolve())
     wanted = " or ".join(f"{_hint(settings, subfolder)}{name}{suffix}" for suffix in suffixes)
-    return _hub_or_refuse(kind, name, f"the file {wanted}")
+    installed = partial(_installed_files, folder, suffixes)
+    return _hub_or_refuse(kind, name, settings, f"the file {wanted}", installed)
 
 
-def _hub_or_refuse(kind: str, name: str, local_hint: str) -> str:
-    """`name` when it has the owner/name form of a Hub repo id; else say how to add it."""
-    if _HUB_ID.fullmatch(name):
+def _hub_or_refuse(
+    kind: str, name: str, settings: Settings, local_hint: str, installed: Callable[[], list[str]]
+) -> str:
+    """`name` when it is a Hub repo id this server may download; else say what is installed
+    and how to add it (`installed` lists the folder only then: accepted ids cost no listing)."""
+    if _HUB_ID.fullmatch(name) and name in allowed_hub_ids(settings):
         return name
+    names = installed()
+    shown = ", ".join(names[:_LISTED]) + (", ..." if len(names) > _LISTED else "")
+    listed = ", ".join(sorted(settings.hub_models)[:_LISTED]) or "none"
     raise UnknownModelError(
-        f"Unknown {kind} id {name!r}. To add it, create {local_hint}, "
-        "or use a Hugging Face repo id of the form owner/name."
+        f"Unknown {kind} id {name!r}. Installed: {shown or 'none'}; Hub ids the operator "
+        f"allows: {listed}. To add it, create {local_hint}, or list a Hugging Face repo id "
+        "of the form owner/name in DARKROOM_HUB_MODELS."
     )
+
+
+#: Folders of `models_dir` that hold other kinds than pipelines.
+_RESERVED_FOLDERS = {"loras", "vae", "embeddings", "safety-checker"}
+
+
+def _installed_folders(folder: Path | None) -> list[str]:
+    """The ids of the folders in `folder`, sorted: `name`, or `owner/name` for the models that
+    an owner's folder holds."""
+    if folder is None or not folder.is_dir():
+        return []
+    names = []
+    for entry in sorted(folder.iterdir()):
+        if not entry.is_dir() or entry.name in _RESERVED_FOLDERS:
+            continue
+        inner = (
+            [] if _is_model_folder(entry) else [d for d in entry.iterdir() if _is_model_folder(d)]
+        )
+        names.extend(sorted(f"{entry.name}/{d.name}" for d in inner) or [entry.name])
+    return [name for name in names if _VALID_ID.fullmatch(name)]
+
+
+def _is_model_folder(folder: Path) -> bool:
+    """A diffusers pipeline folder, or a single model's (a VAE's) folder."""
+    return (folder / "model_index.json").is_file() or (folder / "config.json").is_file()
+
+
+def _installed_files(folder: Path | None, suffixes: tuple[str, ...]) -> list[str]:
+    """The ids of the files with one of `suffixes` in `folder`, sorted."""
+    if folder is None or not folder.is_dir():
+        return []
+    stems = {p.name.removesuffix(p.suffix) for p in folder.iterdir() if p.suffix in suffixes}
+    return sorted(stem for stem in stems if _VALID_ID.fullmatch(stem))
 
 
 def _hint(settings: Settings, subfolder: str) -> str:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from darkroom.links import OutputLinks, output_url
-from db.models import Job, JobOutput, JobState, Operation
+from db.models import Job, JobOutput, JobState, Operation, utcnow
 
 #: Reads a stored output file by name (for `base64: yes` answers).
 ReadFile = Callable[[str], bytes]
@@ -75,11 +75,13 @@ def success_body(job: Job, links: OutputLinks, read: ReadFile) -> dict[str, Any]
     outputs = _sorted(job.outputs)
     urls = [links.link(out.filename, out.expires_at) for out in outputs]
     output: list[str] | str = urls
+    gone = 0
     if job.params.get("base64_output"):
-        output = [base64.b64encode(read(out.filename)).decode() for out in outputs]
+        output = _base64_outputs(outputs, read)
+        gone = len(outputs) - len(output)
     elif job.operation == Operation.PIX2PIX and job.endpoint == "v5":
         output = urls[0] if urls else ""
-    return {
+    body: dict[str, Any] = {
         "status": "success",
         "generationTime": job.generation_time,
         "id": job.id,
@@ -88,6 +90,31 @@ def success_body(job: Job, links: OutputLinks, read: ReadFile) -> dict[str, Any]
         "track_id": job.params.get("track_id"),
         "meta": job.meta,
     }
+    if gone:
+        body["message"] = EXPIRED_BASE64_MESSAGE.format(count=gone)
+    return body
+
+
+#: The success answer's note when `temp: yes` outputs were deleted before a base64 fetch.
+EXPIRED_BASE64_MESSAGE = (
+    "{count} temporary output(s) expired and were deleted, so `output` leaves them out;"
+    " `temp: yes` outputs are kept for a limited time."
+)
+
+
+def _base64_outputs(outputs: list[JobOutput], read: ReadFile) -> list[str]:
+    """The outputs' PNGs as base64, leaving out those that expired (the sweeper deletes a
+    temporary output's file once it expires, so a late fetch must not depend on it)."""
+    now = utcnow()
+    encoded = []
+    for out in outputs:
+        if out.deleted_at is not None or (out.expires_at is not None and out.expires_at <= now):
+            continue
+        try:
+            encoded.append(base64.b64encode(read(out.filename)).decode())
+        except FileNotFoundError:  # deleted between the sweeper's check and ours
+            continue
+    return encoded
 
 
 def failed_body(job: Job) -> dict[str, Any]:

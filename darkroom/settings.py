@@ -206,6 +206,17 @@ class Settings(BaseSettings):
             )
         return value
 
+    # --- model ids from clients (docs/SECURITY.md) ---
+    # Hugging Face repo ids (owner/name) that requests may name as model, LoRA, VAE or
+    # embedding, and that workers may download. Any other id must be installed under
+    # models_dir; the built-in default pipelines and the safety checker are always allowed.
+    hub_models: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("hub_models", mode="before")
+    @classmethod
+    def _parse_hub_models(cls, value: object) -> object:
+        return _split_commas(value)
+
     @field_validator("url_allowlist", "webhook_schedule_s", "worker_models", mode="before")
     @classmethod
     def _parse_lists(cls, value: object) -> object:

@@ -86,10 +86,26 @@ def _allowed(host: str, address: IPAddress, allowlist: list[str]) -> bool:
     return _is_public(address)
 
 
+#: Ranges that Python's `is_global` (3.11) counts as global but that reach no public host:
+#: IPv6 site-local (deprecated, still routed inside some sites), the IPv6 documentation
+#: prefix of RFC 9637, and the deprecated 6to4 relay anycast prefix.
+_NOT_PUBLIC = tuple(
+    ipaddress.ip_network(cidr) for cidr in ("fec0::/10", "3fff::/20", "192.88.99.0/24")
+)
+
+
 def _is_public(address: IPAddress) -> bool:
-    """Global unicast only; IPv4-mapped IPv6 is judged by its IPv4 address."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    """Global unicast only. An IPv6 address that carries an IPv4 one (IPv4-mapped, 6to4) is
+    judged by that IPv4 address too: 2002:7f00:1:: reaches 127.0.0.1 through a 6to4 relay."""
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return _is_public(address.ipv4_mapped)
+        if address.sixtofour is not None and not _is_public(address.sixtofour):
+            return False
+        if address.is_site_local:
+            return False
+    if any(address in network for network in _NOT_PUBLIC):
+        return False
     return address.is_global and not address.is_multicast and not address.is_reserved
 
 

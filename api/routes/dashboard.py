@@ -2,7 +2,7 @@
 
 Off (every path answers 404) until DARKROOM_ADMIN_TOKEN is set. The page holds no data; each
 /admin/api/ request must carry `Authorization: Bearer <token>`. It is read-only, and it never
-fetches a job's input URLs: the operator's browser shows them, like any link.
+fetches a job's input URLs, nor does the operator's browser: the page shows them as text.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ ASSETS = {
     "dashboard.js": "text/javascript; charset=utf-8",
     "dashboard.css": "text/css; charset=utf-8",
 }
-#: The page runs only its own script and talks only to this origin; input thumbnails are
-#: images from anywhere (shown by the browser, never fetched by the server).
+#: The page runs only its own script and talks only to this origin. Its only images are our
+#: outputs, fetched from this origin with the token and shown as blobs (whatever the storage,
+#: /admin/api/outputs/ reads it server-side): a client-chosen URL is never loaded.
 PAGE_HEADERS = {
     "content-security-policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
-        "img-src 'self' blob: http: https:; base-uri 'none'; form-action 'none'; "
-        "frame-ancestors 'none'"
+        "img-src 'self' blob:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     ),
     "referrer-policy": "no-referrer",
     "x-content-type-options": "nosniff",

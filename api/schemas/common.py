@@ -9,37 +9,32 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict
 from pydantic_core import PydanticCustomError
 
 from api.fields import (
+    MAX_PROMPT_CHARS,
     Dimension,
     GuidanceScale,
+    NegativePrompt,
     Samples,
     Seed,
-    Text,
     TrackId,
-    Url,
-    to_url_list,
+    WebhookUrl,
+    check_length,
+    to_single_url,
 )
 from darkroom.settings import Settings
 
 
-def _required_text(value: Any) -> str:
-    """A prompt: present and not blank (null and "" count as missing, as in the hosted API)."""
+def _prompt(value: Any) -> str:
+    """A prompt: present, not blank (null and "" count as missing, as in the hosted API), and
+    at most MAX_PROMPT_CHARS long."""
     if value is None or (isinstance(value, str) and not value.strip()):
         raise PydanticCustomError("missing", "Field required")
     if not isinstance(value, str):
         raise ValueError("must be a string")
-    return value
+    return check_length(value, MAX_PROMPT_CHARS)
 
 
-def _single_url(value: Any) -> str:
-    """Exactly one image URL."""
-    urls = to_url_list(value)
-    if len(urls) != 1:
-        raise ValueError("must be one image URL")
-    return urls[0]
-
-
-Prompt = Annotated[str, BeforeValidator(_required_text)]
-SingleUrl = Annotated[str, BeforeValidator(_single_url)]
+Prompt = Annotated[str, BeforeValidator(_prompt)]
+SingleUrl = Annotated[str, BeforeValidator(to_single_url)]
 
 
 class SubmitBase(BaseModel):
@@ -48,13 +43,13 @@ class SubmitBase(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     prompt: Prompt
-    negative_prompt: Text = None
+    negative_prompt: NegativePrompt = None
     width: Dimension = None
     height: Dimension = None
     guidance_scale: GuidanceScale = 7.5
     seed: Seed = None
     samples: Samples = 1
-    webhook: Url = None
+    webhook: WebhookUrl = None
     track_id: TrackId = None
 
     def model_errors(self, settings: Settings) -> dict[str, list[str]]:

@@ -10,13 +10,17 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, BeforeValidator, Field, model_validator
 
 from api.fields import (
+    MAX_EMBEDDINGS,
+    MAX_ID_CHARS,
+    MAX_IMAGE_URL_CHARS,
+    MAX_LORAS,
     MAX_STEPS,
     Flag,
+    Id,
     Int,
     OptionalInt,
     Steps,
     Strength,
-    Text,
     in_range,
     optional,
     to_float,
@@ -36,14 +40,24 @@ SafetyCheckerType = Literal["sensitive_content_text", "blur", "pixelate", "black
 MAX_INLINE_IMAGE_BYTES = 10 * 1024 * 1024
 
 
-def _names(value: Any) -> list[str]:
-    """A comma-separated list of ids (or an array of them); blanks dropped, null is none."""
-    if value is None:
-        return []
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
-        raise ValueError("must be a comma-separated list of names")
-    return [item.strip() for item in items if item.strip()]
+def _names(kind: str, max_items: int) -> Callable[[Any], list[str]]:
+    """A parser of a comma-separated list of at most `max_items` ids (or an array of them);
+    blanks dropped, null is none."""
+
+    def parse(value: Any) -> list[str]:
+        if value is None:
+            return []
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(item, str) for item in items):
+            raise ValueError("must be a comma-separated list of names")
+        names = [item.strip() for item in items if item.strip()]
+        if len(names) > max_items:
+            raise ValueError(f"must name at most {max_items} {kind}")
+        if any(len(name) > MAX_ID_CHARS for name in names):
+            raise ValueError(f"names must be at most {MAX_ID_CHARS} characters each")
+        return names
+
+    return parse
 
 
 def _algorithm(value: Any) -> str | None:
@@ -59,10 +73,13 @@ def _strengths(value: Any) -> list[float]:
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, list):
         items = [items]
+    if len(items) > MAX_LORAS:
+        raise ValueError(f"must hold at most {MAX_LORAS} strengths, one per LoRA")
     return [to_float(item) for item in items]
 
 
-Names = Annotated[list[str], BeforeValidator(_names)]
+LoraNames = Annotated[list[str], BeforeValidator(_names("LoRAs", MAX_LORAS))]
+EmbeddingNames = Annotated[list[str], BeforeValidator(_names("embeddings", MAX_EMBEDDINGS))]
 Strengths = Annotated[list[float] | None, BeforeValidator(optional(_strengths))]
 ClipSkip = Annotated[OptionalInt, in_range(1, 8)]
 AlgorithmType = Annotated[str | None, BeforeValidator(_algorithm)]
@@ -71,19 +88,19 @@ AlgorithmType = Annotated[str | None, BeforeValidator(_algorithm)]
 class Img2ImgRequest(SubmitBase):
     """The enterprise img2img body. Flags default as the page says (most are "yes")."""
 
-    model_id: Text = None
+    model_id: Id = None
     init_image: Annotated[str, BeforeValidator(lambda v: v if isinstance(v, str) else "")]
     num_inference_steps: Steps = Field(
         default=30, validation_alias=AliasChoices("num_inference_steps", "steps")
     )
     strength: Strength = 0.7
-    scheduler: Text = None
+    scheduler: Id = None
     use_karras_sigmas: Flag = True
     algorithm_type: AlgorithmType = None
-    lora_model: Names = Field(default_factory=list)
+    lora_model: LoraNames = Field(default_factory=list)
     lora_strength: Strengths = None
-    vae: Text = None
-    embeddings_model: Names = Field(default_factory=list)
+    vae: Id = None
+    embeddings_model: EmbeddingNames = Field(default_factory=list)
     clip_skip: ClipSkip = None
     tomesd: Flag = True
     safety_checker: Flag = True
@@ -197,6 +214,10 @@ class Img2ImgRequest(SubmitBase):
 
 
 def _try_url(value: str) -> str | None:
+    """`value` as a URL; None when it is not one (it may be base64)."""
+    url = value.strip()
+    if url.lower().startswith(("http://", "https://")) and len(url) > MAX_IMAGE_URL_CHARS:
+        raise ValueError(f"init_image: URLs must be at most {MAX_IMAGE_URL_CHARS} characters")
     try:
         return to_url(value)
     except ValueError:

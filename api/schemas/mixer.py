@@ -2,28 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, BeforeValidator, Field, model_validator
 
-from api.fields import MAX_IMAGES, MAX_STEPS, Int, Samples, Steps, UrlList, Weights, in_range
+from api.fields import (
+    MAX_IMAGES,
+    MAX_STEPS,
+    Int,
+    Samples,
+    Steps,
+    Weights,
+    in_range,
+    to_url_list,
+    url_items,
+)
 from api.schemas.common import SubmitBase
 from darkroom.jobspec import JobSpec
 from db.models import Operation
 
 
+def _mixer_images(value: Any) -> list[str]:
+    """At most MAX_IMAGES URLs, counted before any is parsed."""
+    if len(url_items(value)) > MAX_IMAGES:
+        raise ValueError(f"init_image: at most {MAX_IMAGES} images can be mixed")
+    return to_url_list(value)
+
+
+MixerImages = Annotated[list[str], BeforeValidator(_mixer_images)]
+
+
 class MixerRequest(SubmitBase):
     """`POST /api/v6/image_editing/img_mixer`: an array of at most 4 URLs, one sample."""
 
-    init_image: UrlList
+    init_image: MixerImages
     init_image_weights: Weights = None
     samples: Annotated[Int, in_range(1, 1)] = 1
     steps: Steps = Field(default=25, validation_alias=AliasChoices("steps", "num_inference_steps"))
 
     @model_validator(mode="after")
     def _images_and_weights_agree(self) -> MixerRequest:
-        if len(self.init_image) > MAX_IMAGES:
-            raise ValueError(f"init_image: at most {MAX_IMAGES} images can be mixed")
         weights = self.init_image_weights
         if weights is not None and len(weights) != len(self.init_image):
             raise ValueError(

@@ -277,7 +277,8 @@ def test_real_ids_are_folders_files_or_hub_repos(tmp_path: Path) -> None:
     (models / "loras" / "contrast-fix.safetensors").touch()
     (models / "embeddings").mkdir()
     (models / "embeddings" / "easyneg.pt").touch()
-    settings = Settings(data_dir=tmp_path, models_dir=models)
+    hub = ["owner/lora", "owner/vae"]  # Hub ids only when the operator lists them
+    settings = Settings(data_dir=tmp_path, models_dir=models, hub_models=hub)
     check_ids(settings, "my-sd", ["contrast-fix", "owner/lora"], "my-vae", ["easyneg"])
     assert registry.resolve_lora("contrast-fix", settings).endswith("contrast-fix.safetensors")
     assert registry.resolve_embedding("easyneg", settings).endswith("easyneg.pt")

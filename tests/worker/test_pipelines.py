@@ -218,7 +218,8 @@ def test_tiny_preset_resolves_every_model_id_to_the_tiny_folders(tiny_settings: 
 
 def test_real_preset_resolves_defaults_local_folders_and_hub_ids(tmp_path: Path) -> None:
     (tmp_path / "models" / "my-sd").mkdir(parents=True)
-    settings = Settings(data_dir=tmp_path, models_dir=tmp_path / "models")
+    hub = ["someone/their-model", "someone/decoder"]  # Hub ids only when the operator lists them
+    settings = Settings(data_dir=tmp_path, models_dir=tmp_path / "models", hub_models=hub)
 
     def locations(operation: str, model_id: str | None) -> list[str]:
         return [s.location for s in resolve_model(operation, model_id, settings).sources]

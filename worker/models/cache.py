@@ -32,6 +32,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import diffusers
@@ -40,6 +41,8 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from transformers import CLIPImageProcessor
 
 from darkroom import metrics
+from darkroom.registry import may_download
+from darkroom.settings import get_settings
 from worker.fastpath import FastPath, apply_fast_path, prepare_module
 from worker.memory import MemoryProfile
 from worker.models.registry import ModelSpec, PipelineSource
@@ -209,7 +212,10 @@ class ModelCache:
 
     def _load_pipeline(self, source: PipelineSource) -> Any:
         pipeline_class = getattr(_diffusers, source.class_name)
-        options: dict[str, Any] = {"dtype": self.dtype}
+        options: dict[str, Any] = {
+            "dtype": self.dtype,
+            "local_files_only": _local_only(source.location),
+        }
         if "safety_checker" in inspect.signature(pipeline_class.__init__).parameters:
             # The worker runs the checker itself, when asked, and censors per request.
             options |= {"safety_checker": None, "requires_safety_checker": False}
@@ -220,16 +226,35 @@ class ModelCache:
         return pipeline
 
     def _load_component(self, source: ComponentSource) -> Any:
+        local_only = _local_only(source.location)
         if source.kind == VAE:
-            vae = _diffusers.AutoencoderKL.from_pretrained(source.location, dtype=self.dtype)
+            vae = _diffusers.AutoencoderKL.from_pretrained(
+                source.location, dtype=self.dtype, local_files_only=local_only
+            )
             vae = vae.to(self.device)
             prepare_module(vae, self.fast_path)
             return vae
         if source.kind == SAFETY_CHECKER:
-            model = _SafetyCheckerModel.from_pretrained(source.location, dtype=self.dtype)
-            extractor = CLIPImageProcessor.from_pretrained(source.location)
+            model = _SafetyCheckerModel.from_pretrained(
+                source.location, dtype=self.dtype, local_files_only=local_only
+            )
+            extractor = CLIPImageProcessor.from_pretrained(
+                source.location, local_files_only=local_only
+            )
             return SafetyChecker(model.to(self.device), extractor)
         raise ValueError(f"Unknown component kind {source.kind!r}.")
+
+
+def _local_only(location: str) -> bool:
+    """`local_files_only` for every location but the Hub ids this server may download.
+
+    The registry already refuses other ids before anything is loaded; this is the second line,
+    should an id ever reach the cache another way. The process's settings decide, as they
+    configure the worker that owns this cache.
+    """
+    if Path(location).is_absolute():  # a folder the registry found: nothing to download
+        return True
+    return not may_download(location, get_settings())
 
 
 def _modules(value: Any) -> Iterable[torch.nn.Module]:

@@ -15,6 +15,9 @@ raises AttributeError. So the worker encodes prompts itself and passes `prompt_e
   the output of the N-th layer from the end, through the final layer norm, so 1 (like None) is
   the normal embedding and 2 the penultimate layer; diffusers' own `clip_skip=N-1` is the same.
 - Textual-inversion tokens with several vectors are expanded first (`maybe_convert_prompt`).
+- A prompt (or negative prompt) of more than `MAX_PROMPT_WINDOWS` windows fails its job with a
+  ValueError that says so: each window costs a text-encoder pass and longer embeddings cost
+  every denoising step, and no real prompt needs more (the API caps characters, this tokens).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from typing import Any
 import torch
 
 CHUNK_TOKENS = 75
+#: Windows of CHUNK_TOKENS (77 positions with BOS/EOS) a prompt may fill: 600 tokens.
+MAX_PROMPT_WINDOWS = 8
 
 
 @torch.no_grad()
@@ -31,7 +36,8 @@ def encode_prompts(
     pipe: Any, prompt: str, negative_prompt: str, clip_skip: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings of shape (1, 77 * chunks, dim) for the prompt and the negative prompt."""
-    positive, negative = _windows(pipe, prompt), _windows(pipe, negative_prompt)
+    positive = _windows(pipe, prompt, "prompt")
+    negative = _windows(pipe, negative_prompt, "negative prompt")
     chunks = max(len(positive), len(negative))
     positive += [[]] * (chunks - len(positive))
     negative += [[]] * (chunks - len(negative))
@@ -45,10 +51,17 @@ def check_clip_skip(text_encoder: Any, clip_skip: int | None) -> None:
         raise ValueError(f"clip_skip must be between 1 and {layers} for this model.")
 
 
-def _windows(pipe: Any, text: str) -> list[list[int]]:
-    """The token ids of `text`, without BOS/EOS, in windows of CHUNK_TOKENS (at least one)."""
+def _windows(pipe: Any, text: str, name: str) -> list[list[int]]:
+    """The token ids of `text`, without BOS/EOS, in windows of CHUNK_TOKENS (at least one);
+    a ValueError naming the `name` field when there would be more than MAX_PROMPT_WINDOWS."""
     text = pipe.maybe_convert_prompt(text, pipe.tokenizer)
     ids: list[int] = pipe.tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+    if len(ids) > MAX_PROMPT_WINDOWS * CHUNK_TOKENS:
+        raise ValueError(
+            f"The {name} is too long: {len(ids)} tokens, at most"
+            f" {MAX_PROMPT_WINDOWS * CHUNK_TOKENS} ({MAX_PROMPT_WINDOWS} windows of 77 tokens,"
+            f" {CHUNK_TOKENS} of them text) are accepted."
+        )
     return [ids[start : start + CHUNK_TOKENS] for start in range(0, len(ids), CHUNK_TOKENS)] or [[]]
 
 
