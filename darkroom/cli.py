@@ -40,14 +40,11 @@ def cmd_migrate(_args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     """Serve the HTTP API."""
-    import uvicorn
-
     from api.app import create_app
+    from api.server import serve
 
-    # No log_config: uvicorn's loggers then reach the root handler (JSON lines or text).
-    uvicorn.run(
-        create_app(settings), host=args.host, port=args.port, log_level="info", log_config=None
-    )
+    # Read deadlines, connection cap and open-files limit: api/server.py.
+    serve(create_app(settings), settings, args.host, args.port)
     return 0
 
 

@@ -1,0 +1,176 @@
+"""How the API is served: uvicorn with deadlines and limits that uvicorn lacks.
+
+uvicorn (h11) has a keep-alive timeout but no deadline on reading a request: a client that
+sends its headers one byte at a time (slowloris) holds a connection, and a file descriptor,
+for as long as it likes. `GuardedH11Protocol` closes a connection whose request head is not
+complete within `header_timeout_s` of its first byte (or of the connection, for the first
+request), restarting the clock for each request of a keep-alive connection, and one whose body
+is not complete within `body_timeout_s`. It also refuses connections past `max_connections`
+(503 and close), so descriptors run out neither for the process nor for `/health`. At start
+the process raises its open-files soft limit to the hard limit. The figures and how they are
+sized together are in docs/OPERATIONS.md ("Sizing the API").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import resource
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import h11
+import uvicorn
+from fastapi import FastAPI
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from api.errors import BUSY_MESSAGE, BUSY_RETRY_S
+from darkroom.settings import Settings
+
+log = logging.getLogger(__name__)
+
+#: Descriptors kept for what is not a client connection: database and broker connections,
+#: the listener, log files, output files being streamed.
+FD_RESERVE = 256
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """Deadlines on reading each request, and the cap on open connections."""
+
+    header_timeout_s: float
+    body_timeout_s: float
+    max_connections: int
+
+
+def _busy_response() -> bytes:
+    """A complete HTTP/1.1 503 in the error shape, for a connection refused before any request
+    was read (h11 cannot answer before a request, so the bytes are written as they are)."""
+    body = b'{"status":"error","message":"' + BUSY_MESSAGE.encode() + b'"}'
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        f"retry-after: {BUSY_RETRY_S}\r\nconnection: close\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+BUSY_RESPONSE = _busy_response()
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with a read deadline per request and a cap on connections.
+
+    The deadline is armed when a request's first byte is awaited or arrives, moved to the body
+    deadline once h11 has parsed the head, and cancelled once the request is read; waiting for
+    the application (a sync wait) is never cut short.
+    """
+
+    limits: ClassVar[ConnectionLimits] = ConnectionLimits(10.0, 60.0, 4096)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._deadline: asyncio.TimerHandle | None = None
+        self._reading: object = None  # the h11 state the deadline is for: IDLE or SEND_BODY
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            self.transport.write(BUSY_RESPONSE)
+            self.transport.close()
+            return
+        self._follow_request()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._follow_request()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        # A pipelined request may have been parsed; otherwise uvicorn's keep-alive timeout
+        # runs until the next request's first byte.
+        if self.conn.their_state is not h11.IDLE:
+            self._follow_request()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _follow_request(self) -> None:
+        """Arm, move or cancel the read deadline for the state h11 is now in."""
+        state = self.conn.their_state
+        if state is h11.IDLE and self.timeout_keep_alive_task is None:
+            self._arm(h11.IDLE, self.limits.header_timeout_s)
+        elif state is h11.SEND_BODY:
+            self._arm(h11.SEND_BODY, self.limits.body_timeout_s)
+        elif state is not h11.IDLE:
+            self._disarm()
+
+    def _arm(self, reading: object, timeout_s: float) -> None:
+        if self._reading is reading and self._deadline is not None:
+            return  # this part of the request is already on the clock: bytes do not reset it
+        self._disarm()
+        self._reading = reading
+        self._deadline = self.loop.call_later(timeout_s, self._read_timed_out)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline, self._reading = None, None
+
+    def _read_timed_out(self) -> None:
+        self._deadline = None
+        if not self.transport.is_closing():
+            part = "head" if self._reading is h11.IDLE else "body"
+            self.logger.debug("closing a connection: its request %s was too slow", part)
+            self.transport.close()
+
+
+def guarded_protocol(limits: ConnectionLimits) -> type[GuardedH11Protocol]:
+    """The protocol class with `limits` (uvicorn builds one instance per connection)."""
+    return type("GuardedH11Protocol", (GuardedH11Protocol,), {"limits": limits})
+
+
+def raise_open_files_limit() -> int:
+    """Raise the soft limit on open files to the hard limit; the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-files limit from %s: %s", soft, exc)
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def connection_limits(settings: Settings, open_files: int) -> ConnectionLimits:
+    """The limits from `settings`, with the connection cap kept below the open-files limit."""
+    room = max(open_files - FD_RESERVE, 1) if open_files != resource.RLIM_INFINITY else None
+    cap = settings.api_max_connections if room is None else min(settings.api_max_connections, room)
+    return ConnectionLimits(settings.api_header_timeout_s, settings.api_body_timeout_s, cap)
+
+
+def server_config(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.Config:
+    """uvicorn's configuration for the API process."""
+    limits = connection_limits(settings, raise_open_files_limit())
+    log.info(
+        "serving with at most %d connections, %d requests in flight, %d threads",
+        limits.max_connections,
+        settings.api_max_in_flight,
+        settings.api_threads,
+    )
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=guarded_protocol(limits),
+        timeout_keep_alive=math.ceil(settings.api_keep_alive_s),
+        backlog=settings.api_backlog,
+        log_level="info",
+        log_config=None,  # uvicorn's loggers then reach the root handler (JSON lines or text)
+    )
+
+
+def serve(app: FastAPI, settings: Settings, host: str, port: int) -> None:
+    """Serve `app` until SIGINT or SIGTERM."""
+    uvicorn.Server(server_config(app, settings, host, port)).run()

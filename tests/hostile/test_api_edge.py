@@ -1,0 +1,374 @@
+"""The API's edge against hostile clients, measured from outside a real `darkroom api` process:
+huge chunked bodies, slowloris connections, too many connections, lone UTF-16 surrogates.
+
+Each threat, its defence and the test that proves it are listed in docs/SECURITY.md
+("The API edge under hostile clients").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from api.errors import MAX_BODY_BYTES, SafeJSONResponse
+from tests.api.test_fuzz import error_shape_problems
+from tests.api.test_submit import IMG2IMG, MIXER_V5, MIXER_V6, PIX2PIX
+from tests.support.system import darkroom, free_port
+
+HEADER_TIMEOUT_S = 2.0
+BODY_TIMEOUT_S = 3.0
+#: Above the slowloris test's 600 connections, so that /health finds room during it.
+MAX_CONNECTIONS = 650
+MiB = 1024 * 1024
+
+
+@dataclass
+class ApiProcess:
+    """A `darkroom api` process on the embedded profile, and a key it accepts."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    key: str
+    log_path: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ps(self) -> psutil.Process:
+        return psutil.Process(self.process.pid)
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def health_s(self, timeout: float = 5.0) -> float:
+        """Seconds /health took to answer 200 on a fresh connection (fails otherwise)."""
+        started = time.monotonic()
+        response = httpx.get(self.base_url + "/health", timeout=timeout)
+        assert response.status_code == 200, response.text
+        return time.monotonic() - started
+
+
+@contextmanager
+def darkroom_api(workdir: Path, **settings: str) -> Iterator[ApiProcess]:
+    """`darkroom api` on SQLite under `workdir` with DARKROOM_<settings>, until the block ends."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "DARKROOM_DATA_DIR": str(workdir / "data"),
+        "DARKROOM_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "DARKROOM_MODEL_PRESET": "tiny",
+        "DARKROOM_URL_ALLOWLIST": "127.0.0.1/32",
+        "DARKROOM_LOG_LEVEL": "WARNING",
+        "DARKROOM_LOG_FORMAT": "text",
+        "DARKROOM_API_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
+        "DARKROOM_API_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
+        **{f"DARKROOM_{name.upper()}": value for name, value in settings.items()},
+    }
+    darkroom(env, "migrate")
+    key = json.loads(darkroom(env, "keys", "create", "--name", "edge").strip().splitlines()[-1])
+    log_path = workdir / "api.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "darkroom.cli", "api", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    api = ApiProcess(process, port, key["key"], log_path)
+    try:
+        _wait_healthy(api)
+        yield api
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _wait_healthy(api: ApiProcess, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if api.process.poll() is not None:
+            raise AssertionError(f"darkroom api exited early\n{api.log_tail()}")
+        try:
+            if httpx.get(api.base_url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"darkroom api not healthy in {timeout}s\n{api.log_tail()}")
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiProcess]:
+    edge = tmp_path_factory.mktemp("edge")
+    with darkroom_api(edge, api_max_connections=str(MAX_CONNECTIONS)) as running:
+        yield running
+
+
+def read_response(sock: socket.socket, timeout: float = 5.0) -> bytes:
+    """What the server sends until it closes the connection or `timeout` passes."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    return data
+
+
+def answer_json(raw: bytes) -> Any:
+    """The JSON body of a raw HTTP response (content-length framed)."""
+    _head, _, body = raw.partition(b"\r\n\r\n")
+    return json.loads(body)
+
+
+# --- bodies: the limit holds while the body is read --------------------------------------------
+
+
+def test_a_chunked_body_past_the_limit_is_refused_while_it_is_read(api: ApiProcess) -> None:
+    """600 MiB announced by no Content-Length: the API stops at the limit (413, closed) and its
+    memory does not grow by the body; no key is needed to try."""
+    rss_before = api.ps.memory_info().rss
+    peak = [rss_before]
+    sampling = threading.Event()
+
+    def sample() -> None:
+        while not sampling.wait(0.05):
+            peak.append(api.ps.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    chunk = b"x" * MiB
+    frame = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+    sent, answer = 0, b""
+    with socket.create_connection(("127.0.0.1", api.port)) as sock:
+        sock.sendall(
+            b"POST /api/v5/pix2pix HTTP/1.1\r\nHost: edge\r\ncontent-type: application/json\r\n"
+            b"transfer-encoding: chunked\r\n\r\n"
+        )
+        sock.settimeout(10)
+        try:
+            while sent < 600 * MiB:
+                readable, _, _ = select.select([sock], [], [], 0)
+                if readable:
+                    break
+                sock.sendall(frame)
+                sent += len(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = read_response(sock)
+    sampling.set()
+    sampler.join()
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert b"connection: close" in answer.lower()
+    assert not error_shape_problems(answer_json(answer))
+    # Sent: the limit, plus what socket buffers on both sides held when the answer came.
+    assert sent <= MAX_BODY_BYTES + 16 * MiB, sent
+    grown = max(peak) - rss_before
+    assert grown < 80 * MiB, f"API memory grew by {grown / MiB:.0f} MiB"
+    api.health_s()
+
+
+def test_a_declared_length_past_the_limit_is_refused_before_reading(api: ApiProcess) -> None:
+    with socket.create_connection(("127.0.0.1", api.port)) as sock:
+        sock.sendall(
+            b"POST /api/v6/image_editing/fetch/1 HTTP/1.1\r\nHost: edge\r\n"
+            + f"content-length: {600 * MiB}\r\n\r\n".encode()
+        )
+        answer = read_response(sock)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+    assert not error_shape_problems(answer_json(answer))
+
+
+# --- slow clients: deadlines on reading a request, and a cap on connections ----------------------
+
+
+def slow_connection(port: int, head: bytes) -> socket.socket:
+    """A connection that has sent the first part of a request and will dribble the rest."""
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setblocking(False)
+    sock.send(head)
+    return sock
+
+
+def dribble(sockets: list[socket.socket], seconds: float) -> set[socket.socket]:
+    """Send one header byte per connection every 0.2 s for `seconds`; the ones the server
+    closed (by its deadline) are returned."""
+    closed: set[socket.socket] = set()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and len(closed) < len(sockets):
+        for sock in sockets:
+            if sock in closed:
+                continue
+            try:
+                if select.select([sock], [], [], 0)[0] and sock.recv(4096) == b"":
+                    closed.add(sock)
+                    continue
+                sock.send(b"a")
+            except (BrokenPipeError, ConnectionResetError):
+                closed.add(sock)
+        time.sleep(0.2)
+    return closed
+
+
+def test_slowloris_connections_are_closed_after_the_header_deadline(api: ApiProcess) -> None:
+    """600 connections each sending its headers a byte at a time: /health keeps answering, each
+    is closed once its head has taken HEADER_TIMEOUT_S, and no descriptor is left behind."""
+    fds_before = api.ps.num_fds()
+    sockets = [
+        slow_connection(api.port, b"GET /health HTTP/1.1\r\nHost: edge\r\nX-Slow: ")
+        for _ in range(600)
+    ]
+    try:
+        assert api.health_s() < 1.0
+        started = time.monotonic()
+        closed = dribble(sockets, HEADER_TIMEOUT_S + 8)
+        assert api.health_s() < 1.0
+        assert len(closed) == len(sockets), f"{len(sockets) - len(closed)} still open"
+        assert time.monotonic() - started < HEADER_TIMEOUT_S + 6
+    finally:
+        for sock in sockets:
+            sock.close()
+    time.sleep(0.5)
+    assert api.ps.num_fds() <= fds_before + 10
+    assert "Too many open files" not in api.log_path.read_text(errors="replace")
+
+
+def test_a_keep_alive_connection_gets_a_new_deadline_for_each_request(api: ApiProcess) -> None:
+    """A first request answered, then the next one dribbled: the clock restarts with its first
+    byte (uvicorn's own keep-alive timeout stops at that byte)."""
+    with socket.create_connection(("127.0.0.1", api.port)) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: edge\r\n\r\n")
+        sock.settimeout(5)
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        sock.setblocking(False)
+        sock.send(b"GET /health HTTP/1.1\r\nX-Slow: ")
+        started = time.monotonic()
+        assert dribble([sock], HEADER_TIMEOUT_S + 5) == {sock}
+        assert HEADER_TIMEOUT_S - 0.5 < time.monotonic() - started < HEADER_TIMEOUT_S + 2
+
+
+def test_a_body_sent_too_slowly_is_cut_off(api: ApiProcess) -> None:
+    with socket.create_connection(("127.0.0.1", api.port)) as sock:
+        sock.sendall(b"POST /api/v5/fetch/1 HTTP/1.1\r\nHost: edge\r\ncontent-length: 100\r\n\r\n")
+        sock.setblocking(False)
+        started = time.monotonic()
+        assert dribble([sock], BODY_TIMEOUT_S + 5) == {sock}
+        assert time.monotonic() - started < BODY_TIMEOUT_S + 2
+
+
+def test_connections_past_the_cap_are_refused_with_retry_after(api: ApiProcess) -> None:
+    fds_before = api.ps.num_fds()
+    held = [socket.create_connection(("127.0.0.1", api.port)) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.3)  # accepted by the server
+        with socket.create_connection(("127.0.0.1", api.port)) as extra:
+            answer = read_response(extra)
+        assert answer.startswith(b"HTTP/1.1 503"), answer
+        assert b"retry-after: 1" in answer.lower()
+        assert not error_shape_problems(answer_json(answer))
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.3)
+    assert api.health_s() < 1.0
+    assert api.ps.num_fds() <= fds_before + 5
+
+
+# --- text: lone UTF-16 surrogates are refused where the body is parsed --------------------------
+
+SURROGATE = "x\ud800y"
+SUBMITS = [
+    ("/api/v5/img_mixer", MIXER_V5),
+    ("/api/v6/image_editing/img_mixer", MIXER_V6),
+    ("/api/v5/pix2pix", PIX2PIX),
+    ("/api/v1/enterprise/img2img", IMG2IMG),
+]
+
+
+def raw_post(api: ApiProcess, path: str, body: dict[str, Any]) -> httpx.Response:
+    """POST `body` as JSON with \\uXXXX escapes, the way a client can send a lone surrogate."""
+    content = json.dumps(body).encode("ascii")
+    headers = {"content-type": "application/json"}
+    return httpx.post(api.base_url + path, content=content, headers=headers, timeout=10)
+
+
+def hostile_value(value: Any) -> Any:
+    """The field's value with a lone surrogate in it, in the field's own shape."""
+    if isinstance(value, list):
+        return [*value[:-1], SURROGATE]
+    return SURROGATE
+
+
+def assert_refused(response: httpx.Response, field: str) -> None:
+    assert response.status_code == 422, (field, response.status_code, response.text)
+    answer = response.json()
+    assert not error_shape_problems(answer), answer
+    assert list(answer["message"]) == [field], answer
+
+
+@pytest.mark.parametrize(("path", "example"), SUBMITS)
+def test_a_lone_surrogate_in_any_submit_field_is_a_422_naming_it(
+    api: ApiProcess, path: str, example: dict[str, Any]
+) -> None:
+    """Every string field of the reference example (and key, webhook, track_id), while another
+    client's valid submissions go on unaffected."""
+    valid = {**PIX2PIX, "key": api.key}
+    with ThreadPoolExecutor(4) as pool:
+        others = [pool.submit(raw_post, api, "/api/v5/pix2pix", valid) for _ in range(12)]
+        for field in sorted({*example, "key", "webhook", "track_id"}):
+            body = {**example, "key": api.key, field: hostile_value(example.get(field))}
+            assert_refused(raw_post(api, path, body), field)
+        for future in others:
+            answer = future.result()
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["status"] == "processing"
+
+
+def test_surrogates_deep_in_a_field_or_in_a_name(api: ApiProcess) -> None:
+    nested = {**MIXER_V6, "key": api.key, "init_image": [{"url": "a", SURROGATE: 1}]}
+    assert_refused(raw_post(api, "/api/v6/image_editing/img_mixer", nested), "init_image")
+    named = raw_post(api, "/api/v5/pix2pix", {**PIX2PIX, "key": api.key, SURROGATE: "x"})
+    assert named.status_code == 400, named.text
+    assert not error_shape_problems(named.json())
+
+
+def test_a_lone_surrogate_in_a_fetch_body_is_a_422(api: ApiProcess) -> None:
+    job_id = raw_post(api, "/api/v5/pix2pix", {**PIX2PIX, "key": api.key}).json()["id"]
+    assert_refused(raw_post(api, f"/api/v5/fetch/{job_id}", {"key": SURROGATE}), "key")
+    by_body = {"key": api.key, "request_id": SURROGATE}
+    assert_refused(raw_post(api, "/api/v1/enterprise/fetch", by_body), "request_id")
+    waited = {"key": api.key, "wait": SURROGATE}
+    assert_refused(raw_post(api, f"/api/v6/image_editing/fetch/{job_id}", waited), "wait")
+    fetched = raw_post(api, f"/api/v6/image_editing/fetch/{job_id}", {"key": api.key})
+    assert fetched.status_code == 200, fetched.text
+    assert fetched.json()["status"] == "processing"
+
+
+def test_an_answer_that_echoes_a_surrogate_still_renders() -> None:
+    """The last line of defence: any message holding client text is valid UTF-8 JSON."""
+    body = SafeJSONResponse({"status": "error", "message": {"f": [f"bad {SURROGATE}"]}}).body
+    assert json.loads(body.decode("utf-8"))["message"]["f"] == ["bad x\ufffdy"]
