@@ -212,9 +212,15 @@ def _refusal(cause: BaseException) -> BaseException:
     if isinstance(cause, IntegrityError) and "idempotency_keys" in str(cause.orig):
         return ApiError(409, IDEMPOTENCY_IN_FLIGHT, retry_after=1)
     if isinstance(cause, UnicodeError | DataError | IntegrityError):
-        log.warning("a submission was refused by the database: %s", cause)
+        log.warning("a submission was refused by the database: %s", _first_line(cause))
         return ApiError(422, UNSTORABLE)
     return cause  # unexpected: answered 500 "Internal server error." and logged (api.errors)
+
+
+def _first_line(error: BaseException) -> str:
+    """The database's reason, without the statement and the row (client data) that follow."""
+    reason = str(getattr(error, "orig", None) or error)
+    return f"{type(error).__name__}: {reason.splitlines()[0][:300] if reason else ''}"
 
 
 def _store_group(settings: Settings, broker: Celery, group: Sequence[PreparedJob]) -> list[Outcome]:
