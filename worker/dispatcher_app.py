@@ -6,10 +6,9 @@ most the attempt timeout, and never a GPU. It imports no torch.
 
 from __future__ import annotations
 
-import httpx
-
 from darkroom.logs import install_celery_logging
 from darkroom.metrics import serve_metrics_in_worker
+from darkroom.outbound import new_client
 from darkroom.queue import DELIVER_WEBHOOK_TASK, make_celery
 from darkroom.settings import get_settings
 from worker.webhooks.dispatcher import deliver
@@ -26,7 +25,8 @@ app.conf.task_acks_late = False
 app.conf.task_reject_on_worker_lost = False
 
 # Shared by the pool's threads (httpx clients are thread-safe); redirects are never followed.
-client = httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False)
+# Its connections honour each attempt's overall deadline (see darkroom.outbound).
+client = new_client(settings.webhook_timeout_s)
 
 
 @app.task(name=DELIVER_WEBHOOK_TASK)

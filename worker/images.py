@@ -5,31 +5,60 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from collections.abc import Sequence
 from urllib.parse import urljoin
 
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from darkroom import outbound
 from darkroom.settings import Settings
 from darkroom.urlguard import PinnedRequest, UnsafeURLError, check_url
 
 UNREACHABLE = "Unable to fetch image from provided URL"
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
+#: Pixels one init image may have (40 MP: 40,000,000 accepted, one more refused).
 MAX_PIXELS = 40_000_000
+#: Pixels all of one request's init images may have together (the mixer takes up to four):
+#: two full-size images' worth, so four 12 MP photos pass, four 40 MP bombs do not.
+MAX_REQUEST_PIXELS = 2 * MAX_PIXELS
 MAX_REDIRECTS = 3
 MAX_SIDE = 1024
 SIDE_MULTIPLE = 8
+
+# Pillow's own bomb guard, a backstop behind `_check_pixels`: it only warns between this and
+# twice this, and raises above, which is why the exact limit is checked here, from the header.
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 class ImageInputError(ValueError):
     """An init image cannot be used; the message is safe to show the client."""
 
 
+def fetch_images(urls: Sequence[str], settings: Settings) -> tuple[Image.Image, ...]:
+    """A request's init images, decoded as RGB once every header has passed the pixel limits.
+
+    Each image may have MAX_PIXELS, all of them together MAX_REQUEST_PIXELS; both are checked
+    from the headers of all the images before any pixels are decoded.
+    """
+    opened = [_open(_fetch_bytes(url, settings)) for url in urls]
+    if sum(image.width * image.height for image in opened) > MAX_REQUEST_PIXELS:
+        raise ImageInputError(
+            f"{UNREACHABLE}: the init images have too many pixels together "
+            f"(at most {MAX_REQUEST_PIXELS} in one request)"
+        )
+    return tuple(_decode(image) for image in opened)
+
+
 def fetch_image(url: str, settings: Settings) -> Image.Image:
     """Download (or, for a base64 `data:` URI, unpack) and decode one init image as RGB."""
+    return fetch_images([url], settings)[0]
+
+
+def _fetch_bytes(url: str, settings: Settings) -> bytes:
     if url.startswith("data:"):
-        return decode_image(_inline(url, settings.image_max_bytes))
-    return decode_image(_download(url, settings))
+        return _inline(url, settings.image_max_bytes)
+    return _download(url, settings)
 
 
 def _inline(uri: str, max_bytes: int) -> bytes:
@@ -44,57 +73,75 @@ def _inline(uri: str, max_bytes: int) -> bytes:
 
 
 def _download(url: str, settings: Settings) -> bytes:
-    """The body at `url`, following at most a few redirects, each one re-checked by the guard."""
-    timeout = httpx.Timeout(settings.image_fetch_timeout_s)
-    with httpx.Client(timeout=timeout, follow_redirects=False) as client:
-        for _ in range(MAX_REDIRECTS + 1):
-            try:
-                target = check_url(url, settings.url_allowlist).pinned()
-            except UnsafeURLError as exc:
-                raise ImageInputError(f"{UNREACHABLE}: {exc}") from None
-            body, location = _get(client, target, settings.image_max_bytes)
-            if location is None:
-                return body
-            url = urljoin(url, location)
+    """The body at `url`, following at most a few redirects, each one re-checked by the guard.
+
+    DARKROOM_IMAGE_FETCH_TIMEOUT_S bounds the whole download, redirects included, and every
+    part of each exchange (connect, TLS, the response head, the body) within it.
+    """
+    timeout_s = settings.image_fetch_timeout_s
+    try:
+        with outbound.deadline(timeout_s), outbound.new_client(timeout_s) as client:
+            return _follow(client, url, settings)
+    except (httpx.TimeoutException, outbound.DeadlineExceededError):
+        raise ImageInputError(f"{UNREACHABLE}: no complete answer within {timeout_s:g} s") from None
+
+
+def _follow(client: httpx.Client, url: str, settings: Settings) -> bytes:
+    for _ in range(MAX_REDIRECTS + 1):
+        try:
+            target = check_url(url, settings.url_allowlist).pinned()
+        except UnsafeURLError as exc:
+            raise ImageInputError(f"{UNREACHABLE}: {exc}") from None
+        body, location = _get(client, target, settings.image_max_bytes)
+        if location is None:
+            return body
+        url = urljoin(url, location)
     raise ImageInputError(f"{UNREACHABLE}: too many redirects")
 
 
 def _get(client: httpx.Client, target: PinnedRequest, max_bytes: int) -> tuple[bytes, str | None]:
     """One GET at the checked address: the body (bounded), or the redirect target."""
-    headers = {"host": target.host_header}
     try:
-        with client.stream(
-            "GET", target.url, headers=headers, extensions=target.extensions
-        ) as response:
+        with outbound.stream(client, "GET", target) as response:
             if response.is_redirect:
                 return b"", response.headers.get("location")
             if response.status_code != 200:
                 raise ImageInputError(f"{UNREACHABLE}: HTTP {response.status_code}")
-            return _read_bounded(response, max_bytes), None
+            return outbound.read_body(response, max_bytes), None
+    except outbound.TooLargeError:
+        raise ImageInputError(
+            f"{UNREACHABLE}: the image is larger than {max_bytes} bytes"
+        ) from None
+    except outbound.BadEncodingError as exc:
+        raise ImageInputError(f"{UNREACHABLE}: {exc}") from None
+    except httpx.TimeoutException:
+        raise  # reported once, with the deadline, by _download
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise ImageInputError(f"{UNREACHABLE}: {type(exc).__name__}") from None
 
 
-def _read_bounded(response: httpx.Response, max_bytes: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    for chunk in response.iter_bytes():
-        size += len(chunk)
-        if size > max_bytes:
-            raise ImageInputError(f"{UNREACHABLE}: the image is larger than {max_bytes} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def decode_image(data: bytes) -> Image.Image:
-    """PNG, JPEG or WebP only; EXIF orientation applied; transparency flattened onto white."""
-    Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # decompression bombs raise instead of eating memory
+    """PNG, JPEG or WebP only; at most MAX_PIXELS; EXIF orientation applied; alpha flattened."""
+    return _decode(_open(data))
+
+
+def _open(data: bytes) -> Image.Image:
+    """The image's header only (Pillow decodes pixels lazily), its size checked."""
     try:
         image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
         raise ImageInputError(f"{UNREACHABLE}: not a PNG, JPEG or WebP image") from None
     except Image.DecompressionBombError:
         raise ImageInputError(f"{UNREACHABLE}: the image has too many pixels") from None
+    if image.width * image.height > MAX_PIXELS:
+        raise ImageInputError(
+            f"{UNREACHABLE}: the image has too many pixels "
+            f"({image.width}x{image.height}; at most {MAX_PIXELS})"
+        )
+    return image
+
+
+def _decode(image: Image.Image) -> Image.Image:
     try:
         image.load()
     except (OSError, SyntaxError, ValueError):

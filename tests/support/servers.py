@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -130,3 +132,102 @@ class WebhookReceiver:
     def snapshot(self) -> list[Received]:
         with self.lock:
             return list(self.received)
+
+
+def response_head(status: int = 200, headers: dict[str, str] | None = None) -> bytes:
+    """An HTTP/1.1 response head, for ScriptedServer."""
+    lines = [f"HTTP/1.1 {status} Scripted"] + [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+class ScriptedServer:
+    """Answers every connection with fixed bytes, `head` then `body`, dripping either part one
+    byte every `gap` seconds when asked: a hostile image host or webhook receiver (loopback).
+
+    Counts connections, and the most it was serving at once.
+    """
+
+    def __init__(
+        self,
+        head: bytes,
+        body: bytes = b"",
+        *,
+        drip_head: bool = False,
+        drip_body: bool = False,
+        gap: float = 0.5,
+    ) -> None:
+        self.head, self.body, self.gap = head, body, gap
+        self.drip_head, self.drip_body = drip_head, drip_body
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.connections = 0
+        self.active = 0
+        self.most_active = 0
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    def url(self, path: str = "/") -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}{path}"
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.sock.close()
+
+    def _accept(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with self.lock:
+            self.connections += 1
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        try:
+            with conn:
+                _read_request(conn)
+                self._send(conn, self.head, self.drip_head)
+                self._send(conn, self.body, self.drip_body)
+        except OSError:
+            pass  # the client gave up
+        finally:
+            with self.lock:
+                self.active -= 1
+
+    def _send(self, conn: socket.socket, data: bytes, drip: bool) -> None:
+        if not drip:
+            conn.sendall(data)
+            return
+        for index in range(len(data)):
+            if self.stopping.wait(self.gap):
+                return
+            conn.sendall(data[index : index + 1])
+
+
+def _read_request(conn: socket.socket) -> None:
+    """Read a request's head and its Content-Length body (enough for GET and small POSTs)."""
+    conn.settimeout(5)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value.strip())
+    deadline = time.monotonic() + 5
+    while len(rest) < length and time.monotonic() < deadline:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        rest += chunk

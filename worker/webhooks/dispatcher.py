@@ -15,7 +15,7 @@ from email.utils import parsedate_to_datetime
 
 import httpx
 
-from darkroom import metrics
+from darkroom import metrics, outbound
 from darkroom.logs import job_context
 from darkroom.settings import Settings
 from darkroom.urlguard import UnsafeURLError, check_url
@@ -75,9 +75,17 @@ def deliver(delivery_id: int, settings: Settings, client: httpx.Client) -> None:
         _record(ticket, result, settings)
 
 
+def lease_seconds(settings: Settings) -> float:
+    """How long a claim holds a delivery: longer than any attempt can last, so no two overlap.
+
+    An attempt is bounded by DARKROOM_WEBHOOK_TIMEOUT_S in total (see `attempt`) plus the
+    guard's DNS lookup, which the system resolver bounds (30 s at most with glibc's defaults).
+    """
+    return settings.webhook_timeout_s * 2 + 30
+
+
 def _claim(delivery_id: int, settings: Settings) -> Ticket | None:
-    # Longer than any attempt can last (it is bounded by the timeout), so no two overlap.
-    lease_s = settings.webhook_timeout_s * 2 + 30
+    lease_s = lease_seconds(settings)
     with session_scope(settings.resolved_database_url) as session:
         delivery = webhooks.claim_delivery(session, delivery_id, lease_s=lease_s)
         if delivery is None:
@@ -97,45 +105,41 @@ def _claim(delivery_id: int, settings: Settings) -> Ticket | None:
 
 
 def attempt(ticket: Ticket, settings: Settings, client: httpx.Client) -> AttemptResult:
-    """POST the signed payload once; never raises for network trouble, it is recorded."""
+    """POST the signed payload once; never raises for network trouble, it is recorded.
+
+    DARKROOM_WEBHOOK_TIMEOUT_S bounds the whole exchange: connecting, TLS, sending, the answer's
+    head and the excerpt of its body. With a client from `outbound.new_client` (the dispatcher's)
+    every socket operation waits at most the time left, so a receiver dripping its headers is
+    cut off too; any client gets per-request timeouts no longer than the time left.
+    """
     started = time.perf_counter()
-    deadline = started + settings.webhook_timeout_s
     try:
-        target = check_url(ticket.url, settings.url_allowlist).pinned()
-        headers = signed_headers(ticket.secrets, ticket.message_id, utcnow(), ticket.payload)
-        headers |= {
-            "content-type": "application/json",
-            "user-agent": USER_AGENT,
-            "host": target.host_header,
-        }
-        with client.stream(
-            "POST",
-            target.url,
-            content=ticket.payload,
-            headers=headers,
-            extensions=target.extensions,
-        ) as response:
-            excerpt = _read_excerpt(response, deadline)
+        with outbound.deadline(settings.webhook_timeout_s):
+            target = check_url(ticket.url, settings.url_allowlist).pinned()
+            headers = signed_headers(ticket.secrets, ticket.message_id, utcnow(), ticket.payload)
+            headers |= {"content-type": "application/json", "user-agent": USER_AGENT}
+            with outbound.stream(
+                client, "POST", target, headers=headers, content=ticket.payload
+            ) as response:
+                excerpt = _read_excerpt(response)
     except (httpx.HTTPError, UnsafeURLError, TimeoutError) as exc:
         return AttemptResult(AttemptRecord(None, _ms_since(started), None, _describe(exc)))
     record = AttemptRecord(response.status_code, _ms_since(started), excerpt, None)
     return AttemptResult(record, _retry_after(response))
 
 
-def _read_excerpt(response: httpx.Response, deadline: float) -> str:
-    """The start of the body, read under the attempt's deadline and never more than we keep.
+def _read_excerpt(response: httpx.Response) -> str:
+    """The start of the decoded body, never more than we keep, read under the deadline.
 
-    httpx's timeout bounds each read, not the whole exchange: a receiver dripping its body a
-    byte at a time could otherwise hold this thread indefinitely.
+    A body in a coding we do not undo (or corrupt, or stacked too deep) does not change the
+    attempt's outcome, which is the status code: the excerpt just says so. NUL characters are
+    replaced: Postgres text cannot hold them, and one would make the attempt unrecordable.
     """
-    body = b""
-    for chunk in response.iter_bytes():
-        if time.perf_counter() > deadline:
-            raise TimeoutError("the receiver's answer exceeded the attempt timeout")
-        body += chunk
-        if len(body) >= EXCERPT_BYTES:
-            break
-    return body[:EXCERPT_BYTES].decode("utf-8", errors="replace")
+    try:
+        body = outbound.read_body(response, EXCERPT_BYTES, truncate=True)
+    except outbound.BadEncodingError as exc:
+        return f"[{exc}]"
+    return body.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
 
 
 def _record(ticket: Ticket, result: AttemptResult, settings: Settings) -> None:
