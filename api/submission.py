@@ -165,7 +165,9 @@ def prepare_job(
     )
 
 
-def store_jobs(settings: Settings, broker: Celery, group: Sequence[PreparedJob]) -> list[Outcome]:
+def store_jobs(
+    settings: Settings, broker: Celery, group: Sequence[PreparedJob], *, attempt: int = 1
+) -> list[Outcome]:
     """Authenticate, admit, insert and commit a group of jobs, then publish them: one outcome
     per job, in order (the stored job, the earlier job of its Idempotency-Key, or the error
     that refused it). Never raises: a failure after the others were stored must not hide them."""
@@ -173,13 +175,17 @@ def store_jobs(settings: Settings, broker: Celery, group: Sequence[PreparedJob])
         return _store_group(settings, broker, group)
     except _NotStoredError as failure:
         cause = failure.__cause__ or failure
-        return _isolate(settings, broker, group, cause)
+        return _isolate(settings, broker, group, cause, attempt)
     except Exception as exc:  # at or after the commit: the group may have been stored
         return [exc] * len(group)
 
 
 def _isolate(
-    settings: Settings, broker: Celery, group: Sequence[PreparedJob], cause: BaseException
+    settings: Settings,
+    broker: Celery,
+    group: Sequence[PreparedJob],
+    cause: BaseException,
+    attempt: int,
 ) -> list[Outcome]:
     """Nothing of `group` was stored because of `cause`: store its halves apart, down to the
     item at fault, so that one client's bad input never fails another's request (a group of
@@ -187,6 +193,10 @@ def _isolate(
     if _database_down(cause):
         return [cause] * len(group)  # no item is at fault; splitting would only add load
     if len(group) == 1:
+        if _idempotency_conflict(cause) and attempt == 1:
+            # Another process stored the same Idempotency-Key meanwhile (its INSERT held ours
+            # until it committed): stored again, this one answers that job.
+            return store_jobs(settings, broker, group, attempt=2)
         return [_refusal(cause)]
     log.warning(
         "a group of %d submissions could not be stored (%s); storing its halves apart",
@@ -200,6 +210,13 @@ def _isolate(
     ]
 
 
+def _idempotency_conflict(error: BaseException) -> bool:
+    """Whether the INSERT of an Idempotency-Key met the same key stored by another request."""
+    reason = str(error.orig) if isinstance(error, IntegrityError) else ""
+    # The constraint's name on Postgres; SQLite names the columns.
+    return "uq_idempotency_keys" in reason or "failed: idempotency_keys." in reason
+
+
 def _database_down(error: BaseException) -> bool:
     """Whether the database, not an item, failed: unreachable, lost, or its pool exhausted."""
     if isinstance(error, OperationalError | PoolTimeoutError):
@@ -209,7 +226,7 @@ def _database_down(error: BaseException) -> bool:
 
 def _refusal(cause: BaseException) -> BaseException:
     """What a submission that could not be stored alone answers."""
-    if isinstance(cause, IntegrityError) and "idempotency_keys" in str(cause.orig):
+    if _idempotency_conflict(cause):
         return ApiError(409, IDEMPOTENCY_IN_FLIGHT, retry_after=1)
     if isinstance(cause, UnicodeError | DataError | IntegrityError):
         log.warning("a submission was refused by the database: %s", _first_line(cause))

@@ -190,6 +190,27 @@ def test_concurrent_duplicates_across_groups_make_one_job(
     assert jobs_of(settings, api_key) == 1
 
 
+def test_two_api_processes_storing_the_same_key_at_once_make_one_job(
+    settings: Settings, api_key: IssuedKey
+) -> None:
+    """Two apps (as two replicas would) each hold the same request at its INSERT, then both go:
+    the second's Idempotency-Key waits for the first's commit, and then answers its job."""
+    url = settings.resolved_database_url
+    with (
+        TestClient(create_app(settings)) as one,
+        TestClient(create_app(settings)) as two,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        with jobs_locked(url) as blocked:
+            answers = [pool.submit(submit, client, api_key, "replicas-1") for client in (one, two)]
+            wait_until(lambda: blocked() == 2)
+        first, second = (answer.result(timeout=30) for answer in answers)
+
+    assert (first.status_code, second.status_code) == (200, 200), second.text
+    assert first.json()["id"] == second.json()["id"]
+    assert jobs_of(settings, api_key) == 1
+
+
 def test_a_submit_answered_503_was_not_stored_and_its_retry_makes_one_job(
     client: TestClient, settings: Settings, api_key: IssuedKey
 ) -> None:
