@@ -13,6 +13,7 @@ This module never imports torch: GPU memory is read only where torch is already 
 
 from __future__ import annotations
 
+import enum
 import logging
 import sys
 import time
@@ -46,7 +47,8 @@ JOBS_FINISHED = Counter(
 )
 JOB_FAILURES = Counter(
     "darkroom_job_failures",
-    "Failed jobs by reason: canceled, worker_lost, internal or rejected (bad input).",
+    "Failed jobs by reason: canceled, worker_lost, internal, storage (the images could not be "
+    "stored) or rejected (bad input).",
     ["operation", "reason"],
 )
 JOB_LATENCY = Histogram(
@@ -90,21 +92,38 @@ MODEL_LOAD_SECONDS = Histogram(
 )
 
 
-def failure_reason(message: str) -> str:
-    """A bounded label for a failure's client-safe message (messages themselves vary)."""
+class FailureReason(enum.StrEnum):
+    """The bounded label of a failed job in `darkroom_job_failures`."""
+
+    CANCELED = "canceled"
+    WORKER_LOST = "worker_lost"
+    INTERNAL = "internal"
+    STORAGE = "storage"  # the images were generated, the write failed: given by the caller
+    REJECTED = "rejected"
+
+
+def failure_reason(message: str) -> FailureReason:
+    """The label of a failure whose caller gave none, from its client-safe message."""
     if message == "The job was canceled.":
-        return "canceled"
+        return FailureReason.CANCELED
     if "the worker stopped while running it" in message:
-        return "worker_lost"
+        return FailureReason.WORKER_LOST
     if "internal error" in message:
-        return "internal"
-    return "rejected"
+        return FailureReason.INTERNAL
+    return FailureReason.REJECTED
 
 
 def record_job_end(
-    session: Session, job: Job, *, failure: str | None = None, generation_time: float = 0.0
+    session: Session,
+    job: Job,
+    *,
+    failure: str | None = None,
+    reason: FailureReason | None = None,
+    generation_time: float = 0.0,
 ) -> None:
-    """Count `job`'s terminal transition, once `session` commits it (a rollback counts nothing)."""
+    """Count `job`'s terminal transition, once `session` commits it (a rollback counts nothing).
+
+    A failure is counted under `reason`, or the reason its message implies."""
     operation = job.operation.value
     state = JobState.FAILED.value if failure is not None else JobState.SUCCESS.value
     latency = max((utcnow() - job.created_at).total_seconds(), 0.0)
@@ -113,7 +132,8 @@ def record_job_end(
         JOBS_FINISHED.labels(operation, state).inc()
         JOB_LATENCY.labels(operation, state).observe(latency)
         if failure is not None:
-            JOB_FAILURES.labels(operation, failure_reason(failure)).inc()
+            label = reason or failure_reason(failure)
+            JOB_FAILURES.labels(operation, label.value).inc()
         else:
             JOB_GENERATION.labels(operation).observe(generation_time)
 

@@ -2,7 +2,8 @@
 
 Used by the GPU worker when a job ends, by the sweeper when a job runs out of attempts and by
 the API when a queued job is canceled, so every path creates the delivery row the same way,
-and only the caller that won the transition does.
+and only the caller that won the transition does. The worker passes its claim's `attempt`
+(the fencing token, see db.repositories.jobs): a run whose claim was superseded wins nothing.
 """
 
 from __future__ import annotations
@@ -13,12 +14,19 @@ from sqlalchemy.orm import Session
 
 from darkroom import metrics
 from darkroom.links import OutputLinks
+from darkroom.metrics import FailureReason
 from darkroom.responses import webhook_body
 from darkroom.settings import Settings
 from db.models import Job
 from db.repositories import jobs, webhooks
 
 CANCELED_MESSAGE = "The job was canceled."
+
+
+def storage_failed_message(reason: str) -> str:
+    """Why a job whose images were generated failed: they could not be stored. `reason` is
+    StorageError.reason (client-safe)."""
+    return f"The images were generated but could not be stored: {reason}."
 
 
 def exhausted_message(attempts: int) -> str:
@@ -53,10 +61,17 @@ def succeed(
     outputs: list[jobs.OutputRecord],
     meta: dict[str, object],
     generation_time: float,
+    attempt: int | None = None,
 ) -> int | None:
-    """Record success and queue its webhook; the delivery id, or None (no webhook, or lost race)."""
+    """Record success and queue its webhook; the delivery id, or None (no webhook, or lost race).
+    With `attempt`, only while the claim that wrote it holds the job."""
     won = jobs.complete_job(
-        session, job.id, outputs=outputs, meta=dict(meta), generation_time=generation_time
+        session,
+        job.id,
+        outputs=outputs,
+        meta=dict(meta),
+        generation_time=generation_time,
+        attempt=attempt,
     )
     if won:
         metrics.record_job_end(session, job, generation_time=generation_time)
@@ -64,10 +79,20 @@ def succeed(
     return queue_webhook(session, job, settings) if won else None
 
 
-def fail(session: Session, settings: Settings, job: Job, message: str) -> int | None:
-    """Record failure with a client-safe message and queue its webhook."""
-    won = jobs.fail_job(session, job.id, message)
+def fail(
+    session: Session,
+    settings: Settings,
+    job: Job,
+    message: str,
+    *,
+    attempt: int | None = None,
+    reason: FailureReason | None = None,
+) -> int | None:
+    """Record failure with a client-safe message and queue its webhook; counted under `reason`
+    (by default, the reason the message implies). With `attempt`, only while the claim that
+    wrote it holds the job."""
+    won = jobs.fail_job(session, job.id, message, attempt=attempt)
     if won:
-        metrics.record_job_end(session, job, failure=message)
+        metrics.record_job_end(session, job, failure=message, reason=reason)
         jobs.notify_job_done(session, job.id)
     return queue_webhook(session, job, settings) if won else None

@@ -35,8 +35,16 @@ FETCH_PATHS = {
 
 
 def output_filename(job: Job, index: int) -> str:
-    """The file name of a job's `index`-th image: unguessable, stable across re-runs."""
+    """The public name of a job's `index`-th image: unguessable, the same whichever run wins.
+    `future_links` and API links use it; the API route serves the winning run's file."""
     return f"{job.file_prefix}-{index}.png"
+
+
+def run_output_filename(job: Job, index: int, run_id: str) -> str:
+    """The name one run of a job stores its `index`-th image under (`run_id` is unique to that
+    run: its claim's attempt and a random part), so that a stale run never replaces the file
+    of the run that won; only the winner's names are recorded in `job_outputs`."""
+    return f"{job.file_prefix}-{index}-{run_id}.png"
 
 
 def processing_body(job: Job, public_url: str, eta: float) -> dict[str, Any]:
@@ -73,7 +81,7 @@ def success_body(job: Job, links: OutputLinks, read: ReadFile) -> dict[str, Any]
     `proxy_links` always holds the links.
     """
     outputs = _sorted(job.outputs)
-    urls = [links.link(out.filename, out.expires_at) for out in outputs]
+    urls = [_output_link(links, job, out) for out in outputs]
     output: list[str] | str = urls
     gone = 0
     if job.params.get("base64_output"):
@@ -115,6 +123,14 @@ def _base64_outputs(outputs: list[JobOutput], read: ReadFile) -> list[str]:
         except FileNotFoundError:  # deleted between the sweeper's check and ours
             continue
     return encoded
+
+
+def _output_link(links: OutputLinks, job: Job, out: JobOutput) -> str:
+    """An output's link: through the API, by its public name (the one `future_links`
+    promised); straight to storage, by the stored object's name."""
+    if links.mode == "api":
+        return output_url(links.public_url, output_filename(job, out.index))
+    return links.link(out.filename, out.expires_at)
 
 
 def failed_body(job: Job) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 Credentials come from boto3's standard chain (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY,
 a profile, an instance or pod role), never from Darkroom's settings. A PUT replaces an object
-whole, so saves are atomic without a temporary name.
+whole, so saves are atomic without a temporary name. A PUT that fails raises StorageError
+naming the service's error code, never the bucket or the key.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ from urllib.parse import quote
 import boto3
 from botocore import UNSIGNED
 from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
 
 from darkroom.settings import Settings
+from darkroom.storage import StorageError
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -82,10 +85,17 @@ class S3Storage:
         return self.prefix + filename
 
     def save(self, filename: str, data: bytes) -> None:
-        """PUT the PNG: the object is replaced whole, never seen half-written."""
-        self.client.put_object(
-            Bucket=self.bucket, Key=self.key(filename), Body=data, ContentType=PNG
-        )
+        """PUT the PNG: the object is replaced whole, never seen half-written. StorageError if
+        the service refuses it or cannot be reached (after boto3's own retries)."""
+        try:
+            self.client.put_object(
+                Bucket=self.bucket, Key=self.key(filename), Body=data, ContentType=PNG
+            )
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code") or "an error")
+            raise StorageError(f"the storage service answered {code}") from exc
+        except BotoCoreError as exc:
+            raise StorageError("the storage service could not be reached") from exc
 
     def read(self, filename: str) -> bytes:
         """The bytes of a stored object; FileNotFoundError like a missing local file."""

@@ -152,6 +152,12 @@ class Settings(BaseSettings):
     sync_wait_recheck_s: float = Field(default=5.0, gt=0)
     sync_wait_poll_s: float = Field(default=0.5, gt=0)
 
+    # --- storage faults (docs/RELIABILITY.md, "Fencing and storage faults") ---
+    # Tries of one output write (disk full, read-only, S3 error) before the job fails saying
+    # its images could not be stored; the pause doubles from `storage_retry_backoff_s`.
+    storage_write_attempts: int = Field(default=4, ge=1, le=20)
+    storage_retry_backoff_s: float = Field(default=0.5, ge=0, le=10)
+
     # --- API tier under load and hostile clients (sized together: docs/OPERATIONS.md) ---
     # Sync waits one API process holds at once; past it a request answers "processing" at once.
     sync_wait_max_concurrent: int = Field(default=200, ge=0)

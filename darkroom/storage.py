@@ -1,13 +1,16 @@
 """Output storage: the worker writes, the API serves, the sweeper expires.
 
-Shared by the tiers (it needs no image library): files are written atomically under names
-derived from the job, so a re-run overwrites rather than duplicates. `make_storage` picks the
-backend from the settings; every tier goes through it.
+Shared by the tiers (it needs no image library): files are written atomically, each run of a
+job under names of its own (see `darkroom.responses.run_output_filename`), so a stale run never
+replaces the file another run delivered. A write that fails raises `StorageError`, whose reason
+is safe to show clients. `make_storage` picks the backend from the settings; every tier goes
+through it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 import time
@@ -17,11 +20,30 @@ from typing import Protocol
 from darkroom.settings import Settings
 
 
+class StorageError(Exception):
+    """A write the storage refused or could not complete. `reason` says why in words safe to
+    show clients (no path, bucket or credential): "no space left on device"."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def local_write_error(exc: OSError) -> StorageError:
+    """`exc` from a local write, as a StorageError naming only the kind of failure."""
+    code = exc.errno
+    reason = os.strerror(code).lower() if code else "the file could not be written"
+    if code in (errno.EACCES, errno.EPERM):
+        reason = "permission denied"
+    return StorageError(reason)
+
+
 class Storage(Protocol):
     """Where output images live."""
 
     def save(self, filename: str, data: bytes) -> None:
-        """Store `data` as `filename`, atomically: readers see the old object or the new one."""
+        """Store `data` as `filename`, atomically: readers see the old object or the new one.
+        StorageError if the write fails."""
 
     def read(self, filename: str) -> bytes:
         """The bytes of a stored file (FileNotFoundError if there is none)."""
@@ -57,14 +79,25 @@ _PARTIAL_PREFIX, _PARTIAL_SUFFIX = ".tmp-", ".part"
 
 
 class LocalStorage:
-    """Files under one directory. A re-run overwrites the same names, so no duplicates appear."""
+    """Files under one directory."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        root.mkdir(parents=True, exist_ok=True)
+        # Best effort: readers (the API, a webhook payload) need no folder, and a worker's
+        # unusable folder shows as a StorageError on its first write, failing that job only.
+        with contextlib.suppress(OSError):
+            root.mkdir(parents=True, exist_ok=True)
 
     def save(self, filename: str, data: bytes) -> None:
-        """Write `data` as `filename` atomically: readers see the old file or the whole new one."""
+        """Write `data` as `filename` atomically: readers see the old file or the whole new one.
+        StorageError when the folder refuses it (full, read-only, gone)."""
+        try:
+            self._write(filename, data)
+        except OSError as exc:
+            raise local_write_error(exc) from exc
+
+    def _write(self, filename: str, data: bytes) -> None:
+        """Write to a temporary file, flush it to disk, then rename it into place."""
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=_PARTIAL_PREFIX, suffix=_PARTIAL_SUFFIX)
         try:
             with os.fdopen(fd, "wb") as handle:

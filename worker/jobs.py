@@ -2,8 +2,21 @@
 store each job's images, record each outcome, notify.
 
 `run_job` is a plain function (the Celery task is a thin shell around it), safe to call twice
-with the same id: the claim lets one worker at a time run a job, outputs are written under
-stable names, and the terminal transition happens once.
+with the same id: the claim lets one worker at a time run a job, and the terminal transition
+happens once.
+
+Fencing (docs/RELIABILITY.md): each claim writes a new `attempts` value, this run's token. The
+lease renewals and the terminal update match it, so a run that stalled past its lease while
+another worker took the job can neither renew, nor record anything, once superseded. Each run
+stores its images under names of its own (`run_output_filename`), recorded in `job_outputs` in
+the winner's terminal transaction: a stale run's files are never referenced, never replace the
+winner's, and the run deletes them when it finds it lost.
+
+Storage faults: a failed write is retried `storage_write_attempts` times with backoff, with
+the images still in memory (the pipeline does not run again); then the job fails with a
+message that says the images could not be stored, counted under the `storage` reason.
+Database faults: a terminal write that cannot reach the database is tried again with backoff
+for `finish_retry_s` (the images are still in memory); past that the lease decides.
 
 Batching (see docs/PERFORMANCE.md): after claiming the job it was sent, the worker claims up to
 `max_batch - 1` more queued jobs with the same `batch_key` in one conditional UPDATE
@@ -21,27 +34,30 @@ canceled, the call stops at its next step.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import TypeVar
 
 from celery import Celery
 from pydantic import ValidationError
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
 from darkroom import outcomes
 from darkroom.jobspec import JobSpec, batch_key
 from darkroom.logs import job_context
-from darkroom.outcomes import exhausted_message
+from darkroom.metrics import FailureReason
+from darkroom.outcomes import exhausted_message, storage_failed_message
 from darkroom.queue import DELIVER_WEBHOOK_TASK, send
-from darkroom.responses import output_filename
+from darkroom.responses import run_output_filename
 from darkroom.settings import Settings
-from darkroom.storage import Storage, make_storage
+from darkroom.storage import Storage, StorageError, make_storage
 from db.models import Job, utcnow
-from db.repositories import jobs
+from db.repositories import jobs, webhooks
 from db.repositories.jobs import ClaimOutcome, OutputRecord
 from db.session import session_scope
 from worker.batching import BatchStepHook, Outcome, StopBatch, generate_batch
@@ -61,6 +77,12 @@ PROGRESS_INTERVAL_S = 0.5
 BATCH_POLL_S = 0.02
 #: Jobs per batch when `max_batch` is 0 (auto): batching pays on a GPU, hardly on a CPU.
 CUDA_MAX_BATCH = 8
+#: The longest pause between two tries of a failed output write.
+STORAGE_RETRY_MAX_DELAY_S = 10.0
+#: The first and the longest pause between two tries of a terminal write (database down).
+FINISH_RETRY_FIRST_DELAY_S, FINISH_RETRY_MAX_DELAY_S = 0.25, 5.0
+
+T = TypeVar("T")
 INTERNAL_ERROR = "The image could not be generated because of an internal error."
 
 
@@ -116,7 +138,7 @@ def _read_spec(runtime: WorkerRuntime, job: Job) -> JobSpec | None:
         return JobSpec.model_validate(job.params)
     except ValidationError:
         log.exception("job %s has unreadable parameters", job.id)
-        _finish(runtime, job.id, INTERNAL_ERROR)
+        _finish(runtime, job.id, INTERNAL_ERROR, attempt=job.attempts)
         return None
 
 
@@ -128,13 +150,14 @@ def _claim(job_id: int, runtime: WorkerRuntime) -> Job | None:
             session, job_id, lease_s=settings.job_lease_s, max_attempts=settings.job_max_attempts
         )
     if outcome == ClaimOutcome.CLAIMED and job is not None and job.cancel_requested_at:
-        _finish(runtime, job_id, outcomes.CANCELED_MESSAGE)  # canceled while it was orphaned
+        # canceled while it was orphaned
+        _finish(runtime, job_id, outcomes.CANCELED_MESSAGE, attempt=job.attempts)
         return None
     if outcome == ClaimOutcome.CLAIMED:
         return job
     log.info("job %s not run here: %s", job_id, outcome)
     if outcome == ClaimOutcome.EXHAUSTED and job is not None:
-        _finish(runtime, job_id, exhausted_message(job.attempts))
+        _finish(runtime, job_id, exhausted_message(job.attempts), attempt=None)  # no claim held
     return None
 
 
@@ -178,7 +201,7 @@ def _claim_companions(
 def _run_batch(runtime: WorkerRuntime, batch: list[tuple[Job, JobSpec]]) -> None:
     """Fetch each job's images, generate them together, and conclude each job on its own."""
     settings = runtime.settings
-    with _heartbeat([job.id for job, _spec in batch], settings):
+    with _heartbeat({job.id: job.attempts for job, _spec in batch}, settings):
         ready = [item for job, spec in batch if (item := _prepare(runtime, job, spec))]
         if not ready:
             return
@@ -194,8 +217,8 @@ def _run_batch(runtime: WorkerRuntime, batch: list[tuple[Job, JobSpec]]) -> None
                 try:
                     _conclude(runtime, item, result, canceled=item.job.id in canceled)
                 except Exception:
-                    # Not recorded (storage or database trouble): its lease runs out and the
-                    # sweeper queues it again, as for a worker that died; the others go on.
+                    # Not recorded (database trouble; storage faults end the job themselves):
+                    # its lease runs out and the sweeper queues it again; the others go on.
                     log.exception("job %s could not be recorded", item.job.id)
 
 
@@ -205,23 +228,23 @@ def _prepare(runtime: WorkerRuntime, job: Job, spec: JobSpec) -> _Ready | None:
         try:
             return _Ready(job, spec, _build_request(spec, runtime.settings))
         except (ImageInputError, ValueError) as exc:
-            _finish(runtime, job.id, str(exc))
+            _finish(runtime, job.id, str(exc), attempt=job.attempts)
         except Exception:
             log.exception("job %s failed", job.id)
-            _finish(runtime, job.id, INTERNAL_ERROR)
+            _finish(runtime, job.id, INTERNAL_ERROR, attempt=job.attempts)
     return None
 
 
 def _conclude(runtime: WorkerRuntime, item: _Ready, result: Outcome, *, canceled: bool) -> None:
     """Record the job's outcome: its images, a cancel, or the reason it failed."""
-    job_id = item.job.id
+    job_id, attempt = item.job.id, item.job.attempts
     if canceled or isinstance(result, StopBatch):
-        _finish(runtime, job_id, outcomes.CANCELED_MESSAGE)
+        _finish(runtime, job_id, outcomes.CANCELED_MESSAGE, attempt=attempt)
     elif isinstance(result, ImageInputError | ValueError):
-        _finish(runtime, job_id, str(result))
+        _finish(runtime, job_id, str(result), attempt=attempt)
     elif isinstance(result, Exception):
         log.error("job %s failed", job_id, exc_info=result)
-        _finish(runtime, job_id, INTERNAL_ERROR)
+        _finish(runtime, job_id, INTERNAL_ERROR, attempt=attempt)
     else:
         _store_and_finish(runtime, item.job, item.spec, item.request, result)
 
@@ -302,21 +325,71 @@ def _store_and_finish(
     request: GenerationRequest,
     result: GenerationResult,
 ) -> None:
-    """Write the images under their stable names, then record success with them."""
+    """Write the images under this run's names, then record success with them; if they cannot
+    be stored, fail the job saying so. A run that finds another one won deletes its files."""
     expires_at = utcnow() + TEMP_LIFETIME if spec.temp else None
-    records = []
+    run_id = f"{job.attempts}-{secrets.token_hex(4)}"
+    records: list[OutputRecord] = []
     samples = zip(result.images, spec.seeds, result.nsfw, strict=True)
-    for index, (image, seed, nsfw) in enumerate(samples):
-        name = output_filename(job, index)
-        runtime.storage.save(name, png_bytes(image))
-        records.append(OutputRecord(index, name, image.width, image.height, seed, nsfw, expires_at))
+    try:
+        for index, (image, seed, nsfw) in enumerate(samples):
+            name = run_output_filename(job, index, run_id)
+            _save(runtime, name, png_bytes(image))
+            records.append(
+                OutputRecord(index, name, image.width, image.height, seed, nsfw, expires_at)
+            )
+    except StorageError as exc:
+        log.error("job %s: its images could not be stored: %s", job.id, exc.reason)
+        _discard(runtime, [record.filename for record in records])
+        message = storage_failed_message(exc.reason)
+        _finish(runtime, job.id, message, attempt=job.attempts, reason=FailureReason.STORAGE)
+        return
     meta = {**job.meta, "W": request.width, "H": request.height}
     if spec.safety_checker:
         meta["nsfw_content_detected"] = list(result.nsfw)
     if expires_at is not None:
         meta["temp_expires_at"] = expires_at.isoformat()
     meta["model_load_time"] = round(result.model_load_seconds, 3)
-    _finish(runtime, job.id, Success(records, meta, result.pipeline_seconds))
+    success = Success(records, meta, result.pipeline_seconds)
+    if not _record_success(runtime, job.id, success, attempt=job.attempts):
+        log.warning("job %s was ended by another run: this run's files are deleted", job.id)
+        _discard(runtime, [record.filename for record in records])
+
+
+def _save(runtime: WorkerRuntime, name: str, data: bytes) -> None:
+    """Store one file, trying again with backoff while the storage refuses it; the last
+    StorageError is raised once `storage_write_attempts` tries have failed."""
+    settings = runtime.settings
+    tries = settings.storage_write_attempts
+    for attempt in range(1, tries + 1):
+        try:
+            runtime.storage.save(name, data)
+            return
+        except StorageError as exc:
+            if attempt == tries:
+                raise
+            delay = min(
+                settings.storage_retry_backoff_s * 2 ** (attempt - 1), STORAGE_RETRY_MAX_DELAY_S
+            )
+            log.warning(
+                "writing output %s failed (%s): try %d of %d in %.2f s",
+                name,
+                exc.reason,
+                attempt + 1,
+                tries,
+                delay,
+            )
+            time.sleep(delay)
+
+
+def _discard(runtime: WorkerRuntime, names: list[str]) -> None:
+    """Delete files that no job output will reference (best effort: a leftover is harmless,
+    it is never linked)."""
+    for name in names:
+        try:
+            runtime.storage.delete(name)
+        except Exception:
+            log.warning("could not delete unreferenced output %s", name, exc_info=True)
 
 
 @dataclass(frozen=True)
@@ -328,27 +401,74 @@ class Success:
     generation_time: float
 
 
-def _finish(runtime: WorkerRuntime, job_id: int, outcome: Success | str) -> None:
-    """Commit the terminal state with its webhook row, then publish the delivery.
-
-    `outcome` is the success, or the client-safe failure message.
-    """
+def _finish(
+    runtime: WorkerRuntime,
+    job_id: int,
+    message: str,
+    *,
+    attempt: int | None,
+    reason: FailureReason | None = None,
+) -> None:
+    """Commit the job's failure with its client-safe `message` and its webhook row, then
+    publish the delivery. With `attempt` (this run's claim), only while that claim holds it."""
     settings = runtime.settings
-    with session_scope(settings.resolved_database_url) as session:
-        job = jobs.get_job(session, job_id)
-        assert job is not None, "a claimed job cannot disappear"
-        if isinstance(outcome, str):
-            delivery_id = outcomes.fail(session, settings, job, outcome)
-        else:
+
+    def write() -> int | None:
+        with session_scope(settings.resolved_database_url) as session:
+            job = jobs.get_job(session, job_id)
+            assert job is not None, "a claimed job cannot disappear"
+            return outcomes.fail(session, settings, job, message, attempt=attempt, reason=reason)
+
+    _notify(runtime.broker, _retrying_database(settings, job_id, write))
+
+
+def _record_success(runtime: WorkerRuntime, job_id: int, success: Success, *, attempt: int) -> bool:
+    """Commit the job's success with its outputs and webhook row while this run's claim holds
+    it, then publish the delivery. False if the job had ended or another claim holds it."""
+    settings = runtime.settings
+
+    def write() -> tuple[bool, int | None]:
+        with session_scope(settings.resolved_database_url) as session:
+            job = jobs.get_job(session, job_id)
+            assert job is not None, "a claimed job cannot disappear"
             delivery_id = outcomes.succeed(
                 session,
                 settings,
                 job,
-                outputs=outcome.outputs,
-                meta=outcome.meta,
-                generation_time=outcome.generation_time,
+                outputs=success.outputs,
+                meta=success.meta,
+                generation_time=success.generation_time,
+                attempt=attempt,
             )
+            # This run's output rows exist only if it won: complete_job writes them. (Asked
+            # this way, a retry after a commit whose answer was lost still knows it won.)
+            won = jobs.get_output(session, success.outputs[0].filename) is not None
+            if won and delivery_id is None:
+                delivery = webhooks.get_delivery_for_job(session, job_id)
+                delivery_id = delivery.id if delivery is not None else None
+            return won, delivery_id
+
+    won, delivery_id = _retrying_database(settings, job_id, write)
     _notify(runtime.broker, delivery_id)
+    return won
+
+
+def _retrying_database(settings: Settings, job_id: int, write: Callable[[], T]) -> T:
+    """Run a terminal write, again with backoff while the database cannot be reached, for
+    `finish_retry_s` at most. Safe to repeat: the write is a compare-and-set."""
+    deadline = time.monotonic() + settings.finish_retry_s
+    delay = FINISH_RETRY_FIRST_DELAY_S
+    while True:
+        try:
+            return write()
+        except (OperationalError, InterfaceError):  # connection refused, dropped or reset
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning(
+                "job %s: the database is unreachable; recording again in %.2f s", job_id, delay
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, FINISH_RETRY_MAX_DELAY_S)
 
 
 def _notify(broker: Celery, delivery_id: int | None) -> None:
@@ -358,9 +478,10 @@ def _notify(broker: Celery, delivery_id: int | None) -> None:
 
 
 @contextmanager
-def _heartbeat(job_ids: list[int], settings: Settings) -> Iterator[None]:
+def _heartbeat(claims: dict[int, int], settings: Settings) -> Iterator[None]:
     """Renew the leases of a batch's jobs while it runs, so the sweeper knows this worker is
-    alive; a job that has ended is skipped by the update."""
+    alive. `claims` maps each job id to its claim's attempt: a job that has ended, or that
+    another claim took (this run stalled past its lease), is skipped by the update."""
     stop = threading.Event()
     interval = settings.job_lease_s / 3
 
@@ -368,11 +489,18 @@ def _heartbeat(job_ids: list[int], settings: Settings) -> Iterator[None]:
         while not stop.wait(interval):
             try:
                 with session_scope(settings.resolved_database_url) as session:
-                    jobs.extend_leases(session, job_ids, settings.job_lease_s)
+                    renewed = jobs.extend_leases(session, claims, settings.job_lease_s)
             except Exception:
-                log.warning("lease renewal for jobs %s failed; will retry", job_ids)
+                log.warning("lease renewal for jobs %s failed; will retry", list(claims))
+                continue
+            if renewed < len(claims):
+                log.debug(
+                    "jobs %s: %d of the leases are no longer this run's",
+                    list(claims),
+                    len(claims) - renewed,
+                )
 
-    thread = threading.Thread(target=beat, name=f"lease-{job_ids[0]}", daemon=True)
+    thread = threading.Thread(target=beat, name=f"lease-{next(iter(claims))}", daemon=True)
     thread.start()
     try:
         yield

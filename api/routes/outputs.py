@@ -21,7 +21,7 @@ from db.session import session_scope
 router = APIRouter(tags=["outputs"])
 
 # Only names the worker writes: this also rules out any path traversal.
-_OUTPUT_NAME = re.compile(r"^[0-9a-f]{32}-\d{1,2}\.png$")
+_OUTPUT_NAME = re.compile(r"^[0-9a-f]{32}-\d{1,2}(?:-\d{1,6}-[0-9a-f]{8})?\.png$")
 
 
 @router.get("/outputs/{filename}", summary="Download an output image")
@@ -48,13 +48,14 @@ def _output_response(
         if output is None or not _may_download(session, settings, cache, presented, output):
             raise ApiError(404, "No such output.")
         expires_at, deleted = output.expires_at, output.deleted_at is not None
+        stored = output.filename  # a public name leads to the file the winning run stored
     if expires_at is not None and expires_at <= utcnow():
         raise ApiError(410, "This temporary link has expired.")
     links = OutputLinks.from_settings(settings)
-    path = links.storage.path(filename)
+    path = links.storage.path(stored)
     if path is not None:
         return FileResponse(path, media_type="image/png")
-    target = None if deleted else links.direct(filename, expires_at)
+    target = None if deleted else links.direct(stored, expires_at)
     if target is None:
         raise ApiError(404, "No such output.")
     return RedirectResponse(target, status_code=307)

@@ -2,19 +2,27 @@
 
 State changes are conditional UPDATEs (compare-and-set on `state` and `lease_until`), so two
 workers that receive the same job id cannot both run it, and a job reaches a terminal state once.
+
+Fencing: every claim, single or batch companion, increments `attempts`, and the value it wrote
+is that run's token. Lease renewal and the worker's terminal update match it, so a run whose
+claim was superseded (it stalled past its lease and another worker took the job) can neither
+keep the job alive nor record a result. (An operator's requeue restarts `attempts` from 0, so a
+stuck run's token may come round again: then either run may win, still exactly one, and their
+files never collide because each run stores under names of its own.)
 """
 
 from __future__ import annotations
 
 import enum
+import re
 import secrets
 import statistics
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.clock import DbNow, db_now
@@ -200,22 +208,33 @@ def claim_batch_companions(
     return list(rows)
 
 
-def extend_leases(session: Session, job_ids: list[int], lease_s: float) -> int:
-    """Heartbeat for a batch: push the leases of those of `job_ids` still running here."""
+def _fenced(job_id: int, attempt: int | None) -> ColumnElement[bool]:
+    """Job `job_id` is running under the claim that wrote `attempt` (None: under any claim,
+    for callers that hold none: the sweeper, a cancel)."""
+    running = and_(Job.id == job_id, Job.state == JobState.PROCESSING)
+    return running if attempt is None else and_(running, Job.attempts == attempt)
+
+
+def extend_leases(session: Session, claims: Mapping[int, int], lease_s: float) -> int:
+    """Heartbeat for a batch: push the leases of the jobs still running under this run's claims
+    (`claims` maps a job id to the attempt its claim wrote); how many were pushed."""
+    if not claims:
+        return 0
     result = session.execute(
         update(Job)
-        .where(Job.id.in_(job_ids), Job.state == JobState.PROCESSING)
+        .where(or_(*(_fenced(job_id, attempt) for job_id, attempt in claims.items())))
         .values(lease_until=db_now(session) + timedelta(seconds=lease_s))
         .execution_options(synchronize_session=False)
     )
     return _rowcount(result)
 
 
-def extend_lease(session: Session, job_id: int, lease_s: float) -> bool:
-    """Heartbeat: push the lease forward while the job still runs here. False if it was lost."""
+def extend_lease(session: Session, job_id: int, lease_s: float, *, attempt: int) -> bool:
+    """Heartbeat: push the lease forward while the job still runs under the claim that wrote
+    `attempt`. False if it ended or another claim took it."""
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.state == JobState.PROCESSING)
+        .where(_fenced(job_id, attempt))
         .values(lease_until=db_now(session) + timedelta(seconds=lease_s))
         .execution_options(synchronize_session=False)
     )
@@ -229,11 +248,14 @@ def complete_job(
     outputs: list[OutputRecord],
     meta: dict[str, Any],
     generation_time: float,
+    attempt: int | None = None,
 ) -> bool:
-    """Move a processing job to success with its outputs. False if it was already terminal."""
+    """Move a processing job to success with its outputs, recorded in the same transaction
+    (so only the winning run's files are ever referenced). With `attempt`, only while the
+    claim that wrote it holds the job. False if it was terminal or another claim holds it."""
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.state == JobState.PROCESSING)
+        .where(_fenced(job_id, attempt))
         .values(
             state=JobState.SUCCESS,
             meta=meta,
@@ -262,11 +284,15 @@ def complete_job(
     return True
 
 
-def fail_job(session: Session, job_id: int, message: str) -> bool:
-    """Move a non-terminal job to failed with a client-safe message. False if already terminal."""
+def fail_job(session: Session, job_id: int, message: str, *, attempt: int | None = None) -> bool:
+    """Move a non-terminal job to failed with a client-safe message; with `attempt`, only
+    while the claim that wrote it holds the job. False if terminal or another claim holds it."""
+    held: ColumnElement[bool] = Job.state.in_([JobState.QUEUED, JobState.PROCESSING])
+    if attempt is not None:
+        held = and_(Job.state == JobState.PROCESSING, Job.attempts == attempt)
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.state.in_([JobState.QUEUED, JobState.PROCESSING]))
+        .where(Job.id == job_id, held)
         .values(state=JobState.FAILED, error=message, finished_at=utcnow(), lease_until=None)
         .execution_options(synchronize_session=False)
     )
@@ -489,9 +515,22 @@ def _typical_seconds(
     return typical
 
 
+#: An output's public name, `{file_prefix}-{index}.png` (darkroom.responses.output_filename):
+#: what `future_links` and API links name; the file stored under it is the winning run's.
+_PUBLIC_OUTPUT_NAME = re.compile(r"([0-9a-f]{32})-(\d{1,2})\.png")
+
+
 def get_output(session: Session, filename: str) -> JobOutput | None:
-    """An output by its file name."""
-    return session.scalar(select(JobOutput).where(JobOutput.filename == filename))
+    """An output by its stored file name, or by its public name (then the winning run's)."""
+    found = session.scalar(select(JobOutput).where(JobOutput.filename == filename))
+    public = _PUBLIC_OUTPUT_NAME.fullmatch(filename)
+    if found is not None or public is None:
+        return found
+    return session.scalar(
+        select(JobOutput)
+        .join(Job, JobOutput.job_id == Job.id)
+        .where(Job.file_prefix == public[1], JobOutput.index == int(public[2]))
+    )
 
 
 def expired_outputs(session: Session, *, limit: int = 200) -> list[JobOutput]:
@@ -542,3 +581,12 @@ def any_cancel_requested(session: Session, job_ids: list[int]) -> list[int]:
         select(Job.id).where(Job.id.in_(job_ids), Job.cancel_requested_at.is_not(None))
     )
     return list(rows)
+
+
+def ended_among(session: Session, job_ids: Collection[int]) -> set[int]:
+    """Those of `job_ids` that are no longer queued or running (one query for all the sync
+    waits of an API process on SQLite, which has no notifications)."""
+    rows = session.scalars(
+        select(Job.id).where(Job.id.in_(job_ids), Job.state.in_(TERMINAL_STATES))
+    )
+    return set(rows)

@@ -264,10 +264,11 @@ def test_requeue_only_expired_processing_jobs(db: Session, api_key: IssuedKey) -
 
 def test_extend_lease(db: Session, api_key: IssuedKey) -> None:
     job = _new(db, api_key)
-    assert not jobs.extend_lease(db, job.id, LEASE_S)
+    assert not jobs.extend_lease(db, job.id, LEASE_S, attempt=0)
     assert _claim(db, job.id) == ClaimOutcome.CLAIMED
     _expire_lease(db, job.id)
-    assert jobs.extend_lease(db, job.id, LEASE_S)
+    assert not jobs.extend_lease(db, job.id, LEASE_S, attempt=0)  # not this claim's token
+    assert jobs.extend_lease(db, job.id, LEASE_S, attempt=1)
     db.commit()
     lease = _reload(db, job.id).lease_until
     assert lease is not None

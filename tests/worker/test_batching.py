@@ -189,8 +189,8 @@ def test_a_batch_renews_the_leases_of_its_running_jobs_only(own_pg_url: str) -> 
         soon = utcnow() + timedelta(seconds=1)
         running = _row(session, key_id, "k", state=JobState.PROCESSING, lease_until=soon)
         ended = _row(session, key_id, "k", state=JobState.SUCCESS, lease_until=soon)
-    with session_scope(own_pg_url) as session:
-        assert jobs.extend_leases(session, [running, ended], 600) == 1
+    with session_scope(own_pg_url) as session:  # both claimed by this run (attempts 0 here)
+        assert jobs.extend_leases(session, {running: 0, ended: 0}, 600) == 1
     with session_scope(own_pg_url) as session:
         renewed, kept = session.get(Job, running), session.get(Job, ended)
         assert renewed is not None

@@ -90,7 +90,9 @@ def test_success_writes_outputs_records_them_and_queues_the_webhook(
         assert delivery is not None
         payload = json.loads(delivery.payload)
     assert payload["status"] == "success"
-    assert payload["output"] == f"{runtime.settings.public_url}/outputs/{job.outputs[0].filename}"
+    # Links name the output's public name; the row, the file this run stored under its own name.
+    assert payload["output"] == f"{runtime.settings.public_url}/outputs/{job.file_prefix}-0.png"
+    assert job.outputs[0].filename.startswith(f"{job.file_prefix}-0-1-")
     assert published_deliveries(runtime.settings) == [delivery.id]
 
 
