@@ -500,6 +500,15 @@ def check_everything(
     failed_prefixes = tuple(job.file_prefix for job in failed)
     temp = {name for name in files if name.startswith(".tmp-") and name.endswith(".part")}
     stray = files - recorded - temp
+    # Each run stores under `<prefix>-<index>-<attempt>-<random>.png`: an unrecorded file is
+    # one of a run killed before it recorded (an earlier attempt), or of a job that failed.
+    attempts = {job.file_prefix: job.attempts for job in jobs}
+    superseded = {
+        name
+        for name in stray
+        if (run := name.split("-")) and len(run) == 4 and int(run[2]) < attempts.get(run[0], 0)
+    }
+    stray -= superseded
     assert all(name.startswith(failed_prefixes) for name in stray) if stray else True, stray
 
     # Webhooks: verified, one stable id per job, byte-identical bodies, one event after dedupe.
