@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite needs beyond Python: Chromium for the dashboard's
-# headless-browser test. A no-op when they are present; without root it only says what is missing.
+# headless-browser test, and libfaketime (package `faketime`) for the tests that run a process
+# with a skewed clock. A no-op when they are present; without root it only says what is missing.
 set -euo pipefail
 
-if [ -x /usr/bin/chromium ]; then
+missing=()
+[ -x /usr/bin/chromium ] || missing+=(chromium fonts-dejavu-core)
+compgen -G "/usr/lib/*/faketime/libfaketime.so.1" >/dev/null || missing+=(faketime)
+if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
 if [ "$(id -u)" -ne 0 ]; then
-  echo "chromium is missing: run 'apt-get install -y chromium' as root" >&2
+  echo "missing: run 'apt-get install -y ${missing[*]}' as root" >&2
   exit 0
 fi
-echo "installing chromium"
+echo "installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null
+apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null

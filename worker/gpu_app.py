@@ -8,10 +8,15 @@ consumes the queue of each model it holds (`worker.affinity`).
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
+from celery import Task
+from celery.exceptions import Reject
 from celery.signals import worker_ready, worker_shutting_down
 from diffusers.utils import logging as diffusers_logging
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from transformers.utils import logging as transformers_logging
 
 from darkroom.logs import install_celery_logging
@@ -39,11 +44,28 @@ runtime = WorkerRuntime(settings=settings, broker=app, cache=cache)
 affinity = WorkerAffinity(settings, cache)
 
 
-@app.task(name=RUN_JOB_TASK)
-def run_job_task(job_id: int) -> None:
-    """Thin shell: everything happens in worker.jobs.run_job."""
+#: What a database that cannot be reached raises (down, restarting, or every connection busy).
+DATABASE_UNREACHABLE = (OperationalError, InterfaceError, PoolTimeoutError)
+
+
+@app.task(name=RUN_JOB_TASK, bind=True)
+def run_job_task(self: Task[[int], None], job_id: int) -> None:
+    """Thin shell: everything happens in worker.jobs.run_job.
+
+    A job that cannot reach the database (its claim raised) is not acknowledged: with acks late,
+    a task that raises is acknowledged all the same and its message is gone until the sweeper
+    notices, so the message goes back to its queue after a pause (`claim_retry_delay_s`, which
+    keeps a worker from spinning while the database is down). Should the run have claimed the
+    job before losing the database, the message comes back to a claim that refuses it (busy):
+    harmless.
+    """
     with affinity.tracking(job_id):
-        run_job(job_id, runtime)
+        try:
+            run_job(job_id, runtime)
+        except DATABASE_UNREACHABLE as exc:
+            log.warning("job %s: database unreachable, message returned to the queue", job_id)
+            time.sleep(settings.claim_retry_delay_s)
+            raise Reject(exc, requeue=True) from exc
 
 
 @worker_ready.connect
