@@ -43,7 +43,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     # The last added runs first: a request over the in-flight limit is refused at once.
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
-    app.add_middleware(InFlightLimit, limit=settings.api_max_in_flight)
+    waiter: JobWaiter = app.state.waiter
+    app.add_middleware(InFlightLimit, limit=settings.api_max_in_flight, parked=lambda: waiter.waits)
     for module in (submit, fetch, cancel, outputs, health, metrics, dashboard):
         app.include_router(module.router)
     return app

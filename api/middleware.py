@@ -11,6 +11,8 @@ up. Liveness (`/health`) is never counted or refused, so that a busy process sti
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -22,11 +24,14 @@ UNCOUNTED = frozenset({"/health"})
 
 
 class InFlightLimit:
-    """At most `limit` requests in progress at once (not counting UNCOUNTED paths)."""
+    """At most `limit` requests in progress at once, not counting UNCOUNTED paths nor the
+    `parked()` requests that are in a sync wait (those hold no thread and no connection, and
+    have a bound of their own)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, parked: Callable[[], int] = lambda: 0) -> None:
         self.app = app
         self.limit = limit
+        self.parked = parked
         #: Requests now in progress; for tests and operators.
         self.in_flight = 0
 
@@ -34,7 +39,7 @@ class InFlightLimit:
         if scope["type"] != "http" or scope["path"] in UNCOUNTED:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.limit:
+        if self.in_flight - self.parked() >= self.limit:
             busy = error_response(503, BUSY_MESSAGE, retry_header=BUSY_RETRY_S)
             await busy(scope, receive, send)
             return

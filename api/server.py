@@ -166,7 +166,7 @@ def server_config(app: FastAPI, settings: Settings, host: str, port: int) -> uvi
         http=guarded_protocol(limits),
         timeout_keep_alive=math.ceil(settings.api_keep_alive_s),
         backlog=settings.api_backlog,
-        log_level="info",
+        log_level=settings.log_level.lower(),
         log_config=None,  # uvicorn's loggers then reach the root handler (JSON lines or text)
     )
 

@@ -5,7 +5,8 @@ database session and no threadpool thread: it awaits an asyncio event that the p
 listener sets when Postgres announces the job's end (`NOTIFY darkroom_job_done`, sent by
 darkroom.outcomes inside the terminal transaction, so it arrives after the commit). Each wake-up
 re-reads the job, so a notification is only a hint; a re-check every `sync_wait_recheck_s`
-covers one lost while the listener reconnects. SQLite has no notifications: waits poll.
+covers one lost while the listener reconnects. SQLite has no notifications: one poll per
+process asks which waited jobs have ended. At most `sync_wait_max_concurrent` waits at once.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -27,7 +29,9 @@ from starlette.concurrency import run_in_threadpool
 from api.errors import ApiError
 from api.fields import to_float
 from darkroom.settings import Settings
+from db.repositories import jobs
 from db.repositories.jobs import JOB_DONE_CHANNEL
+from db.session import session_scope
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +40,15 @@ Answer = dict[str, Any]
 ReadAnswer = Callable[[], Answer]
 
 
+#: Which of these job ids have ended (run in the threadpool, one short session).
+PollEnded = Callable[[list[int]], set[int]]
+
+
 class JobWaiter:
     """Wakes the requests that wait for a job: one LISTEN connection per process, fanning each
-    notification out to the waiters of that job id. Without a conninfo (SQLite) it only paces
-    the polls."""
+    notification out to the waiters of that job id. Without a conninfo (SQLite) one poll per
+    `poll_s` asks which of all the waited jobs have ended, in one query, and wakes those: the
+    cost of waiting does not grow with the number of waits."""
 
     def __init__(
         self,
@@ -47,11 +56,15 @@ class JobWaiter:
         *,
         recheck_s: float,
         max_waits: int = 200,
+        poll: PollEnded | None = None,
+        poll_s: float = 0.5,
         reconnect_s: float = 1.0,
         health_check_s: float = 30.0,
     ) -> None:
         self.conninfo = conninfo
         self.recheck_s = recheck_s
+        self.poll = poll
+        self.poll_s = poll_s
         #: Sync waits this process holds at once at most (DARKROOM_SYNC_WAIT_MAX_CONCURRENT).
         self.max_waits = max_waits
         #: Sync waits in progress now.
@@ -68,17 +81,30 @@ class JobWaiter:
         """A listener on the Postgres database of `settings`, or a poller on SQLite; neither
         when waiting is off (DARKROOM_SYNC_WAIT_MAX_S=0)."""
         waits = settings.sync_wait_max_s > 0
-        conninfo = listen_conninfo(settings.resolved_database_url) if waits else None
-        recheck = settings.sync_wait_recheck_s if conninfo else settings.sync_wait_poll_s
-        return cls(conninfo, recheck_s=recheck, max_waits=settings.sync_wait_max_concurrent)
+        url = settings.resolved_database_url
+        conninfo = listen_conninfo(url) if waits else None
+        return cls(
+            conninfo,
+            recheck_s=settings.sync_wait_recheck_s,
+            max_waits=settings.sync_wait_max_concurrent,
+            poll=partial(ended_jobs, url) if waits and conninfo is None else None,
+            poll_s=settings.sync_wait_poll_s,
+        )
 
     def start(self) -> None:
-        """Start listening on the running loop (again, if the loop changed or the task died)."""
-        if self.conninfo is None:
+        """Start listening, or polling, on the running loop (again, if the loop changed or the
+        task died)."""
+        if self.conninfo is not None:
+            watch = self._listen(self.conninfo)
+        elif self.poll is not None:
+            watch = self._poll_ended(self.poll)
+        else:
             return
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done() or self._task.get_loop() is not loop:
-            self._task = loop.create_task(self._listen(self.conninfo), name="job-waiter")
+            self._task = loop.create_task(watch, name="job-waiter")
+        else:
+            watch.close()  # already watching: the coroutine is never awaited
 
     async def stop(self) -> None:
         """Stop listening and close the connection."""
@@ -157,6 +183,21 @@ class JobWaiter:
                     self._dispatch(notify.payload)
                 await asyncio.wait_for(conn.execute("SELECT 1"), self.health_check_s)
 
+    async def _poll_ended(self, poll: PollEnded) -> None:
+        """Until cancelled: every `poll_s`, wake the waiters of the jobs that have ended."""
+        while True:
+            await asyncio.sleep(self.poll_s)
+            waited = list(self._waiters)
+            if not waited:
+                continue
+            try:
+                ended = await run_in_threadpool(poll, waited)
+            except Exception as exc:  # never give up: each wait's own re-check still runs
+                log.warning("polling the waited jobs failed: %s", exc)
+                continue
+            for job_id in ended:
+                self.wake(job_id)
+
     def _dispatch(self, payload: str) -> None:
         try:
             job_id = int(payload)
@@ -176,6 +217,12 @@ def listen_conninfo(database_url: str) -> str | None:
     if url.get_backend_name() != "postgresql":
         return None
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def ended_jobs(database_url: str, job_ids: list[int]) -> set[int]:
+    """Those of `job_ids` that have ended, read in one short session."""
+    with session_scope(database_url) as session:
+        return jobs.ended_among(session, job_ids)
 
 
 async def wait_for_outcome(

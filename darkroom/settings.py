@@ -170,8 +170,9 @@ class Settings(BaseSettings):
     db_pool_timeout_s: float = Field(default=2.0, gt=0)
     # How long a valid key is trusted without a lookup: also how late a revocation takes effect.
     api_key_cache_s: float = Field(default=5.0, ge=0)
-    # Requests in progress per process (not /health); past it 503 with Retry-After at once.
-    api_max_in_flight: int = Field(default=512, ge=1)
+    # Requests in progress per process (not /health, not sync waits); past it 503 with
+    # Retry-After at once. It bounds queueing: 256 requests of ~4 ms are about one second.
+    api_max_in_flight: int = Field(default=256, ge=1)
     # Open connections per process; past it a new one is answered 503 and closed.
     api_max_connections: int = Field(default=4096, ge=1)
     # A request's head (line and headers) must arrive within this; its body within the other.

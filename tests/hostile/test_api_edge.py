@@ -371,4 +371,4 @@ def test_a_lone_surrogate_in_a_fetch_body_is_a_422(api: ApiProcess) -> None:
 def test_an_answer_that_echoes_a_surrogate_still_renders() -> None:
     """The last line of defence: any message holding client text is valid UTF-8 JSON."""
     body = SafeJSONResponse({"status": "error", "message": {"f": [f"bad {SURROGATE}"]}}).body
-    assert json.loads(body.decode("utf-8"))["message"]["f"] == ["bad x\ufffdy"]
+    assert json.loads(bytes(body).decode("utf-8"))["message"]["f"] == ["bad x\ufffdy"]
