@@ -252,6 +252,8 @@ def test_jobs_stranded_in_a_model_queue_move_to_the_general_queue(
     stranded = _job(own, own_key, "tiny-a", enqueued_at=_ago(60), queue_name=queue_a)
     recent = _job(own, own_key, "tiny-a", enqueued_at=_ago(1), queue_name=queue_a)
     consumed = _job(own, own_key, "tiny-b", enqueued_at=_ago(60), queue_name=queue_b)
+    for job_id, queue in ((stranded, queue_a), (recent, queue_a), (consumed, queue_b)):
+        assert send(broker, RUN_JOB_TASK, job_id, queue=queue)  # messages not lost: waiting
     _advertise(own, "w2@test", model_key("img2img", "tiny-b"))
 
     report = sweep_once(own, broker)
