@@ -14,15 +14,16 @@ from typing import Any
 
 import psycopg
 import pytest
+from alembic import command
 from fastapi.testclient import TestClient
-from sqlalchemy import select, update
+from sqlalchemy import create_engine, inspect, select, update
 
 from api.app import create_app
 from api.routes.submit import MAX_IDEMPOTENCY_KEY, ROUTES
 from api.submission import IDEMPOTENCY_MISMATCH
 from api.waiting import listen_conninfo
 from darkroom.settings import Settings
-from db.migrate import upgrade_to_head
+from db.migrate import alembic_config, upgrade_to_head
 from db.models import IdempotencyKey, Job, utcnow
 from db.repositories import idempotency
 from db.repositories.keys import IssuedKey, create_key
@@ -338,6 +339,29 @@ def test_every_submit_path_is_idempotent(
     assert again.json()["id"] == first.json()["id"]
     assert again.json()["fetch_result"] == first.json()["fetch_result"]
     assert jobs_of(settings, api_key) == 1
+
+
+def test_the_migration_matches_the_model_and_downgrades(tmp_path: Path, pg_url: str) -> None:
+    sqlite_url = f"sqlite:///{tmp_path / 'migrated.sqlite3'}"
+    upgrade_to_head(sqlite_url)
+    expected = set(IdempotencyKey.__table__.columns.keys())
+    for url in (sqlite_url, pg_url):
+        engine = create_engine(url)
+        try:
+            inspector = inspect(engine)
+            assert {c["name"] for c in inspector.get_columns("idempotency_keys")} == expected
+            unique = inspector.get_unique_constraints("idempotency_keys")
+            assert [sorted(u["column_names"]) for u in unique] == [["api_key_id", "key"]]
+        finally:
+            engine.dispose()
+
+    command.downgrade(alembic_config(sqlite_url), "0006")
+    engine = create_engine(sqlite_url)
+    try:
+        assert "idempotency_keys" not in inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+    upgrade_to_head(sqlite_url)
 
 
 def test_on_sqlite(tmp_path: Path) -> None:
