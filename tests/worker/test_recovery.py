@@ -25,8 +25,7 @@ from tests.chaos.harness import OwnedProcess, OwnedRedis, Tier
 from tests.support.instances import OwnedPostgres, owned_postgres
 from tests.support.servers import ImageServer
 from tests.support.system import free_port, settings_env
-
-pytestmark = pytest.mark.slow
+from worker.sweeper import sweep_once
 
 #: What must hold: every queued job runs again within this long of the service's return.
 RECOVERY_BOUND_S = 10.0
@@ -108,6 +107,7 @@ def _logs(*parts: OwnedProcess | OwnedPostgres) -> Callable[[], str]:
     return lambda: "\n".join(part.tail() for part in parts)
 
 
+@pytest.mark.slow
 def test_a_broker_that_restarts_empty_is_refilled_within_seconds(
     tmp_path: Path,
     settings: Settings,
@@ -165,6 +165,7 @@ def _all_succeeded(settings: Settings, job_ids: list[int]) -> bool:
     return all(state == JobState.SUCCESS for state, _ in _states(settings, job_ids).values())
 
 
+@pytest.mark.slow
 def test_a_database_restart_leaves_no_message_acknowledged(
     tmp_path: Path,
     settings: Settings,
@@ -228,3 +229,34 @@ def _store_then_publish_while_down(
         assert send(broker, RUN_JOB_TASK, job_id, queue=settings.job_queue)
     broker.close()
     return ids
+
+
+def test_the_embedded_profile_resends_a_lost_message(tmp_path: Path) -> None:
+    """SQLite and the filesystem broker: a message file that vanished is sent again, once,
+    and a message that waits is left alone."""
+    embedded = Settings(data_dir=tmp_path / "data", lost_message_grace_s=0.2)
+    upgrade_to_head(embedded.resolved_database_url)
+    broker = make_celery(embedded)
+    with session_scope(embedded.resolved_database_url) as session:
+        key_id = create_key(session, "embedded").row.id
+        new = jobs.NewJob(key_id, Operation.IMG2IMG, "v6", {"prompt": "x"}, {}, None, None)
+        job_id = jobs.create_job(session, new).id
+    assert send(broker, RUN_JOB_TASK, job_id, queue=embedded.job_queue)
+    with session_scope(embedded.resolved_database_url) as session:
+        routing.mark_published(session, job_id, embedded.job_queue)
+    time.sleep(0.3)
+
+    def held() -> set[int]:
+        return held_ids(embedded, RUN_JOB_TASK, {embedded.job_queue}, 1.0).waiting[
+            embedded.job_queue
+        ]
+
+    assert held() == {job_id}
+    assert sweep_once(embedded, broker).enqueued_jobs == 0  # its message waits
+    for message in embedded.broker_dir.glob("*.msg"):
+        message.unlink()  # lost
+    assert sweep_once(embedded, broker).enqueued_jobs == 1
+    assert held() == {job_id}
+    time.sleep(0.3)
+    assert sweep_once(embedded, broker).enqueued_jobs == 0
+    assert len(list(embedded.broker_dir.glob("*.msg"))) == 1
