@@ -20,7 +20,6 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from huggingface_hub.utils import build_hf_headers
 from PIL import Image
 from sqlalchemy import update
 from starlette.datastructures import QueryParams
@@ -392,23 +391,22 @@ def _load(cache: ModelCache, repo: str) -> None:
 
 
 def test_the_model_cache_loads_unlisted_hub_ids_from_local_files_only(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The cache asks the process's settings (a worker's) which Hub ids it may download.
     monkeypatch.setenv("DARKROOM_HUB_MODELS", "acme/listed-sd")
     get_settings.cache_clear()
     try:
         attempts = _NetworkAttempts(monkeypatch)
-        # huggingface_hub fetches its "agent harnesses" list from the Hub the first time it
-        # builds request headers, whatever local_files_only says (once per process; it keeps
-        # an empty list when refused). Let that happen first, so only model loads are counted.
-        build_hf_headers()
-        attempts.hosts.clear()
         cache = ModelCache(device="cpu")
-        _load(cache, "stranger/huge-model")
-        assert attempts.hosts == []  # local files only: not even a name was resolved
         _load(cache, "acme/listed-sd")
         assert attempts.hosts, "a listed id is downloaded (here: refused by the test)"
+        # The listed load also let huggingface_hub try its once-per-process fetch of an "agent
+        # harnesses" list, which it makes whatever local_files_only says; from here on, any
+        # attempt would be the unlisted model's.
+        attempts.hosts.clear()
+        _load(cache, "stranger/huge-model")
+        assert attempts.hosts == []  # local files only: not even a name was resolved
     finally:
         get_settings.cache_clear()
 
