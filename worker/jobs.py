@@ -279,9 +279,15 @@ def _step_hook(job_ids: list[int], settings: Settings, canceled: set[int]) -> Ba
 
 
 def _cancel_requests(settings: Settings, job_ids: list[int]) -> list[int]:
-    """Those of `job_ids` whose cancel was requested (checked once more when the batch ends)."""
-    with session_scope(settings.resolved_database_url) as session:
-        return jobs.any_cancel_requested(session, job_ids)
+    """Those of `job_ids` whose cancel was requested (checked once more when the batch ends).
+    Read again with backoff while the database cannot be reached, as the terminal writes are:
+    raising here would lose the batch's images to a database restart."""
+
+    def read() -> list[int]:
+        with session_scope(settings.resolved_database_url) as session:
+            return jobs.any_cancel_requested(session, job_ids)
+
+    return _retrying_database(settings, job_ids[0], read)
 
 
 def _build_request(
