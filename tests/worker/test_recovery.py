@@ -34,28 +34,30 @@ PATIENCE_S = 30.0
 READY_TIMEOUT_S = 180.0
 
 
-def _spec(image_server: ImageServer, seed: int) -> JobSpec:
+def _spec(image_server: ImageServer, seed: int, size: int = 64, steps: int = 2) -> JobSpec:
     return JobSpec(
         operation=Operation.IMG2IMG,
         prompt="recovery",
         init_images=[image_server.url("/red.png")],
-        width=64,
-        height=64,
-        steps=2,
+        width=size,
+        height=size,
+        steps=steps,
         strength=0.8,
         guidance_scale=7.0,
         seed=seed,
     )
 
 
-def _submit(settings: Settings, image_server: ImageServer, count: int) -> list[int]:
+def _submit(
+    settings: Settings, image_server: ImageServer, count: int, size: int = 64, steps: int = 2
+) -> list[int]:
     """Store and publish `count` jobs as the API does: commit, publish, record the publish."""
     broker = make_celery(settings)
     ids = []
     with session_scope(settings.resolved_database_url) as session:
         key_id = create_key(session, "recovery").row.id
         for seed in range(count):
-            spec = _spec(image_server, seed)
+            spec = _spec(image_server, seed, size, steps)
             new = jobs.NewJob(key_id, spec.operation, "enterprise", spec.to_row(), {}, None, None)
             ids.append(jobs.create_job(session, new).id)
     for job_id in ids:
@@ -208,6 +210,19 @@ def test_a_database_restart_leaves_no_message_acknowledged(
         assert resumed <= RECOVERY_BOUND_S
         _wait("all jobs done", lambda: _all_succeeded(ours, job_ids), 120, logs)
         assert all(attempts == 1 for _, attempts in _states(ours, job_ids).values())
+
+        # A job running while the database restarts ends once it is back, not a lease later.
+        [running] = _submit(ours, image_server, 1, size=128, steps=12)
+        _wait("slow job running", lambda: not _queued(ours, [running]), 60, logs)
+        session_factory(url).kw["bind"].dispose()
+        cluster.stop()
+        time.sleep(5.0)
+        cluster.start()
+        back = time.monotonic()
+        _wait("running job recorded", lambda: _all_succeeded(ours, [running]), PATIENCE_S, logs)
+        print(f"a job running through the restart ended {time.monotonic() - back:.1f} s after it")
+        assert time.monotonic() - back <= RECOVERY_BOUND_S
+        assert _states(ours, [running])[running][1] == 1  # not run again
 
 
 def _store_then_publish_while_down(
