@@ -126,8 +126,9 @@ def _lost_jobs(settings: Settings) -> list[int]:
         waiting = _published_jobs(session, settings, now, settings.lost_message_grace_s)
         missing = [(job_id, queue) for job_id, queue in waiting if not held.holds(queue, job_id)]
         taken = {job_id for job_id, queue in missing if held.delivered(queue, job_id)}
-        stale = _published_jobs(session, settings, now, settings.republish_after_s) if taken else []
-    return [job_id for job_id, _ in missing if job_id not in taken or job_id in dict(stale)]
+        old = _published_jobs(session, settings, now, settings.republish_after_s) if taken else []
+    stale = {job_id for job_id, _ in old}
+    return [job_id for job_id, _ in missing if job_id not in taken or job_id in stale]
 
 
 def _published_jobs(
@@ -202,8 +203,8 @@ def _due_deliveries(settings: Settings) -> list[int]:
     held = _held(settings, DELIVER_WEBHOOK_TASK, {queue})
     with session_scope(settings.resolved_database_url) as session:
         now = db_now(session)
-        grace = now - timedelta(seconds=settings.lost_message_grace_s)
-        due = webhooks.due_deliveries(session, grace, limit=LOST_SCAN_LIMIT)
+        published_before = now - timedelta(seconds=settings.lost_message_grace_s)
+        due = webhooks.due_deliveries(session, published_before, limit=LOST_SCAN_LIMIT)
     stale = now - timedelta(seconds=settings.republish_after_s)
     if held is None:  # the broker cannot answer: send only what was never sent (it may work)
         return [delivery_id for delivery_id, published_at in due if published_at is None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 
@@ -15,7 +16,7 @@ from sqlalchemy import update
 
 from darkroom import outcomes
 from darkroom.outcomes import exhausted_message
-from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, make_celery
+from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, make_celery, send
 from darkroom.settings import Settings
 from darkroom.storage import LocalStorage
 from db.models import DeliveryState, Job, JobState, Operation, WebhookDelivery, utcnow
@@ -27,6 +28,8 @@ from tests.support.broker import published
 from worker.sweeper import PARTIAL_WRITE_MAX_AGE_S, SweepReport, remove_partial_writes, sweep_once
 
 HOOK = "http://127.0.0.1:9/hook"
+#: kombu's hash of messages consumers hold unacknowledged (Redis transport).
+UNACKED = "unacked"
 
 
 @pytest.fixture
@@ -290,3 +293,23 @@ def test_partial_writes_of_a_killed_worker_are_removed_once_old(settings: Settin
     assert not old_partial.exists()
     assert fresh_partial.exists()  # may be a write in progress
     assert storage.read("done-0.png") == b"png"
+
+
+def test_a_message_taken_and_not_acknowledged_waits_for_republish_after_s(
+    tuned: Settings, api_key: IssuedKey, broker: Celery, rds: redis.Redis
+) -> None:
+    """A message in kombu's unacked hash is held by a consumer (running, or about to claim):
+    not lost, unless it stays there longer than republish_after_s (its consumer died)."""
+    job_id = _job(tuned, api_key, created_at=_ago(120), enqueued_at=_ago(60))
+    assert send(broker, RUN_JOB_TASK, job_id, queue=tuned.job_queue)
+    [raw] = rds.lrange(tuned.job_queue, 0, -1)
+    rds.delete(tuned.job_queue)  # a worker took it: kombu moves it to the unacked hash
+    tag = f"test-{uuid.uuid4()}"
+    rds.hset(UNACKED, tag, json.dumps([json.loads(raw), "", tuned.job_queue]))
+    try:
+        assert sweep_once(tuned, broker).enqueued_jobs == 0  # held for 60 s of 300
+        impatient = tuned.model_copy(update={"republish_after_s": 30.0})
+        assert sweep_once(impatient, broker).enqueued_jobs == 1
+        assert _count(rds, tuned.job_queue, RUN_JOB_TASK, job_id) == 1
+    finally:
+        rds.hdel(UNACKED, tag)
