@@ -62,7 +62,7 @@ from db.repositories.jobs import ClaimOutcome, OutputRecord
 from db.session import session_scope
 from worker.batching import BatchStepHook, Outcome, StopBatch, generate_batch
 from worker.fastpath import fast_path_for
-from worker.images import ImageInputError, fetch_image, output_size, png_bytes
+from worker.images import ImageInputError, fetch_images, output_size, png_bytes
 from worker.memory import device_budget
 from worker.models.cache import ModelCache
 from worker.pipelines.request import GenerationRequest, GenerationResult, LoraSpec, StepHook
@@ -294,7 +294,7 @@ def _build_request(
     spec: JobSpec, settings: Settings, on_step: StepHook | None = None
 ) -> GenerationRequest:
     """Fetch the init images and settle the output size."""
-    images = tuple(fetch_image(url, settings) for url in spec.init_images)
+    images = fetch_images(spec.init_images, settings)
     width, height = output_size(spec.width, spec.height, images[0])
     return GenerationRequest(
         operation=spec.operation.value,
