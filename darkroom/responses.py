@@ -31,6 +31,9 @@ FETCH_PATHS = {
     "v3": "/api/v3/fetch/{id}",
     "v6_images": "/api/v6/images/fetch/{id}",
     "enterprise_images": "/api/v1/enterprise/images/fetch/{id}",
+    "v7": "/api/v7/images/fetch/{id}",
+    # OpenAI-style edits answer synchronously; a job that outlives the wait is fetched here.
+    "openai": "/api/v1/enterprise/fetch/{id}",
 }
 
 

@@ -132,7 +132,7 @@ def _store(route: SubmitRoute, request: Request, body: dict[str, Any]) -> Stored
     return Stored(answer, outcome.key, wait_s)
 
 
-def _submit_endpoint(route: SubmitRoute) -> Handler:
+def submit_endpoint(route: SubmitRoute) -> Handler:
     """A handler that validates the body as the route's model and submits it."""
 
     async def handler(request: Request, response: Response, body: BodyDep) -> Answer:
@@ -146,7 +146,7 @@ def _submit_endpoint(route: SubmitRoute) -> Handler:
     return handler
 
 
-def _documented(route: SubmitRoute) -> dict[str, Any]:
+def documented_body(route: SubmitRoute) -> dict[str, Any]:
     """OpenAPI: the body is parsed by hand (lenient types, our error shape) but documented,
     with the reference page's example."""
     media: dict[str, Any] = {"schema": route.model.model_json_schema()}
@@ -176,7 +176,7 @@ IDEMPOTENCY_PARAMETER = {
 }
 
 
-def _responses() -> dict[int | str, dict[str, Any]]:
+def submit_responses() -> dict[int | str, dict[str, Any]]:
     """The job answers, and the refusals a submit adds (limits, full queue, Idempotency-Key)."""
     fields = {"application/json": {"examples": _examples(FIELD_ERRORS)}}
     return {
@@ -199,12 +199,12 @@ def _examples(values: dict[str, Any]) -> dict[str, Any]:
 for _route in ROUTES:
     router.add_api_route(
         _route.path,
-        _submit_endpoint(_route),
+        submit_endpoint(_route),
         methods=["POST"],
         summary=_route.summary,
         description=WAIT_HELP,
         response_model=None,
-        responses=_responses(),
-        openapi_extra=_documented(_route),
+        responses=submit_responses(),
+        openapi_extra=documented_body(_route),
         include_in_schema=_route.documented,
     )
