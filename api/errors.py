@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,13 @@ async def _pool_exhausted(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(503, BUSY_MESSAGE, retry_header=BUSY_RETRY_S)
 
 
+async def _client_gone(_request: Request, _exc: Exception) -> JSONResponse:
+    # The client closed (or a read deadline closed) the connection mid-body: nobody will read
+    # an answer, and a traceback per slow client would flood the log.
+    log.info("client disconnected before its request was read")
+    return error_response(400, "The client disconnected before sending the whole request.")
+
+
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return error_response(500, "Internal server error.")
@@ -156,4 +164,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(OperationalError, _database_down)
     app.add_exception_handler(PoolTimeoutError, _pool_exhausted)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _unexpected)

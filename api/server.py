@@ -57,6 +57,54 @@ def _busy_response() -> bytes:
 
 BUSY_RESPONSE = _busy_response()
 
+#: After answering a request whose body is still arriving: how long, and how much of the
+#: rest, is read and dropped before the connection is closed.
+LINGER_S = 2.0
+LINGER_BYTES = 64 * 1024 * 1024  # more than socket buffers hold in flight
+
+
+class _LingeringTransport(asyncio.Transport):
+    """The connection's transport as uvicorn sees it; its `close` goes through the protocol,
+    which lingers when the client is still sending a body (see GuardedH11Protocol.close)."""
+
+    def __init__(self, real: asyncio.Transport, protocol: GuardedH11Protocol) -> None:
+        super().__init__()
+        self.real = real
+        self._protocol = protocol
+
+    def close(self) -> None:
+        self._protocol.close()
+
+    def is_closing(self) -> bool:
+        return self._protocol.lingering or self.real.is_closing()
+
+    def write(self, data: bytes | bytearray | memoryview[int]) -> None:
+        self.real.write(data)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.real.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self.real.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.real.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self.real.is_reading()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.real.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.real.get_protocol()
+
+    def get_write_buffer_size(self) -> int:
+        return self.real.get_write_buffer_size()
+
+    def abort(self) -> None:
+        self.real.abort()
+
 
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a read deadline per request and a cap on connections.
@@ -72,18 +120,45 @@ class GuardedH11Protocol(H11Protocol):
         super().__init__(*args, **kwargs)
         self._deadline: asyncio.TimerHandle | None = None
         self._reading: object = None  # the h11 state the deadline is for: IDLE or SEND_BODY
+        self._real: asyncio.Transport | None = None
+        #: Answered and closing, while the client may still be sending (see `close`).
+        self.lingering = False
+        self._linger_left = LINGER_BYTES
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self._real = transport
+        super().connection_made(_LingeringTransport(transport, self))
         if len(self.connections) > self.limits.max_connections:
-            self.transport.write(BUSY_RESPONSE)
-            self.transport.close()
+            transport.write(BUSY_RESPONSE)
+            transport.close()
             return
         self._follow_request()
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            self._linger_left -= len(data)  # read only to be dropped
+            if self._linger_left <= 0 and self._real is not None:
+                self._real.close()
+            return
         super().data_received(data)
         self._follow_request()
+
+    def close(self) -> None:
+        """Close the connection. When the answer comes before the client has sent its whole
+        body (a 413 stops reading it), closing at once would make the kernel reset the
+        connection, and a reset can drop the answer before the client reads it: so send the
+        answer and a FIN, and drop what still arrives for up to LINGER_S or LINGER_BYTES."""
+        real = self._real
+        if real is None or real.is_closing() or self.lingering:
+            return
+        if self.conn.their_state is not h11.SEND_BODY or not real.can_write_eof():
+            real.close()
+            return
+        self.lingering = True
+        self._disarm()
+        real.write_eof()
+        real.resume_reading()
+        self.loop.call_later(LINGER_S, real.close)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -123,7 +198,8 @@ class GuardedH11Protocol(H11Protocol):
         if not self.transport.is_closing():
             part = "head" if self._reading is h11.IDLE else "body"
             self.logger.debug("closing a connection: its request %s was too slow", part)
-            self.transport.close()
+            if self._real is not None:
+                self._real.close()  # no lingering for a client this slow
 
 
 def guarded_protocol(limits: ConnectionLimits) -> type[GuardedH11Protocol]:
