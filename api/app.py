@@ -13,7 +13,17 @@ from api.auth import key_cache_for
 from api.errors import MAX_BODY_BYTES, SafeJSONResponse, install_error_handlers
 from api.intake import GroupCommit
 from api.middleware import BodyLimit, InFlightLimit
-from api.routes import cancel, dashboard, fetch, health, metrics, outputs, submit, v7
+from api.routes import (
+    cancel,
+    dashboard,
+    enterprise_server,
+    fetch,
+    health,
+    metrics,
+    outputs,
+    submit,
+    v7,
+)
 from api.submission import store_jobs
 from api.waiting import JobWaiter, listening
 from darkroom.queue import make_celery
@@ -45,7 +55,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     waiter: JobWaiter = app.state.waiter
     app.add_middleware(InFlightLimit, limit=settings.api_max_in_flight, parked=lambda: waiter.waits)
-    for module in (submit, v7, fetch, cancel, outputs, health, metrics, dashboard):
+    routers = (submit, v7, fetch, cancel, outputs, health, metrics, dashboard, enterprise_server)
+    for module in routers:
         app.include_router(module.router)
     return app
 

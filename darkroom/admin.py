@@ -42,15 +42,17 @@ def _key_row(key: ApiKey) -> dict[str, Any]:
         "prefix": key.key_prefix,
         "created_at": key.created_at,
         "revoked_at": key.revoked_at,
+        "admin": key.admin,
     }
 
 
 def keys_create(args: argparse.Namespace, settings: Settings) -> int:
-    """Create an API key; the last line printed is `{"key": ..., "webhook_secret": ...}`."""
+    """Create an API key (--admin: it may also manage the server); the last line printed is
+    `{"key": ..., "webhook_secret": ..., "admin": ...}`."""
     with session_scope(settings.resolved_database_url) as session:
-        issued = keys.create_key(session, args.name)
+        issued = keys.create_key(session, args.name, admin=args.admin)
         secret = issued.row.webhook_secret
-    _print({"key": issued.plaintext, "webhook_secret": secret})
+    _print({"key": issued.plaintext, "webhook_secret": secret, "admin": args.admin})
     return 0
 
 
@@ -176,16 +178,26 @@ def jobs_cancel(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def cancel_job(session: Session, settings: Settings, job_id: int) -> tuple[str, int | None]:
-    """Cancel job `job_id`: its state afterwards, and the failure webhook's delivery id."""
+def cancel_job(
+    session: Session,
+    settings: Settings,
+    job_id: int,
+    *,
+    message: str = outcomes.CANCELED_MESSAGE,
+    queued_only: bool = False,
+) -> tuple[str, int | None]:
+    """Cancel job `job_id`: its state afterwards, and the failure webhook's delivery id. With
+    `queued_only` (clearing the queue) a job that started meanwhile is left running."""
     job = operator.lock_job(session, job_id)
     if job is None:
         raise RefusedError(f"no job {job_id}")
     if job.state in TERMINAL_STATES:
         raise RefusedError(f"job {job_id} has already finished ({job.state}): not canceled")
+    if queued_only and job.state != JobState.QUEUED:
+        raise RefusedError(f"job {job_id} is running: not canceled")
     delivery_id = None
     if job.state == JobState.QUEUED:
-        delivery_id = outcomes.fail(session, settings, job, outcomes.CANCELED_MESSAGE)
+        delivery_id = outcomes.fail(session, settings, job, message)
     jobs.request_cancel(session, job_id)
     session.refresh(job)
     return job.state.value, delivery_id
@@ -331,6 +343,9 @@ def _add_key_parsers(sub: Any) -> None:
     )
     create = group.add_parser("create", help=keys_create.__doc__)
     create.add_argument("--name", required=True)
+    create.add_argument(
+        "--admin", action="store_true", help="may call the server-management endpoints"
+    )
     create.set_defaults(handler=keys_create)
     group.add_parser("list", help=keys_list.__doc__).set_defaults(handler=keys_list)
     for name, handler in (("revoke", keys_revoke), ("rotate-secret", keys_rotate_secret)):

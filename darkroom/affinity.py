@@ -52,12 +52,15 @@ class ModelKey:
 
 @dataclass(frozen=True)
 class WorkerPresence:
-    """What a live worker says about itself: its model keys, cold loads per key, jobs run."""
+    """What a live worker says about itself: its model keys, cold loads per key, jobs run, its
+    GPUs (name, memory used and total) and library versions (system_details shows them)."""
 
     name: str
     models: list[str] = field(default_factory=list)
     loads: dict[str, int] = field(default_factory=dict)
     jobs: int = 0
+    gpus: list[dict[str, Any]] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=dict)
 
 
 def model_key(operation: str, model_id: str | None) -> ModelKey:
@@ -189,7 +192,13 @@ def live_workers(settings: Settings) -> list[WorkerPresence]:
     now, members = pipe.execute()
     names = sorted(member.decode() for member, expiry in members if expiry > _now(now))
     records = client.mget([_record_key(settings, name) for name in names]) if names else []
-    return [WorkerPresence(**json.loads(raw)) for raw in records if raw is not None]
+    return [_presence(json.loads(raw)) for raw in records if raw is not None]
+
+
+def _presence(record: dict[str, Any]) -> WorkerPresence:
+    """A record as written by this or another version of the worker (unknown fields dropped)."""
+    known = WorkerPresence.__dataclass_fields__
+    return WorkerPresence(**{name: value for name, value in record.items() if name in known})
 
 
 class Presence:

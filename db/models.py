@@ -105,6 +105,8 @@ class ApiKey(Base):
     previous_secret_until: Mapped[datetime | None] = mapped_column(default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    # May call the server-management endpoints (/api/v1/enterprise/system_details, ...).
+    admin: Mapped[bool] = mapped_column(default=False, server_default=false())
 
     def signing_secrets(self, now: datetime) -> list[str]:
         """The secrets that sign a webhook sent at `now`: the current one, and during a

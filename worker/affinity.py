@@ -39,6 +39,7 @@ from db.session import session_scope
 from worker.models import registry as worker_registry
 from worker.models.cache import CacheKey, ModelCache, ResidentModel
 from worker.models.registry import ModelSpec
+from worker.server_control import gpu_details, library_versions, release_memory
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,13 @@ class TrackedCache(ModelCache):
         """As `ModelCache.get`, noting the fetch."""
         self.fetched = True
         return super().get(spec, pinned)
+
+    def clear(self) -> int:
+        """Drop every resident model and component (they load again on demand); how many."""
+        dropped = len(self)
+        self._entries.clear()
+        release_memory()
+        return dropped
 
 
 class WorkerAffinity:
@@ -117,7 +125,15 @@ class WorkerAffinity:
         with self._lock:
             name = self._presence.worker if self._presence is not None else ""
             models = sorted(self._advertised)
-            return WorkerPresence(name, models, dict(self._loads), self._jobs)
+            loads, jobs = dict(self._loads), self._jobs
+        return WorkerPresence(name, models, loads, jobs, gpu_details(), library_versions())
+
+    def clear_models(self) -> int:
+        """Drop every resident model, withdrawing their advertisements; how many were held.
+        Called between jobs (a control command, see worker.server_control)."""
+        dropped = self.cache.clear()
+        self._drop_evicted()
+        return dropped
 
     def _preload(self, entry: str) -> None:
         """Load one configured model; a bad entry is logged and skipped, the worker still runs."""

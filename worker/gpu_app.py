@@ -13,7 +13,8 @@ from typing import Any
 
 from celery import Task
 from celery.exceptions import Reject
-from celery.signals import worker_ready, worker_shutting_down
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from celery.worker.control import control_command
 from diffusers.utils import logging as diffusers_logging
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -22,10 +23,12 @@ from transformers.utils import logging as transformers_logging
 from darkroom.logs import install_celery_logging
 from darkroom.metrics import serve_metrics_in_worker
 from darkroom.queue import RUN_JOB_TASK, make_celery
+from darkroom.server_admin import CLEAR_CACHE_COMMAND, NSFW_CHECK_COMMAND
 from darkroom.settings import get_settings
 from worker.affinity import TrackedCache, WorkerAffinity
 from worker.jobs import WorkerRuntime, run_job
 from worker.models.tiny import ensure_tiny_models
+from worker.server_control import check_image
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,20 @@ def run_job_task(self: Task[[int], None], job_id: int) -> None:
             raise Reject(exc, requeue=True) from exc
 
 
+@control_command(name=CLEAR_CACHE_COMMAND)
+def _clear_cache(_state: Any, **_kwargs: Any) -> dict[str, Any]:
+    """clear_cache: drop resident models between jobs; they load again on demand."""
+    dropped = affinity.clear_models()
+    log.info("cache cleared on request: %d models dropped", dropped)
+    return {"ok": f"{dropped} models dropped", "dropped": dropped}
+
+
+@control_command(name=NSFW_CHECK_COMMAND, args=[("url", str)])
+def _nsfw_check(_state: Any, url: str = "", **_kwargs: Any) -> dict[str, Any]:
+    """nsfw_image_check: the safety checker's verdict on one image URL, between jobs."""
+    return check_image(url, settings, cache)
+
+
 @worker_ready.connect
 def _prepare_models(sender: Any, **_kwargs: Any) -> None:
     """Build the tiny preset's models before the first job rather than during it; then load
@@ -81,4 +98,11 @@ def _prepare_models(sender: Any, **_kwargs: Any) -> None:
 @worker_shutting_down.connect
 def _withdraw(**_kwargs: Any) -> None:
     """Stop advertising models as soon as shutdown begins, so new jobs go elsewhere."""
+    affinity.stop()
+
+
+@worker_shutdown.connect
+def _withdraw_on_remote_shutdown(**_kwargs: Any) -> None:
+    """A shutdown control command (restart_server) sends no `worker_shutting_down`: withdraw
+    here too (withdrawing twice is harmless)."""
     affinity.stop()

@@ -416,3 +416,11 @@ def _clip(value: Any) -> Any:
     if isinstance(value, str) and len(value) > TEXT_LIMIT:
         return value[:TEXT_LIMIT] + "…"
     return value
+
+
+def queued_job_ids(session: Session, key_id: int | None, limit: int) -> list[int]:
+    """Up to `limit` queued jobs, oldest first: of key `key_id`, or of every key (None)."""
+    query = select(Job.id).where(Job.state == JobState.QUEUED)
+    if key_id is not None:
+        query = query.where(Job.api_key_id == key_id)
+    return list(session.scalars(query.order_by(Job.id).limit(limit)))

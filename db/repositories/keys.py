@@ -33,14 +33,16 @@ def new_webhook_secret() -> str:
     return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()
 
 
-def create_key(session: Session, name: str) -> IssuedKey:
-    """Create a key with its own webhook secret; flushes, the caller commits."""
+def create_key(session: Session, name: str, *, admin: bool = False) -> IssuedKey:
+    """Create a key with its own webhook secret (an `admin` one may manage the server);
+    flushes, the caller commits."""
     plaintext = "dk_" + secrets.token_urlsafe(32)
     row = ApiKey(
         name=name,
         key_hash=hash_key(plaintext),
         key_prefix=plaintext[:10],
         webhook_secret=new_webhook_secret(),
+        admin=admin,
     )
     session.add(row)
     session.flush()

@@ -1,0 +1,196 @@
+"""The hosted API's enterprise "Server Management" endpoints: thin shells over
+darkroom.server_admin, answering its `{status, message, ...}` shapes.
+
+Who may call what: `system_details`, `clear_cache` and `restart_server` need an admin key
+(`darkroom keys create --admin`); any other key gets 403. `clear_queue` fails the calling key's
+queued jobs (an admin key's call fails everyone's). `list_schedulers`, `nsfw_image_check` and
+`base64_to_url` serve any valid key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, RedirectResponse, Response
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from api.auth import keyed
+from api.deps import BodyDep, BrokerDep, SettingsDep, presented_key
+from api.errors import ApiError
+from darkroom import server_admin
+from darkroom.settings import Settings
+from db.models import ApiKey
+
+router = APIRouter(tags=["server management"])
+
+Answer = dict[str, Any]
+T = TypeVar("T")
+PREFIX = "/api/v1/enterprise"
+#: The answer to a key that may not manage the server.
+NOT_ADMIN = (
+    "This key may not manage the server: use a key created with `darkroom keys create --admin`."
+)
+
+
+async def _as_key(request: Request, body: dict[str, Any]) -> ApiKey:
+    """The caller's key (401 when missing or invalid), in one short session."""
+    return await keyed(request, presented_key(request, body), lambda _session, key: key)
+
+
+async def _as_admin(request: Request, body: dict[str, Any]) -> ApiKey:
+    """The caller's key if it is an admin key; 403 otherwise."""
+    key = await _as_key(request, body)
+    if not key.admin:
+        raise ApiError(403, NOT_ADMIN)
+    return key
+
+
+async def _controlled(call: Callable[[], T]) -> T:
+    """A broker call in the thread pool; a deployment without workers answers 503."""
+    try:
+        return await run_in_threadpool(call)
+    except server_admin.UnavailableError as unavailable:
+        raise ApiError(503, str(unavailable)) from None
+
+
+@router.post(f"{PREFIX}/system_details", summary="Workers, GPUs, resident models, queues")
+async def system_details(request: Request, body: BodyDep, settings: SettingsDep) -> Answer:
+    """Admin keys only."""
+    await _as_admin(request, body)
+    details = await run_in_threadpool(server_admin.system_details, settings)
+    return {"status": "success", "message": "system details", **details}
+
+
+@router.post(f"{PREFIX}/clear_queue", summary="Fail queued jobs")
+async def clear_queue(
+    request: Request, body: BodyDep, broker: BrokerDep, settings: SettingsDep
+) -> Answer:
+    """The calling key's queued jobs fail (an admin key's: every key's), each with the message
+    `server_admin.CLEARED_MESSAGE` and its webhook; running jobs go on."""
+
+    def work(session: Session, key: ApiKey) -> server_admin.ClearedQueue:
+        cleared = server_admin.clear_queue(session, settings, None if key.admin else key.id)
+        session.commit()  # the webhooks are published only once their rows exist
+        return cleared
+
+    cleared = await keyed(request, presented_key(request, body), work)
+    await run_in_threadpool(server_admin.send_webhooks, broker, cleared.delivery_ids)
+    count = len(cleared.job_ids)
+    return {
+        "status": "success",
+        "message": f"{count} queued job{'s' if count != 1 else ''} cleared",
+        "cleared": cleared.job_ids,
+    }
+
+
+@router.post(f"{PREFIX}/clear_cache", summary="Drop models from the workers' memory")
+async def clear_cache(
+    request: Request, body: BodyDep, broker: BrokerDep, settings: SettingsDep
+) -> Answer:
+    """Admin keys only. Each worker drops its resident models between jobs; they reload on
+    demand."""
+    await _as_admin(request, body)
+    replies = await _controlled(lambda: server_admin.clear_cache(broker, settings))
+    return {"status": "success", "message": "cache cleared", "workers": replies}
+
+
+@router.post(f"{PREFIX}/restart_server", summary="Restart the workers gracefully")
+async def restart_server(
+    request: Request, body: BodyDep, broker: BrokerDep, settings: SettingsDep
+) -> Answer:
+    """Admin keys only. Each worker finishes its running job, stops, and is started again by
+    its supervisor; queued jobs wait in the queue meanwhile."""
+    await _as_admin(request, body)
+    names = await _controlled(lambda: server_admin.restart_workers(broker, settings))
+    return {"status": "success", "message": "server restart started", "workers": names}
+
+
+async def list_schedulers(request: Request, body: BodyDep) -> Answer:
+    """The scheduler names img2img accepts, and per model family which apply."""
+    await _as_key(request, body)
+    return {"status": "success", "message": "schedulers", **server_admin.scheduler_names()}
+
+
+for _path in ("list_schedulers", "schedulers_list"):
+    router.add_api_route(
+        f"{PREFIX}/{_path}",
+        list_schedulers,
+        methods=["POST"],
+        summary="List the scheduler names",
+        include_in_schema=_path == "list_schedulers",
+    )
+
+
+@router.post(f"{PREFIX}/nsfw_image_check", summary="Run the safety checker on an image URL")
+async def nsfw_image_check(
+    request: Request, body: BodyDep, broker: BrokerDep, settings: SettingsDep
+) -> Answer:
+    """Body `{key, init_image}`: a worker fetches the image through the SSRF guard and answers
+    whether the safety checker flags it."""
+    await _as_key(request, body)
+    url = body.get("init_image")
+    if not isinstance(url, str) or not url:
+        raise ApiError(422, {"init_image": ["The init_image field is required."]})
+    verdict = await _controlled(lambda: server_admin.nsfw_check(broker, settings, url))
+    if "error" in verdict:
+        raise ApiError(400, str(verdict["error"]))
+    nsfw = bool(verdict.get("nsfw"))
+    message = "the image is flagged" if nsfw else "the image is not flagged"
+    return {"status": "success", "message": message, "nsfw": nsfw, "has_nsfw_concept": [nsfw]}
+
+
+async def base64_to_url(request: Request, body: BodyDep, settings: SettingsDep) -> Answer:
+    """Body `{key, base64_string}` (also `image` or `init_image`): store a PNG, JPEG or WebP
+    image and answer its link, usable as `init_image`."""
+    await _as_key(request, body)
+    text = next(
+        (body[f] for f in ("base64_string", "image", "init_image") if isinstance(body.get(f), str)),
+        None,
+    )
+    if not text:
+        raise ApiError(422, {"base64_string": ["The base64_string field is required."]})
+    try:
+        link = await run_in_threadpool(server_admin.store_upload, settings, text)
+    except server_admin.UploadError as refused:
+        raise ApiError(422, {"base64_string": [str(refused)]}) from None
+    return {"status": "success", "message": "image stored", "output": [link], "link": link}
+
+
+for _path in (
+    "/api/v6/image_editing/base64_to_url",
+    "/api/v6/base64_to_url",
+    f"{PREFIX}/base64_to_url",
+    f"{PREFIX}/upload_image",
+):
+    router.add_api_route(
+        _path,
+        base64_to_url,
+        methods=["POST"],
+        summary="Store a base64 image; its link",
+        include_in_schema=_path.startswith(PREFIX),
+    )
+
+
+@router.get("/uploads/{filename}", summary="Download an uploaded image")
+async def download_upload(filename: str, settings: SettingsDep) -> Response:
+    """An image stored by base64_to_url, by its unguessable name."""
+    if not server_admin.UPLOAD_NAME.match(filename):
+        raise ApiError(404, "No such upload.")
+    return await run_in_threadpool(_upload_response, settings, filename)
+
+
+def _upload_response(settings: Settings, filename: str) -> Response:
+    from darkroom.storage import make_storage
+
+    storage = make_storage(settings)
+    media_type = server_admin.UPLOAD_MEDIA_TYPES[filename.rsplit(".", 1)[1]]
+    path = storage.path(filename)
+    if path is not None:
+        return FileResponse(path, media_type=media_type)
+    target = storage.presigned_link(filename, 3600) or storage.public_link(filename)
+    if target is None:
+        raise ApiError(404, "No such upload.")
+    return RedirectResponse(target, status_code=307)

@@ -1,0 +1,271 @@
+"""Server management: the hosted API's enterprise "Server Management" operations, one home each.
+
+The routes (api/routes/enterprise_server.py) are thin shells around these functions:
+
+- `system_details`: the live workers as they advertise themselves in Redis (darkroom.affinity:
+  models resident, GPUs, versions) and the depth of every queue;
+- `clear_queue`: every queued job of a key (or of all keys) fails through the cancel path
+  (darkroom.admin.cancel_job), each with its message and webhook;
+- `clear_cache`, `restart_workers`, `nsfw_check`: Celery control commands addressed by name to
+  the live workers of this deployment only (the pidbox exchange is shared by every Celery app on
+  the broker, so a broadcast without destinations would reach other deployments' workers);
+- `scheduler_names`: the scheduler names that work, per model family;
+- `store_upload`: a base64 image kept in output storage, its link usable as `init_image`.
+
+Torch-free: the API imports it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import platform
+import re
+import uuid
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from typing import Any
+
+import redis
+from celery import Celery
+from PIL import Image, UnidentifiedImageError
+from sqlalchemy.orm import Session
+
+from darkroom import families, schedulers
+from darkroom.admin import RefusedError, cancel_job
+from darkroom.affinity import WorkerPresence, live_workers, model_queue_prefix, routing_enabled
+from darkroom.queue import DELIVER_WEBHOOK_TASK, queue_lengths, send
+from darkroom.settings import Settings
+from db.repositories import admin as operator
+
+#: Why a job failed when its queue was cleared (the job's error and its webhook say so).
+CLEARED_MESSAGE = "The job was canceled: its queue was cleared (clear_queue)."
+#: Jobs one clear_queue call fails in its transaction; a larger backlog takes several calls.
+CLEAR_BATCH = 1000
+#: The control commands the GPU worker registers (worker/gpu_app.py).
+CLEAR_CACHE_COMMAND = "darkroom_clear_cache"
+NSFW_CHECK_COMMAND = "darkroom_nsfw_check"
+#: Seconds to wait for workers' replies to a control command.
+CONTROL_TIMEOUT_S = 5.0
+#: Seconds the Redis calls of `system_details` may take.
+REDIS_TIMEOUT_S = 2.0
+
+#: Uploaded images: what the hosted API's base64_to_url accepts, kept under output storage.
+UPLOAD_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
+UPLOAD_MAX_PIXELS = 40_000_000  # as for init images (worker/images.py MAX_PIXELS)
+UPLOAD_NAME = re.compile(r"^upload-[0-9a-f]{32}\.(?:png|jpg|webp)$")
+UPLOAD_MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
+_DATA_URI = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
+
+
+class UnavailableError(Exception):
+    """The operation needs something this deployment lacks now (the message says what)."""
+
+
+class UploadError(ValueError):
+    """A base64 image that cannot be stored; the message is safe to show the client."""
+
+
+# --- system_details -------------------------------------------------------------------------
+
+
+def system_details(settings: Settings) -> dict[str, Any]:
+    """Workers (models, GPUs, versions), queue depths and this API's versions."""
+    workers = _workers(settings)
+    return {
+        "workers": [asdict(worker) for worker in workers],
+        "gpus": [{"worker": w.name, **gpu} for w in workers for gpu in w.gpus],
+        "queues": _queue_depths(settings, workers),
+        "versions": api_versions(),
+    }
+
+
+def _workers(settings: Settings) -> list[WorkerPresence]:
+    """The live workers; none when presence is off (embedded broker) or Redis cannot answer."""
+    if not routing_enabled(settings):
+        return []
+    try:
+        return live_workers(settings)
+    except redis.RedisError:
+        return []
+
+
+def _queue_depths(settings: Settings, workers: list[WorkerPresence]) -> dict[str, int | None]:
+    """Messages waiting in the jobs and webhooks queues and in every advertised model queue."""
+    prefix = model_queue_prefix(settings)
+    names = [settings.job_queue, settings.webhook_queue]
+    names += sorted({prefix + model for worker in workers for model in worker.models})
+    try:
+        return dict(queue_lengths(settings, names, REDIS_TIMEOUT_S))
+    except (redis.RedisError, OSError):
+        return dict.fromkeys(names)  # unknown rather than wrong
+
+
+def api_versions() -> dict[str, str]:
+    """Versions of this API process (workers report their own in their presence)."""
+    return {"darkroom": _version("darkroom"), "python": platform.python_version()}
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# --- clear_queue ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClearedQueue:
+    """The jobs a clear failed, and their webhooks' deliveries (sent once committed)."""
+
+    job_ids: list[int]
+    delivery_ids: list[int]
+
+
+def clear_queue(session: Session, settings: Settings, key_id: int | None) -> ClearedQueue:
+    """Fail the queued jobs of key `key_id` (None: of every key) as a cancel does; flushes, the
+    caller commits and then calls `send_webhooks`. A job that starts meanwhile keeps running."""
+    canceled: list[int] = []
+    deliveries: list[int] = []
+    for job_id in operator.queued_job_ids(session, key_id, CLEAR_BATCH):
+        try:
+            _state, delivery = cancel_job(
+                session, settings, job_id, message=CLEARED_MESSAGE, queued_only=True
+            )
+        except RefusedError:
+            continue  # it started or ended since the query
+        canceled.append(job_id)
+        if delivery is not None:
+            deliveries.append(delivery)
+    return ClearedQueue(canceled, deliveries)
+
+
+def send_webhooks(broker: Celery, delivery_ids: list[int]) -> None:
+    """Publish committed deliveries; one the broker misses is sent by the sweeper."""
+    for delivery_id in delivery_ids:
+        send(broker, DELIVER_WEBHOOK_TASK, delivery_id)
+
+
+# --- worker control -------------------------------------------------------------------------
+
+
+def worker_names(settings: Settings) -> list[str]:
+    """The Celery node names of this deployment's live workers; UnavailableError if none."""
+    if not routing_enabled(settings):
+        raise UnavailableError(
+            "Server control needs the Redis broker (the embedded profile has no worker registry)."
+        )
+    try:
+        names = [worker.name for worker in live_workers(settings)]
+    except redis.RedisError:
+        raise UnavailableError("The broker cannot be reached: try again shortly.") from None
+    if not names:
+        raise UnavailableError("No worker is running.")
+    return names
+
+
+def _control(
+    broker: Celery,
+    command: str,
+    destination: list[str],
+    arguments: dict[str, Any] | None = None,
+    timeout_s: float = CONTROL_TIMEOUT_S,
+) -> dict[str, Any]:
+    """Send a control command to the named workers; their replies by worker name."""
+    replies = broker.control.broadcast(
+        command,
+        arguments=arguments or {},
+        destination=destination,
+        reply=True,
+        timeout=timeout_s,
+        limit=len(destination),
+    )
+    merged: dict[str, Any] = {}
+    for reply in replies or []:
+        merged.update(reply)
+    return merged
+
+
+def clear_cache(broker: Celery, settings: Settings) -> dict[str, Any]:
+    """Every live worker drops its resident models between jobs; their replies by name."""
+    return _control(broker, CLEAR_CACHE_COMMAND, worker_names(settings))
+
+
+def restart_workers(broker: Celery, settings: Settings) -> list[str]:
+    """A warm shutdown of every live worker: each finishes the job it runs (the solo pool
+    handles control messages between jobs), leaves, and its supervisor (`darkroom up`, the
+    container's restart policy, Kubernetes) starts it again. The workers told."""
+    names = worker_names(settings)
+    broker.control.broadcast("shutdown", destination=names, reply=False)
+    return names
+
+
+def nsfw_check(broker: Celery, settings: Settings, url: str) -> dict[str, Any]:
+    """One live worker fetches `url` through its SSRF guard and runs the safety checker: its
+    reply, `{"nsfw": bool}` or `{"error": message}`."""
+    names = worker_names(settings)
+    timeout_s = settings.image_fetch_timeout_s + 60.0  # the fetch, maybe a checker cold load
+    for name in names:
+        replies = _control(broker, NSFW_CHECK_COMMAND, [name], {"url": url}, timeout_s)
+        if name in replies:
+            reply: dict[str, Any] = replies[name]
+            return reply
+    raise UnavailableError("No worker answered: try again shortly.")
+
+
+# --- list_schedulers ------------------------------------------------------------------------
+
+
+def scheduler_names() -> dict[str, Any]:
+    """The scheduler names img2img accepts, those refused, and per family which apply."""
+    per_family = {
+        name: list(schedulers.IMG2IMG_SCHEDULERS) if family.page_schedulers else []
+        for name, family in families.FAMILIES.items()
+    }
+    return {
+        "schedulers": list(schedulers.IMG2IMG_SCHEDULERS),
+        "refused": list(schedulers.REFUSED_SCHEDULERS),
+        "families": per_family,
+    }
+
+
+# --- base64_to_url --------------------------------------------------------------------------
+
+
+def decode_upload(text: str, max_bytes: int) -> tuple[bytes, str]:
+    """The image bytes of a base64 string (a data: URI or bare) and its file extension;
+    UploadError when it is no PNG, JPEG or WebP within the byte and pixel limits."""
+    payload = _DATA_URI.sub("", text.strip(), count=1)
+    if len(payload) > (max_bytes * 4) // 3 + 4:
+        raise UploadError(f"The image is too large: at most {max_bytes} bytes.")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise UploadError("The image is not valid base64.") from None
+    if len(data) > max_bytes:
+        raise UploadError(f"The image is too large: at most {max_bytes} bytes.")
+    return data, _checked_format(data)
+
+
+def _checked_format(data: bytes) -> str:
+    """The extension of `data`'s format, from its header only (pixels are not decoded)."""
+    try:
+        image = Image.open(io.BytesIO(data), formats=tuple(UPLOAD_FORMATS))
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError):
+        raise UploadError("The image is not a PNG, JPEG or WebP image.") from None
+    if image.width * image.height > UPLOAD_MAX_PIXELS:
+        raise UploadError(f"The image has too many pixels: at most {UPLOAD_MAX_PIXELS}.")
+    return UPLOAD_FORMATS[str(image.format)]
+
+
+def store_upload(settings: Settings, text: str) -> str:
+    """Store a base64 image under an unguessable name; the link that serves it."""
+    from darkroom.storage import make_storage  # the S3 client is built only when used
+
+    data, extension = decode_upload(text, settings.image_max_bytes)
+    name = f"upload-{uuid.uuid4().hex}.{extension}"
+    make_storage(settings).save(name, data)
+    return f"{settings.public_url.rstrip('/')}/uploads/{name}"
