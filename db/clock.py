@@ -47,6 +47,6 @@ def _now_sqlite(_element: DbNow, _compiler: Any, **_kw: Any) -> str:
 
 def db_now(session: Session) -> datetime:
     """The database's current time (timezone-aware UTC), read in `session`'s transaction."""
-    value = session.scalar(select(DbNow()))
+    value: datetime | None = session.scalar(select(DbNow()))
     assert value is not None
     return value
