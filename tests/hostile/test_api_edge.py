@@ -36,6 +36,7 @@ HEADER_TIMEOUT_S = 2.0
 BODY_TIMEOUT_S = 3.0
 #: Above the slowloris test's 600 connections, so that /health finds room during it.
 MAX_CONNECTIONS = 650
+KEY_CACHE_S = 1.0
 MiB = 1024 * 1024
 
 
@@ -123,7 +124,8 @@ def _wait_healthy(api: ApiProcess, timeout: float = 30) -> None:
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiProcess]:
     edge = tmp_path_factory.mktemp("edge")
-    with darkroom_api(edge, api_max_connections=str(MAX_CONNECTIONS)) as running:
+    limits = {"api_max_connections": str(MAX_CONNECTIONS), "api_key_cache_s": str(KEY_CACHE_S)}
+    with darkroom_api(edge, **limits) as running:
         yield running
 
 
@@ -311,6 +313,28 @@ def test_connections_past_the_cap_are_refused_with_retry_after(api: ApiProcess) 
     time.sleep(0.3)
     assert api.health_s() < 1.0
     assert api.ps.num_fds() <= fds_before + 5
+
+
+# --- keys: cached for a bounded time --------------------------------------------------------------
+
+
+def test_a_revoked_key_stops_working_within_the_cache_time(api: ApiProcess, tmp_path: Path) -> None:
+    """Polls cost no key query while the key is cached; a revocation (another process) takes
+    effect within DARKROOM_API_KEY_CACHE_S."""
+    env = {**os.environ, "DARKROOM_DATA_DIR": str(api.log_path.parent / "data")}
+    issued = json.loads(darkroom(env, "keys", "create", "--name", "soon-revoked").splitlines()[-1])
+    body = {**PIX2PIX, "key": issued["key"]}
+    job_id = raw_post(api, "/api/v5/pix2pix", body).json()["id"]
+    fetch = f"/api/v5/fetch/{job_id}"
+    assert raw_post(api, fetch, {"key": issued["key"]}).status_code == 200
+    darkroom(env, "keys", "revoke", issued["key"][:10])  # revoked by its listed prefix
+    revoked_at = time.monotonic()
+    while raw_post(api, fetch, {"key": issued["key"]}).status_code == 200:
+        assert time.monotonic() - revoked_at < KEY_CACHE_S + 1.0, "revoked key still accepted"
+        time.sleep(0.1)
+    refused = raw_post(api, fetch, {"key": issued["key"]})
+    assert refused.status_code == 401
+    assert refused.json() == {"status": "error", "message": "Invalid Api Key"}
 
 
 # --- text: lone UTF-16 surrogates are refused where the body is parsed --------------------------
