@@ -20,6 +20,7 @@ from api.routes import (
     fetch,
     health,
     metrics,
+    openai_edits,
     outputs,
     submit,
     v7,
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     waiter: JobWaiter = app.state.waiter
     app.add_middleware(InFlightLimit, limit=settings.api_max_in_flight, parked=lambda: waiter.waits)
     routers = (submit, v7, fetch, cancel, outputs, health, metrics, dashboard, enterprise_server)
+    routers += (openai_edits,)
     for module in routers:
         app.include_router(module.router)
     return app
