@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from types import ModuleType
 
 import anyio.to_thread
 from fastapi import FastAPI
@@ -17,6 +18,7 @@ from api.routes import (
     cancel,
     dashboard,
     enterprise_server,
+    events,
     fetch,
     health,
     metrics,
@@ -56,7 +58,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     waiter: JobWaiter = app.state.waiter
     app.add_middleware(InFlightLimit, limit=settings.api_max_in_flight, parked=lambda: waiter.waits)
-    routers = (submit, v7, fetch, cancel, outputs, health, metrics, dashboard, enterprise_server)
+    routers: tuple[ModuleType, ...] = (submit, v7, fetch, cancel, outputs, health, metrics)
+    routers += (dashboard, enterprise_server)
+    routers += (events,)
     routers += (openai_edits,)
     for module in routers:
         app.include_router(module.router)

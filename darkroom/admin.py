@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session
 
-from darkroom import outcomes
+from darkroom import job_events, outcomes
 from darkroom.links import output_url
 from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, make_celery, send
 from darkroom.settings import Settings
@@ -203,6 +205,41 @@ def cancel_job(
     return job.state.value, delivery_id
 
 
+def jobs_watch(args: argparse.Namespace, settings: Settings) -> int:
+    """Follow a job: its place in the queue, a progress bar while it runs, then its outcome
+    (the webhook's payload, as JSON); exits 0 on success, 1 on failure."""
+    shown: job_events.JobEvent | None = None
+    tty = sys.stdout.isatty()
+    while True:
+        with session_scope(settings.resolved_database_url) as session:
+            event = job_events.read_event(session, settings, args.id, None)
+        if event is None:
+            _print({"error": f"no job {args.id}"})
+            return 1
+        if event != shown:
+            shown = event
+            if event.terminal:
+                print("\n" if tty else "", end="")
+                _print(event.data)
+                return 0 if event.name == "success" else 1
+            line = progress_line(event)
+            print(f"\r{line:<72}" if tty else line, end="" if tty else "\n", flush=True)
+        time.sleep(args.interval)
+
+
+def progress_line(event: job_events.JobEvent, width: int = 30) -> str:
+    """One line for a queued or running job: its place, or a bar with step k of n."""
+    data = event.data
+    if event.name == "queued":
+        return f"job {data['id']} queued: position {data['position']}, eta {data['eta']:.0f} s"
+    filled = round(data["progress"] * width)
+    bar = "#" * filled + "-" * (width - filled)
+    return (
+        f"job {data['id']} [{bar}] {data['progress']:4.0%} step {data['step']}/{data['steps']}"
+        f" eta {data['eta']:.0f} s"
+    )
+
+
 def jobs_requeue(args: argparse.Namespace, settings: Settings) -> int:
     """Put a failed job, or a stuck running one, back in the queue with fresh attempts."""
     try:
@@ -378,6 +415,10 @@ def _add_job_parsers(sub: Any) -> None:
     listing.add_argument("--limit", type=int, default=50, help="the newest N (default 50)")
     listing.add_argument("--json", action="store_true", help="JSON lines instead of a table")
     listing.set_defaults(handler=jobs_list)
+    watch = group.add_parser("watch", help=jobs_watch.__doc__)
+    watch.add_argument("id", type=int, help="job id")
+    watch.add_argument("--interval", type=float, default=0.5, help="seconds between reads")
+    watch.set_defaults(handler=jobs_watch)
     for name, handler in (("show", jobs_show), ("cancel", jobs_cancel), ("requeue", jobs_requeue)):
         command = group.add_parser(name, help=handler.__doc__)
         command.add_argument("id", type=int, help="job id")

@@ -183,6 +183,16 @@ class Settings(BaseSettings):
     # Connections the kernel queues before the API accepts them.
     api_backlog: int = Field(default=2048, ge=1)
 
+    # --- live progress: GET /api/v1/jobs/{id}/events (server-sent events, docs/CLIENTS.md) ---
+    # Streams one API process serves at once; past it 503 with Retry-After.
+    events_max_streams: int = Field(default=100, ge=0)
+    # A stream ends after this (an `event: timeout`); the client reconnects if it still cares.
+    events_max_s: float = Field(default=600.0, gt=0)
+    # How often a stream reads its job (one short session each); the job's end wakes it early.
+    events_poll_s: float = Field(default=0.5, ge=0.1)
+    # A comment line this often keeps proxies from closing a quiet stream.
+    events_heartbeat_s: float = Field(default=15.0, gt=0)
+
     # --- recovery: lost messages and database outages (docs/RELIABILITY.md) ---
     # Every sweep compares the broker's messages with the jobs and deliveries waiting in the
     # database; one published longer ago than this (the database's clock) and absent from the

@@ -590,3 +590,11 @@ def ended_among(session: Session, job_ids: Collection[int]) -> set[int]:
         select(Job.id).where(Job.id.in_(job_ids), Job.state.in_(TERMINAL_STATES))
     )
     return set(rows)
+
+
+def queued_position(session: Session, job_id: int) -> int:
+    """A queued job's place in the queue: 1 when no queued job is older."""
+    ahead = session.scalar(
+        select(func.count(Job.id)).where(Job.state == JobState.QUEUED, Job.id < job_id)
+    )
+    return int(ahead or 0) + 1
