@@ -43,6 +43,9 @@ class JobSpec(BaseModel):
     seed: int
     samples: int = 1
     model_id: str | None = None
+    #: The model's family (`darkroom.families`), read from its files at submit; None on rows
+    #: written before families existed (all SD 1.x) and for pix2pix and the mixer.
+    family: str | None = None
     scheduler: str | None = None
     use_karras_sigmas: bool = False
     algorithm_type: str | None = None
@@ -88,7 +91,7 @@ _SHARED_FIELDS = (
 #: Shared only by the operation that reads it.
 _OPERATION_FIELDS = {Operation.IMG2IMG: ("strength",), Operation.PIX2PIX: ("image_guidance_scale",)}
 #: Bumped whenever the meaning of a key changes, so that old rows never batch with new ones.
-_BATCH_KEY_VERSION = "batch-v1"
+_BATCH_KEY_VERSION = "batch-v2"
 
 
 def shared_fields(operation: str) -> tuple[str, ...]:
@@ -107,6 +110,9 @@ def batch_key(spec: JobSpec) -> str | None:
     if spec.operation == Operation.IMG_MIXER:
         return None
     shared = spec.model_dump(mode="json", include=set(shared_fields(spec.operation)))
+    # The family runs a different pipeline: never one call for two families, even should one
+    # model id come to name another family's files while jobs wait.
+    shared["family"] = spec.family
     text = json.dumps([_BATCH_KEY_VERSION, shared], sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -155,6 +161,7 @@ def _img2img_meta(spec: JobSpec) -> dict[str, Any]:
     return {
         "strength": spec.strength,
         "model_id": spec.model_id,
+        "model_family": spec.family,
         "scheduler": spec.scheduler,
         "use_karras_sigmas": _yes_no(spec.use_karras_sigmas),
         "algorithm_type": spec.algorithm_type,

@@ -7,12 +7,18 @@ to find what to load, so both tiers apply the same rules:
   tiny pipelines; LoRA, VAE and embedding ids resolve to files under `tiny_models_dir` that the
   worker builds lazily, seeded from the id (`worker.models.tiny`).
 - Otherwise an id names, in this order, a local file or folder under `models_dir`:
-  `<models_dir>/<model_id>/` (a diffusers pipeline folder), `<models_dir>/loras/<name>.safetensors`,
+  `<models_dir>/<model_id>/` (a diffusers pipeline folder) or
+  `<models_dir>/<model_id>.safetensors` (or `.ckpt`: a single-file checkpoint in the original
+  layout, configured by `<models_dir>/configs/<family>/`), `<models_dir>/loras/<name>.safetensors`,
   `<models_dir>/vae/<name>/` (an AutoencoderKL folder), `<models_dir>/embeddings/<name>.safetensors`
   (or `.pt`); or else a Hugging Face repo id of the form `owner/name` that the operator allows
   (`hub_models`, DARKROOM_HUB_MODELS) or that is one of the built-in defaults below. Anything
   else is an `UnknownModelError` whose message says what is installed and how to add it: a
   client never makes a worker download a repository the operator did not choose.
+
+An img2img model's family (`darkroom.families`: SD 1.x/2.x, SDXL, Flux) is read from its files
+and decides the pipeline class; under the tiny preset the ids of `TINY_FAMILY_MODELS` pick the
+tiny model of another family. Pix2pix and the image mixer run one family each.
 
 The image mixer needs two pipelines (Kandinsky 2.2's prior and decoder); a `model_id` for it
 replaces the decoder and keeps the default prior, which all Kandinsky 2.2 decoders share.
@@ -23,10 +29,12 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
+from darkroom import families
+from darkroom.families import SD, UnrecognisedModelError
 from darkroom.settings import Settings
 
 # The operation names of `worker.pipelines.request`, repeated so that the API needs no worker code.
@@ -57,10 +65,12 @@ class UnknownModelError(ValueError):
 
 @dataclass(frozen=True)
 class PipelineSource:
-    """One diffusers pipeline class and the folder or Hub repo id to load it from."""
+    """One diffusers pipeline class and the folder or Hub repo id to load it from; for a
+    single-file checkpoint, the file and the local pipeline folder holding its configuration."""
 
     class_name: str
     location: str
+    single_file_config: str | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +79,7 @@ class ModelSpec:
 
     operation: str
     sources: tuple[PipelineSource, ...]
+    family: str = SD
 
 
 @dataclass(frozen=True)
@@ -77,6 +88,19 @@ class _Default:
     repo_id: str
     tiny_name: str
 
+
+#: Under the tiny preset, img2img model ids that pick the tiny model of a family other than SD 1.x
+#: (id -> family, folder under `tiny_models_dir`); every other id is the tiny SD 1.x model.
+TINY_FAMILY_MODELS: dict[str, tuple[str, str]] = {
+    "tiny-sdxl": (families.SDXL, "sdxl-img2img"),
+    "tiny-flux": (families.FLUX, "flux-img2img"),
+    "tiny-sd2-v": (SD, "sd2-v-img2img"),
+}
+#: Single-file checkpoint suffixes, in the order they are looked for.
+_CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+#: Where the configuration of single-file checkpoints lives, per family: a diffusers pipeline
+#: folder under `models_dir` (its weights are not read), so that nothing is downloaded.
+SINGLE_FILE_CONFIGS = "configs"
 
 # Per operation, the pipelines it runs in order; a model_id replaces the last one.
 _DEFAULTS: dict[str, tuple[_Default, ...]] = {
@@ -134,21 +158,94 @@ def resolve_model(operation: str, model_id: str | None, settings: Settings) -> M
         raise ValueError(f"Unknown operation {operation!r}; expected one of {sorted(_DEFAULTS)}.")
     if model_id is not None:
         _check_syntax("model", model_id)
+    sources = [PipelineSource(d.class_name, d.repo_id) for d in defaults]
     if is_tiny(settings):
-        locations = [str(settings.tiny_models_dir / d.tiny_name) for d in defaults]
-    else:
-        locations = [d.repo_id for d in defaults]
-        if model_id is not None:
-            locations[-1] = _locate_folder("model", model_id, settings, "")
-    pairs = zip(defaults, locations, strict=True)
-    return ModelSpec(operation, tuple(PipelineSource(d.class_name, loc) for d, loc in pairs))
+        tiny_dir = settings.tiny_models_dir
+        sources = [PipelineSource(d.class_name, str(tiny_dir / d.tiny_name)) for d in defaults]
+        if operation == IMG2IMG and model_id in TINY_FAMILY_MODELS:
+            family, folder = TINY_FAMILY_MODELS[model_id]
+            pipeline = families.family(family).img2img_pipeline
+            location = str(settings.tiny_models_dir / folder)
+            return ModelSpec(operation, (PipelineSource(pipeline, location),), family)
+    elif model_id is not None:
+        sources[-1] = _locate_model(model_id, settings, defaults[-1].class_name)
+    family = _family_of(operation, sources[-1])
+    if operation == IMG2IMG:  # the family decides the pipeline class
+        sources[-1] = replace(sources[-1], class_name=families.family(family).img2img_pipeline)
+    return ModelSpec(operation, tuple(sources), family)
 
 
-def resolve_lora(name: str, settings: Settings) -> str:
-    """A LoRA's `.safetensors` file, or its Hub repo id."""
+def model_family(model_id: str | None, settings: Settings) -> str:
+    """The family of the img2img model `model_id` (None: the default), read from its files."""
+    return resolve_model(IMG2IMG, model_id, settings).family
+
+
+def _locate_model(model_id: str, settings: Settings, class_name: str) -> PipelineSource:
+    """A pipeline folder, a single-file checkpoint beside it, or an allowed Hub id."""
+    root = settings.models_dir
+    if root is not None and not (root / model_id).is_dir():
+        for suffix in _CHECKPOINT_SUFFIXES:
+            path = root / f"{model_id}{suffix}"
+            if path.is_file():
+                return _single_file_source(path.resolve(), root, class_name)
+    return PipelineSource(class_name, _locate_folder("model", model_id, settings, ""))
+
+
+def _single_file_source(path: Path, root: Path, class_name: str) -> PipelineSource:
+    """A checkpoint file with its family's configuration folder `<models_dir>/configs/<family>/`."""
+    try:
+        family = families.detect_file(path)
+    except UnrecognisedModelError as exc:
+        raise UnknownModelError(str(exc)) from None
+    config = root / SINGLE_FILE_CONFIGS / family
+    if not (config / "model_index.json").is_file():
+        raise UnknownModelError(
+            f"{path.name} is a {families.family(family).title} checkpoint, but its configuration "
+            f"folder {config}/ (a diffusers pipeline folder of that family; its weights are not "
+            "read) is missing: nothing is downloaded at load time."
+        )
+    pipeline = families.family(family).img2img_pipeline
+    return PipelineSource(pipeline, str(path), str(config.resolve()))
+
+
+def _family_of(operation: str, source: PipelineSource) -> str:
+    """The family of the last pipeline of `operation`: read from an img2img model's files."""
+    if operation != IMG2IMG:
+        return SD
+    location = Path(source.location)
+    try:
+        if source.single_file_config is not None:
+            return families.detect_file(location)
+        if location.is_absolute():
+            return families.detect_folder(location) if location.is_dir() else SD
+    except UnrecognisedModelError as exc:
+        raise UnknownModelError(str(exc)) from None
+    return _hub_family(source.location)
+
+
+def _hub_family(repo_id: str) -> str:
+    """A Hub model's family from its cached `model_index.json`; SD 1.x (the built-in default)
+    when the repo is not in the local cache yet."""
+    if repo_id == default_model_id(IMG2IMG):
+        return SD
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub comes with the worker's diffusers
+        return SD
+    cached = try_to_load_from_cache(repo_id, "model_index.json")
+    if isinstance(cached, str):
+        try:
+            return families.detect_folder(Path(cached).parent)
+        except UnrecognisedModelError as exc:
+            raise UnknownModelError(str(exc)) from None
+    return SD
+
+
+def resolve_lora(name: str, settings: Settings, family: str = SD) -> str:
+    """A LoRA's `.safetensors` file, or its Hub repo id (tiny ones differ per `family`)."""
     _check_syntax("LoRA", name)
     if is_tiny(settings):
-        return str(settings.tiny_models_dir / "loras" / f"{_digest(name)}.safetensors")
+        return str(settings.tiny_models_dir / "loras" / f"{_tiny_stem(name, family)}.safetensors")
     return _locate_file("LoRA", name, settings, "loras", (".safetensors",))
 
 
@@ -160,11 +257,13 @@ def resolve_vae(name: str, settings: Settings) -> str:
     return _locate_folder("VAE", name, settings, "vae")
 
 
-def resolve_embedding(name: str, settings: Settings) -> str:
-    """A textual-inversion embedding's `.safetensors` or `.pt` file, or its Hub repo id."""
+def resolve_embedding(name: str, settings: Settings, family: str = SD) -> str:
+    """A textual-inversion embedding's `.safetensors` or `.pt` file, or its Hub repo id (tiny
+    ones differ per `family`)."""
     _check_syntax("embedding", name)
     if is_tiny(settings):
-        return str(settings.tiny_models_dir / "embeddings" / f"{_digest(name)}.safetensors")
+        stem = _tiny_stem(name, family)
+        return str(settings.tiny_models_dir / "embeddings" / f"{stem}.safetensors")
     return _locate_file("embedding", name, settings, "embeddings", _EMBEDDING_SUFFIXES)
 
 
@@ -272,7 +371,7 @@ def _hub_or_refuse(
 
 
 #: Folders of `models_dir` that hold other kinds than pipelines.
-_RESERVED_FOLDERS = {"loras", "vae", "embeddings", "safety-checker"}
+_RESERVED_FOLDERS = {"loras", "vae", "embeddings", "safety-checker", SINGLE_FILE_CONFIGS}
 
 
 def _installed_folders(folder: Path | None) -> list[str]:
@@ -308,6 +407,11 @@ def _hint(settings: Settings, subfolder: str) -> str:
     """The folder a message tells the operator to put weights in, ending with a slash."""
     root = str(settings.models_dir) if settings.models_dir is not None else "$DARKROOM_MODELS_DIR"
     return f"{root}/{subfolder}/" if subfolder else f"{root}/"
+
+
+def _tiny_stem(name: str, family: str) -> str:
+    """A tiny add-on's file name: SD 1.x's as before, other families' prefixed with theirs."""
+    return _digest(name) if family == SD else f"{family}-{_digest(name)}"
 
 
 def _digest(name: str) -> str:

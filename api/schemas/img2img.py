@@ -7,7 +7,7 @@ import binascii
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BeforeValidator, Field, model_validator
+from pydantic import AliasChoices, BeforeValidator, Field, PrivateAttr, model_validator
 
 from api.fields import (
     MAX_EMBEDDINGS,
@@ -27,7 +27,7 @@ from api.fields import (
     to_url,
 )
 from api.schemas.common import SubmitBase
-from darkroom import prompts, registry
+from darkroom import families, prompts, registry
 from darkroom.jobspec import JobSpec, LoraRef
 from darkroom.schedulers import IMG2IMG_SCHEDULERS, REFUSED_SCHEDULERS
 from darkroom.settings import Settings
@@ -109,6 +109,8 @@ class Img2ImgRequest(SubmitBase):
     base64: Flag = False
     temp: Flag = False
     loadbalancer: Flag = False  # accepted: spreading jobs over workers is the queue's job here
+    #: The model's family, read from its files by `model_errors` (which runs before `to_spec`).
+    _family: str = PrivateAttr(default=families.SD)
 
     @model_validator(mode="after")
     def _check(self) -> Img2ImgRequest:
@@ -174,7 +176,27 @@ class Img2ImgRequest(SubmitBase):
                 check()
             except registry.UnknownModelError as exc:
                 errors[field] = [str(exc)]
+        if "model_id" not in errors:
+            self._family = registry.model_family(self.model_id, settings)
+            for field, why in families.refusals(self._family, self._asked()).items():
+                errors.setdefault(field, []).append(why)
         return errors
+
+    def _asked(self) -> families.AskedFields:
+        """The family-dependent fields the client asked for. Page defaults a family cannot
+        apply (tomesd "yes", enhance_prompt's negative text) are not refusals: only what the
+        client wrote is."""
+        written = self.model_fields_set
+        return families.AskedFields(
+            scheduler=self.scheduler,
+            algorithm_type=self.algorithm_type,
+            clip_skip=self.clip_skip,
+            tomesd=self.tomesd and "tomesd" in written,
+            embeddings=tuple(self.embeddings_model),
+            negative_prompt=self.negative_prompt or "",
+            width=self.width,
+            height=self.height,
+        )
 
     def loras(self) -> list[LoraRef]:
         """Each LoRA with its strength (one strength for all, one each, or 1.0 when omitted)."""
@@ -197,6 +219,7 @@ class Img2ImgRequest(SubmitBase):
             steps=self.num_inference_steps,
             strength=self.strength,
             model_id=self.model_id,
+            family=self._family,
             scheduler=self.scheduler,
             use_karras_sigmas=self.use_karras_sigmas,
             algorithm_type=self.algorithm_type,

@@ -276,7 +276,8 @@ def installed(tmp_path: Path) -> Path:
     """A models folder with one pipeline, one LoRA, one VAE and one embedding."""
     models = tmp_path / "models"
     (models / "my-sd").mkdir(parents=True)
-    (models / "my-sd" / "model_index.json").write_text("{}")
+    # The family is read from model_index.json (an index naming no known pipeline is refused).
+    (models / "my-sd" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     (models / "vae" / "my-vae").mkdir(parents=True)
     (models / "loras").mkdir()
     (models / "loras" / "detail.safetensors").touch()

@@ -273,6 +273,8 @@ def test_real_ids_are_folders_files_or_hub_repos(tmp_path: Path) -> None:
     models = tmp_path / "models"
     for folder in ("my-sd", "vae/my-vae"):
         (models / folder).mkdir(parents=True)
+    # A model folder's family is read from its model_index.json (an empty folder is no model).
+    (models / "my-sd" / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     (models / "loras").mkdir()
     (models / "loras" / "contrast-fix.safetensors").touch()
     (models / "embeddings").mkdir()

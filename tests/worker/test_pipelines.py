@@ -218,6 +218,9 @@ def test_tiny_preset_resolves_every_model_id_to_the_tiny_folders(tiny_settings: 
 
 def test_real_preset_resolves_defaults_local_folders_and_hub_ids(tmp_path: Path) -> None:
     (tmp_path / "models" / "my-sd").mkdir(parents=True)
+    # The family is read from the folder's files (an empty folder is no model).
+    index = '{"_class_name": "StableDiffusionPipeline"}'
+    (tmp_path / "models" / "my-sd" / "model_index.json").write_text(index)
     hub = ["someone/their-model", "someone/decoder"]  # Hub ids only when the operator lists them
     settings = Settings(data_dir=tmp_path, models_dir=tmp_path / "models", hub_models=hub)
 

@@ -219,7 +219,15 @@ class ModelCache:
         if "safety_checker" in inspect.signature(pipeline_class.__init__).parameters:
             # The worker runs the checker itself, when asked, and censors per request.
             options |= {"safety_checker": None, "requires_safety_checker": False}
-        pipeline = pipeline_class.from_pretrained(source.location, **options)
+        if source.single_file_config is not None:
+            # An original-layout checkpoint: its configuration comes from a local pipeline
+            # folder, never from the Hub; a .ckpt is read with torch.load(weights_only=True)
+            # by diffusers' loader, so no pickled code runs.
+            pipeline = pipeline_class.from_single_file(
+                source.location, config=source.single_file_config, **options
+            )
+        else:
+            pipeline = pipeline_class.from_pretrained(source.location, **options)
         pipeline.set_progress_bar_config(disable=True)
         pipeline = pipeline.to(self.device)
         apply_fast_path(pipeline, self.fast_path)

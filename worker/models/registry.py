@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from darkroom import registry
+from darkroom.families import SD
 from darkroom.registry import ModelSpec, PipelineSource, UnknownModelError, is_tiny
 from darkroom.settings import Settings
 from worker.models import tiny
@@ -31,14 +32,18 @@ def resolve_model(operation: str, model_id: str | None, settings: Settings) -> M
     spec = registry.resolve_model(operation, model_id, settings)
     if is_tiny(settings):
         tiny.ensure_tiny_models(settings.tiny_models_dir)
+        if model_id in registry.TINY_FAMILY_MODELS:
+            _family, name = registry.TINY_FAMILY_MODELS[model_id]
+            tiny.ensure_tiny_family_model(settings.tiny_models_dir, name)
     return spec
 
 
-def resolve_lora(name: str, settings: Settings) -> str:
-    """A LoRA file or repo id; under the tiny preset the file is built from the id."""
-    location = registry.resolve_lora(name, settings)
+def resolve_lora(name: str, settings: Settings, family: str = SD) -> str:
+    """A LoRA file or repo id; under the tiny preset the file is built from the id, for the
+    tiny model of `family`."""
+    location = registry.resolve_lora(name, settings, family)
     if is_tiny(settings):
-        tiny.ensure_tiny_lora(Path(location), name)
+        tiny.ensure_tiny_lora(Path(location), name, family)
     return location
 
 
@@ -50,11 +55,12 @@ def resolve_vae(name: str, settings: Settings) -> str:
     return location
 
 
-def resolve_embedding(name: str, settings: Settings) -> str:
-    """An embedding file or repo id; under the tiny preset the file is built from the id."""
-    location = registry.resolve_embedding(name, settings)
+def resolve_embedding(name: str, settings: Settings, family: str = SD) -> str:
+    """An embedding file or repo id; under the tiny preset the file is built from the id, for
+    the tiny model of `family`."""
+    location = registry.resolve_embedding(name, settings, family)
     if is_tiny(settings):
-        tiny.ensure_tiny_embedding(Path(location), name)
+        tiny.ensure_tiny_embedding(Path(location), name, family)
     return location
 
 

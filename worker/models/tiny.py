@@ -44,12 +44,20 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from darkroom.families import SD, SDXL
+
 SD_IMG2IMG = "sd-img2img"
 INSTRUCT_PIX2PIX = "instruct-pix2pix"
 KANDINSKY_PRIOR = "kandinsky-prior"
 KANDINSKY_DECODER = "kandinsky-decoder"
 SAFETY_CHECKER = "safety-checker"
 SAFETY_CHECKER_ALWAYS = "safety-checker-always"
+#: Tiny img2img models of the other families, built only when a request names them
+#: (`darkroom.registry.TINY_FAMILY_MODELS`).
+SDXL_IMG2IMG = "sdxl-img2img"
+SD2_V_IMG2IMG = "sd2-v-img2img"
+#: SDXL's UNet takes the pooled text embedding and six size numbers, each embedded in this width.
+_SDXL_TIME_EMBED = 8
 
 # Tiny safety checkers' concept thresholds: a cosine similarity is never above 2 nor below -2.
 _NEVER_FLAG, _ALWAYS_FLAG = 2.0, -2.0
@@ -87,6 +95,18 @@ def ensure_tiny_models(root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     for name, build in builders.items():
         _build_once(root / name, build)
+
+
+def ensure_tiny_family_model(root: Path, name: str) -> None:
+    """Build the tiny model of another family (`SDXL_IMG2IMG`, ...) under `root/<name>/`."""
+    builders: dict[str, Callable[[Path], Any]] = {
+        SDXL_IMG2IMG: _sdxl_img2img,
+        SD2_V_IMG2IMG: _sd2_v_img2img,
+    }
+    if name not in builders:
+        raise ValueError(f"No tiny model called {name!r}.")
+    root.mkdir(parents=True, exist_ok=True)
+    _build_once(root / name, builders[name])
 
 
 def _build_once(target: Path, build: Callable[[Path], Any]) -> None:
@@ -204,6 +224,64 @@ def _instruct_pix2pix(workdir: Path) -> Any:
     )
     return _diffusers.StableDiffusionInstructPix2PixPipeline(
         scheduler=scheduler, **_sd_components(workdir, unet_in_channels=8)
+    )
+
+
+def _sd2_v_img2img(workdir: Path) -> Any:
+    """Stable Diffusion 2.x v-prediction (768-v shape): the scheduler config says so, which every
+    scheduler a request names inherits."""
+    scheduler = _diffusers.DDIMScheduler(
+        **_SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, prediction_type="v_prediction"
+    )
+    components = _sd_components(workdir, unet_in_channels=4)
+    components["unet"] = _seeded(lambda: _sd_unet(4), seed=2)
+    return _diffusers.StableDiffusionImg2ImgPipeline(scheduler=scheduler, **components)
+
+
+def _sdxl_unet() -> Any:
+    """SDXL's UNet shape at toy size (diffusers' own SDXL tests): conditioned on both encoders'
+    joined hidden states and on "text_time", the pooled embedding beside the size numbers."""
+    return _diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=_SDXL_TIME_EMBED,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * _SDXL_TIME_EMBED + _HIDDEN,
+        cross_attention_dim=2 * _HIDDEN,
+    )
+
+
+def _sdxl_components(workdir: Path) -> dict[str, Any]:
+    """The tiny SDXL modules: CLIP-L and bigG stand-ins over the same character tokenizer."""
+    return {
+        "unet": _seeded(_sdxl_unet),
+        "vae": _seeded(_vae),
+        "text_encoder": _seeded(lambda: CLIPTextModel(_text_config(_SD_TEXT_LAYERS))),
+        "text_encoder_2": _seeded(
+            lambda: CLIPTextModelWithProjection(_text_config(_SD_TEXT_LAYERS)), seed=1
+        ),
+        "tokenizer": _tokenizer(workdir),
+        "tokenizer_2": _tokenizer(workdir),
+        "scheduler": _diffusers.EulerDiscreteScheduler(
+            **_SD_SCHEDULE, timestep_spacing="leading", prediction_type="epsilon"
+        ),
+    }
+
+
+def _sdxl_img2img(workdir: Path) -> Any:
+    """SDXL base as img2img, with SDXL's Euler scheduler config and its empty-prompt zeros."""
+    return _diffusers.StableDiffusionXLImg2ImgPipeline(
+        **_sdxl_components(workdir),
+        requires_aesthetics_score=False,
+        force_zeros_for_empty_prompt=True,
     )
 
 
@@ -349,26 +427,52 @@ def ensure_tiny_vae(target: Path, name: str) -> None:
     _build_once(target, lambda _workdir: _seeded(_vae, id_seed("vae", name)))
 
 
-def ensure_tiny_embedding(target: Path, name: str) -> None:
-    """Write the one-vector textual-inversion embedding for id `name` to the file `target`."""
+def ensure_tiny_embedding(target: Path, name: str, family: str = SD) -> None:
+    """Write the one-vector textual-inversion embedding for id `name` to the file `target`:
+    SD's `{name: vector}`, or SDXL's `clip_l` and `clip_g` vectors in one file."""
+    if family == SDXL:
+        vectors = _seeded(lambda: torch.randn(2, _HIDDEN), id_seed("embedding", name))
+        _write_once(target, {"clip_l": vectors[:1].clone(), "clip_g": vectors[1:].clone()})
+        return
     vector = _seeded(lambda: torch.randn(1, _HIDDEN), id_seed("embedding", name))
     _write_once(target, {name: vector})
 
 
-def ensure_tiny_lora(target: Path, name: str) -> None:
-    """Write a rank-4 LoRA for the tiny img2img UNet's attention, for id `name`, to `target`."""
+#: Tiny LoRA ids starting with this are written in kohya / A1111 format, as model sites ship them.
+KOHYA_PREFIX = "kohya-"
+
+
+def ensure_tiny_lora(target: Path, name: str, family: str = SD) -> None:
+    """Write a rank-4 LoRA for the attention of the tiny img2img UNet of `family`, for id
+    `name`, to `target`: diffusers (PEFT) format, or kohya format for ids with `KOHYA_PREFIX`."""
     if target.exists():
         return
-    _write_once(target, _seeded(_lora_state_dict, id_seed("lora", name)))
+    unet = _sdxl_unet if family == SDXL else lambda: _sd_unet(4)
+    layers = _seeded(lambda: _lora_state_dict(unet()), id_seed("lora", name))
+    if name.startswith(KOHYA_PREFIX):
+        layers = kohya_lora(layers)
+    _write_once(target, layers)
 
 
-def _lora_state_dict() -> dict[str, torch.Tensor]:
-    """The diffusers-format state dict of a random (not zero-initialised) UNet LoRA."""
-    unet = _sd_unet(4)
+def _lora_state_dict(unet: Any) -> dict[str, torch.Tensor]:
+    """The diffusers-format state dict of a random (not zero-initialised) LoRA of `unet`."""
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
     layers = get_peft_model_state_dict(unet)
     return {f"unet.{key}": value.contiguous() for key, value in layers.items()}
+
+
+def kohya_lora(layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A diffusers-format UNet LoRA in kohya's layout: `lora_unet_<module path with _>` with
+    `.lora_down.weight` (A), `.lora_up.weight` (B) and `.alpha` (the rank: scale 1)."""
+    kohya: dict[str, torch.Tensor] = {}
+    for key, value in layers.items():
+        module, _, matrix = key.removeprefix("unet.").rpartition(".lora_")
+        stem = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{stem}.{'lora_down' if matrix.startswith('A') else 'lora_up'}.weight"] = value
+        if matrix.startswith("A"):
+            kohya[f"{stem}.alpha"] = torch.tensor(float(value.shape[0]))
+    return kohya
 
 
 def _write_once(target: Path, tensors: dict[str, torch.Tensor]) -> None:

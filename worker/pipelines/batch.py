@@ -7,6 +7,10 @@ draws each sample's noise from that sample's own generator, and img2img encodes 
 image on its own, so a sample depends on its batch mates only through the summation order of
 batched kernels: the same image as alone, up to floating-point rounding.
 
+A family's prompt encoding (`worker.families`) gives each request a `PromptEmbeds`: the pipeline's
+embedding arguments (`prompt_embeds`, `negative_prompt_embeds`, and SDXL's pooled ones), each with
+a batch dimension of 1, which are stacked sample by sample in batch order.
+
 Prompt embeddings stack only when they have the same length (77 positions per 75-token window,
 `worker.pipelines.prompts`). Padding a shorter prompt with empty windows would add keys to every
 cross-attention and so change its image; instead requests of different window counts run as
@@ -23,7 +27,8 @@ from PIL import Image
 
 from worker.pipelines.request import GenerationRequest, StepHook
 
-PromptPair = tuple[torch.Tensor, torch.Tensor]  # (prompt, negative prompt) embeddings
+#: A request's embedding arguments to the pipeline, by name, each of batch size 1.
+PromptEmbeds = dict[str, torch.Tensor]
 #: One pipeline call on the requests at these indices, with its diffusers step callback.
 PipelineCall = Callable[[list[int], Callable[..., dict[str, Any]] | None], list[Image.Image]]
 
@@ -39,12 +44,18 @@ def batch_seeds(requests: Sequence[GenerationRequest], indices: Sequence[int]) -
 
 
 def stack_prompts(
-    embeds: Sequence[PromptPair], requests: Sequence[GenerationRequest], indices: Sequence[int]
-) -> PromptPair:
-    """The prompt and negative prompt embeddings of every sample, stacked in batch order."""
-    positive = [embeds[i][0].repeat(len(requests[i].seeds), 1, 1) for i in indices]
-    negative = [embeds[i][1].repeat(len(requests[i].seeds), 1, 1) for i in indices]
-    return torch.cat(positive), torch.cat(negative)
+    embeds: Sequence[PromptEmbeds], requests: Sequence[GenerationRequest], indices: Sequence[int]
+) -> PromptEmbeds:
+    """Every embedding argument of every sample, stacked in batch order."""
+    return {
+        name: torch.cat([_repeated(embeds[i][name], len(requests[i].seeds)) for i in indices])
+        for name in embeds[indices[0]]
+    }
+
+
+def _repeated(tensor: torch.Tensor, times: int) -> torch.Tensor:
+    """`tensor` (batch size 1) repeated `times` along the batch axis."""
+    return tensor.repeat(times, *[1] * (tensor.dim() - 1))
 
 
 def per_sample(
@@ -70,17 +81,17 @@ def step_callback(
     return callback
 
 
-def by_prompt_length(embeds: Sequence[PromptPair]) -> list[list[int]]:
+def by_prompt_length(embeds: Sequence[PromptEmbeds]) -> list[list[int]]:
     """Request indices grouped by embedding length (which stacks), in order of first sight."""
     groups: dict[int, list[int]] = {}
-    for index, (positive, _negative) in enumerate(embeds):
-        groups.setdefault(int(positive.shape[1]), []).append(index)
+    for index, embed in enumerate(embeds):
+        groups.setdefault(int(embed["prompt_embeds"].shape[1]), []).append(index)
     return list(groups.values())
 
 
 def run_by_prompt_length(
     requests: Sequence[GenerationRequest],
-    embeds: Sequence[PromptPair],
+    embeds: Sequence[PromptEmbeds],
     on_step: StepHook | None,
     call: PipelineCall,
 ) -> list[list[Image.Image]]:

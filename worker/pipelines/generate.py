@@ -15,7 +15,9 @@ from typing import Any
 
 from PIL import Image
 
+from darkroom.families import AskedFields, refusals
 from darkroom.settings import Settings
+from worker.families import img2img_runner
 from worker.models.cache import SAFETY_CHECKER, VAE, ComponentSource, ModelCache
 from worker.models.registry import (
     ModelSpec,
@@ -96,6 +98,8 @@ def load_for(
     """Load the model and options of `requests`, which share them (the first one's are used)."""
     first = requests[0]
     spec = resolve_model(first.operation, first.model_id, settings)
+    for request in requests:
+        check_family(spec.family, request)
     model, model_seconds = cache.get(spec)
     assets, assets_seconds = load_assets(first, cache, settings, spec)
     return Loaded(spec, model.pipelines, assets, model_seconds + assets_seconds)
@@ -113,7 +117,8 @@ def run_loaded(
     Every result carries the whole call's time: what each of its clients waited.
     """
     started = time.perf_counter()
-    runner = _RUNNERS[requests[0].operation]
+    operation = requests[0].operation
+    runner = img2img_runner(loaded.spec.family) if operation == IMG2IMG else _RUNNERS[operation]
     batches = runner(loaded.pipelines, requests, loaded.assets, on_step)
     checked, checker_seconds = [], 0.0
     for request, images in zip(requests, batches, strict=True):
@@ -148,8 +153,13 @@ def load_assets(
     if request.vae is not None:
         source = ComponentSource(VAE, resolve_vae(request.vae, settings))
         vae, seconds = cache.component(source, pinned=[spec])
-    loras = tuple((resolve_lora(lora.name, settings), lora.strength) for lora in request.loras)
-    embeddings = tuple((name, resolve_embedding(name, settings)) for name in request.embeddings)
+    family = spec.family
+    loras = tuple(
+        (resolve_lora(lora.name, settings, family), lora.strength) for lora in request.loras
+    )
+    embeddings = tuple(
+        (name, resolve_embedding(name, settings, family)) for name in request.embeddings
+    )
     return RequestAssets(vae=vae, loras=loras, embeddings=embeddings), seconds
 
 
@@ -207,6 +217,23 @@ def _check_options(request: GenerationRequest) -> None:
         changed = [name for name in _SD_OPTIONS if getattr(request, name) != _SD_DEFAULTS[name]]
         if changed:
             raise ValueError(f"img_mixer does not support {', '.join(changed)}.")
+
+
+def check_family(family: str, request: GenerationRequest) -> None:
+    """Refuse what the model's family cannot apply (the API refuses it before queueing; this is
+    the second line). Token merging and the negative prompt are ignored where the family has
+    none, as the page's defaults ask for them (tomesd "yes", enhance_prompt's negative text)."""
+    asked = AskedFields(
+        scheduler=request.scheduler,
+        algorithm_type=request.algorithm_type,
+        clip_skip=request.clip_skip,
+        embeddings=request.embeddings,
+        width=request.width,
+        height=request.height,
+    )
+    why = refusals(family, asked)
+    if why:
+        raise ValueError("; ".join(f"{field}: {reason}" for field, reason in why.items()) + ".")
 
 
 def _check_mixer_weights(request: GenerationRequest) -> None:

@@ -24,6 +24,7 @@ from typing import Any
 from PIL import Image
 
 from worker.pipelines.batch import (
+    PromptEmbeds,
     batch_seeds,
     per_sample,
     run_by_prompt_length,
@@ -32,10 +33,14 @@ from worker.pipelines.batch import (
     step_callback,
 )
 from worker.pipelines.options import RequestAssets, fresh_scheduler, request_options
-from worker.pipelines.prompts import encode_prompts
+from worker.pipelines.prompts import sd_embeds
 from worker.pipelines.request import GenerationRequest, StepHook
 
+#: A family's prompt encoding: the pipeline's embedding arguments for one request.
+Encoder = Callable[[Any, GenerationRequest], PromptEmbeds]
+
 __all__ = [
+    "Encoder",
     "resize_exact",
     "run",
     "run_batch",
@@ -76,23 +81,22 @@ def run_init_image_batch(
     requests: Sequence[GenerationRequest],
     assets: RequestAssets,
     on_step: StepHook | None,
+    encode: Encoder = sd_embeds,
     **call_options: Any,
 ) -> list[list[Image.Image]]:
-    """One batched run of a Stable Diffusion pipeline that starts from an init image (img2img,
+    """One batched run of a diffusion pipeline that starts from an init image (img2img,
     pix2pix): the first request's model options applied, each request's prompts encoded on
-    their own, one init image and one generator per sample; `call_options` are the
-    operation's own pipeline arguments, shared by the batch."""
+    their own by the family's `encode`, one init image and one generator per sample;
+    `call_options` are the operation's own pipeline arguments, shared by the batch."""
     first = requests[0]
     inits = [resize_exact(r.images[0], r.width, r.height) for r in requests]
     with request_options(pipe, first, assets):
-        embeds = [encode_prompts(pipe, r.prompt, r.negative_prompt, r.clip_skip) for r in requests]
+        embeds = [encode(pipe, r) for r in requests]
 
         def call(indices: list[int], callback: Callable[..., Any] | None) -> list[Image.Image]:
-            prompt_embeds, negative_embeds = stack_prompts(embeds, requests, indices)
             fresh_scheduler(pipe)
             output = pipe(
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_embeds,
+                **stack_prompts(embeds, requests, indices),
                 # One image per sample: a single image for several samples is a deprecated
                 # broadcast.
                 image=per_sample(inits, requests, indices),

@@ -64,7 +64,9 @@ def request_options(pipe: Any, request: GenerationRequest, assets: RequestAssets
             stack.enter_context(_loras(pipe, assets.loras))
         if assets.embeddings:
             stack.enter_context(_embeddings(pipe, assets.embeddings))
-        if request.tomesd:
+        if request.tomesd and getattr(pipe, "unet", None) is not None:
+            # A transformer backbone (Flux) has nothing to merge; the API refuses an explicit
+            # "tomesd": "yes" for it, and the page's default "yes" is ignored.
             stack.enter_context(_token_merging(pipe))
         yield
 
@@ -111,16 +113,53 @@ def _lora_weights(location: str) -> dict[str, torch.Tensor] | str:
 
 @contextmanager
 def _embeddings(pipe: Any, embeddings: tuple[tuple[str, str], ...]) -> Iterator[None]:
-    """Add each embedding's token(s) to the tokenizer and text encoder; remove them afterwards."""
-    before = set(pipe.tokenizer.get_added_vocab())
+    """Add each embedding's token(s) to the tokenizers and text encoders; remove them afterwards.
+
+    SDXL files hold one vector set per encoder (`clip_l` for `text_encoder`, `clip_g` for
+    `text_encoder_2`), each loaded into its own tokenizer and encoder under the same token."""
+    pairs = _embedding_targets(pipe)
+    before = [set(tokenizer.get_added_vocab()) for tokenizer, _encoder, _key in pairs]
     try:
         for token, location in embeddings:
-            pipe.load_textual_inversion(location, token=token)
+            vectors = _embedding_vectors(location, pairs)
+            for (tokenizer, encoder, _key), vector in zip(pairs, vectors, strict=True):
+                pipe.load_textual_inversion(
+                    vector, token=token, tokenizer=tokenizer, text_encoder=encoder
+                )
         yield
     finally:
-        added = sorted(set(pipe.tokenizer.get_added_vocab()) - before)
-        if added:
-            pipe.unload_textual_inversion(tokens=added)
+        for (tokenizer, encoder, _key), seen in zip(pairs, before, strict=True):
+            added = sorted(set(tokenizer.get_added_vocab()) - seen)
+            if added:
+                pipe.unload_textual_inversion(
+                    tokens=added, tokenizer=tokenizer, text_encoder=encoder
+                )
+
+
+def _embedding_targets(pipe: Any) -> list[tuple[Any, Any, str]]:
+    """(tokenizer, text encoder, SDXL file key) of each CLIP encoder embeddings go into."""
+    if getattr(pipe, "text_encoder_2", None) is None:
+        return [(pipe.tokenizer, pipe.text_encoder, "")]
+    pairs = [
+        (pipe.tokenizer, pipe.text_encoder, "clip_l"),
+        (pipe.tokenizer_2, pipe.text_encoder_2, "clip_g"),
+    ]
+    return [(tok, enc, key) for tok, enc, key in pairs if tok is not None and enc is not None]
+
+
+def _embedding_vectors(location: str, pairs: list[tuple[Any, Any, str]]) -> list[Any]:
+    """What `load_textual_inversion` takes for each target: the file itself for one encoder,
+    the file's `clip_l` / `clip_g` tensors for SDXL's two."""
+    if len(pairs) == 1 and not pairs[0][2]:
+        return [location]
+    tensors = load_file(location) if location.endswith(".safetensors") else {}
+    missing = [key for _tok, _enc, key in pairs if key not in tensors]
+    if missing:
+        raise ValueError(
+            f"This SDXL embedding has no {' or '.join(missing)} vectors: SDXL embeddings hold "
+            "one set per text encoder (clip_l and clip_g) in a .safetensors file."
+        )
+    return [tensors[key] for _tok, _enc, key in pairs]
 
 
 @contextmanager

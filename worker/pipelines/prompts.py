@@ -26,9 +26,19 @@ from typing import Any
 
 import torch
 
+from worker.pipelines.request import GenerationRequest
+
 CHUNK_TOKENS = 75
 #: Windows of CHUNK_TOKENS (77 positions with BOS/EOS) a prompt may fill: 600 tokens.
 MAX_PROMPT_WINDOWS = 8
+
+
+def sd_embeds(pipe: Any, request: GenerationRequest) -> dict[str, torch.Tensor]:
+    """A Stable Diffusion 1.x/2.x pipeline's embedding arguments for `request`."""
+    positive, negative = encode_prompts(
+        pipe, request.prompt, request.negative_prompt, request.clip_skip
+    )
+    return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
 
 
 @torch.no_grad()
@@ -36,12 +46,18 @@ def encode_prompts(
     pipe: Any, prompt: str, negative_prompt: str, clip_skip: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings of shape (1, 77 * chunks, dim) for the prompt and the negative prompt."""
-    positive = _windows(pipe, prompt, "prompt")
-    negative = _windows(pipe, negative_prompt, "negative prompt")
-    chunks = max(len(positive), len(negative))
-    positive += [[]] * (chunks - len(positive))
-    negative += [[]] * (chunks - len(negative))
+    positive, negative = same_length(
+        windows(pipe, pipe.tokenizer, prompt, "prompt"),
+        windows(pipe, pipe.tokenizer, negative_prompt, "negative prompt"),
+    )
     return _encode(pipe, positive, clip_skip), _encode(pipe, negative, clip_skip)
+
+
+def same_length(*window_lists: list[list[int]]) -> list[list[list[int]]]:
+    """The window lists padded with empty windows to the longest one's count, as classifier-free
+    guidance (and SDXL's two encoders, whose outputs are joined) need."""
+    chunks = max(len(items) for items in window_lists)
+    return [items + [[]] * (chunks - len(items)) for items in window_lists]
 
 
 def check_clip_skip(text_encoder: Any, clip_skip: int | None) -> None:
@@ -51,11 +67,11 @@ def check_clip_skip(text_encoder: Any, clip_skip: int | None) -> None:
         raise ValueError(f"clip_skip must be between 1 and {layers} for this model.")
 
 
-def _windows(pipe: Any, text: str, name: str) -> list[list[int]]:
+def windows(pipe: Any, tokenizer: Any, text: str, name: str) -> list[list[int]]:
     """The token ids of `text`, without BOS/EOS, in windows of CHUNK_TOKENS (at least one);
     a ValueError naming the `name` field when there would be more than MAX_PROMPT_WINDOWS."""
-    text = pipe.maybe_convert_prompt(text, pipe.tokenizer)
-    ids: list[int] = pipe.tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+    text = pipe.maybe_convert_prompt(text, tokenizer)
+    ids: list[int] = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
     if len(ids) > MAX_PROMPT_WINDOWS * CHUNK_TOKENS:
         raise ValueError(
             f"The {name} is too long: {len(ids)} tokens, at most"
@@ -65,11 +81,11 @@ def _windows(pipe: Any, text: str, name: str) -> list[list[int]]:
     return [ids[start : start + CHUNK_TOKENS] for start in range(0, len(ids), CHUNK_TOKENS)] or [[]]
 
 
-def _encode(pipe: Any, windows: list[list[int]], clip_skip: int | None) -> torch.Tensor:
+def _encode(pipe: Any, token_windows: list[list[int]], clip_skip: int | None) -> torch.Tensor:
     """Encode each framed window and join them along the sequence axis."""
     tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
     check_clip_skip(text_encoder, clip_skip)
-    rows = [_framed(window, tokenizer) for window in windows]
+    rows = [framed(window, tokenizer) for window in token_windows]
     input_ids = torch.tensor(rows, device=text_encoder.device)
     if clip_skip is None or clip_skip == 1:
         hidden: torch.Tensor = text_encoder(input_ids)[0]
@@ -79,7 +95,7 @@ def _encode(pipe: Any, windows: list[list[int]], clip_skip: int | None) -> torch
     return hidden.reshape(1, -1, hidden.shape[-1])
 
 
-def _framed(window: list[int], tokenizer: Any) -> list[int]:
+def framed(window: list[int], tokenizer: Any) -> list[int]:
     """BOS + window + EOS, padded to the encoder's 77 positions as diffusers pads."""
     padding = [tokenizer.pad_token_id] * (CHUNK_TOKENS - len(window))
     return [tokenizer.bos_token_id, *window, tokenizer.eos_token_id, *padding]

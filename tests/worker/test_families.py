@@ -1,0 +1,366 @@
+"""Model families: detection from a model's own files, SDXL and SD 2.x v-prediction through the
+real worker path, kohya LoRAs, SDXL embeddings, and the refusals of each family's table.
+
+The SDXL and SD 2.x models are the tiny ones built in code, installed under a models folder with
+the tiny preset off, so the loading code that real weights go through is the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from api.app import create_app
+from darkroom import families, registry
+from darkroom.families import FLUX, SD, SDXL, UnrecognisedModelError
+from darkroom.jobspec import JobSpec, batch_key
+from darkroom.settings import Settings
+from db.models import Operation
+from db.repositories.keys import IssuedKey
+from tests.api.test_submit import IMG2IMG as EXAMPLE
+from worker.models import tiny
+from worker.models.cache import ModelCache
+from worker.pipelines.generate import check_family, generate, load_for, run_loaded
+from worker.pipelines.request import IMG2IMG, GenerationRequest, LoraSpec
+
+#: The largest pixel-channel difference between a batched image and the same request alone.
+PIXEL_TOLERANCE = 2
+LONG_PROMPT = "a lighthouse on a cliff above a stormy sea, " * 4  # > 75 tokens: two windows
+SDXL_MODEL, SD2_MODEL = "my-sdxl", "my-sd2-v"
+
+
+def _index(folder: Path, index: dict[str, Any]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+# --- detection (torch-free in the API; tensors here only to write the files) ------------------
+
+
+@pytest.mark.parametrize(
+    ("index", "family"),
+    [
+        ({"_class_name": "StableDiffusionPipeline"}, SD),
+        ({"_class_name": "StableDiffusionXLPipeline"}, SDXL),
+        ({"_class_name": "StableDiffusionXLImg2ImgPipeline"}, SDXL),  # the refiner's class
+        ({"_class_name": "FluxPipeline"}, FLUX),
+        # A fine-tune with its own class name: the components decide.
+        ({"_class_name": "MyXL", "unet": ["d", "U"], "text_encoder_2": ["t", "C"]}, SDXL),
+        ({"_class_name": "MyFlux", "transformer": ["d", "F"], "text_encoder_2": ["t", "T5"]}, FLUX),
+    ],
+)
+def test_a_folders_family_comes_from_its_model_index(
+    tmp_path: Path, index: dict[str, Any], family: str
+) -> None:
+    assert families.detect_folder(_index(tmp_path / "m", index)) == family
+
+
+def test_a_folder_of_no_known_family_is_refused_naming_what_was_found(tmp_path: Path) -> None:
+    folder = _index(
+        tmp_path / "kandinsky", {"_class_name": "KandinskyV22Pipeline", "unet": ["d", "U"]}
+    )
+    with pytest.raises(
+        UnrecognisedModelError, match="KandinskyV22Pipeline pipeline with components unet"
+    ):
+        families.detect_folder(folder)
+
+
+def _checkpoint(path: Path, names: list[str]) -> Path:
+    tensors = {name: torch.zeros(1) for name in names}
+    if path.suffix == ".ckpt":
+        torch.save({"state_dict": tensors}, path)
+    else:
+        save_file(tensors, str(path))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+@pytest.mark.parametrize(
+    ("names", "family"),
+    [
+        (["model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.x"], SD),
+        (["model.diffusion_model.out.0.weight", "cond_stage_model.model.transformer.x"], SD),
+        (
+            [
+                "conditioner.embedders.0.transformer.x",
+                "conditioner.embedders.1.model.ln_final.weight",
+            ],
+            SDXL,
+        ),
+        (["double_blocks.0.img_attn.qkv.weight", "img_in.weight"], FLUX),
+        (["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"], FLUX),
+    ],
+)
+def test_a_single_files_family_comes_from_its_tensor_names(
+    tmp_path: Path, names: list[str], family: str, suffix: str
+) -> None:
+    assert families.detect_file(_checkpoint(tmp_path / f"m{suffix}", names)) == family
+
+
+def test_a_lora_or_garbage_as_a_model_file_is_refused_naming_what_was_found(tmp_path: Path) -> None:
+    lora = _checkpoint(tmp_path / "lora.safetensors", ["lora_unet_down_blocks_0.lora_up.weight"])
+    with pytest.raises(UnrecognisedModelError, match="1 tensors under lora_unet_down_blocks_0"):
+        families.detect_file(lora)
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 16)
+    with pytest.raises(UnrecognisedModelError, match=r"junk\.safetensors"):
+        families.detect_file(tmp_path / "junk.safetensors")
+    (tmp_path / "evil.ckpt").write_bytes(b"not a zip")
+    with pytest.raises(UnrecognisedModelError, match="no torch zip checkpoint"):
+        families.detect_file(tmp_path / "evil.ckpt")
+
+
+def test_detection_never_unpickles_a_ckpt(tmp_path: Path) -> None:
+    """A pickle that would run code when loaded is only searched as bytes."""
+    path = tmp_path / "trap.ckpt"
+    with zipfile.ZipFile(path, "w") as archive:
+        # GLOBAL os.system + REDUCE: unpickling this would run a command.
+        archive.writestr("trap/data.pkl", b"cos\nsystem\n(S'touch pwned'\ntR.")
+    with pytest.raises(UnrecognisedModelError):
+        families.detect_file(path)
+    assert not Path("pwned").exists()
+
+
+# --- SDXL and SD 2.x through the worker ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder: tiny SDXL and SD 2.x-v pipelines, LoRAs (diffusers and kohya format from
+    the same weights), an SDXL embedding and a VAE, as an operator would install them."""
+    root = tmp_path_factory.mktemp("models")
+    build = tmp_path_factory.mktemp("build")
+    tiny.ensure_tiny_family_model(build, tiny.SDXL_IMG2IMG)
+    tiny.ensure_tiny_family_model(build, tiny.SD2_V_IMG2IMG)
+    (build / tiny.SDXL_IMG2IMG).rename(root / SDXL_MODEL)
+    (build / tiny.SD2_V_IMG2IMG).rename(root / SD2_MODEL)
+    (root / "loras").mkdir()
+    for family, stem in ((SDXL, "xl"), (SD, "sd")):
+        tiny.ensure_tiny_lora(root / "loras" / f"{stem}-peft.safetensors", "same", family)
+        layers = load_file(str(root / "loras" / f"{stem}-peft.safetensors"))
+        save_file(tiny.kohya_lora(layers), str(root / "loras" / f"{stem}-kohya.safetensors"))
+    tiny.ensure_tiny_lora(root / "loras" / "xl-other.safetensors", "other", SDXL)
+    tiny.ensure_tiny_embedding(root / "embeddings" / "xl-emb.safetensors", "xl-emb", SDXL)
+    tiny.ensure_tiny_vae(root / "vae" / "my-vae", "my-vae")
+    return root
+
+
+@pytest.fixture(scope="module")
+def installed(models: Path, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return Settings(data_dir=tmp_path_factory.mktemp("data"), models_dir=models)
+
+
+@pytest.fixture(scope="module")
+def cache() -> ModelCache:
+    return ModelCache(max_entries=4, device="cpu")
+
+
+def _request(model_id: str = SDXL_MODEL, **fields: Any) -> GenerationRequest:
+    base: dict[str, Any] = {
+        "operation": IMG2IMG,
+        "model_id": model_id,
+        "prompt": "a red barn",
+        "negative_prompt": "",
+        "images": (Image.new("RGB", (64, 64), (180, 60, 40)),),
+        "image_weights": (),
+        "width": 64,
+        "height": 64,
+        "steps": 2,
+        "guidance_scale": 7.0,
+        "seeds": (5,),
+        **fields,
+    }
+    return GenerationRequest(**base)
+
+
+def _pixels(request: GenerationRequest, cache: ModelCache, settings: Settings) -> np.ndarray:
+    [image] = generate(request, cache, settings).images
+    assert image.size == (request.width, request.height)
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_an_installed_sdxl_folder_runs_sdxl_img2img(installed: Settings, cache: ModelCache) -> None:
+    spec = registry.resolve_model(IMG2IMG, SDXL_MODEL, installed)
+    assert (spec.family, spec.sources[0].class_name) == (SDXL, "StableDiffusionXLImg2ImgPipeline")
+    first = generate(_request(), cache, installed).images[0]
+    again = generate(_request(), cache, installed).images[0]
+    other_seed = generate(_request(seeds=(6,)), cache, installed).images[0]
+    assert first.tobytes() == again.tobytes()  # same seed, same bytes
+    assert first.tobytes() != other_seed.tobytes()
+
+
+def test_sdxl_batched_requests_give_the_images_each_gives_alone(
+    installed: Settings, cache: ModelCache
+) -> None:
+    requests = [
+        _request(prompt="a red barn", seeds=(1, 2)),
+        _request(prompt="a blue boat", negative_prompt="fog", seeds=(3,)),
+        _request(prompt=LONG_PROMPT, seeds=(4,)),  # two windows: its own call in the batch
+    ]
+    loaded = load_for(requests, cache, installed)
+    together = run_loaded(loaded, requests, cache, installed)
+    worst = 0
+    for request, result in zip(requests, together, strict=True):
+        alone = generate(request, cache, installed).images
+        for a, b in zip(result.images, alone, strict=True):
+            worst = max(worst, int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max()))
+    assert worst <= PIXEL_TOLERANCE
+
+
+@pytest.mark.parametrize(("model_id", "stem"), [(SDXL_MODEL, "xl"), (SD2_MODEL, "sd")])
+def test_a_kohya_lora_gives_the_image_of_the_same_lora_in_diffusers_format(
+    installed: Settings, cache: ModelCache, model_id: str, stem: str
+) -> None:
+    plain = _pixels(_request(model_id), cache, installed)
+    peft = _pixels(_request(model_id, loras=(LoraSpec(f"{stem}-peft", 1.0),)), cache, installed)
+    kohya = _pixels(_request(model_id, loras=(LoraSpec(f"{stem}-kohya", 1.0),)), cache, installed)
+    assert np.abs(peft - plain).max() > 0  # the LoRA changes the image
+    assert np.abs(kohya - peft).max() <= PIXEL_TOLERANCE  # and kohya's keys were converted
+    after = _pixels(_request(model_id), cache, installed)
+    assert np.array_equal(after, plain)  # unloaded again
+
+
+def test_several_sdxl_loras_at_once_each_with_its_strength(
+    installed: Settings, cache: ModelCache
+) -> None:
+    one = _pixels(_request(loras=(LoraSpec("xl-kohya", 1.0),)), cache, installed)
+    both = _pixels(
+        _request(loras=(LoraSpec("xl-kohya", 1.0), LoraSpec("xl-other", 0.8))), cache, installed
+    )
+    weaker = _pixels(
+        _request(loras=(LoraSpec("xl-kohya", 1.0), LoraSpec("xl-other", 0.2))), cache, installed
+    )
+    assert np.abs(both - one).max() > 0
+    assert np.abs(both - weaker).max() > 0
+
+
+def test_sdxl_embedding_long_prompt_clip_skip_vae_and_schedulers(
+    installed: Settings, cache: ModelCache
+) -> None:
+    plain = _pixels(_request(prompt="xl-emb barn"), cache, installed)
+    embedded = _pixels(_request(prompt="xl-emb barn", embeddings=("xl-emb",)), cache, installed)
+    assert np.abs(embedded - plain).max() > 0  # the token now has clip_l and clip_g vectors
+    long_prompt = _pixels(_request(prompt=LONG_PROMPT), cache, installed)
+    cut = _pixels(_request(prompt=LONG_PROMPT[:40]), cache, installed)
+    assert np.abs(long_prompt - cut).max() > 0  # words past 75 tokens count on both encoders
+    skipped = _pixels(_request(clip_skip=2), cache, installed)
+    assert np.abs(skipped - _pixels(_request(), cache, installed)).max() > 0
+    with_vae = _pixels(_request(vae="my-vae"), cache, installed)
+    assert np.abs(with_vae - _pixels(_request(), cache, installed)).max() > 0
+    for scheduler in ("DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler"):
+        image = _pixels(_request(scheduler=scheduler, tomesd=True), cache, installed)
+        assert image.shape == (64, 64, 3)
+
+
+def test_sd2_v_prediction_keeps_its_prediction_type_under_any_scheduler(
+    installed: Settings, cache: ModelCache
+) -> None:
+    spec = registry.resolve_model(IMG2IMG, SD2_MODEL, installed)
+    assert spec.family == SD
+    loaded = load_for([_request(SD2_MODEL)], cache, installed)
+    assert loaded.pipelines[0].scheduler.config.prediction_type == "v_prediction"
+    from worker.pipelines.schedulers import build_scheduler
+
+    euler = build_scheduler(
+        "EulerDiscreteScheduler", loaded.pipelines[0].scheduler.config, True, None
+    )
+    assert euler.config.prediction_type == "v_prediction"
+    assert _pixels(_request(SD2_MODEL, scheduler="EulerDiscreteScheduler"), cache, installed).any()
+
+
+# --- refusals -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "words"),
+    [
+        ({"scheduler": "DDPMScheduler"}, "scheduler", "flow-matching"),
+        ({"algorithm_type": "dpmsolver++"}, "algorithm_type", "no DPM-Solver"),
+        ({"clip_skip": 2}, "clip_skip", "no CLIP skip"),
+        ({"embeddings": ("easyneg",)}, "embeddings_model", "no textual-inversion"),
+        ({"width": 72}, "width", "multiple of 16"),
+    ],
+)
+def test_the_worker_refuses_what_flux_cannot_apply(
+    fields: dict[str, Any], field: str, words: str
+) -> None:
+    with pytest.raises(ValueError, match=f"{field}: .*{words}"):
+        check_family(FLUX, _request(**fields))
+    check_family(SDXL, _request(**fields))  # all of these apply to SDXL
+
+
+def test_the_batch_key_includes_the_family() -> None:
+    spec = JobSpec(
+        operation=Operation.IMG2IMG, prompt="p", init_images=["http://127.0.0.1:1/a.png"],
+        steps=2, guidance_scale=7, seed=1, model_id="m", family=SD,
+    )  # fmt: skip
+    assert batch_key(spec) != batch_key(spec.model_copy(update={"family": SDXL}))
+
+
+# --- refusals at submit (the API reads the family from the files, without torch) --------------
+
+
+@pytest.fixture
+def flux_client(settings: Settings, tmp_path: Path) -> Iterator[TestClient]:
+    """The API with a Flux folder (its index only: the API never loads weights) and an SD one."""
+    models = tmp_path / "models"
+    _index(models / "my-flux", {"_class_name": "FluxPipeline"})
+    _index(models / "my-sd", {"_class_name": "StableDiffusionPipeline"})
+    _index(models / "my-kandinsky", {"_class_name": "KandinskyV22Pipeline"})
+    (models / "embeddings").mkdir()
+    (models / "embeddings" / "easyneg.safetensors").touch()
+    real = settings.model_copy(update={"model_preset": "", "models_dir": models})
+    with TestClient(create_app(real)) as client:
+        yield client
+
+
+def _post(client: TestClient, key: IssuedKey, **fields: Any) -> Any:
+    body = {**EXAMPLE, "model_id": "my-flux", "scheduler": None, "tomesd": "no", **fields}
+    return client.post("/api/v1/enterprise/img2img", json={"key": key.plaintext, **body})
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "words"),
+    [
+        ({"scheduler": "DDPMScheduler"}, "scheduler", "own flow-matching scheduler"),
+        ({"algorithm_type": "dpmsolver++"}, "algorithm_type", "no DPM-Solver"),
+        ({"clip_skip": 2}, "clip_skip", "no CLIP skip"),
+        ({"tomesd": "yes"}, "tomesd", "transformer backbone"),
+        ({"embeddings_model": "easyneg"}, "embeddings_model", "no textual-inversion"),
+        ({"negative_prompt": "blurry"}, "negative_prompt", "no negative prompt"),
+        ({"width": "520"}, "width", "multiple of 16"),
+        ({"height": "776"}, "height", "multiple of 16"),
+    ],
+)
+def test_flux_refuses_each_field_it_cannot_apply_before_queueing(
+    flux_client: TestClient, api_key: IssuedKey, fields: dict[str, Any], field: str, words: str
+) -> None:
+    response = _post(flux_client, api_key, **fields)
+    assert response.status_code == 422, response.text
+    messages = response.json()["message"]
+    assert list(messages) == [field]
+    assert words in messages[field][0]
+
+
+def test_flux_takes_the_example_body_and_sd_takes_the_same_fields(
+    flux_client: TestClient, api_key: IssuedKey
+) -> None:
+    accepted = _post(flux_client, api_key)  # the page's defaults (tomesd omitted) are fine
+    assert accepted.status_code == 200, accepted.text
+    assert accepted.json()["meta"]["model_family"] == FLUX
+    sd = _post(flux_client, api_key, model_id="my-sd", scheduler="DDPMScheduler", clip_skip=2)
+    assert sd.status_code == 200, sd.text
+    assert sd.json()["meta"]["model_family"] == SD
+    unknown = _post(flux_client, api_key, model_id="my-kandinsky")
+    assert unknown.status_code == 422
+    assert "KandinskyV22Pipeline" in unknown.json()["message"]["model_id"][0]
