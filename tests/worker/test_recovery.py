@@ -221,7 +221,8 @@ def test_a_database_restart_leaves_no_message_acknowledged(
         back = time.monotonic()
         _wait("running job recorded", lambda: _all_succeeded(ours, [running]), PATIENCE_S, logs)
         print(f"a job running through the restart ended {time.monotonic() - back:.1f} s after it")
-        assert time.monotonic() - back <= RECOVERY_BOUND_S
+        # Its terminal write retries with a backoff of up to 5 s: promptly, not a lease later.
+        assert time.monotonic() - back <= RECOVERY_BOUND_S + 5.0
         assert _states(ours, [running])[running][1] == 1  # not run again
 
 
