@@ -122,9 +122,9 @@ async def _fetch(
 ) -> Answer:
     """Authenticate and read in one thread-pool hop and one short session, then maybe wait
     (holding no connection and no thread)."""
-    wait_s = requested_wait(request, body, settings)
     presented = presented_key(request, body)
     answer, key = await keyed(request, presented, _fetch_as(settings, job_id))
+    wait_s = requested_wait(request, body, settings)  # after the key: a 401 comes first
     return await answer_or_wait(request, response, answer, wait_s=wait_s, key=key)
 
 
