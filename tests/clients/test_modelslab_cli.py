@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import pytest
 from PIL import Image
 
 from tests.support.servers import ImageServer
-from tests.support.system import RunningSystem, darkroom_up
+from tests.support.system import RunningSystem
 
 pytestmark = pytest.mark.slow
 
@@ -32,18 +31,6 @@ def cli_binary() -> Path:
     binary = Path(spec.origin).parent / "bin" / "modelslab"
     assert binary.is_file(), f"modelslab-cli ships no binary at {binary}"
     return binary
-
-
-@pytest.fixture(scope="module")
-def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSystem]:
-    workdir = tmp_path_factory.mktemp("cli")
-    env = {
-        "DARKROOM_DATA_DIR": str(workdir / "data"),
-        "DARKROOM_MODEL_PRESET": "tiny",
-        "DARKROOM_URL_ALLOWLIST": "127.0.0.1/32",
-    }
-    with darkroom_up(env, workdir) as running:
-        yield running
 
 
 def modelslab(system: RunningSystem, key: str, home: Path, *args: str) -> Any:
