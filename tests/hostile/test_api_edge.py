@@ -28,15 +28,21 @@ import psutil
 import pytest
 
 from api.errors import MAX_BODY_BYTES, SafeJSONResponse
+from darkroom.settings import Settings
+from db.migrate import upgrade_to_head
+from db.models import ApiKey
+from db.repositories.keys import create_key, revoke_key
+from db.session import session_scope
 from tests.api.test_fuzz import error_shape_problems
 from tests.api.test_submit import IMG2IMG, MIXER_V5, MIXER_V6, PIX2PIX
-from tests.support.system import darkroom, free_port
+from tests.support.system import free_port
 
 HEADER_TIMEOUT_S = 2.0
 BODY_TIMEOUT_S = 3.0
 #: Above the slowloris test's 600 connections, so that /health finds room during it.
 MAX_CONNECTIONS = 650
 KEY_CACHE_S = 1.0
+MAX_WAITS = 2
 MiB = 1024 * 1024
 
 
@@ -84,8 +90,10 @@ def darkroom_api(workdir: Path, **settings: str) -> Iterator[ApiProcess]:
         "DARKROOM_API_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
         **{f"DARKROOM_{name.upper()}": value for name, value in settings.items()},
     }
-    darkroom(env, "migrate")
-    key = json.loads(darkroom(env, "keys", "create", "--name", "edge").strip().splitlines()[-1])
+    url = Settings(data_dir=workdir / "data").resolved_database_url
+    upgrade_to_head(url)  # what `darkroom migrate` does, without starting an interpreter
+    with session_scope(url) as session:
+        key = create_key(session, "edge").plaintext
     log_path = workdir / "api.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -94,7 +102,7 @@ def darkroom_api(workdir: Path, **settings: str) -> Iterator[ApiProcess]:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    api = ApiProcess(process, port, key["key"], log_path)
+    api = ApiProcess(process, port, key, log_path)
     try:
         _wait_healthy(api)
         yield api
@@ -124,7 +132,11 @@ def _wait_healthy(api: ApiProcess, timeout: float = 30) -> None:
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiProcess]:
     edge = tmp_path_factory.mktemp("edge")
-    limits = {"api_max_connections": str(MAX_CONNECTIONS), "api_key_cache_s": str(KEY_CACHE_S)}
+    limits = {
+        "api_max_connections": str(MAX_CONNECTIONS),
+        "api_key_cache_s": str(KEY_CACHE_S),
+        "sync_wait_max_concurrent": str(MAX_WAITS),
+    }
     with darkroom_api(edge, **limits) as running:
         yield running
 
@@ -318,23 +330,57 @@ def test_connections_past_the_cap_are_refused_with_retry_after(api: ApiProcess) 
 # --- keys: cached for a bounded time --------------------------------------------------------------
 
 
-def test_a_revoked_key_stops_working_within_the_cache_time(api: ApiProcess, tmp_path: Path) -> None:
+def test_a_revoked_key_stops_working_within_the_cache_time(api: ApiProcess) -> None:
     """Polls cost no key query while the key is cached; a revocation (another process) takes
     effect within DARKROOM_API_KEY_CACHE_S."""
-    env = {**os.environ, "DARKROOM_DATA_DIR": str(api.log_path.parent / "data")}
-    issued = json.loads(darkroom(env, "keys", "create", "--name", "soon-revoked").splitlines()[-1])
-    body = {**PIX2PIX, "key": issued["key"]}
-    job_id = raw_post(api, "/api/v5/pix2pix", body).json()["id"]
+    url = Settings(data_dir=api.log_path.parent / "data").resolved_database_url
+    with session_scope(url) as session:
+        issued = create_key(session, "soon-revoked")
+    key = issued.plaintext
+    job_id = raw_post(api, "/api/v5/pix2pix", {**PIX2PIX, "key": key}).json()["id"]
     fetch = f"/api/v5/fetch/{job_id}"
-    assert raw_post(api, fetch, {"key": issued["key"]}).status_code == 200
-    darkroom(env, "keys", "revoke", issued["key"][:10])  # revoked by its listed prefix
+    assert raw_post(api, fetch, {"key": key}).status_code == 200
+    with session_scope(url) as session:
+        row = session.get(ApiKey, issued.row.id)
+        assert row is not None
+        revoke_key(session, row)
     revoked_at = time.monotonic()
-    while raw_post(api, fetch, {"key": issued["key"]}).status_code == 200:
+    while raw_post(api, fetch, {"key": key}).status_code == 200:
         assert time.monotonic() - revoked_at < KEY_CACHE_S + 1.0, "revoked key still accepted"
         time.sleep(0.1)
-    refused = raw_post(api, fetch, {"key": issued["key"]})
+    refused = raw_post(api, fetch, {"key": key})
     assert refused.status_code == 401
     assert refused.json() == {"status": "error", "message": "Invalid Api Key"}
+
+
+# --- sync waits: bounded per process ----------------------------------------------------------
+
+
+def test_waits_past_the_bound_answer_at_once(api: ApiProcess) -> None:
+    """MAX_WAITS requests wait out their 3 s; the others get the processing answer at once,
+    without Preference-Applied."""
+    job_id = raw_post(api, "/api/v5/pix2pix", {**PIX2PIX, "key": api.key}).json()["id"]
+
+    def wait() -> tuple[float, httpx.Response]:
+        started = time.monotonic()
+        response = httpx.post(
+            f"{api.base_url}/api/v5/fetch/{job_id}",
+            json={"key": api.key},
+            headers={"prefer": "wait=3"},
+            timeout=10,
+        )
+        return time.monotonic() - started, response
+
+    with ThreadPoolExecutor(MAX_WAITS + 3) as pool:
+        results = list(pool.map(lambda _: wait(), range(MAX_WAITS + 3)))
+    waited = [r for s, r in results if s >= 2.9]
+    at_once = [r for s, r in results if s < 1.5]
+    seconds = [round(s, 2) for s, _ in results]
+    assert len(waited) == MAX_WAITS, seconds
+    assert len(at_once) == 3, seconds
+    assert all(r.headers.get("preference-applied") == "wait=3" for r in waited)
+    assert all("preference-applied" not in r.headers for r in at_once)
+    assert all(r.json()["status"] == "processing" for _, r in results)
 
 
 # --- text: lone UTF-16 surrogates are refused where the body is parsed --------------------------
