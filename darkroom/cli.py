@@ -100,10 +100,18 @@ def cmd_dispatcher(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     """Migrate, then run API, worker and dispatcher until SIGINT/SIGTERM."""
-    from darkroom.supervisor import run_all
+    from darkroom import supervisor
 
+    missing = supervisor.missing_worker_modules()
+    if missing:
+        print(supervisor.missing_modules_line(missing), file=sys.stderr)
+        return 1
+    token = supervisor.laptop_admin_token(settings)
+    if token:  # the tiers read their settings from the environment
+        os.environ["DARKROOM_ADMIN_TOKEN"] = token
+    lines = supervisor.startup_lines(settings, args.host, args.port, token)
     cmd_migrate(args, settings)
-    return run_all(args.host, args.port)
+    return supervisor.run_all(args.host, args.port, lambda: print(*lines, sep="\n", flush=True))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -3,20 +3,35 @@
 SIGINT or SIGTERM to the supervisor becomes one SIGTERM to each child (a warm shutdown: the
 worker finishes its job). A child that exits on its own is started again after a back-off, as
 a process manager would: every tier keeps its state in the database, so a restart loses nothing.
+
+On a laptop it is also the way in: it refuses to start without the worker's dependencies (a
+worker that cannot import them would be restarted forever), and once the API answers it prints
+where everything is, with the dashboard's token in the URL fragment, as Jupyter does
+(`startup_lines`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import secrets
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
+import httpx
+
+from darkroom.settings import Settings
+
 log = logging.getLogger(__name__)
+
+#: What the worker tier imports to run diffusion (the `worker` extra).
+WORKER_MODULES = ("torch", "diffusers")
 
 GRACE_S = 60.0
 MAX_BACKOFF_S = 30.0
@@ -54,8 +69,73 @@ class Child:
             self.start()
 
 
-def run_all(host: str, port: int) -> int:
-    """Run the three tiers until SIGINT or SIGTERM."""
+def missing_worker_modules() -> list[str]:
+    """The worker's modules this Python cannot import (found, not imported: torch is slow)."""
+    missing = []
+    for name in WORKER_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a parent package missing, or an import blocked
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def missing_modules_line(missing: list[str]) -> str:
+    """The one line `darkroom up` answers when the worker could not start."""
+    return (
+        f"darkroom up: the worker needs {' and '.join(missing)}, which this Python cannot"
+        " import. Install the worker extra (pip install torch==2.13.0 'darkroom[worker]'),"
+        " or run the API alone with `darkroom api`."
+    )
+
+
+def laptop_admin_token(settings: Settings) -> str:
+    """The dashboard's token for this run: the configured one; in the embedded profile (no
+    DATABASE_URL: one person's machine) a fresh one when none is configured; otherwise none,
+    so that a production dashboard stays off until an operator sets DARKROOM_ADMIN_TOKEN."""
+    if settings.admin_token or settings.database_url:
+        return settings.admin_token
+    return secrets.token_hex(32)  # hex holds none of the words the settings refuse
+
+
+def startup_lines(settings: Settings, host: str, port: int, admin_token: str) -> list[str]:
+    """Where the API, its docs, its metrics and the dashboard are. The token is printed (in
+    the URL's fragment, which browsers never send) only in the embedded profile."""
+    base = f"http://{_display_host(host)}:{port}"
+    if not admin_token:
+        dashboard = "off (set DARKROOM_ADMIN_TOKEN to turn it on)"
+    elif settings.database_url:
+        dashboard = f"{base}/dashboard (sign in with DARKROOM_ADMIN_TOKEN)"
+    else:
+        dashboard = f"{base}/dashboard#token={admin_token}"
+    return [
+        f"Darkroom is up. API:       {base}/",
+        f"               Docs:      {base}/docs",
+        f"               Metrics:   {base}/metrics",
+        f"               Dashboard: {dashboard}",
+    ]
+
+
+def _display_host(host: str) -> str:
+    """A host a browser on this machine can open (a wildcard bind is not one)."""
+    if host in ("", "0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _answers(host: str, port: int) -> bool:
+    """Whether the API answers its health check yet."""
+    try:
+        url = f"http://{_display_host(host)}:{port}/health"
+        return httpx.get(url, timeout=0.5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def run_all(host: str, port: int, on_ready: Callable[[], None] | None = None) -> int:
+    """Run the three tiers until SIGINT or SIGTERM; `on_ready` once the API first answers."""
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -74,6 +154,9 @@ def run_all(host: str, port: int) -> int:
     while not stop.wait(0.5):
         for child in children:
             child.watch(time.monotonic())
+        if on_ready is not None and _answers(host, port):
+            on_ready()
+            on_ready = None
     _stop([child.process for child in children])
     return 0
 
