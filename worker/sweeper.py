@@ -35,7 +35,7 @@ from darkroom.settings import Settings
 from darkroom.storage import make_storage
 from db.clock import db_now
 from db.models import utcnow
-from db.repositories import jobs, routing, webhooks
+from db.repositories import idempotency, jobs, routing, webhooks
 from db.session import session_scope
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class SweepReport:
     sent_deliveries: int = 0
     expired_outputs: int = 0
     rescued_jobs: int = 0
+    expired_idempotency_keys: int = 0
 
 
 def sweep_once(settings: Settings, broker: Celery) -> SweepReport:
@@ -70,6 +71,7 @@ def sweep_once(settings: Settings, broker: Celery) -> SweepReport:
         rescued_jobs=_rescue_stranded(settings, broker),
         sent_deliveries=_send_due_deliveries(settings, broker),
         expired_outputs=expire_temporary_outputs(settings),
+        expired_idempotency_keys=expire_idempotency_keys(settings),
     )
 
 
@@ -227,6 +229,12 @@ def expire_temporary_outputs(settings: Settings) -> int:
             storage.delete(output.filename)
             output.deleted_at = utcnow()
     return len(expired)
+
+
+def expire_idempotency_keys(settings: Settings) -> int:
+    """Forget `Idempotency-Key`s older than their 24 hours, a bounded number per sweep."""
+    with session_scope(settings.resolved_database_url) as session:
+        return idempotency.delete_expired(session)
 
 
 def remove_partial_writes(settings: Settings) -> int:

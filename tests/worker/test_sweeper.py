@@ -12,15 +12,23 @@ from datetime import datetime, timedelta
 import pytest
 import redis
 from celery import Celery
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from darkroom import outcomes
 from darkroom.outcomes import exhausted_message
 from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, make_celery, send
 from darkroom.settings import Settings
 from darkroom.storage import LocalStorage
-from db.models import DeliveryState, Job, JobState, Operation, WebhookDelivery, utcnow
-from db.repositories import jobs, webhooks
+from db.models import (
+    DeliveryState,
+    IdempotencyKey,
+    Job,
+    JobState,
+    Operation,
+    WebhookDelivery,
+    utcnow,
+)
+from db.repositories import idempotency, jobs, webhooks
 from db.repositories.jobs import ClaimOutcome, NewJob
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
@@ -313,3 +321,27 @@ def test_a_message_taken_and_not_acknowledged_waits_for_republish_after_s(
         assert _count(rds, tuned.job_queue, RUN_JOB_TASK, job_id) == 1
     finally:
         rds.hdel(UNACKED, tag)
+
+
+def test_idempotency_keys_are_forgotten_after_their_24_hours(
+    tuned: Settings, api_key: IssuedKey, broker: Celery
+) -> None:
+    """The sweeper deletes expired Idempotency-Key records and keeps live ones."""
+    fresh, old = _job(tuned, api_key), _job(tuned, api_key)
+    with session_scope(tuned.resolved_database_url) as session:
+        idempotency.remember(
+            session,
+            [
+                idempotency.NewRecord(api_key.row.id, "fresh", "h1", fresh),
+                idempotency.NewRecord(api_key.row.id, "old", "h2", old),
+            ],
+        )
+        session.execute(
+            update(IdempotencyKey)
+            .where(IdempotencyKey.key == "old")
+            .values(created_at=_ago(idempotency.IDEMPOTENCY_TTL.total_seconds() + 60))
+        )
+    assert sweep_once(tuned, broker).expired_idempotency_keys == 1
+    with session_scope(tuned.resolved_database_url) as session:
+        kept = session.scalars(select(IdempotencyKey.key)).all()
+    assert kept == ["fresh"]

@@ -10,7 +10,6 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from email.utils import parsedate_to_datetime
 
 import httpx
@@ -159,7 +158,7 @@ def _record(ticket: Ticket, result: AttemptResult, settings: Settings) -> None:
                 "webhook %s abandoned after %s attempts", ticket.message_id, delivery.attempt_count
             )
             return
-        webhooks.schedule_retry(session, delivery, utcnow() + timedelta(seconds=delay))
+        webhooks.schedule_retry_in(session, delivery, delay)
 
 
 def next_delay(attempts_made: int, settings: Settings, retry_after_s: float | None) -> float | None:
