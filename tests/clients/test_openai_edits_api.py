@@ -116,3 +116,19 @@ def test_errors_take_openais_shape(no_wait: TestClient, api_key: IssuedKey) -> N
     assert masked.value.body["param"] == "mask"  # type: ignore[index]
     assert no_image.status_code == 400
     assert no_image.json()["error"]["param"] == "image"
+
+
+def test_an_idempotency_key_makes_a_retried_edit_the_same_job(
+    no_wait: TestClient, api_key: IssuedKey
+) -> None:
+    edits = sdk(no_wait, api_key.plaintext).images
+    outlived = []
+    for _ in range(2):
+        with pytest.raises(openai.APIStatusError) as error:
+            edits.edit(
+                image=("red.png", RED, "image/png"),
+                prompt="x",
+                extra_headers={"Idempotency-Key": "edit-1"},
+            )
+        outlived.append(job_of(error.value))
+    assert outlived[0] == outlived[1]
