@@ -8,8 +8,8 @@ access log redacts it, darkroom.logs).
 Bounded per process: at most `events_max_streams` streams at once (then 503), each at most
 `events_max_s` (then `event: timeout`). A stream holds no database connection between reads:
 each read is one short session in one thread-pool hop, every `events_poll_s`, and the job's end
-(the JobWaiter's notification) wakes it at once. Streams count as parked waits (they take a
-sync-wait slot), so they do not crowd the in-flight limit.
+(the JobWaiter's notification) wakes it at once. While sync-wait slots are free a stream takes
+one and counts as a parked wait, so streams do not crowd the in-flight limit.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ async def job_events(job_id: int, request: Request, settings: SettingsDep) -> Re
 
     event, key_id = await keyed(request, presented, first)
     streams, waiter = _streams(request), get_waiter(request)
-    if streams.open >= settings.events_max_streams or waiter.waits >= waiter.max_waits:
+    if streams.open >= settings.events_max_streams:
         return error_response(503, BUSY_MESSAGE, retry_header=BUSY_RETRY_S)
     body = _stream(settings, waiter, streams, event, job_id, key_id)
     headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
@@ -86,6 +86,8 @@ async def _stream(
     """The events of one job until it ends or the stream's time is up."""
     streams.open += 1
     try:
+        # A sync-wait slot makes the stream a parked request, outside the in-flight limit;
+        # when none is free it streams all the same, counted in flight like any request.
         with waiter.slot(), waiter.subscribe(job_id) as woken:
             async for chunk in _events(settings, woken, event, job_id, key_id):
                 yield chunk

@@ -26,7 +26,9 @@ from db.models import Job
 from db.repositories import jobs, webhooks
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
+from tests.api.test_enterprise_server import E, worker  # noqa: F401 (a fixture)
 from tests.api.test_submit import PIX2PIX
+from tests.support.servers import ImageServer
 
 
 @pytest.fixture
@@ -159,3 +161,34 @@ def _line(process: subprocess.Popen[str], timeout: float = 30) -> str:
     ready, _, _ = select.select([process.stdout], [], [], timeout)
     assert ready, "no output in time"
     return process.stdout.readline()
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("worker")
+def test_a_real_workers_job_streams_its_steps_and_its_outputs(
+    settings: Settings, api_key: IssuedKey, image_server: ImageServer
+) -> None:
+    body = {
+        "key": api_key.plaintext,
+        "model_id": "tiny",
+        "prompt": "a lighthouse",
+        "init_image": image_server.url("/red.png"),
+        "width": 64,
+        "height": 64,
+        "num_inference_steps": 8,
+        "strength": 1.0,
+        "seed": 7,
+    }
+    with TestClient(create_app(settings)) as client:
+        job_id = client.post(f"{E}/img2img", json=body).json()["id"]
+        path = f"/api/v1/jobs/{job_id}/events"
+        with client.stream("GET", path, params={"key": api_key.plaintext}) as answer:
+            events = EventReader(answer.iter_lines())
+            seen = [events.next()]
+            while seen[-1][0] not in ("success", "failed"):
+                seen.append(events.next())
+    names = [name for name, _data in seen]
+    assert names[-1] == "success", seen[-1]
+    assert set(names[:-1]) <= {"queued", "progress"}
+    assert all(data["steps"] == 8 for name, data in seen if name == "progress")
+    assert seen[-1][1]["output"][0].endswith(".png")
