@@ -364,3 +364,38 @@ def test_flux_takes_the_example_body_and_sd_takes_the_same_fields(
     unknown = _post(flux_client, api_key, model_id="my-kandinsky")
     assert unknown.status_code == 422
     assert "KandinskyV22Pipeline" in unknown.json()["message"]["model_id"][0]
+
+
+# --- Flux (the tiny preset's `tiny-flux` id) --------------------------------------------------
+
+
+def _flux(**fields: Any) -> GenerationRequest:
+    return _request("tiny-flux", **{"guidance_scale": 3.5, "negative_prompt": "ignored", **fields})
+
+
+def test_tiny_flux_img2img_is_deterministic_batches_and_takes_guidance_and_loras(
+    tiny_settings: Settings, cache: ModelCache
+) -> None:
+    spec = registry.resolve_model(IMG2IMG, "tiny-flux", tiny_settings)
+    assert (spec.family, spec.sources[0].class_name) == (FLUX, "FluxImg2ImgPipeline")
+    first = _pixels(_flux(), cache, tiny_settings)
+    assert np.array_equal(first, _pixels(_flux(), cache, tiny_settings))
+    # Dev-shaped: guidance is a model input, so it changes the image.
+    assert np.abs(_pixels(_flux(guidance_scale=7.0), cache, tiny_settings) - first).max() > 0
+    lora = _pixels(_flux(loras=(LoraSpec("flux-style", 1.0),)), cache, tiny_settings)
+    assert np.abs(lora - first).max() > 0
+    assert np.array_equal(_pixels(_flux(), cache, tiny_settings), first)  # LoRA unloaded
+    tall = generate(_flux(height=96), cache, tiny_settings).images[0]
+    assert tall.size == (64, 96)
+    requests = [_flux(seeds=(1, 2)), _flux(prompt="a boat", seeds=(3,))]
+    together = run_loaded(load_for(requests, cache, tiny_settings), requests, cache, tiny_settings)
+    for request, result in zip(requests, together, strict=True):
+        for a, b in zip(result.images, generate(request, cache, tiny_settings).images, strict=True):
+            assert (
+                np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= PIXEL_TOLERANCE
+            )
+
+
+def test_flux_sizes_must_be_multiples_of_16(tiny_settings: Settings, cache: ModelCache) -> None:
+    with pytest.raises(ValueError, match="multiple of 16"):
+        generate(_flux(width=72), cache, tiny_settings)

@@ -46,6 +46,9 @@ def run_batch(
         on_step,
         encode=encode,
         strength=first.strength,
+        # Unlike SD's, Flux's pipeline does not take its size from the init image.
+        width=first.width,
+        height=first.height,
         max_sequence_length=T5_TOKENS,
     )
 

@@ -33,6 +33,8 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
+from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers import models as tokenizer_models
 from transformers import (
     CLIPConfig,
     CLIPImageProcessor,
@@ -42,9 +44,12 @@ from transformers import (
     CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+    T5TokenizerFast,
 )
 
-from darkroom.families import SD, SDXL
+from darkroom.families import FLUX, SD, SDXL
 
 SD_IMG2IMG = "sd-img2img"
 INSTRUCT_PIX2PIX = "instruct-pix2pix"
@@ -56,6 +61,7 @@ SAFETY_CHECKER_ALWAYS = "safety-checker-always"
 #: (`darkroom.registry.TINY_FAMILY_MODELS`).
 SDXL_IMG2IMG = "sdxl-img2img"
 SD2_V_IMG2IMG = "sd2-v-img2img"
+FLUX_IMG2IMG = "flux-img2img"
 #: SDXL's UNet takes the pooled text embedding and six size numbers, each embedded in this width.
 _SDXL_TIME_EMBED = 8
 
@@ -102,6 +108,7 @@ def ensure_tiny_family_model(root: Path, name: str) -> None:
     builders: dict[str, Callable[[Path], Any]] = {
         SDXL_IMG2IMG: _sdxl_img2img,
         SD2_V_IMG2IMG: _sd2_v_img2img,
+        FLUX_IMG2IMG: _flux_img2img,
     }
     if name not in builders:
         raise ValueError(f"No tiny model called {name!r}.")
@@ -285,6 +292,73 @@ def _sdxl_img2img(workdir: Path) -> Any:
     )
 
 
+def _t5_tokenizer() -> Any:
+    """A character-level T5 tokenizer built with the `tokenizers` library (a Unigram model over
+    printable ASCII, SentencePiece's "▁" word marker, "</s>" appended as T5 does)."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
+    pieces += [(chr(code), -2.0) for code in range(32, 127)]
+    model = Tokenizer(tokenizer_models.Unigram(pieces, unk_id=2))
+    model.pre_tokenizer = pre_tokenizers.Metaspace()
+    model.decoder = decoders.Metaspace()
+    model.post_processor = processors.TemplateProcessing(
+        single="$A </s>", special_tokens=[("</s>", 1)]
+    )
+    specials = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    return T5TokenizerFast(tokenizer_object=model, extra_ids=0, **specials)
+
+
+def _t5_encoder() -> Any:
+    """A two-layer T5 encoder over the tiny tokenizer's 99 pieces."""
+    config = T5Config(vocab_size=99, d_model=_HIDDEN, d_kv=8, d_ff=37, num_layers=2, num_heads=4)
+    return T5EncoderModel(config)
+
+
+def _flux_transformer() -> Any:
+    """Flux.1-dev's transformer shape at toy size (diffusers' own Flux tests): 2x2 latent
+    patches packed into 16 channels, one double and one single block, embedded guidance."""
+    return _diffusers.FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=_HIDDEN,
+        pooled_projection_dim=_HIDDEN,
+        guidance_embeds=True,
+        axes_dims_rope=[4, 4, 8],
+    )
+
+
+def _flux_vae() -> Any:
+    """The four-block tiny VAE without quant convs and with a shift, as Flux's VAE is."""
+    return _diffusers.AutoencoderKL(
+        block_out_channels=(8, 16, 16, 16),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.1159,
+        scaling_factor=0.3611,
+    )
+
+
+def _flux_img2img(workdir: Path) -> Any:
+    """Flux.1 (dev-shaped) as img2img, with its flow-matching scheduler config."""
+    return _diffusers.FluxImg2ImgPipeline(
+        transformer=_seeded(_flux_transformer),
+        vae=_seeded(_flux_vae),
+        text_encoder=_seeded(lambda: CLIPTextModel(_text_config())),
+        tokenizer=_tokenizer(workdir),
+        text_encoder_2=_seeded(_t5_encoder),
+        tokenizer_2=_t5_tokenizer(),
+        scheduler=_diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False),
+    )
+
+
 def _prior_transformer() -> Any:
     """A one-layer unCLIP prior; clip_std starts at 0, which would map every output to 0."""
     prior = _diffusers.PriorTransformer(
@@ -443,23 +517,33 @@ KOHYA_PREFIX = "kohya-"
 
 
 def ensure_tiny_lora(target: Path, name: str, family: str = SD) -> None:
-    """Write a rank-4 LoRA for the attention of the tiny img2img UNet of `family`, for id
-    `name`, to `target`: diffusers (PEFT) format, or kohya format for ids with `KOHYA_PREFIX`."""
+    """Write a rank-4 LoRA for the attention of the tiny img2img model of `family`, for id
+    `name`, to `target`: diffusers (PEFT) format, or kohya format for SD and SDXL ids with
+    `KOHYA_PREFIX`."""
     if target.exists():
         return
+    if family == FLUX:
+        layers = _seeded(
+            lambda: _lora_state_dict(_flux_transformer(), "transformer"), id_seed("lora", name)
+        )
+        _write_once(target, layers)
+        return
     unet = _sdxl_unet if family == SDXL else lambda: _sd_unet(4)
-    layers = _seeded(lambda: _lora_state_dict(unet()), id_seed("lora", name))
+    layers = _seeded(lambda: _lora_state_dict(unet(), "unet"), id_seed("lora", name))
     if name.startswith(KOHYA_PREFIX):
         layers = kohya_lora(layers)
     _write_once(target, layers)
 
 
-def _lora_state_dict(unet: Any) -> dict[str, torch.Tensor]:
-    """The diffusers-format state dict of a random (not zero-initialised) LoRA of `unet`."""
+def _lora_state_dict(model: Any, prefix: str) -> dict[str, torch.Tensor]:
+    """The diffusers-format state dict of a random (not zero-initialised) attention LoRA of
+    `model`, its keys under `prefix` as `load_lora_weights` expects."""
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False))
-    layers = get_peft_model_state_dict(unet)
-    return {f"unet.{key}": value.contiguous() for key, value in layers.items()}
+    model.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False)
+    )
+    layers = get_peft_model_state_dict(model)
+    return {f"{prefix}.{key}": value.contiguous() for key, value in layers.items()}
 
 
 def kohya_lora(layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

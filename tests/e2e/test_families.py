@@ -1,0 +1,133 @@
+"""Every family a user brings, through `darkroom up` with the tiny preset off.
+
+One system serves an SD 1.x folder, an SDXL folder and a Flux folder installed under
+DARKROOM_MODELS_DIR (the tiny models, built in code and saved as an operator would install
+real ones), each with the enterprise page's example body: PNG sizes checked, `meta` names the
+family that ran, and the same seed gives the same bytes. SDXL also gets a kohya-format LoRA, an
+SDXL embedding (clip_l + clip_g) and a custom VAE; Flux's refusals are checked at submit.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from safetensors.torch import load_file, save_file
+
+from darkroom.families import FLUX, SD, SDXL
+from tests.api.test_submit import IMG2IMG as EXAMPLE
+from tests.e2e.test_system import png_size
+from tests.support.servers import ImageServer
+from tests.support.system import RunningSystem, darkroom_up, production_env
+from worker.models import tiny
+
+pytestmark = pytest.mark.slow
+
+
+def install_models(root: Path, build: Path) -> Path:
+    """A models folder as an operator fills it: three families, add-ons, the safety checker."""
+    tiny.ensure_tiny_models(build)
+    for name in (tiny.SDXL_IMG2IMG, tiny.FLUX_IMG2IMG):
+        tiny.ensure_tiny_family_model(build, name)
+    root.mkdir()
+    for source, target in [
+        (tiny.SD_IMG2IMG, "my-sd"),
+        (tiny.SDXL_IMG2IMG, "my-sdxl"),
+        (tiny.FLUX_IMG2IMG, "acme/my-flux"),  # an owner's folder, like a Hub id
+        (tiny.SAFETY_CHECKER, "safety-checker"),
+    ]:
+        (root / target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(build / source), root / target)
+    tiny.ensure_tiny_lora(build / "xl.safetensors", "xl", SDXL)
+    (root / "loras").mkdir()
+    kohya = tiny.kohya_lora(load_file(str(build / "xl.safetensors")))
+    save_file(kohya, str(root / "loras" / "xl-kohya.safetensors"))
+    tiny.ensure_tiny_embedding(root / "embeddings" / "xl-emb.safetensors", "xl-emb", SDXL)
+    tiny.ensure_tiny_vae(root / "vae" / "my-vae", "my-vae")
+    return root
+
+
+def body(image_server: ImageServer, **fields: Any) -> dict[str, Any]:
+    """The page's example at 64x64 and 2 steps (a tiny model's cost on a CPU)."""
+    return {
+        **EXAMPLE,
+        "init_image": image_server.url("/red.png"),
+        "width": "64",
+        "height": "64",
+        "num_inference_steps": "2",
+        "seed": 11,
+        **fields,
+    }
+
+
+def run(system: RunningSystem, key: str, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Submit every request, then wait for each; the finished answers, in order."""
+    answers = [system.post("/api/v1/enterprise/img2img", {**r, "key": key}) for r in requests]
+    for answer in answers:
+        assert answer["status"] == "processing", answer
+    done = []
+    for answer in answers:
+        fetch_path = answer["fetch_result"].removeprefix(system.base_url)
+        finished = system.wait_for(fetch_path, key)
+        assert finished["status"] == "success", (finished, system.log_tail())
+        done.append(finished)
+    return done
+
+
+def png_bytes(url: str) -> bytes:
+    return httpx.get(url, timeout=10).content
+
+
+def test_sd_sdxl_and_flux_folders_run_under_one_system(
+    tmp_path: Path, own_pg_url: str, redis_url: str, image_server: ImageServer
+) -> None:
+    models = install_models(tmp_path / "models", tmp_path / "build")
+    env = {
+        **production_env(tmp_path / "data", own_pg_url, redis_url, "families"),
+        "DARKROOM_MODEL_PRESET": "",
+        "DARKROOM_MODELS_DIR": str(models),
+    }
+    sdxl_extras = {
+        "lora_model": "xl-kohya",
+        "lora_strength": "0.8",
+        "embeddings_model": "xl-emb",
+        "vae": "my-vae",
+        "scheduler": "EulerDiscreteScheduler",
+        "prompt": "xl-emb barn, " * 30,  # past 77 tokens on both encoders
+    }
+    flux = {"model_id": "acme/my-flux", "scheduler": None, "tomesd": "no", "guidance_scale": 3.5}
+    with darkroom_up(env, tmp_path) as system:
+        key = system.create_key()["key"]
+        refused = system.post(
+            "/api/v1/enterprise/img2img", {**body(image_server, **flux), "clip_skip": 2, "key": key}
+        )
+        assert refused["status"] == "error"
+        assert "no CLIP skip" in refused["message"]["clip_skip"][0]
+        done = run(
+            system,
+            key,
+            [
+                body(image_server, model_id="my-sd"),
+                body(image_server, model_id="my-sdxl"),
+                body(image_server, model_id="my-sdxl"),  # the same seed: the same bytes
+                body(image_server, model_id="my-sdxl", **sdxl_extras),
+                body(image_server, **flux),
+                body(image_server, **flux, height="96"),
+            ],
+        )
+        families = [answer["meta"]["model_family"] for answer in done]
+        assert families == [SD, SDXL, SDXL, SDXL, FLUX, FLUX]
+        links = [
+            answer["output"] if isinstance(answer["output"], str) else answer["output"][0]
+            for answer in done
+        ]
+        sizes = [png_size(system, link) for link in links]
+        assert sizes == [(64, 64)] * 5 + [(64, 96)]
+        pngs = [png_bytes(link) for link in links]
+        assert pngs[1] == pngs[2]
+        assert pngs[3] != pngs[1]  # LoRA, embedding, VAE and prompt all took effect
+        assert len(set(pngs)) == 5
+    assert system.process.returncode == 0, system.log_tail()
