@@ -46,7 +46,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
     T5Config,
     T5EncoderModel,
-    T5TokenizerFast,
+    T5Tokenizer,
 )
 
 from darkroom.families import FLUX, SD, SDXL
@@ -304,7 +304,7 @@ def _t5_tokenizer() -> Any:
         single="$A </s>", special_tokens=[("</s>", 1)]
     )
     specials = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
-    return T5TokenizerFast(tokenizer_object=model, extra_ids=0, **specials)
+    return T5Tokenizer(tokenizer_object=model, extra_ids=0, **specials)
 
 
 def _t5_encoder() -> Any:
