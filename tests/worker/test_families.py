@@ -399,3 +399,30 @@ def test_tiny_flux_img2img_is_deterministic_batches_and_takes_guidance_and_loras
 def test_flux_sizes_must_be_multiples_of_16(tiny_settings: Settings, cache: ModelCache) -> None:
     with pytest.raises(ValueError, match="multiple of 16"):
         generate(_flux(width=72), cache, tiny_settings)
+
+
+# --- single-file checkpoints: found beside the folders, configured locally --------------------
+
+
+def test_a_single_file_resolves_with_its_familys_local_config(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    names = ["conditioner.embedders.1.model.ln_final.weight", "model.diffusion_model.out.2.bias"]
+    checkpoint = _checkpoint(models / "juggernaut.safetensors", names)
+    settings = Settings(data_dir=tmp_path, models_dir=models)
+    with pytest.raises(registry.UnknownModelError, match=r"configs/sdxl/ .* is missing"):
+        registry.resolve_model(IMG2IMG, "juggernaut", settings)
+    _index(models / "configs" / SDXL, {"_class_name": "StableDiffusionXLPipeline"})
+    spec = registry.resolve_model(IMG2IMG, "juggernaut", settings)
+    [source] = spec.sources
+    assert spec.family == SDXL
+    assert (source.class_name, source.location) == (
+        "StableDiffusionXLImg2ImgPipeline",
+        str(checkpoint.resolve()),
+    )
+    assert source.single_file_config == str((models / "configs" / SDXL).resolve())
+    assert registry.model_family("juggernaut", settings) == SDXL
+    # A LoRA dropped where models go is refused, naming what it holds.
+    _checkpoint(models / "stray.safetensors", ["lora_unet_x.lora_down.weight"])
+    with pytest.raises(registry.UnknownModelError, match=r"stray\.safetensors holds 1 tensors"):
+        registry.resolve_model(IMG2IMG, "stray", settings)
