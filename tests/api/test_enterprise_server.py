@@ -32,7 +32,7 @@ from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
 from tests.api.test_submit import PIX2PIX
 from tests.support.servers import ImageServer
-from tests.support.system import darkroom, settings_env
+from tests.support.system import darkroom, darkroom_up, production_env, settings_env
 
 E = "/api/v1/enterprise"
 
@@ -259,3 +259,25 @@ def test_worker_operations_with_a_real_worker(
         assert live_workers(settings) == []
         gone = client.post(f"{E}/clear_cache", json={"key": admin.plaintext})
         assert gone.status_code == 503
+
+
+@pytest.mark.slow
+def test_restart_server_under_darkroom_up_brings_the_worker_back(
+    tmp_path: Path, pg_url: str, redis_url: str
+) -> None:
+    env = production_env(tmp_path / "data", pg_url, redis_url, "h2")
+    with darkroom_up(env, tmp_path) as system:
+        made = darkroom(system.env, "keys", "create", "--name", "ops", "--admin")
+        key = json.loads(made.splitlines()[-1])["key"]
+
+        def workers() -> list[str]:
+            answer = system.post(f"{E}/system_details", {"key": key})
+            return [worker["name"] for worker in answer["workers"]]
+
+        [before] = _until(workers, "the worker's presence")
+        told = system.post(f"{E}/restart_server", {"key": key})
+        assert told["workers"] == [before]
+        # The supervisor starts a new worker process (a new node name: its pid).
+        [after] = _until(lambda: [n for n in workers() if n != before], "a restarted worker")
+        assert before not in workers()  # the old one left cleanly, withdrawing its presence
+        assert after.startswith("worker-")
