@@ -1,26 +1,33 @@
 """Nothing lost under faults: jobs submitted while every tier and the broker are knocked over.
 
 The production profile runs as separate processes this test owns: the API, two GPU workers and
-the dispatcher (with its sweeper), on a database and a redis-server of the test's own. While
-jobs are submitted, workers are SIGKILLed mid-job, Redis is killed and restarted empty, the
-dispatcher is restarted with SIGTERM and the API is SIGKILLed; the webhook receiver fails a
-seeded fraction of attempts (500s, and a few answers too slow, which it has already seen).
+the dispatcher (with its sweeper), on a Postgres cluster and a redis-server of the test's own.
+The dispatcher's clock runs behind the database's and the second worker's ahead (libfaketime).
+While jobs are submitted (each with an Idempotency-Key, retried on 5xx), workers are SIGKILLed
+mid-job or stalled (SIGSTOP past their lease, then SIGCONT), Redis is killed and restarted
+empty, Postgres is stopped for five seconds, the dispatcher is restarted with SIGTERM and the
+API is SIGKILLed; the webhook receiver fails a seeded fraction of attempts (500s, and a few
+answers too slow, which it has already seen).
 
-At the end every job must be terminal exactly once, every output file must exist once, and the
-receiver, deduplicating by `webhook-id`, must hold exactly one verified event per job. The
-figures are printed (run with `-s`) and recorded in docs/RELIABILITY.md.
+At the end every job must be terminal exactly once and within a minute of the last fault, one
+job per submission, every output file must exist once and be unchanged since its webhook was
+received, and the receiver, deduplicating by `webhook-id`, must hold exactly one verified event
+per job. The figures are printed (run with `-s`) and recorded in docs/RELIABILITY.md.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import re
+import signal
 import threading
 import time
 import uuid
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,9 +35,12 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
+from darkroom.responses import output_filename
+from db.migrate import upgrade_to_head
 from db.models import (
     TERMINAL_STATES,
     Job,
@@ -42,6 +52,7 @@ from db.models import (
 from db.repositories.keys import find_active_key
 from db.session import session_factory
 from tests.chaos.harness import OwnedRedis, Tier, wait_until
+from tests.support.instances import OwnedPostgres, owned_postgres
 from tests.support.servers import ImageServer, Received, WebhookReceiver
 from tests.support.system import darkroom, free_port
 
@@ -72,16 +83,46 @@ TIMINGS = {
     "DARKROOM_JOB_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
 }
 EXHAUSTED_PREFIX = "The job failed after"
+#: A stalled worker stays stopped this long: past its lease, so another worker takes its job.
+STALL_S = float(TIMINGS["DARKROOM_JOB_LEASE_S"]) + 3.0
+POSTGRES_DOWN_S = 5.0
+#: Every job must be terminal this long after the last fault at the latest (the issue's bound).
+TERMINAL_AFTER_LAST_FAULT_S = 60.0
+#: Clock offsets (libfaketime) of the dispatcher and of the second worker against the database.
+DISPATCHER_SKEW = "-0.5"
+WORKER_SKEW = "+0.3"
+FAKETIME_LIBS = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
 
 
 # --- the database ---------------------------------------------------------------------------
 
 
 @pytest.fixture
-def chaos_db(own_pg_url: str) -> str:
-    """A database of this test's own: the sweeper sweeps every row of its database, so it
-    must not meet jobs other tests left behind in the session's shared one."""
-    return own_pg_url
+def chaos_pg() -> Iterator[OwnedPostgres]:
+    """A Postgres cluster of this test's own, which it stops and starts (never the shared one)."""
+    with owned_postgres(free_port()) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def chaos_db(chaos_pg: OwnedPostgres) -> str:
+    """The migrated database on that cluster: the sweeper sweeps every row of its database, so
+    it must not meet jobs other tests left behind."""
+    url = chaos_pg.create_database("chaos")
+    upgrade_to_head(url)
+    return url
+
+
+def skewed(env: dict[str, str], offset: str) -> dict[str, str]:
+    """`env` for a process whose wall clock is `offset` seconds off (monotonic time is not)."""
+    if not FAKETIME_LIBS:
+        pytest.fail("libfaketime is missing: run scripts/system-deps.sh (Debian's faketime)")
+    return {
+        **env,
+        "LD_PRELOAD": str(FAKETIME_LIBS[0]),
+        "FAKETIME": offset,
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }
 
 
 # --- the receiver ---------------------------------------------------------------------------
@@ -97,6 +138,8 @@ class FlakyReceiverPolicy:
     streak: dict[str, int] = field(default_factory=dict)
     answers: Counter[str] = field(default_factory=Counter)
     processed: Counter[str] = field(default_factory=Counter)  # 200s, in time or late, per id
+    #: Called with each body the receiver keeps (a 200, in time or late).
+    on_kept: Callable[[bytes], None] | None = None
 
     def __call__(self, got: Received) -> tuple[int, dict[str, str]]:
         message_id = got.headers.get("webhook-id", "")
@@ -115,6 +158,8 @@ class FlakyReceiverPolicy:
             self.answers[kind] += 1
             if kind != "500":
                 self.processed[message_id] += 1
+        if kind != "500" and self.on_kept is not None:
+            self.on_kept(got.body)
         if kind == "500":
             return 500, {}
         if kind == "slow":
@@ -122,6 +167,79 @@ class FlakyReceiverPolicy:
             # dispatcher must retry, and the receiver must absorb the duplicate by webhook-id.
             time.sleep(WEBHOOK_TIMEOUT_S + 1.0)
         return 200, {}
+
+
+# --- the outputs' bytes when their webhook arrived ------------------------------------------
+
+
+@dataclass
+class OutputHashes:
+    """Hashes each success's output files, downloaded from the API, as soon as the receiver
+    has kept its webhook; a stale run that rewrote a file afterwards would change its hash.
+
+    Downloads happen in a thread of their own (the receiver must answer at once), retried while
+    the API is being restarted.
+    """
+
+    at_webhook: dict[str, str] = field(default_factory=dict)  # link -> sha256
+    pending: list[str] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    errors: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def kept(self, body: bytes) -> None:
+        payload = json.loads(body)
+        if payload.get("status") != "success":
+            return
+        output = payload["output"]
+        links = [output] if isinstance(output, str) else list(output)
+        with self.lock:
+            self.pending.extend(link for link in links if link not in self.at_webhook)
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="output-hashes", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(30)
+
+    def settled(self) -> bool:
+        with self.lock:
+            return not self.pending
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=5) as client:
+            while not self.stop.wait(0.1):
+                with self.lock:
+                    batch, self.pending = self.pending, []
+                for link in batch:
+                    if link not in self.at_webhook:
+                        self.at_webhook[link] = self._hash(client, link)
+
+    def _hash(self, client: httpx.Client, link: str) -> str:
+        deadline = time.monotonic() + SUBMIT_PATIENCE_S
+        while time.monotonic() < deadline:
+            try:
+                response = client.get(link)
+                if response.status_code == 200:
+                    return hashlib.sha256(response.content).hexdigest()
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        self.errors.append(f"{link}: not downloadable for {SUBMIT_PATIENCE_S}s")
+        return ""
+
+    def changed(self) -> list[str]:
+        """The links whose bytes differ now from what they were when the webhook arrived."""
+        with httpx.Client(timeout=5) as client:
+            return [
+                link
+                for link, digest in self.at_webhook.items()
+                if self._hash(client, link) != digest
+            ]
 
 
 # --- the workload ---------------------------------------------------------------------------
@@ -209,7 +327,13 @@ class Submitter:
         last = ""
         while time.monotonic() < deadline:
             try:
-                response = client.post(self.base_url + submission.path, json=submission.body)
+                # The same Idempotency-Key on every retry: a submission stored before its
+                # answer was lost (API killed, database cut mid-commit) is found, not repeated.
+                response = client.post(
+                    self.base_url + submission.path,
+                    json=submission.body,
+                    headers={"Idempotency-Key": submission.track_id},
+                )
             except httpx.TransportError as exc:
                 last = f"{type(exc).__name__}"
             else:
@@ -252,7 +376,9 @@ class TerminalWatch:
         while not self.stop.wait(0.3):
             try:
                 self.poll()
-            except Exception as exc:  # the database is never the fault injected here
+            except OperationalError:
+                continue  # the database is down: one of the faults; the next poll catches up
+            except Exception as exc:
                 self.violations.append(f"watch query failed: {exc!r}")
 
     def poll(self) -> None:
@@ -281,6 +407,9 @@ class Figures:
     dispatcher_restarts: int = 0
     dispatcher_hard_kills: int = 0
     api_restarts: int = 0
+    postgres_restarts: int = 0
+    worker_stalls: int = 0
+    worker_stalls_mid_job: int = 0
     skipped_faults: int = 0
     unexpected_exits: list[str] = field(default_factory=list)
 
@@ -288,15 +417,27 @@ class Figures:
 class System:
     """API, two workers and the dispatcher on the test's own Redis; every process killable."""
 
-    def __init__(self, env: dict[str, str], logs: Path, redis_server: OwnedRedis, port: int):
+    def __init__(
+        self,
+        env: dict[str, str],
+        logs: Path,
+        redis_server: OwnedRedis,
+        postgres: OwnedPostgres,
+        port: int,
+    ):
         self.env = env
         self.logs = logs
         self.redis = redis_server
+        self.postgres = postgres
         self.port = port
         self.api = Tier("api", ["api", "--port", str(port)], env, logs)
-        self.dispatcher = Tier("dispatcher", ["dispatcher"], env, logs)
-        self.workers = [Tier(f"worker{n}", ["worker"], env, logs) for n in (1, 2)]
+        self.dispatcher = Tier("dispatcher", ["dispatcher"], skewed(env, DISPATCHER_SKEW), logs)
+        self.workers = [
+            Tier("worker1", ["worker"], env, logs),
+            Tier("worker2", ["worker"], skewed(env, WORKER_SKEW), logs),
+        ]
         self.figures = Figures()
+        self.last_fault_at = time.monotonic()
 
     @property
     def base_url(self) -> str:
@@ -371,7 +512,36 @@ class System:
         return Counter(re.findall(r"not run here: (\w+)", text))
 
     def note(self, event: str) -> None:
+        self.last_fault_at = time.monotonic()
         print(f"  [{time.strftime('%H:%M:%S')}] {event}", flush=True)
+
+    def stall_worker(self) -> None:
+        """SIGSTOP a worker inside a job past its lease, then SIGCONT: another worker takes the
+        job meanwhile, and the stale run, fenced, must change nothing when it wakes."""
+        ready = [w for w in self.workers if w.alive() and w.celery_ready()]
+        deadline = time.monotonic() + 4
+        busy = [worker for worker in ready if worker.running_job()]
+        while ready and not busy and time.monotonic() < deadline:
+            time.sleep(0.1)
+            busy = [worker for worker in ready if worker.running_job()]
+        if not ready:
+            self.figures.skipped_faults += 1
+            return
+        victim = (busy or ready)[0]
+        os.kill(victim.pid, signal.SIGSTOP)
+        time.sleep(STALL_S)
+        os.kill(victim.pid, signal.SIGCONT)
+        self.figures.worker_stalls += 1
+        self.figures.worker_stalls_mid_job += bool(busy)
+        self.note(f"SIGSTOP {victim.name}{' mid-job' if busy else ' (idle)'} {STALL_S:.0f} s")
+
+    def restart_postgres(self) -> None:
+        """Stop the database (a fast shutdown cuts every session), POSTGRES_DOWN_S without it."""
+        self.postgres.stop()
+        time.sleep(POSTGRES_DOWN_S)
+        self.postgres.start()
+        self.figures.postgres_restarts += 1
+        self.note(f"postgres stopped, down {POSTGRES_DOWN_S:.0f} s, restarted")
 
     def restart_redis(self) -> None:
         """Kill the broker; two seconds without it; back empty (no persistence)."""
@@ -405,7 +575,7 @@ def run_chaos(system: System, submitter: Submitter) -> None:
     Bounded twice: by the count, and by CHAOS_S (a worker kill may first wait for workers).
     """
     rng = random.Random(SEED)
-    faults = ["worker", "api", "worker", "redis", "worker", "dispatcher"]
+    faults = ["worker", "api", "stall", "redis", "worker", "postgres", "dispatcher"]
     deadline = time.monotonic() + CHAOS_S
     for step in range(N_FAULTS):
         if time.monotonic() >= deadline:
@@ -419,6 +589,10 @@ def run_chaos(system: System, submitter: Submitter) -> None:
             system.restart_redis()
         elif fault == "dispatcher":
             system.restart_dispatcher()
+        elif fault == "stall":
+            system.stall_worker()
+        elif fault == "postgres":
+            system.restart_postgres()
         else:
             system.restart_api()
     system.check_alive()
@@ -445,7 +619,8 @@ def drained(db_url: str, api_key_id: int) -> bool:
 
 
 def expected_links(job: Job, public_url: str) -> list[str]:
-    return [f"{public_url}/outputs/{out.filename}" for out in job.outputs]
+    """The job's links: public names, the same whichever run won (the route maps them)."""
+    return [f"{public_url}/outputs/{output_filename(job, out.index)}" for out in job.outputs]
 
 
 def check_everything(
@@ -465,10 +640,12 @@ def check_everything(
     assert len(acknowledged) == N_JOBS, f"acknowledged {len(acknowledged)} of {N_JOBS}"
     missing = sorted(set(acknowledged) - set(by_id))
     assert not missing, f"acknowledged jobs not in the database: {missing}"
-    # A job the client never heard of (the API died before answering) must be its duplicate.
-    for job in jobs:
-        if job.id not in acknowledged:
-            assert job.track_id in {s.track_id for s in acknowledged.values()}, job.id
+    # One job per submission: a retried submission carries its Idempotency-Key, so a job the
+    # client never heard of (the API died before answering) is found again, not stored twice.
+    track_ids = Counter(job.track_id for job in jobs)
+    assert len(jobs) == N_JOBS, (
+        f"duplicated submissions: {[t for t, n in track_ids.items() if n > 1]}"
+    )
 
     # Terminal exactly once: one terminal state, one delivery row (created only by the winner).
     not_terminal = [job.id for job in jobs if job.state not in TERMINAL_STATES]
@@ -564,15 +741,27 @@ def check_everything(
 # --- the test -------------------------------------------------------------------------------
 
 
+def all_terminal(db_url: str, api_key_id: int, expected: int) -> bool:
+    """Every one of the `expected` jobs is terminal (False while the database is down)."""
+    try:
+        with session_factory(db_url)() as session:
+            states = session.scalars(select(Job.state).where(Job.api_key_id == api_key_id)).all()
+    except OperationalError:
+        return False
+    return len(states) == expected and all(state in TERMINAL_STATES for state in states)
+
+
 def test_nothing_lost_under_faults(
     tmp_path: Path,
+    chaos_pg: OwnedPostgres,
     chaos_db: str,
     image_server: ImageServer,
     receiver: WebhookReceiver,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     began = time.monotonic()
-    policy = FlakyReceiverPolicy()
+    hashes = OutputHashes()
+    policy = FlakyReceiverPolicy(on_kept=hashes.kept)
     receiver.respond = policy
     assert receiver.server is not None
     # A "slow" answer goes to a client that gave up: keep the broken pipe out of the output.
@@ -607,7 +796,7 @@ def test_nothing_lost_under_faults(
         assert key_row is not None
         api_key_id = key_row.id
 
-    system = System(env, logs, redis_server, port)
+    system = System(env, logs, redis_server, chaos_pg, port)
     watch = TerminalWatch(chaos_db, api_key_id)
     try:
         system.start()
@@ -616,10 +805,18 @@ def test_nothing_lost_under_faults(
             system.base_url, workload(image_server, receiver.url, key["key"]), SUBMIT_SPREAD_S
         )
         watch.start()
+        hashes.start()
         submitter.start()
         run_chaos(system, submitter)
         chaos_s = time.monotonic() - started_chaos
         assert not submitter.errors, submitter.errors
+        terminal_s = (time.monotonic() - system.last_fault_at) + wait_until(
+            "every job terminal",
+            lambda: all_terminal(chaos_db, api_key_id, N_JOBS),
+            TERMINAL_AFTER_LAST_FAULT_S,
+            system.log_tails,
+        )
+        assert terminal_s <= TERMINAL_AFTER_LAST_FAULT_S, f"terminal {terminal_s:.0f}s after"
         drain_s = wait_until(
             "every job terminal and its webhook delivered",
             lambda: drained(chaos_db, api_key_id),
@@ -629,6 +826,12 @@ def test_nothing_lost_under_faults(
         watch.poll()
         watch.close()
         assert not watch.violations, watch.violations
+        wait_until("outputs hashed", hashes.settled, 60, system.log_tails)
+        hashes.close()
+        assert not hashes.errors, hashes.errors
+        assert len(hashes.at_webhook) >= 1, "no output was hashed at its webhook"
+        changed = hashes.changed()
+        assert not changed, f"files changed after their webhook was sent: {changed}"
         # A tier that died on its own was restarted by check_alive, as a process manager would;
         # see test_dispatcher_survives_a_broker_restart_mid_attempt for the known cause.
         with session_factory(chaos_db)() as session:
@@ -643,6 +846,7 @@ def test_nothing_lost_under_faults(
             )
     finally:
         watch.close()
+        hashes.close()
         system.close()
         redis_server.close()
 
@@ -658,6 +862,9 @@ def test_nothing_lost_under_faults(
         "dispatcher restarts (SIGTERM)": figures.dispatcher_restarts,
         "  of which needed SIGKILL": figures.dispatcher_hard_kills,
         "api restarts (SIGKILL)": figures.api_restarts,
+        "postgres restarts (5 s down)": figures.postgres_restarts,
+        f"worker stalls (SIGSTOP {STALL_S:.0f} s)": figures.worker_stalls,
+        "  of which stalled mid-job": figures.worker_stalls_mid_job,
         "faults skipped (no ready worker)": figures.skipped_faults,
         "tiers that exited on their own": len(figures.unexpected_exits),
         **{k: v for k, v in checked.items() if not k.startswith("jobs ")},
@@ -668,6 +875,8 @@ def test_nothing_lost_under_faults(
         "job messages refused by the claim": sum(system.claims_refused().values()),
         "losses": checked["losses"],
         "chaos window (s)": round(chaos_s),
+        "all terminal after the last fault (s)": round(terminal_s),
+        "outputs hashed at their webhook, unchanged": len(hashes.at_webhook),
         "drain after chaos (s)": round(drain_s),
         "total runtime (s)": round(time.monotonic() - began),
     }
