@@ -166,6 +166,9 @@ def test_unknown_ids_are_refused_before_queueing_with_how_to_add_them(
 ) -> None:
     real = settings.model_copy(update={"model_preset": "", "models_dir": tmp_path / "models"})
     (tmp_path / "models" / "my-model").mkdir(parents=True)
+    # The family is read from the folder's files: an empty folder is no model.
+    index = '{"_class_name": "StableDiffusionPipeline"}'
+    (tmp_path / "models" / "my-model" / "model_index.json").write_text(index)
     with TestClient(create_app(real)) as client:
         known = post(client, PATH, api_key, {**IMG2IMG, "model_id": "my-model"})
         unknown = post(

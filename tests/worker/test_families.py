@@ -8,6 +8,7 @@ the tiny preset off, so the loading code that real weights go through is the cod
 from __future__ import annotations
 
 import json
+import shutil
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -426,3 +427,22 @@ def test_a_single_file_resolves_with_its_familys_local_config(tmp_path: Path) ->
     _checkpoint(models / "stray.safetensors", ["lora_unet_x.lora_down.weight"])
     with pytest.raises(registry.UnknownModelError, match=r"stray\.safetensors holds 1 tensors"):
         registry.resolve_model(IMG2IMG, "stray", settings)
+
+
+def test_an_sd_single_file_in_the_original_layout_gives_the_folders_image(
+    tmp_path: Path, cache: ModelCache
+) -> None:
+    """The tiny SD 1.x model written as one A1111-layout file loads through `from_single_file`
+    with the local config folder, and runs exactly as the folder it came from."""
+    models = tmp_path / "models"
+    tiny.ensure_tiny_models(tmp_path / "build")
+    shutil.copytree(tmp_path / "build" / tiny.SD_IMG2IMG, models / "folder")
+    shutil.copytree(tmp_path / "build" / tiny.SD_IMG2IMG, models / "configs" / SD)
+    tiny.write_sd_checkpoint(models / "folder", models / "single.safetensors")
+    settings = Settings(data_dir=tmp_path, models_dir=models)
+    assert families.detect_file(models / "single.safetensors") == SD
+    spec = registry.resolve_model(IMG2IMG, "single", settings)
+    assert spec.sources[0].single_file_config == str((models / "configs" / SD).resolve())
+    from_folder = _pixels(_request("folder"), cache, settings)
+    from_file = _pixels(_request("single"), cache, settings)
+    assert np.array_equal(from_file, from_folder)

@@ -213,7 +213,7 @@ class ModelCache:
     def _load_pipeline(self, source: PipelineSource) -> Any:
         pipeline_class = getattr(_diffusers, source.class_name)
         options: dict[str, Any] = {
-            "dtype": self.dtype,
+            "dtype": _pipeline_dtype(source.class_name, self.dtype),
             "local_files_only": _local_only(source.location),
         }
         if "safety_checker" in inspect.signature(pipeline_class.__init__).parameters:
@@ -251,6 +251,14 @@ class ModelCache:
             )
             return SafetyChecker(model.to(self.device), extractor)
         raise ValueError(f"Unknown component kind {source.kind!r}.")
+
+
+def _pipeline_dtype(class_name: str, dtype: torch.dtype) -> torch.dtype:
+    """The fast path's dtype, except that Flux runs in bfloat16 where the fast path says float16:
+    its activations overflow float16's range (black or NaN images), as Black Forest Labs warn."""
+    if class_name.startswith("Flux") and dtype == torch.float16:
+        return torch.bfloat16
+    return dtype
 
 
 def _local_only(location: str) -> bool:

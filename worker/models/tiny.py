@@ -50,6 +50,7 @@ from transformers import (
 )
 
 from darkroom.families import FLUX, SD, SDXL
+from worker.models.checkpoints import sd_checkpoint
 
 SD_IMG2IMG = "sd-img2img"
 INSTRUCT_PIX2PIX = "instruct-pix2pix"
@@ -567,3 +568,10 @@ def _write_once(target: Path, tensors: dict[str, torch.Tensor]) -> None:
     staging = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}")
     save_file(tensors, str(staging))
     os.replace(staging, target)
+
+
+def write_sd_checkpoint(folder: Path, target: Path) -> None:
+    """Write the SD 1.x pipeline folder `folder` as one original-layout `.safetensors` file,
+    as model sites distribute checkpoints (`worker.models.checkpoints`)."""
+    pipe = _diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(folder, local_files_only=True)
+    _write_once(target, sd_checkpoint(pipe))
