@@ -429,20 +429,31 @@ def test_a_single_file_resolves_with_its_familys_local_config(tmp_path: Path) ->
         registry.resolve_model(IMG2IMG, "stray", settings)
 
 
-def test_an_sd_single_file_in_the_original_layout_gives_the_folders_image(
-    tmp_path: Path, cache: ModelCache
+def _build_tiny(root: Path, family: str) -> str:
+    """Build the tiny model of `family` under `root`; its folder's name."""
+    if family == SDXL:
+        tiny.ensure_tiny_family_model(root, tiny.SDXL_IMG2IMG)
+        return tiny.SDXL_IMG2IMG
+    tiny.ensure_tiny_models(root)
+    return tiny.SD_IMG2IMG
+
+
+@pytest.mark.parametrize("family", [SD, SDXL])
+def test_a_single_file_in_the_original_layout_gives_the_folders_image(
+    tmp_path: Path, cache: ModelCache, family: str
 ) -> None:
-    """The tiny SD 1.x model written as one A1111-layout file loads through `from_single_file`
-    with the local config folder, and runs exactly as the folder it came from."""
+    """A tiny model written as one A1111-layout file loads through `from_single_file` with the
+    local config folder, and runs exactly as the folder it came from."""
     models = tmp_path / "models"
-    tiny.ensure_tiny_models(tmp_path / "build")
-    shutil.copytree(tmp_path / "build" / tiny.SD_IMG2IMG, models / "folder")
-    shutil.copytree(tmp_path / "build" / tiny.SD_IMG2IMG, models / "configs" / SD)
+    name = _build_tiny(tmp_path / "build", family)
+    shutil.copytree(tmp_path / "build" / name, models / "folder")
+    shutil.copytree(tmp_path / "build" / name, models / "configs" / family)
     tiny.write_sd_checkpoint(models / "folder", models / "single.safetensors")
     settings = Settings(data_dir=tmp_path, models_dir=models)
-    assert families.detect_file(models / "single.safetensors") == SD
+    assert families.detect_file(models / "single.safetensors") == family
     spec = registry.resolve_model(IMG2IMG, "single", settings)
-    assert spec.sources[0].single_file_config == str((models / "configs" / SD).resolve())
+    assert spec.family == family
+    assert spec.sources[0].single_file_config == str((models / "configs" / family).resolve())
     from_folder = _pixels(_request("folder"), cache, settings)
     from_file = _pixels(_request("single"), cache, settings)
     assert np.array_equal(from_file, from_folder)

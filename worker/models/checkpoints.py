@@ -26,6 +26,8 @@ _RESNET_PARTS = (
 )
 _VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
 _UNET_TOP = {
+    "add_embedding.linear_1": "label_emb.0.0",  # SDXL's pooled text + size embedding
+    "add_embedding.linear_2": "label_emb.0.2",
     "time_embedding.linear_1": "time_embed.0",
     "time_embedding.linear_2": "time_embed.2",
     "conv_in": "input_blocks.0.0",
@@ -35,17 +37,64 @@ _UNET_TOP = {
 
 
 def sd_checkpoint(pipe: Any) -> dict[str, torch.Tensor]:
-    """The state dict of an SD 1.x pipeline's UNet, VAE and text encoder in the original layout."""
+    """The state dict of an SD 1.x or SDXL pipeline's UNet, VAE and text encoders in the
+    original layout (SDXL: CLIP-L as `conditioner.embedders.0.transformer.`, bigG in OpenCLIP's
+    naming as `conditioner.embedders.1.model.`)."""
     unet = {
         f"model.diffusion_model.{_unet_name(key, pipe.unet.config)}": value
         for key, value in pipe.unet.state_dict().items()
     }
-    vae = _vae_state(pipe.vae)
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
+    clip_prefix = (
+        "conditioner.embedders.0.transformer." if sdxl else "cond_stage_model.transformer."
+    )
     text = {
-        f"cond_stage_model.transformer.{_clip_name(key)}": value
+        f"{clip_prefix}{_clip_name(key)}": value
         for key, value in pipe.text_encoder.state_dict().items()
     }
-    return {key: value.contiguous() for key, value in {**unet, **vae, **text}.items()}
+    if sdxl:
+        text |= _open_clip_state(pipe.text_encoder_2, "conditioner.embedders.1.model.")
+    state = {**unet, **_vae_state(pipe.vae), **text}
+    return {key: value.contiguous() for key, value in state.items()}
+
+
+_SDXL_CLIP_L = "conditioner.embedders.0.transformer."
+_EMBEDDINGS = "text_model.embeddings."
+_OPEN_CLIP_LAYER_PARTS = (
+    ("layer_norm1", "ln_1"),
+    ("layer_norm2", "ln_2"),
+    ("mlp.fc1", "mlp.c_fc"),
+    ("mlp.fc2", "mlp.c_proj"),
+    ("self_attn.out_proj", "attn.out_proj"),
+)
+
+
+def _open_clip_state(encoder: Any, prefix: str) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection in OpenCLIP's naming: `transformer.resblocks.N.*` with q, k
+    and v joined as `attn.in_proj_*`, and the projection transposed."""
+    state = {_clip_name(key): value for key, value in encoder.state_dict().items()}
+    out = {
+        f"{prefix}positional_embedding": state.pop(
+            "text_model.embeddings.position_embedding.weight"
+        ),
+        f"{prefix}token_embedding.weight": state.pop(
+            "text_model.embeddings.token_embedding.weight"
+        ),
+        f"{prefix}ln_final.weight": state.pop("text_model.final_layer_norm.weight"),
+        f"{prefix}ln_final.bias": state.pop("text_model.final_layer_norm.bias"),
+        f"{prefix}text_projection": state.pop("text_model.text_projection.weight").T,
+    }
+    for layer in range(int(encoder.config.num_hidden_layers)):
+        ours, theirs = (
+            f"text_model.encoder.layers.{layer}.",
+            f"{prefix}transformer.resblocks.{layer}.",
+        )
+        for kind in ("weight", "bias"):
+            joined = [state.pop(f"{ours}self_attn.{q}_proj.{kind}") for q in "qkv"]
+            out[f"{theirs}attn.in_proj_{kind}"] = torch.cat(joined)
+            for new, old in _OPEN_CLIP_LAYER_PARTS:
+                out[f"{theirs}{old}.{kind}"] = state.pop(f"{ours}{new}.{kind}")
+    return out
 
 
 def _clip_name(key: str) -> str:

@@ -65,6 +65,9 @@ SD2_V_IMG2IMG = "sd2-v-img2img"
 FLUX_IMG2IMG = "flux-img2img"
 #: SDXL's UNet takes the pooled text embedding and six size numbers, each embedded in this width.
 _SDXL_TIME_EMBED = 8
+#: The tiny SDXL's second (bigG stand-in) encoder is wider than the first, as the real one is:
+#: single-file loading tells the two apart by their widths.
+_SDXL_G_HIDDEN = 40
 
 # Tiny safety checkers' concept thresholds: a cosine similarity is never above 2 nor below -2.
 _NEVER_FLAG, _ALWAYS_FLAG = 2.0, -2.0
@@ -160,12 +163,12 @@ def _tokenizer(workdir: Path) -> Any:
     return CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
 
 
-def _text_config(layers: int = 2) -> Any:
+def _text_config(layers: int = 2, hidden: int = _HIDDEN) -> Any:
     """A CLIP text encoder over the tokenizer's 514 tokens."""
     return CLIPTextConfig(
         vocab_size=514,
-        hidden_size=_HIDDEN,
-        projection_dim=_HIDDEN,
+        hidden_size=hidden,
+        projection_dim=hidden,
         intermediate_size=37,
         num_attention_heads=4,
         num_hidden_layers=layers,
@@ -262,8 +265,8 @@ def _sdxl_unet() -> Any:
         addition_embed_type="text_time",
         addition_time_embed_dim=_SDXL_TIME_EMBED,
         transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=6 * _SDXL_TIME_EMBED + _HIDDEN,
-        cross_attention_dim=2 * _HIDDEN,
+        projection_class_embeddings_input_dim=6 * _SDXL_TIME_EMBED + _SDXL_G_HIDDEN,
+        cross_attention_dim=_HIDDEN + _SDXL_G_HIDDEN,
     )
 
 
@@ -274,7 +277,8 @@ def _sdxl_components(workdir: Path) -> dict[str, Any]:
         "vae": _seeded(_vae),
         "text_encoder": _seeded(lambda: CLIPTextModel(_text_config(_SD_TEXT_LAYERS))),
         "text_encoder_2": _seeded(
-            lambda: CLIPTextModelWithProjection(_text_config(_SD_TEXT_LAYERS)), seed=1
+            lambda: CLIPTextModelWithProjection(_text_config(_SD_TEXT_LAYERS, _SDXL_G_HIDDEN)),
+            seed=1,
         ),
         "tokenizer": _tokenizer(workdir),
         "tokenizer_2": _tokenizer(workdir),
@@ -506,8 +510,11 @@ def ensure_tiny_embedding(target: Path, name: str, family: str = SD) -> None:
     """Write the one-vector textual-inversion embedding for id `name` to the file `target`:
     SD's `{name: vector}`, or SDXL's `clip_l` and `clip_g` vectors in one file."""
     if family == SDXL:
-        vectors = _seeded(lambda: torch.randn(2, _HIDDEN), id_seed("embedding", name))
-        _write_once(target, {"clip_l": vectors[:1].clone(), "clip_g": vectors[1:].clone()})
+        vectors = _seeded(
+            lambda: torch.randn(1, _HIDDEN + _SDXL_G_HIDDEN), id_seed("embedding", name)
+        )
+        clip_l, clip_g = vectors[:, :_HIDDEN].clone(), vectors[:, _HIDDEN:].clone()
+        _write_once(target, {"clip_l": clip_l, "clip_g": clip_g})
         return
     vector = _seeded(lambda: torch.randn(1, _HIDDEN), id_seed("embedding", name))
     _write_once(target, {name: vector})
@@ -571,7 +578,7 @@ def _write_once(target: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def write_sd_checkpoint(folder: Path, target: Path) -> None:
-    """Write the SD 1.x pipeline folder `folder` as one original-layout `.safetensors` file,
-    as model sites distribute checkpoints (`worker.models.checkpoints`)."""
-    pipe = _diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(folder, local_files_only=True)
+    """Write the SD 1.x or SDXL pipeline folder `folder` as one original-layout `.safetensors`
+    file, as model sites distribute checkpoints (`worker.models.checkpoints`)."""
+    pipe = _diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True)
     _write_once(target, sd_checkpoint(pipe))
