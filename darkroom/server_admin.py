@@ -189,9 +189,14 @@ def _control(
     return merged
 
 
-def clear_cache(broker: Celery, settings: Settings) -> dict[str, Any]:
-    """Every live worker drops its resident models between jobs; their replies by name."""
-    return _control(broker, CLEAR_CACHE_COMMAND, worker_names(settings))
+def clear_cache(broker: Celery, settings: Settings) -> tuple[dict[str, Any], list[str]]:
+    """Every live worker drops its resident models between jobs: the replies by name, and the
+    workers that did not reply within CONTROL_TIMEOUT_S (busy with a job: they clear after it,
+    when their control messages are read)."""
+    names = worker_names(settings)
+    replies = _control(broker, CLEAR_CACHE_COMMAND, names)
+    # A worker acts on a command whenever it reads it (only the wait for replies expires).
+    return replies, [name for name in names if name not in replies]
 
 
 def restart_workers(broker: Celery, settings: Settings) -> list[str]:

@@ -93,8 +93,9 @@ async def clear_cache(
     """Admin keys only. Each worker drops its resident models between jobs; they reload on
     demand."""
     await _as_admin(request, body)
-    replies = await _controlled(lambda: server_admin.clear_cache(broker, settings))
-    return {"status": "success", "message": "cache cleared", "workers": replies}
+    replies, pending = await _controlled(lambda: server_admin.clear_cache(broker, settings))
+    message = "cache cleared" if not pending else "cache cleared; busy workers clear after a job"
+    return {"status": "success", "message": message, "workers": replies, "pending": pending}
 
 
 @router.post(f"{PREFIX}/restart_server", summary="Restart the workers gracefully")

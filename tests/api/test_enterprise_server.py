@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +243,7 @@ def test_worker_operations_with_a_real_worker(
         cleared = client.post(f"{E}/clear_cache", json={"key": admin.plaintext}).json()
         assert cleared["status"] == "success"
         assert cleared["workers"][presence.name]["dropped"] >= 1
+        assert cleared["pending"] == []
         # The model left memory: the worker stops advertising it.
         _until(lambda: live_workers(settings)[0].models == [], "the model to be withdrawn", 10)
 
@@ -252,10 +254,33 @@ def test_worker_operations_with_a_real_worker(
         unreachable = {**body, "init_image": image_server.url("/text.txt")}
         assert client.post(f"{E}/nsfw_image_check", json=unreachable).status_code == 400
 
+        # A job that runs a few seconds is running when the restart is asked for.
+        job = {
+            "key": admin.plaintext,
+            "model_id": "tiny",
+            "prompt": "a lighthouse",
+            "init_image": image_server.url("/red.png"),
+            "width": 512,
+            "height": 512,
+            "num_inference_steps": 10,
+            "samples": 1,
+            "strength": 1.0,
+        }
+        job_id = client.post(f"{E}/img2img", json=job).json()["id"]
+        _until(lambda: _states(settings, [job_id]) == [JobState.PROCESSING], "the job to run")
+        asked = datetime.now(UTC)
         restarted = client.post(f"{E}/restart_server", json={"key": admin.plaintext}).json()
         assert restarted["workers"] == [presence.name]
-        # A warm shutdown: the worker leaves by itself, cleanly, for its supervisor to restart.
-        assert worker.wait(timeout=60) == 0
+        # A warm shutdown: the worker finishes its job, then leaves by itself, cleanly, for its
+        # supervisor to restart.
+        assert worker.wait(timeout=120) == 0
+        with session_scope(settings.resolved_database_url) as session:
+            ran = session.get_one(Job, job_id)
+            assert ran.state == JobState.SUCCESS
+            assert ran.finished_at is not None
+            # The job ran on well past the moment the restart was asked for (the command
+            # outlived it), so the worker read the command after its job, not before.
+            assert (ran.finished_at - asked).total_seconds() > 2
         assert live_workers(settings) == []
         gone = client.post(f"{E}/clear_cache", json={"key": admin.plaintext})
         assert gone.status_code == 503
