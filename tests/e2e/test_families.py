@@ -1,10 +1,11 @@
 """Every family a user brings, through `darkroom up` with the tiny preset off.
 
-One system serves an SD 1.x folder, an SDXL folder and a Flux folder installed under
-DARKROOM_MODELS_DIR (the tiny models, built in code and saved as an operator would install
-real ones), each with the enterprise page's example body: PNG sizes checked, `meta` names the
-family that ran, and the same seed gives the same bytes. SDXL also gets a kohya-format LoRA, an
-SDXL embedding (clip_l + clip_g) and a custom VAE; Flux's refusals are checked at submit.
+One system serves an SD 1.x folder, an SDXL folder and a Flux folder, and the SD 1.x and SDXL
+models as single original-layout files, installed under DARKROOM_MODELS_DIR (the tiny models,
+built in code and saved as an operator would install real ones), each with the enterprise
+page's example body: PNG sizes checked, `meta` names the family that ran, and the same seed
+gives the same bytes. SDXL also gets a kohya-format LoRA, an SDXL embedding (clip_l + clip_g)
+and a custom VAE; Flux's refusals are checked at submit.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def install_models(root: Path, build: Path) -> Path:
     ]:
         (root / target).parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(build / source), root / target)
+    # The same models as single files in the original (A1111) layout, configured locally.
+    for folder, family in (("my-sd", SD), ("my-sdxl", SDXL)):
+        tiny.write_sd_checkpoint(root / folder, root / f"{folder}-file.safetensors")
+        shutil.copytree(root / folder, root / "configs" / family)
     tiny.ensure_tiny_lora(build / "xl.safetensors", "xl", SDXL)
     (root / "loras").mkdir()
     kohya = tiny.kohya_lora(load_file(str(build / "xl.safetensors")))
@@ -116,18 +121,21 @@ def test_sd_sdxl_and_flux_folders_run_under_one_system(
                 body(image_server, model_id="my-sdxl", **sdxl_extras),
                 body(image_server, **flux),
                 body(image_server, **flux, height="96"),
+                body(image_server, model_id="my-sd-file"),
+                body(image_server, model_id="my-sdxl-file"),
             ],
         )
         families = [answer["meta"]["model_family"] for answer in done]
-        assert families == [SD, SDXL, SDXL, SDXL, FLUX, FLUX]
+        assert families == [SD, SDXL, SDXL, SDXL, FLUX, FLUX, SD, SDXL]
         links = [
             answer["output"] if isinstance(answer["output"], str) else answer["output"][0]
             for answer in done
         ]
         sizes = [png_size(system, link) for link in links]
-        assert sizes == [(64, 64)] * 5 + [(64, 96)]
+        assert sizes == [(64, 64)] * 5 + [(64, 96)] + [(64, 64)] * 2
         pngs = [png_bytes(link) for link in links]
         assert pngs[1] == pngs[2]
+        assert (pngs[6], pngs[7]) == (pngs[0], pngs[1])  # a single file runs as its folder
         assert pngs[3] != pngs[1]  # LoRA, embedding, VAE and prompt all took effect
-        assert len(set(pngs)) == 5
+        assert len(set(pngs)) == 5  # 8 images: the SDXL repeat and the 2 single files match
     assert system.process.returncode == 0, system.log_tail()
