@@ -7,14 +7,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from darkroom import admin
 from darkroom.logs import configure_logging, resolve_format
 from darkroom.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    import httpx
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -80,8 +87,9 @@ def cmd_workers(_args: argparse.Namespace, settings: Settings) -> int:
 
 
 def cmd_dispatcher(args: argparse.Namespace, settings: Settings) -> int:
-    """Run the webhook dispatcher (thread pool) and the sweeper beside it."""
-    from worker.dispatcher_app import app
+    """Run the webhook dispatcher (thread pool) and the sweeper beside it: the database-driven
+    loop with Postgres and Redis (unless DARKROOM_WEBHOOK_LOOP=false), else Celery tasks."""
+    from worker.dispatcher_app import app, client
     from worker.sweeper import run_sweeper
 
     stop = threading.Event()
@@ -89,13 +97,36 @@ def cmd_dispatcher(args: argparse.Namespace, settings: Settings) -> int:
         target=run_sweeper, args=(settings, app, stop), name="sweeper", daemon=True
     )
     sweeper.start()
-    concurrency = str(settings.webhook_concurrency)
-    argv = ["-P", "threads", "-c", concurrency, "-Q", settings.webhook_queue]
     try:
-        app.worker_main(_celery_argv(settings, *argv, "-n", _node(args, "dispatcher")))
+        if _dispatcher_loop(settings):
+            _run_delivery_loop(args, settings, client, stop)
+        else:
+            concurrency = str(settings.webhook_concurrency)
+            argv = ["-P", "threads", "-c", concurrency, "-Q", settings.webhook_queue]
+            app.worker_main(_celery_argv(settings, *argv, "-n", _node(args, "dispatcher")))
     finally:
         stop.set()
     return 0
+
+
+def _dispatcher_loop(settings: Settings) -> bool:
+    """The loop needs SKIP LOCKED (Postgres) and a queue it can wait on (Redis)."""
+    postgres = settings.resolved_database_url.startswith("postgresql")
+    return settings.webhook_loop and postgres and not settings.is_embedded_broker
+
+
+def _run_delivery_loop(
+    args: argparse.Namespace, settings: Settings, client: httpx.Client, stop: threading.Event
+) -> None:
+    """The loop in this thread until SIGTERM or SIGINT; attempts under way are recorded."""
+    from worker.webhooks.loop import run_loop
+
+    configure_logging(settings.log_format, settings.log_level)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    node = _node(args, "dispatcher").replace("%h", socket.gethostname())
+    logging.getLogger("darkroom.dispatcher").info("%s ready.", node)
+    run_loop(settings, client, stop)
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:

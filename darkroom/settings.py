@@ -206,6 +206,16 @@ class Settings(BaseSettings):
     # with back-off, while it still holds the images; past it the job's lease decides.
     finish_retry_s: float = Field(default=60.0, ge=0)
 
+    # --- webhook dispatcher loop (worker/webhooks/loop.py, docs/PERFORMANCE.md) ---
+    # With Postgres and Redis, `darkroom dispatcher` claims due deliveries from the database in
+    # batches (the webhook queue's messages only wake it); off: one Celery task per delivery.
+    webhook_loop: bool = True
+    # With nothing to do and no message, the loop looks for due deliveries this often.
+    webhook_poll_s: float = Field(default=0.5, gt=0, le=30)
+    # A polled job's eta reads the queue (queued ids, running jobs, recent durations) at most this
+    # often per API process and database; the answers in between share that read. 0: every poll.
+    eta_cache_s: float = Field(default=1.0, ge=0, le=10)
+
     # --- operators: dashboard ---
     # Bearer token of /dashboard and /admin/api/...; empty turns both off (they answer 404).
     admin_token: str = Field(default="", repr=False)

@@ -13,6 +13,7 @@ files never collide because each run stores under names of its own.)
 
 from __future__ import annotations
 
+import bisect
 import enum
 import re
 import secrets
@@ -445,6 +446,15 @@ def queue_snapshot(session: Session, job: Job) -> QueueSnapshot:
         .where(Job.state == JobState.QUEUED, Job.id < job.id)
         .group_by(Job.operation)
     )
+    return QueueSnapshot(
+        queued_ahead={operation: int(count) for operation, count in ahead},
+        running_progress=running_runs(session),
+        durations=recent_job_seconds(session, job.id),
+    )
+
+
+def running_runs(session: Session) -> list[tuple[Operation, float]]:
+    """(operation, progress) of each pipeline run under way: a batch's jobs are one run."""
     running = session.execute(
         select(Job.id, Job.operation, Job.progress, Job.batch_key).where(
             Job.state == JobState.PROCESSING
@@ -455,11 +465,7 @@ def queue_snapshot(session: Session, job: Job) -> QueueSnapshot:
         # Jobs of one batch run in one pipeline call: one run, one worker.
         run = ("batch", batch_key) if batch_key else ("job", str(job_id))
         runs[run] = (operation, progress or 0.0)
-    return QueueSnapshot(
-        queued_ahead={operation: int(count) for operation, count in ahead},
-        running_progress=list(runs.values()),
-        durations=recent_job_seconds(session, job.id),
-    )
+    return list(runs.values())
 
 
 def recent_job_seconds(session: Session, anchor_id: int) -> dict[Operation, list[float]]:
@@ -476,6 +482,35 @@ def recent_job_seconds(session: Session, anchor_id: int) -> dict[Operation, list
         if started_at and finished_at and len(seconds) < RECENT_JOBS_PER_OPERATION:
             seconds.append(max((finished_at - started_at).total_seconds(), 0.0))
     return durations
+
+
+@dataclass(frozen=True)
+class QueueView:
+    """The whole queue as one moment's reads saw it, from which any job's `QueueSnapshot`
+    follows without another query: what polling answers share for a moment (api/routes/fetch)."""
+
+    queued_ids: dict[Operation, list[int]]  # ascending
+    running_progress: list[tuple[Operation, float]]
+    durations: dict[Operation, list[float]]
+
+    def snapshot_for(self, job: Job) -> QueueSnapshot:
+        """What `queue_snapshot` reads for a queued `job`, or `estimated_eta` for a running one."""
+        if job.state == JobState.PROCESSING:
+            return QueueSnapshot({}, [], self.durations)
+        ahead = {op: bisect.bisect_left(ids, job.id) for op, ids in self.queued_ids.items()}
+        queued_ahead = {operation: count for operation, count in ahead.items() if count}
+        return QueueSnapshot(queued_ahead, self.running_progress, self.durations)
+
+
+def queue_view(session: Session, anchor_id: int) -> QueueView:
+    """The queued job ids, the running jobs' progress and the durations around `anchor_id`."""
+    queued: dict[Operation, list[int]] = {}
+    rows = session.execute(
+        select(Job.operation, Job.id).where(Job.state == JobState.QUEUED).order_by(Job.id)
+    )
+    for operation, job_id in rows:
+        queued.setdefault(operation, []).append(job_id)
+    return QueueView(queued, running_runs(session), recent_job_seconds(session, anchor_id))
 
 
 def estimated_eta(session: Session, job: Job, *, default_s: float) -> float:

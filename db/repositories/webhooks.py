@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Interval,
+    Table,
+    and_,
+    bindparam,
+    insert,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from db.clock import DbNow, db_now
-from db.models import DeliveryState, WebhookAttempt, WebhookDelivery, utcnow
+from db.models import ApiKey, DeliveryState, Job, WebhookAttempt, WebhookDelivery, utcnow
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,80 @@ def claim_delivery(session: Session, delivery_id: int, *, lease_s: float) -> Web
     return session.get(WebhookDelivery, delivery_id, populate_existing=True)
 
 
+@dataclass(frozen=True)
+class ClaimedDelivery:
+    """A delivery taken for one attempt, with everything signing and logging it needs."""
+
+    id: int
+    job_id: int
+    url: str
+    payload: str
+    message_id: str
+    attempt_count: int
+    track_id: str | None
+    secrets: list[str]
+
+
+def _is_due(now: ColumnElement[datetime]) -> ColumnElement[bool]:
+    """Pending, due, and held by no live lease, all on the database's clock `now`."""
+    return and_(
+        WebhookDelivery.state == DeliveryState.PENDING,
+        WebhookDelivery.next_attempt_at <= now,
+        or_(WebhookDelivery.lease_until.is_(None), WebhookDelivery.lease_until < now),
+    )
+
+
+def claim_due_deliveries(session: Session, *, limit: int, lease_s: float) -> list[ClaimedDelivery]:
+    """Take up to `limit` due deliveries for one attempt each, oldest due first, in one
+    statement that also returns what signing needs (the job's key secrets, its track id).
+
+    The same rule as `claim_delivery`: a live lease refuses, on the database's clock. Rows
+    another dispatcher is claiming right now are skipped (SKIP LOCKED), not waited for, so
+    several dispatchers claim side by side. Postgres only (the dispatcher's loop runs there).
+    """
+    now = DbNow()
+    due_ids = (
+        select(WebhookDelivery.id)
+        .where(_is_due(now))
+        .order_by(WebhookDelivery.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    rows = session.execute(
+        update(WebhookDelivery)
+        .where(
+            WebhookDelivery.id.in_(due_ids.scalar_subquery()),
+            _is_due(now),
+            WebhookDelivery.job_id == Job.id,
+            Job.api_key_id == ApiKey.id,
+        )
+        .values(lease_until=now + literal(timedelta(seconds=lease_s), Interval()))
+        .returning(
+            WebhookDelivery.id,
+            WebhookDelivery.job_id,
+            WebhookDelivery.url,
+            WebhookDelivery.payload,
+            WebhookDelivery.message_id,
+            WebhookDelivery.attempt_count,
+            Job.track_id,
+            ApiKey.webhook_secret,
+            ApiKey.previous_webhook_secret,
+            ApiKey.previous_secret_until,
+        )
+        .execution_options(synchronize_session=False)
+    ).all()
+    signed_at = utcnow()
+    return [
+        ClaimedDelivery(
+            *row[:7],
+            secrets=ApiKey(
+                webhook_secret=row[7], previous_webhook_secret=row[8], previous_secret_until=row[9]
+            ).signing_secrets(signed_at),
+        )
+        for row in rows
+    ]
+
+
 def record_attempt(session: Session, delivery: WebhookDelivery, attempt: AttemptRecord) -> None:
     """Save one attempt as a row and count it on the delivery."""
     session.add(
@@ -83,6 +169,82 @@ def record_attempt(session: Session, delivery: WebhookDelivery, attempt: Attempt
         None if attempt.status_code is None else f"HTTP {attempt.status_code}"
     )
     session.flush()
+
+
+@dataclass(frozen=True)
+class AttemptOutcome:
+    """One finished attempt and what follows: DELIVERED, FAILED, or PENDING again after
+    `retry_in_s` seconds (on the database's clock)."""
+
+    delivery_id: int
+    record: AttemptRecord
+    state: DeliveryState
+    retry_in_s: float = 0.0
+    attempted_at: datetime = field(default_factory=utcnow)
+
+
+def record_outcomes(session: Session, outcomes: Sequence[AttemptOutcome]) -> None:
+    """Save a batch of attempts, one row each, and move each delivery on, in at most four
+    statements: what `record_attempt` then `mark_delivered`, `mark_failed` or
+    `schedule_retry_in` do for one delivery. The caller holds each delivery's lease."""
+    if not outcomes:
+        return
+    session.execute(insert(WebhookAttempt), [_attempt_row(outcome) for outcome in outcomes])
+    ended = [o for o in outcomes if o.state != DeliveryState.PENDING]
+    if ended:
+        finished = utcnow()
+        values: dict[str, object] = {
+            "state": bindparam("b_state"),
+            "finished_at": bindparam("b_finished"),
+        }
+        rows = [_delivery_row(o) | {"b_state": o.state, "b_finished": finished} for o in ended]
+        _move_on(session, values, rows)
+    retried = [o for o in outcomes if o.state == DeliveryState.PENDING]
+    if retried:
+        now = db_now(session)
+        values = {"next_attempt_at": bindparam("b_next"), "enqueued_at": None}
+        rows = [
+            _delivery_row(o) | {"b_next": now + timedelta(seconds=o.retry_in_s)} for o in retried
+        ]
+        _move_on(session, values, rows)
+
+
+def _move_on(session: Session, values: dict[str, object], rows: list[dict[str, object]]) -> None:
+    """One UPDATE per row (executemany): the attempt counted, the lease released, `values`."""
+    table = WebhookDelivery.__table__
+    assert isinstance(table, Table)
+    statement = (
+        update(table)
+        .where(table.c.id == bindparam("b_id"))
+        .values(
+            attempt_count=table.c.attempt_count + 1,
+            last_error=bindparam("b_error"),
+            lease_until=None,
+            **values,
+        )
+    )
+    session.execute(statement, rows)
+
+
+def _attempt_row(outcome: AttemptOutcome) -> dict[str, object]:
+    record = outcome.record
+    return {
+        "delivery_id": outcome.delivery_id,
+        "attempted_at": outcome.attempted_at,
+        "status_code": record.status_code,
+        "latency_ms": record.latency_ms,
+        "response_excerpt": record.response_excerpt,
+        "error": record.error,
+    }
+
+
+def _delivery_row(outcome: AttemptOutcome) -> dict[str, object]:
+    """The delivery's `last_error` as `record_attempt` and `mark_delivered` leave it."""
+    record = outcome.record
+    error = record.error or (None if record.status_code is None else f"HTTP {record.status_code}")
+    if outcome.state == DeliveryState.DELIVERED:
+        error = None
+    return {"b_id": outcome.delivery_id, "b_error": error}
 
 
 def mark_delivered(session: Session, delivery: WebhookDelivery) -> None:

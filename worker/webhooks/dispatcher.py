@@ -1,7 +1,9 @@
 """Delivering one webhook attempt: claim the row, POST signed, record, schedule what's next.
 
-Runs on the dispatcher's own queue and process, never on a GPU worker, so a slow receiver
-only ever holds a dispatcher thread. The schedule lives in the delivery row, not in memory.
+Runs in the dispatcher's own process, never on a GPU worker, so a slow receiver only ever holds
+a dispatcher thread. The schedule lives in the delivery row, not in memory. `deliver` makes one
+attempt of one delivery (a Celery task with the embedded broker, and the tests);
+worker.webhooks.loop claims, attempts and records them in batches with the same pieces.
 """
 
 from __future__ import annotations
@@ -18,9 +20,9 @@ from darkroom import metrics, outbound
 from darkroom.logs import job_context
 from darkroom.settings import Settings
 from darkroom.urlguard import UnsafeURLError, check_url
-from db.models import DeliveryState, WebhookDelivery, utcnow
+from db.models import DeliveryState, utcnow
 from db.repositories import keys, webhooks
-from db.repositories.webhooks import AttemptRecord
+from db.repositories.webhooks import AttemptOutcome, AttemptRecord, ClaimedDelivery
 from db.session import session_scope
 from worker.webhooks.signing import signed_headers
 
@@ -42,6 +44,22 @@ class Ticket:
     secrets: list[str]
     job_id: int | None = None
     track_id: str | None = None
+    #: Attempts made before this one.
+    attempt_count: int = 0
+
+    @classmethod
+    def of(cls, claimed: ClaimedDelivery) -> Ticket:
+        """The ticket of a delivery claimed in a batch."""
+        return cls(
+            claimed.id,
+            claimed.url,
+            claimed.payload,
+            claimed.message_id,
+            claimed.secrets,
+            claimed.job_id,
+            claimed.track_id,
+            claimed.attempt_count,
+        )
 
 
 @dataclass(frozen=True)
@@ -67,11 +85,20 @@ def deliver(delivery_id: int, settings: Settings, client: httpx.Client) -> None:
     ticket = _claim(delivery_id, settings)
     if ticket is None:
         return
-    with job_context(job_id=ticket.job_id, track_id=ticket.track_id, delivery_id=delivery_id):
+    outcome = attempt_logged(ticket, settings, client)
+    with session_scope(settings.resolved_database_url) as session:
+        webhooks.record_outcomes(session, [outcome])
+    note_outcome(ticket, outcome)
+
+
+def attempt_logged(ticket: Ticket, settings: Settings, client: httpx.Client) -> AttemptOutcome:
+    """`attempt`, counted and logged with the delivery's ids; what must follow it."""
+    context = {"job_id": ticket.job_id, "track_id": ticket.track_id}
+    with job_context(**context, delivery_id=ticket.delivery_id):
         result = attempt(ticket, settings, client)
         metrics.record_webhook_attempt(result.record)
         log.info("webhook attempt: %s", result.record.status_code or result.record.error)
-        _record(ticket, result, settings)
+    return outcome_of(ticket, result, settings)
 
 
 def lease_seconds(settings: Settings) -> float:
@@ -100,6 +127,7 @@ def _claim(delivery_id: int, settings: Settings) -> Ticket | None:
             secrets,
             delivery.job_id,
             delivery.job.track_id,
+            delivery.attempt_count,
         )
 
 
@@ -141,24 +169,25 @@ def _read_excerpt(response: httpx.Response) -> str:
     return body.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
 
 
-def _record(ticket: Ticket, result: AttemptResult, settings: Settings) -> None:
-    with session_scope(settings.resolved_database_url) as session:
-        delivery = session.get(WebhookDelivery, ticket.delivery_id)
-        assert delivery is not None
-        webhooks.record_attempt(session, delivery, result.record)
-        if result.delivered:
-            webhooks.mark_delivered(session, delivery)
-            metrics.record_delivery_end(DeliveryState.DELIVERED)
-            return
-        delay = next_delay(delivery.attempt_count, settings, result.retry_after_s)
-        if result.gone or delay is None:
-            webhooks.mark_failed(session, delivery)
-            metrics.record_delivery_end(DeliveryState.FAILED)
-            log.warning(
-                "webhook %s abandoned after %s attempts", ticket.message_id, delivery.attempt_count
-            )
-            return
-        webhooks.schedule_retry_in(session, delivery, delay)
+def outcome_of(ticket: Ticket, result: AttemptResult, settings: Settings) -> AttemptOutcome:
+    """Delivered on a 2xx; failed on 410 Gone or when the schedule is exhausted; otherwise due
+    again after the schedule's next delay."""
+    if result.delivered:
+        return AttemptOutcome(ticket.delivery_id, result.record, DeliveryState.DELIVERED)
+    delay = next_delay(ticket.attempt_count + 1, settings, result.retry_after_s)
+    if result.gone or delay is None:
+        return AttemptOutcome(ticket.delivery_id, result.record, DeliveryState.FAILED)
+    return AttemptOutcome(ticket.delivery_id, result.record, DeliveryState.PENDING, delay)
+
+
+def note_outcome(ticket: Ticket, outcome: AttemptOutcome) -> None:
+    """Count and log a recorded outcome that ended the delivery."""
+    if outcome.state == DeliveryState.PENDING:
+        return
+    metrics.record_delivery_end(outcome.state)
+    if outcome.state == DeliveryState.FAILED:
+        attempts = ticket.attempt_count + 1
+        log.warning("webhook %s abandoned after %s attempts", ticket.message_id, attempts)
 
 
 def next_delay(attempts_made: int, settings: Settings, retry_after_s: float | None) -> float | None:

@@ -1,0 +1,158 @@
+"""The dispatcher's database-driven loop: batches of claims and records, same guarantees as
+one attempt at a time (tests/worker/test_dispatcher.py), against a loopback receiver."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select
+from standardwebhooks.webhooks import Webhook
+
+from darkroom import outcomes
+from darkroom.outbound import new_client
+from darkroom.settings import Settings
+from db.clock import db_now
+from db.models import DeliveryState, Operation, WebhookAttempt, WebhookDelivery
+from db.repositories import jobs, keys, webhooks
+from db.repositories.keys import IssuedKey
+from db.session import session_scope
+from tests.support.servers import Received, WebhookReceiver
+from worker.webhooks.loop import DeliveryLoop, Doorbell
+
+
+@pytest.fixture
+def ours(settings: Settings, own_pg_url: str) -> Settings:
+    """A database of this test's own: the loop claims every due delivery it holds."""
+    return settings.model_copy(update={"database_url": own_pg_url, "webhook_poll_s": 0.05})
+
+
+@pytest.fixture
+def key(ours: Settings) -> IssuedKey:
+    with session_scope(ours.resolved_database_url) as session:
+        return keys.create_key(session, "loop")
+
+
+def _deliveries(settings: Settings, key: IssuedKey, url: str, count: int) -> list[int]:
+    """`count` failed jobs with `url` as their webhook: each one's pending delivery."""
+    ids = []
+    with session_scope(settings.resolved_database_url) as session:
+        for n in range(count):
+            new = jobs.NewJob(key.row.id, Operation.IMG2IMG, "v6", {}, {}, f"t-{n}", url)
+            job = jobs.create_job(session, new)
+            delivery_id = outcomes.fail(session, settings, job, "The init image was unreadable.")
+            assert delivery_id is not None
+            ids.append(delivery_id)
+    return ids
+
+
+@contextmanager
+def dispatchers(settings: Settings, count: int) -> Iterator[None]:
+    """`count` delivery loops side by side, as several dispatcher processes run."""
+    stop = threading.Event()
+    threads = []
+    for _ in range(count):
+        loop = DeliveryLoop(settings, new_client(settings.webhook_timeout_s), Doorbell(settings))
+        threads.append(threading.Thread(target=loop.run, args=(stop,), daemon=True))
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+        assert not any(thread.is_alive() for thread in threads), "a loop did not stop"
+
+
+def wait_for(what: str, done: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def states(settings: Settings, ids: list[int]) -> list[DeliveryState]:
+    with session_scope(settings.resolved_database_url) as session:
+        query = select(WebhookDelivery.state).where(WebhookDelivery.id.in_(ids))
+        return list(session.scalars(query))
+
+
+def test_two_loops_deliver_each_delivery_once_signed_with_one_attempt_row(
+    ours: Settings, key: IssuedKey, receiver: WebhookReceiver
+) -> None:
+    ids = _deliveries(ours, key, receiver.url, 40)
+    with dispatchers(ours, 2):
+        wait_for("all delivered", lambda: states(ours, ids) == [DeliveryState.DELIVERED] * 40)
+
+    received = receiver.snapshot()
+    assert len(received) == 40  # no delivery was attempted twice
+    with session_scope(ours.resolved_database_url) as session:
+        rows = session.scalars(select(WebhookDelivery).where(WebhookDelivery.id.in_(ids))).all()
+        assert sorted(r.message_id for r in rows) == sorted(
+            r.headers["webhook-id"] for r in received
+        )
+        assert {(r.attempt_count, r.last_error, r.lease_until) for r in rows} == {(1, None, None)}
+        assert all(r.finished_at is not None for r in rows)
+        attempts = session.scalars(select(WebhookAttempt)).all()
+        assert sorted(a.delivery_id for a in attempts) == sorted(ids)
+        assert {(a.status_code, a.error) for a in attempts} == {(200, None)}
+    for got in received:
+        assert Webhook(key.row.webhook_secret).verify(got.body, got.headers)["status"] == "failed"
+
+
+def test_a_failed_attempt_is_due_again_on_the_database_clock_and_410_gives_up(
+    ours: Settings, key: IssuedKey, receiver: WebhookReceiver
+) -> None:
+    ours = ours.model_copy(update={"webhook_schedule_s": [0.0, 30.0]})
+    [retried, gone] = _deliveries(ours, key, receiver.url, 2)
+
+    with session_scope(ours.resolved_database_url) as session:
+        gone_row = session.get(WebhookDelivery, gone)
+        assert gone_row is not None
+        gone_id = gone_row.message_id
+
+    def respond(request: Received) -> tuple[int, dict[str, str]]:
+        return (410, {}) if request.headers["webhook-id"] == gone_id else (503, {})
+
+    receiver.respond = respond
+    with dispatchers(ours, 1):
+        wait_for("both attempted", lambda: len(receiver.snapshot()) == 2)
+        wait_for("gone failed", lambda: states(ours, [gone]) == [DeliveryState.FAILED])
+        time.sleep(0.5)  # the retried one is not due for 30 s: no second attempt
+
+    assert len(receiver.snapshot()) == 2
+    with session_scope(ours.resolved_database_url) as session:
+        row = session.get(WebhookDelivery, retried)
+        assert row is not None
+        assert (row.state, row.attempt_count, row.last_error) == (
+            DeliveryState.PENDING,
+            1,
+            "HTTP 503",
+        )
+        assert row.lease_until is None
+        assert row.enqueued_at is None
+        due_in = row.next_attempt_at - db_now(session)
+        assert timedelta(seconds=28) < due_in <= timedelta(seconds=30)
+        failed = session.get(WebhookDelivery, gone)
+        assert failed is not None
+        assert (failed.attempt_count, failed.last_error) == (1, "HTTP 410")
+        count = select(func.count(WebhookAttempt.id))
+        assert session.scalar(count) == 2
+
+
+def test_a_live_lease_is_not_claimed_again(ours: Settings, key: IssuedKey) -> None:
+    [held, free] = _deliveries(ours, key, "http://127.0.0.1:9/hook", 2)
+    with session_scope(ours.resolved_database_url) as session:
+        assert webhooks.claim_delivery(session, held, lease_s=60) is not None
+    with session_scope(ours.resolved_database_url) as session:
+        claimed = webhooks.claim_due_deliveries(session, limit=10, lease_s=60)
+    assert [c.id for c in claimed] == [free]
+    assert claimed[0].secrets == [key.row.webhook_secret]
+    assert claimed[0].track_id == "t-1"
+    with session_scope(ours.resolved_database_url) as session:
+        assert webhooks.claim_due_deliveries(session, limit=10, lease_s=60) == []
