@@ -49,8 +49,9 @@ class Worker:
     log_path: Path
 
     def ran(self, file_prefix: str) -> bool:
-        """Whether this worker wrote the job's first output."""
-        return (self.data_dir / "outputs" / f"{file_prefix}-0.png").is_file()
+        """Whether this worker wrote the job's first output (stored under a run's own name,
+        `<prefix>-0-<run>.png`)."""
+        return any((self.data_dir / "outputs").glob(f"{file_prefix}-0-*.png"))
 
     def log_tail(self) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-40:])
