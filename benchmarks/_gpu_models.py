@@ -419,3 +419,256 @@ def _mixer_flops(preset: Preset) -> int:
         + preset.mixer_steps * (prior_step + decoder_step)
         + _flops(movq.decode, torch.empty(1, 4, side, side, device="meta"), force_not_quantize=True)
     )
+
+
+# --- SDXL and Flux.1 img2img ----------------------------------------------------------------
+
+SDXL, FLUX = "sdxl", "flux"
+#: The operation names the benchmark reports for the other families' img2img.
+FAMILY_OPERATIONS = {f"{SDXL}_img2img": SDXL, f"{FLUX}_img2img": FLUX}
+#: T5 positions Flux reads (the worker's `worker.families.flux.T5_TOKENS`).
+T5_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class FamilyPreset:
+    """SDXL's and Flux's architectures, sizes and run lengths for one benchmark size."""
+
+    sdxl_unet: dict[str, Any]
+    sdxl_text_l: dict[str, Any]
+    sdxl_text_g: dict[str, Any]
+    flux_transformer: dict[str, Any]
+    flux_t5: dict[str, Any]  # T5Config fields
+    flux_text: dict[str, Any]
+    vae_widths: tuple[int, ...]
+    size: int
+    steps: int
+    requests: int
+    batch_sizes: tuple[int, ...]
+    strength: float = 0.7
+    flux_guidance: float = 3.5
+
+
+def _sdxl_unet(
+    widths: tuple[int, ...],
+    depths: tuple[int, ...],
+    heads: tuple[int, ...],
+    cross: int,
+    pooled: int,
+) -> dict[str, Any]:
+    """SDXL's UNet layout: no attention at the top level, deeper transformers lower down."""
+    time_embed = 256 if widths[0] >= 320 else 8
+    return {
+        "block_out_channels": widths,
+        "layers_per_block": 2 if widths[0] >= 320 else 1,
+        "transformer_layers_per_block": depths,
+        "attention_head_dim": heads,
+        "cross_attention_dim": cross,
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": time_embed,
+        "projection_class_embeddings_input_dim": 6 * time_embed + pooled,
+        "down_block_types": ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (len(widths) - 1),
+        "up_block_types": ("CrossAttnUpBlock2D",) * (len(widths) - 1) + ("UpBlock2D",),
+        "norm_num_groups": min(32, widths[0]),
+        "sample_size": 128,
+    }
+
+
+def _flux(
+    layers: int, single: int, heads: int, head_dim: int, joint: int, pooled: int
+) -> dict[str, Any]:
+    rope = (16, 56, 56) if head_dim == 128 else (head_dim // 4, head_dim // 4, head_dim // 2)
+    return {
+        "patch_size": 1,
+        "in_channels": 64,
+        "num_layers": layers,
+        "num_single_layers": single,
+        "attention_head_dim": head_dim,
+        "num_attention_heads": heads,
+        "joint_attention_dim": joint,
+        "pooled_projection_dim": pooled,
+        "guidance_embeds": True,
+        "axes_dims_rope": rope,
+    }
+
+
+def _t5(d_model: int, layers: int, heads: int, d_ff: int) -> dict[str, Any]:
+    return {
+        "vocab_size": 32128,
+        "d_model": d_model,
+        "d_kv": 64 if d_model >= 1024 else d_model // heads,
+        "d_ff": d_ff,
+        "num_layers": layers,
+        "num_heads": heads,
+        "feed_forward_proj": "gated-gelu",
+    }
+
+
+FAMILY_PRESETS: dict[str, FamilyPreset] = {
+    # SDXL base 1.0 and Flux.1-dev as published (Flux's T5 is T5-v1.1-XXL's encoder).
+    "full": FamilyPreset(
+        sdxl_unet=_sdxl_unet((320, 640, 1280), (1, 2, 10), (5, 10, 20), cross=2048, pooled=1280),
+        sdxl_text_l=_text(768, layers=12, heads=12),
+        sdxl_text_g=_text(1280, layers=32, heads=20, act="gelu"),
+        flux_transformer=_flux(19, 38, heads=24, head_dim=128, joint=4096, pooled=768),
+        flux_t5=_t5(4096, layers=24, heads=64, d_ff=10240),
+        flux_text=_text(768, layers=12, heads=12),
+        vae_widths=(128, 256, 512, 512),
+        size=1024,
+        steps=20,
+        requests=8,
+        batch_sizes=(1, 4, 8),
+    ),
+    "reduced": FamilyPreset(
+        sdxl_unet=_sdxl_unet((64, 128, 256), (1, 1, 2), (2, 4, 8), cross=256, pooled=128),
+        sdxl_text_l=_text(128, layers=2, heads=4),
+        sdxl_text_g=_text(128, layers=2, heads=4, act="gelu"),
+        flux_transformer=_flux(2, 4, heads=4, head_dim=32, joint=256, pooled=128),
+        flux_t5=_t5(256, layers=2, heads=4, d_ff=512),
+        flux_text=_text(128, layers=2, heads=4),
+        vae_widths=(32, 64, 128, 128),
+        size=256,
+        steps=6,
+        requests=2,
+        batch_sizes=(1, 2),
+    ),
+    "tiny": FamilyPreset(
+        sdxl_unet=_sdxl_unet((32, 64), (1, 2), (2, 4), cross=64, pooled=32),
+        sdxl_text_l=_text(32, layers=2, heads=4),
+        sdxl_text_g=_text(32, layers=2, heads=4, act="gelu"),
+        flux_transformer=_flux(1, 1, heads=2, head_dim=16, joint=32, pooled=32),
+        flux_t5=_t5(32, layers=1, heads=4, d_ff=37),
+        flux_text=_text(32, layers=1, heads=4),
+        vae_widths=(8, 16, 16, 16),
+        size=64,
+        steps=3,
+        requests=2,
+        batch_sizes=(1, 2),
+    ),
+}
+
+
+def _family_vae(preset: FamilyPreset, family: str) -> dict[str, Any]:
+    """SD's VAE shape; Flux's has 16 latent channels, no quant convs and a shift."""
+    config = _vae(preset.vae_widths, layers=2 if preset.vae_widths[0] >= 128 else 1)
+    if family == FLUX:
+        config |= {"latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False}
+        config |= {"shift_factor": 0.1159, "scaling_factor": 0.3611}
+    return config
+
+
+def family_pipeline(
+    preset: FamilyPreset, family: str, work_dir: Path, device: str, dtype: torch.dtype
+) -> Any:
+    """StableDiffusionXLImg2ImgPipeline or FluxImg2ImgPipeline with seeded random weights."""
+    from transformers import T5Config, T5EncoderModel
+
+    from worker.models.tiny import _t5_tokenizer
+
+    vae = _seeded(lambda: _diffusers.AutoencoderKL(**_family_vae(preset, family)), 9, device)
+    if family == SDXL:
+        pipe = _diffusers.StableDiffusionXLImg2ImgPipeline(
+            unet=_seeded(lambda: _diffusers.UNet2DConditionModel(**preset.sdxl_unet), 10, device),
+            vae=vae,
+            text_encoder=_seeded(
+                lambda: CLIPTextModel(CLIPTextConfig(**preset.sdxl_text_l)), 11, device
+            ),
+            text_encoder_2=_seeded(
+                lambda: CLIPTextModelWithProjection(CLIPTextConfig(**preset.sdxl_text_g)),
+                12,
+                device,
+            ),
+            tokenizer=tokenizer(work_dir),
+            tokenizer_2=tokenizer(work_dir),
+            scheduler=_as_loaded(
+                _diffusers.EulerDiscreteScheduler(**_SD_SCHEDULE, timestep_spacing="leading"),
+                work_dir / "sdxl",
+            ),
+            requires_aesthetics_score=False,
+        )
+    else:
+        pipe = _diffusers.FluxImg2ImgPipeline(
+            transformer=_seeded(
+                lambda: _diffusers.FluxTransformer2DModel(**preset.flux_transformer), 13, device
+            ),
+            vae=vae,
+            text_encoder=_seeded(
+                lambda: CLIPTextModel(CLIPTextConfig(**preset.flux_text)), 14, device
+            ),
+            text_encoder_2=_seeded(lambda: T5EncoderModel(T5Config(**preset.flux_t5)), 15, device),
+            tokenizer=tokenizer(work_dir),
+            tokenizer_2=_t5_tokenizer(),
+            scheduler=_as_loaded(
+                _diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), work_dir / "flux"
+            ),
+        )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device=device, dtype=dtype)
+
+
+def family_flops_per_image(preset: FamilyPreset, family: str) -> int:
+    """FLOPs of one img2img image of `family` at the preset's size, counted on the meta device."""
+    side, steps = preset.size, int(preset.steps * preset.strength)
+    vae = _meta(lambda: _diffusers.AutoencoderKL(**_family_vae(preset, family)))
+    channels = 16 if family == FLUX else 4
+    pixels = torch.empty(1, 3, side, side, device="meta")
+    latents = torch.empty(1, channels, side // 8, side // 8, device="meta")
+    coding = _flops(vae.encode, pixels) + _flops(vae.decode, latents)
+    if family == SDXL:
+        return steps * sdxl_step_flops(preset) + _sdxl_text_flops(preset) + coding
+    return steps * flux_step_flops(preset) + _flux_text_flops(preset) + coding
+
+
+def sdxl_step_flops(preset: FamilyPreset) -> int:
+    """One SDXL UNet step with classifier-free guidance (2 rows)."""
+    config = preset.sdxl_unet
+    unet = _meta(lambda: _diffusers.UNet2DConditionModel(**config))
+    pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+    side = preset.size // 8
+    return _flops(
+        unet,
+        torch.empty(2, 4, side, side, device="meta"),
+        torch.tensor(500, device="meta"),
+        encoder_hidden_states=torch.empty(2, TOKENS, config["cross_attention_dim"], device="meta"),
+        added_cond_kwargs={
+            "text_embeds": torch.empty(2, pooled, device="meta"),
+            "time_ids": torch.empty(2, 6, device="meta"),
+        },
+    )
+
+
+def flux_step_flops(preset: FamilyPreset) -> int:
+    """One Flux transformer step: one row (guidance is embedded), 2x2-packed latent tokens."""
+    config = preset.flux_transformer
+    transformer = _meta(lambda: _diffusers.FluxTransformer2DModel(**config))
+    tokens = (preset.size // 16) ** 2
+    return _flops(
+        transformer,
+        hidden_states=torch.empty(1, tokens, config["in_channels"], device="meta"),
+        encoder_hidden_states=torch.empty(
+            1, T5_TOKENS, config["joint_attention_dim"], device="meta"
+        ),
+        pooled_projections=torch.empty(1, config["pooled_projection_dim"], device="meta"),
+        timestep=torch.ones(1, device="meta"),
+        guidance=torch.ones(1, device="meta"),
+        img_ids=torch.zeros(tokens, 3, device="meta"),
+        txt_ids=torch.zeros(T5_TOKENS, 3, device="meta"),
+    )
+
+
+def _sdxl_text_flops(preset: FamilyPreset) -> int:
+    ids = torch.zeros(2, TOKENS, dtype=torch.long, device="meta")  # prompt and negative
+    text_l = _meta(lambda: CLIPTextModel(CLIPTextConfig(**preset.sdxl_text_l)))
+    text_g = _meta(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**preset.sdxl_text_g)))
+    return _flops(text_l, ids) + _flops(text_g, ids)
+
+
+def _flux_text_flops(preset: FamilyPreset) -> int:
+    from transformers import T5Config, T5EncoderModel
+
+    text = _meta(lambda: CLIPTextModel(CLIPTextConfig(**preset.flux_text)))
+    t5 = _meta(lambda: T5EncoderModel(T5Config(**preset.flux_t5)))
+    clip_ids = torch.zeros(1, TOKENS, dtype=torch.long, device="meta")
+    t5_ids = torch.zeros(1, T5_TOKENS, dtype=torch.long, device="meta")
+    return _flops(text, clip_ids) + _flops(t5, t5_ids)

@@ -7,7 +7,9 @@
 Defaults: CUDA and `full` when a GPU is present, else the CPU and `reduced`. The models are the
 published architectures with seeded random weights (`benchmarks._gpu_models`): Stable Diffusion
 1.5 img2img at 512x512, 20 steps, strength 0.7; InstructPix2Pix at 512x512, 20 steps; the
-Kandinsky 2.2 mixer at 768x768, 25 steps. `reduced` and `tiny` shrink widths and sizes for CPUs.
+Kandinsky 2.2 mixer at 768x768, 25 steps; SDXL base and Flux.1-dev img2img at 1024x1024, 20
+steps, strength 0.7 (operations `sdxl_img2img`, `flux_img2img`; Flux in bfloat16). `reduced` and
+`tiny` shrink widths and sizes for CPUs.
 
 Per operation, on one pipeline object:
 1. plain diffusers: the pipeline as loaded (float16 on CUDA, float32 on the CPU, diffusers'
@@ -34,6 +36,7 @@ import argparse
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -43,8 +46,13 @@ import torch
 from PIL import Image
 
 from benchmarks._gpu_models import (
+    FAMILY_OPERATIONS,
+    FAMILY_PRESETS,
+    FLUX,
     PRESETS,
     Preset,
+    family_flops_per_image,
+    family_pipeline,
     flops_per_image,
     mixer_pipelines,
     sd_pipeline,
@@ -52,6 +60,7 @@ from benchmarks._gpu_models import (
 )
 from benchmarks.report import Report, median
 from darkroom.registry import ModelSpec
+from worker.families import img2img_runner
 from worker.fastpath import FastPath, apply_fast_path
 from worker.memory import MemoryProfile, ShapeKey, available_bytes, measure_peak
 from worker.pipelines import img2img, mixer, pix2pix
@@ -114,7 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--size", choices=sorted(PRESETS), default=None)
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--operations", default=f"{IMG2IMG},{PIX2PIX},{IMG_MIXER}")
+    operations = [IMG2IMG, PIX2PIX, IMG_MIXER, *FAMILY_OPERATIONS]
+    parser.add_argument("--operations", default=",".join(operations))
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
@@ -151,6 +161,8 @@ class _Bench:
             self._mixer()
         elif operation in (IMG2IMG, PIX2PIX):
             self._stable_diffusion(operation)
+        elif operation in FAMILY_OPERATIONS:
+            self._family(operation)
         else:
             raise SystemExit(f"unknown operation {operation!r}")
         if self.device == "cuda":
@@ -168,6 +180,27 @@ class _Bench:
         apply_fast_path(pipe, self.fast)
         runner = img2img.run_batch if kind == IMG2IMG else pix2pix.run_batch
         self._batched(kind, pipe, runner, requests, plain, flops)
+
+    def _family(self, kind: str) -> None:
+        """SDXL or Flux img2img at the family preset's size (1024x1024 in `full`): plain
+        diffusers, then the worker's family runner at each batch size. Flux runs in bfloat16
+        on CUDA, as the worker runs it (its activations overflow float16)."""
+        family = FAMILY_OPERATIONS[kind]
+        preset = FAMILY_PRESETS[self.preset.name]
+        dtype = torch.bfloat16 if family == FLUX and self.device == "cuda" else self.dtype
+        pipe = family_pipeline(preset, family, self.work, self.device, dtype)
+        guidance = preset.flux_guidance if family == FLUX else GUIDANCE
+        requests = [
+            replace(r, steps=preset.steps, strength=preset.strength, guidance_scale=guidance)
+            for r in _requests(IMG2IMG, preset.requests, preset.size, self.preset)
+        ]
+        flops = family_flops_per_image(preset, family)
+        self.report.checks[f"{kind}_tflop_per_image"] = flops / 1e12
+        self.report.parameters[f"{kind}_size"] = preset.size
+        plain = self._plain(kind, [partial(_plain_family, pipe, r) for r in requests], flops)
+        apply_fast_path(pipe, self.fast)
+        sizes = preset.batch_sizes
+        self._batched(kind, pipe, img2img_runner(family), requests, plain, flops, sizes)
 
     def _plain(self, kind: str, calls: Sequence[Callable[[], Image.Image]], flops: int) -> _Run:
         """Plain diffusers, one request at a time, after one unmeasured call."""
@@ -189,12 +222,14 @@ class _Bench:
         requests: list[GenerationRequest],
         plain: _Run,
         flops: int,
+        batch_sizes: Sequence[int] | None = None,
     ) -> None:
         """Darkroom's runner at each batch size; unbatched (size 1) is the reference."""
-        profile, key = MemoryProfile(), ShapeKey(ModelSpec(kind, ()), *(self.preset.sd_size,) * 2)
+        side = requests[0].width
+        profile, key = MemoryProfile(), ShapeKey(ModelSpec(kind, ()), side, side)
         reference: Images | None = None
         worst = 0
-        for size in self.preset.batch_sizes:
+        for size in batch_sizes or self.preset.batch_sizes:
             chunks = [requests[i : i + size] for i in range(0, len(requests), size)]
             try:
                 run = self._run_chunks(pipe, runner, chunks)
@@ -338,6 +373,24 @@ def _plain_img2img(pipe: Any, request: GenerationRequest) -> Image.Image:
         num_inference_steps=request.steps,
         guidance_scale=request.guidance_scale,
         generator=_generator(pipe, request.seeds[0]),
+    )
+    image: Image.Image = output.images[0]
+    return image
+
+
+def _plain_family(pipe: Any, request: GenerationRequest) -> Image.Image:
+    """One request through StableDiffusionXLImg2ImgPipeline or FluxImg2ImgPipeline."""
+    options: dict[str, Any] = {}
+    if type(pipe).__name__.startswith("Flux"):  # it does not take its size from the image
+        options = {"width": request.width, "height": request.height, "max_sequence_length": 512}
+    output = pipe(
+        prompt=request.prompt,
+        image=request.images[0],
+        strength=request.strength,
+        num_inference_steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        generator=_generator(pipe, request.seeds[0]),
+        **options,
     )
     image: Image.Image = output.images[0]
     return image

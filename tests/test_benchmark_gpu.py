@@ -11,7 +11,14 @@ from typing import Any
 import diffusers
 import torch
 
-from benchmarks._gpu_models import PRESETS, flops_per_image, unet_step_flops
+from benchmarks._gpu_models import (
+    FAMILY_OPERATIONS,
+    FAMILY_PRESETS,
+    PRESETS,
+    family_flops_per_image,
+    flops_per_image,
+    unet_step_flops,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Batched images may differ from unbatched ones by summation order alone.
@@ -42,6 +49,8 @@ def test_the_tiny_cpu_benchmark_compares_both_paths_and_reports_every_figure(
         ("pix2pix", "darkroom", 3),
         ("img_mixer", "diffusers", 1),
         ("img_mixer", "darkroom", 1),
+        *((kind, path, 1) for kind in FAMILY_OPERATIONS for path in ("diffusers", "darkroom")),
+        *((kind, "darkroom", 2) for kind in FAMILY_OPERATIONS),
     }
     for row in rows.values():
         assert row["images_per_s"] > 0
@@ -57,6 +66,10 @@ def test_the_tiny_cpu_benchmark_compares_both_paths_and_reports_every_figure(
         assert checks[f"{kind}_max_pixel_diff_batched_vs_unbatched"] <= PIXEL_TOLERANCE
         assert 0 < checks[f"{kind}_unet_cfg_step_tflop"] < checks[f"{kind}_tflop_per_image"]
     assert record["checks"]["img_mixer_tflop_per_image"] > 0
+    for kind in FAMILY_OPERATIONS:  # SDXL and Flux img2img: the worker's runner, batched too
+        assert rows[(kind, "darkroom", 1)]["max_diff_vs_plain"] <= PIXEL_TOLERANCE
+        assert rows[(kind, "darkroom", 2)]["max_diff_vs_unbatched"] <= PIXEL_TOLERANCE
+        assert record["checks"][f"{kind}_tflop_per_image"] > 0
 
 
 def test_the_full_size_models_have_the_published_architectures() -> None:
@@ -71,3 +84,18 @@ def test_the_full_size_models_have_the_published_architectures() -> None:
     assert round(unet_step_flops(full, "img2img") / 1e12, 2) == 1.61
     # 14 of 20 steps (strength 0.7), the VAE both ways and the text encoder.
     assert 25e12 < flops_per_image(full, "img2img") < 27e12
+
+
+def test_sdxl_and_flux_at_1024_have_the_published_sizes_and_flops() -> None:
+    full = FAMILY_PRESETS["full"]
+    untyped: Any = diffusers
+    with torch.device("meta"):
+        unet = untyped.UNet2DConditionModel(**full.sdxl_unet)
+        transformer = untyped.FluxTransformer2DModel(**full.flux_transformer)
+    assert round(sum(p.numel() for p in unet.parameters()) / 1e9, 2) == 2.57  # SDXL base UNet
+    assert round(sum(p.numel() for p in transformer.parameters()) / 1e9, 1) == 11.9  # Flux.1-dev
+    assert full.size == 1024
+    # 14 of 20 steps at 1024x1024: Flux's transformer costs about five times SDXL's UNet.
+    sdxl, flux = family_flops_per_image(full, "sdxl"), family_flops_per_image(full, "flux")
+    assert 150e12 < sdxl < 250e12
+    assert 4 * sdxl < flux < 6 * sdxl
