@@ -112,6 +112,9 @@ def response_problems(status: int, content_type: str, content: bytes) -> list[st
         problems.append(f"server error {status}")
     if content_type.startswith("image/png"):
         return problems if status == 200 else [*problems, "PNG with a non-200 status"]
+    if content_type.startswith("text/event-stream"):
+        # A job's live events (GET /api/v1/jobs/{id}/events): a stream, refusals stay JSON.
+        return problems if status == 200 else [*problems, "event stream with a non-200 status"]
     if not content_type.startswith("application/json"):
         return [*problems, f"content-type {content_type!r} is not JSON"]
     try:
