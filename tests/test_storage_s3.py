@@ -302,12 +302,12 @@ def test_a_real_job_stores_its_output_in_the_bucket_end_to_end(
         hook = first_webhook(receiver)
 
     # The object is named after the run that stored it: `{file_prefix}-0-{attempt}-{random}`.
-    [key] = keys_in(s3_endpoint, bucket)
-    assert key.startswith(f"outputs/{done['meta']['file_prefix']}-0-1-")
-    name = key.removeprefix("outputs/")
+    [object_key] = keys_in(s3_endpoint, bucket)
+    assert object_key.startswith(f"outputs/{done['meta']['file_prefix']}-0-1-")
+    name = object_key.removeprefix("outputs/")
     assert not (tmp_path / "data" / "outputs" / name).exists()
     for link in (done["output"], str(hook["output"])):
-        assert link.startswith(f"{s3_endpoint}/{bucket}/{key}?X-Amz-")
+        assert link.startswith(f"{s3_endpoint}/{bucket}/{object_key}?X-Amz-")
         with Image.open(io.BytesIO(download(link).content)) as image:
             assert (image.format, image.size) == ("PNG", (64, 64))
 
