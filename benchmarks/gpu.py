@@ -364,29 +364,12 @@ def _generator(pipe: Any, seed: int) -> torch.Generator:
     return torch.Generator(pipe.device).manual_seed(seed)
 
 
-def _plain_img2img(pipe: Any, request: GenerationRequest) -> Image.Image:
-    """One request through StableDiffusionImg2ImgPipeline as a diffusers user calls it."""
+def _plain_call(pipe: Any, request: GenerationRequest, **options: Any) -> Image.Image:
+    """One request through an init-image pipeline as a diffusers user calls it; `options` are
+    the pipeline's own arguments."""
     output = pipe(
         prompt=request.prompt,
         image=request.images[0],
-        strength=request.strength,
-        num_inference_steps=request.steps,
-        guidance_scale=request.guidance_scale,
-        generator=_generator(pipe, request.seeds[0]),
-    )
-    image: Image.Image = output.images[0]
-    return image
-
-
-def _plain_family(pipe: Any, request: GenerationRequest) -> Image.Image:
-    """One request through StableDiffusionXLImg2ImgPipeline or FluxImg2ImgPipeline."""
-    options: dict[str, Any] = {}
-    if type(pipe).__name__.startswith("Flux"):  # it does not take its size from the image
-        options = {"width": request.width, "height": request.height, "max_sequence_length": 512}
-    output = pipe(
-        prompt=request.prompt,
-        image=request.images[0],
-        strength=request.strength,
         num_inference_steps=request.steps,
         guidance_scale=request.guidance_scale,
         generator=_generator(pipe, request.seeds[0]),
@@ -396,18 +379,22 @@ def _plain_family(pipe: Any, request: GenerationRequest) -> Image.Image:
     return image
 
 
+def _plain_img2img(pipe: Any, request: GenerationRequest) -> Image.Image:
+    """One request through StableDiffusionImg2ImgPipeline."""
+    return _plain_call(pipe, request, strength=request.strength)
+
+
+def _plain_family(pipe: Any, request: GenerationRequest) -> Image.Image:
+    """One request through StableDiffusionXLImg2ImgPipeline or FluxImg2ImgPipeline."""
+    options: dict[str, Any] = {}
+    if type(pipe).__name__.startswith("Flux"):  # it does not take its size from the image
+        options = {"width": request.width, "height": request.height, "max_sequence_length": 512}
+    return _plain_call(pipe, request, strength=request.strength, **options)
+
+
 def _plain_pix2pix(pipe: Any, request: GenerationRequest) -> Image.Image:
     """One request through StableDiffusionInstructPix2PixPipeline."""
-    output = pipe(
-        prompt=request.prompt,
-        image=request.images[0],
-        num_inference_steps=request.steps,
-        guidance_scale=request.guidance_scale,
-        image_guidance_scale=request.image_guidance_scale,
-        generator=_generator(pipe, request.seeds[0]),
-    )
-    image: Image.Image = output.images[0]
-    return image
+    return _plain_call(pipe, request, image_guidance_scale=request.image_guidance_scale)
 
 
 def _plain_mixer(prior: Any, decoder: Any, request: GenerationRequest) -> Image.Image:

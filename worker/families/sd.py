@@ -8,27 +8,9 @@ without the 77-token limit, with A1111's clip skip (`worker.pipelines.prompts`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
-from PIL import Image
-
-from worker.pipelines.img2img import run_init_image_batch
-from worker.pipelines.options import RequestAssets
+from worker.pipelines import img2img
 from worker.pipelines.prompts import sd_embeds
-from worker.pipelines.request import GenerationRequest, StepHook
 
 encode = sd_embeds
-
-
-def run_batch(
-    pipelines: tuple[Any, ...],
-    requests: Sequence[GenerationRequest],
-    assets: RequestAssets,
-    on_step: StepHook | None = None,
-) -> list[list[Image.Image]]:
-    """Run StableDiffusionImg2ImgPipeline for compatible requests; each request's images."""
-    (pipe,) = pipelines
-    return run_init_image_batch(
-        pipe, requests, assets, on_step, encode=encode, strength=requests[0].strength
-    )
+#: SD's img2img is the img2img operation itself, whose prompt encoding is SD's (`sd_embeds`).
+run_batch = img2img.run_batch

@@ -178,8 +178,9 @@ def _text_config(layers: int = 2, hidden: int = _HIDDEN) -> Any:
     )
 
 
-def _vae() -> Any:
-    """An AutoencoderKL with four blocks, so it downsamples by 8 like SD's real VAE."""
+def _vae(**options: Any) -> Any:
+    """An AutoencoderKL with four blocks, so it downsamples by 8 like SD's real VAE; `options`
+    are a family's departures from SD's VAE config."""
     return _diffusers.AutoencoderKL(
         block_out_channels=(8, 16, 16, 16),
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -187,22 +188,26 @@ def _vae() -> Any:
         latent_channels=4,
         layers_per_block=1,
         norm_num_groups=8,
+        **options,
+    )
+
+
+def _toy_unet(**options: Any) -> Any:
+    """The two-block toy UNet that SD's and SDXL's shapes share; `options` make it one of them."""
+    return _diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=32,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **options,
     )
 
 
 def _sd_unet(in_channels: int) -> Any:
     """SD's UNet shape at toy size; InstructPix2Pix adds the image latents as 4 more channels."""
-    return _diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=in_channels,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=_HIDDEN,
-        attention_head_dim=8,
-    )
+    return _toy_unet(in_channels=in_channels, cross_attention_dim=_HIDDEN, attention_head_dim=8)
 
 
 def _sd_components(workdir: Path, unet_in_channels: int) -> dict[str, Any]:
@@ -252,14 +257,8 @@ def _sd2_v_img2img(workdir: Path) -> Any:
 def _sdxl_unet() -> Any:
     """SDXL's UNet shape at toy size (diffusers' own SDXL tests): conditioned on both encoders'
     joined hidden states and on "text_time", the pooled embedding beside the size numbers."""
-    return _diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
+    return _toy_unet(
         in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
@@ -337,13 +336,7 @@ def _flux_transformer() -> Any:
 
 def _flux_vae() -> Any:
     """The four-block tiny VAE without quant convs and with a shift, as Flux's VAE is."""
-    return _diffusers.AutoencoderKL(
-        block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
+    return _vae(
         use_quant_conv=False,
         use_post_quant_conv=False,
         shift_factor=0.1159,
