@@ -119,9 +119,15 @@ def _run_delivery_loop(
     args: argparse.Namespace, settings: Settings, client: httpx.Client, stop: threading.Event
 ) -> None:
     """The loop in this thread until SIGTERM or SIGINT; attempts under way are recorded."""
+    from darkroom.metrics import serve_metrics
     from worker.webhooks.loop import run_loop
 
     configure_logging(settings.log_format, settings.log_level)
+    # httpx logs every request at INFO: a second JSON line per delivery, saying less than the
+    # attempt's own line (status, ids), at a cost the loop's throughput notices.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    if settings.dispatcher_metrics_port:  # no Celery worker starts, so its hook never runs
+        serve_metrics(settings.dispatcher_metrics_port, settings.metrics_host)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     node = _node(args, "dispatcher").replace("%h", socket.gethostname())

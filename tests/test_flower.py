@@ -77,6 +77,8 @@ def test_flower_sees_the_worker_its_tasks_and_its_queue(
         "DARKROOM_BROKER_URL": settings.resolved_broker_url,
         "DARKROOM_JOB_QUEUE": settings.job_queue,
         "DARKROOM_WEBHOOK_QUEUE": settings.webhook_queue,
+        # Flower sees Celery workers: the dispatcher's Celery mode, not its database loop.
+        "DARKROOM_WEBHOOK_LOOP": "false",
     }
     dispatcher_argv = [sys.executable, "-m", "darkroom.cli", "dispatcher", "--name", f"{node}@%h"]
     flower_argv = [
