@@ -19,7 +19,6 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from moto.server import ThreadedMotoServer
 from PIL import Image
 from sqlalchemy.orm import Session
 
@@ -34,35 +33,18 @@ from db.session import session_scope
 from tests.api.test_fetch import submit_pix2pix
 from tests.api.test_submit import IMG2IMG, PIX2PIX, post
 from tests.conftest import fresh_database
+from tests.support.s3 import AWS_ENV, moto_s3
 from tests.support.servers import ImageServer, WebhookReceiver
 from tests.support.system import darkroom_up, production_env
 from tests.test_storage import PNG, finish_job
 from worker.sweeper import expire_temporary_outputs
 
-#: Any credentials do for moto; the real variables keep boto3 off the machine's own AWS setup.
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "darkroom-test",
-    "AWS_SECRET_ACCESS_KEY": "darkroom-test-secret",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": "/nonexistent/aws-config",
-    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
-
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A moto S3 server on a free loopback port, and AWS credentials in the environment."""
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in AWS_ENV.items():
-            env.setenv(name, value)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        try:
-            yield f"http://{host}:{port}"
-        finally:
-            server.stop()
+    with moto_s3() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select, text, update
 
 from api.app import create_app
-from darkroom.jobspec import JobSpec, describe
+from darkroom.jobspec import JobSpec
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
 from db.models import Job, JobState, Operation
@@ -36,6 +36,7 @@ from db.repositories import jobs, webhooks
 from db.repositories.jobs import ClaimOutcome
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
+from tests.support.jobs import store_job
 from tests.support.servers import WebhookReceiver, png
 from tests.support.system import settings_env
 from worker.jobs import WorkerRuntime, run_job
@@ -122,13 +123,17 @@ def new_job(settings: Settings, key: IssuedKey, image_url: str, webhook: str | N
         guidance_scale=7.0,
         seed=42,
     )
-    with session_scope(settings.resolved_database_url) as session:
-        job = jobs.create_job(
-            session,
-            jobs.NewJob(key.row.id, spec.operation, "v5", spec.to_row(), {}, None, webhook),
-        )
-        job.meta = describe(spec, job.file_prefix, [])
-        return job.id
+    return store_job(settings, key.row.id, spec, webhook=webhook)
+
+
+def start_stale_run(runtime: WorkerRuntime, images: GatedImages, job_id: int) -> threading.Thread:
+    """A run that claims the job (its first request to `images`), then stalls in its image
+    fetch past its lease; the caller opens gate 0 to let it go on, and joins it."""
+    stale = threading.Thread(target=run_job, args=(job_id, runtime))
+    stale.start()
+    images.wait_for(0)
+    expire_lease(runtime.settings, job_id)
+    return stale
 
 
 def expire_lease(settings: Settings, job_id: int) -> None:
@@ -206,10 +211,7 @@ def test_a_superseded_run_cannot_renew_overwrite_or_finish(
     settings = runtime.settings
     job_id = new_job(settings, api_key, images.url, receiver.url)
 
-    stale = threading.Thread(target=run_job, args=(job_id, runtime))
-    stale.start()  # claims (attempt 1), then stalls in its image fetch
-    images.wait_for(0)
-    expire_lease(settings, job_id)
+    stale = start_stale_run(runtime, images, job_id)
     run_job(job_id, runtime)  # another worker claims it (attempt 2) and succeeds
     won = delivered(settings, job_id)
     assert (won.state, won.attempts) == (JobState.SUCCESS, 2)
@@ -238,10 +240,7 @@ def test_a_superseded_run_that_ends_first_records_nothing(
     settings = runtime.settings
     job_id = new_job(settings, api_key, images.url, None)
 
-    stale = threading.Thread(target=run_job, args=(job_id, runtime))
-    stale.start()
-    images.wait_for(0)
-    expire_lease(settings, job_id)
+    stale = start_stale_run(runtime, images, job_id)
     winner = threading.Thread(target=run_job, args=(job_id, runtime))
     winner.start()  # claims (attempt 2) and waits for its image
     images.wait_for(1)
@@ -272,10 +271,7 @@ def test_a_superseded_run_cannot_fail_the_job(
     gated.append(images)
     settings = runtime.settings
     job_id = new_job(settings, api_key, images.url, None)
-    stale = threading.Thread(target=run_job, args=(job_id, runtime))
-    stale.start()
-    images.wait_for(0)
-    expire_lease(settings, job_id)
+    stale = start_stale_run(runtime, images, job_id)
     run_job(job_id, runtime)
     won = delivered(settings, job_id)
 

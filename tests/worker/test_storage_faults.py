@@ -17,29 +17,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from moto.server import ThreadedMotoServer
 from prometheus_client import REGISTRY
 
-from darkroom.jobspec import JobSpec, describe
+from darkroom.jobspec import JobSpec
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
 from db.models import Job, JobState, Operation
 from db.repositories import jobs, webhooks
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
+from tests.support.jobs import store_job
+from tests.support.s3 import moto_s3
 from tests.support.servers import ImageServer
 from worker.jobs import WorkerRuntime, run_job
 from worker.models.cache import ModelCache
 
 ATTEMPTS, BACKOFF_S = 3, 0.05
-AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "darkroom-test",
-    "AWS_SECRET_ACCESS_KEY": "darkroom-test-secret",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": "/nonexistent/aws-config",
-    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
-    "AWS_EC2_METADATA_DISABLED": "true",
-}
 
 
 def own_runtime(
@@ -68,15 +61,7 @@ def new_job(settings: Settings, key: IssuedKey, image_url: str) -> int:
         seed=7,
         samples=2,
     )
-    with session_scope(settings.resolved_database_url) as session:
-        job = jobs.create_job(
-            session,
-            jobs.NewJob(
-                key.row.id, spec.operation, "v5", spec.to_row(), {}, None, "http://127.0.0.1:9/"
-            ),
-        )
-        job.meta = describe(spec, job.file_prefix, [])
-        return job.id
+    return store_job(settings, key.row.id, spec, webhook="http://127.0.0.1:9/")
 
 
 def load(settings: Settings, job_id: int) -> tuple[Job, str]:
@@ -188,16 +173,8 @@ def test_a_write_that_succeeds_on_a_retry_keeps_the_generated_images(
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
     """A moto S3 server on a free loopback port, and AWS credentials in the environment."""
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in AWS_ENV.items():
-            env.setenv(name, value)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        try:
-            yield f"http://{host}:{port}"
-        finally:
-            server.stop()
+    with moto_s3() as endpoint:
+        yield endpoint
 
 
 def test_a_missing_bucket_fails_the_job_as_a_storage_fault(
