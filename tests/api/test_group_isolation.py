@@ -8,7 +8,6 @@ are real too: values the API's checks may let through but the database cannot st
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,6 +43,7 @@ from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
 from tests.api.test_submit import PIX2PIX, queued_job_ids
 from tests.conftest import count_rows
+from tests.support.threads import call_at_once
 
 GROUP = 24
 
@@ -232,17 +232,7 @@ def test_refused_and_valid_submissions_in_many_concurrent_groups(
     bad = {3, 17, 18, 40}
     for n in bad:
         items[n] = with_track_id(items[n], "y" * 201)
-    start = threading.Barrier(len(items))
-
-    def submit(item: PreparedJob) -> Any:
-        start.wait()
-        try:
-            return intake.submit(item)
-        except Exception as exc:
-            return exc
-
-    with ThreadPoolExecutor(len(items)) as pool:
-        results = list(pool.map(submit, items))
+    results = call_at_once(intake.submit, items)
 
     refused = {n for n, result in enumerate(results) if isinstance(result, ApiError)}
     assert refused == bad

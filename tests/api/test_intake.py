@@ -19,6 +19,7 @@ from darkroom.settings import Settings
 from db.repositories.keys import IssuedKey
 from db.session import session_factory
 from tests.api.test_submit import PIX2PIX, post, queued_job_ids
+from tests.support.threads import call_at_once
 
 
 class SlowDoubler:
@@ -37,17 +38,7 @@ class SlowDoubler:
 
 def submit_all(intake: GroupCommit[int, int], numbers: list[int]) -> list[Any]:
     """Submit every number from its own thread at once; each result or raised exception."""
-    start = threading.Barrier(len(numbers))
-
-    def one(number: int) -> Any:
-        start.wait()
-        try:
-            return intake.submit(number)
-        except Exception as exc:
-            return exc
-
-    with ThreadPoolExecutor(len(numbers)) as pool:
-        return list(pool.map(one, numbers))
+    return call_at_once(intake.submit, numbers)
 
 
 def test_submissions_waiting_for_a_group_are_stored_together_with_their_own_results() -> None:

@@ -34,7 +34,7 @@ from api.fields import (
     MAX_WEBHOOK_URL_CHARS,
 )
 from darkroom import registry
-from darkroom.jobspec import JobSpec, describe
+from darkroom.jobspec import JobSpec
 from darkroom.logs import RedactKeysInAccessLog
 from darkroom.queue import make_celery
 from darkroom.registry import ModelSpec, PipelineSource
@@ -45,6 +45,7 @@ from db.repositories import jobs
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
 from tests.api.test_submit import IMG2IMG, MIXER_V5, PIX2PIX, post
+from tests.support.jobs import store_job
 from tests.support.servers import ImageServer, png
 from tests.worker.conftest import model_cache, tiny_settings  # noqa: F401 - fixtures
 from worker.jobs import WorkerRuntime, run_job
@@ -243,13 +244,7 @@ def test_a_job_whose_prompt_has_too_many_windows_fails_with_a_clear_message(
             width=64,
             height=64,
         )
-        with session_scope(shared.resolved_database_url) as session:
-            row = jobs.create_job(
-                session,
-                jobs.NewJob(api_key.row.id, spec.operation, "v5", spec.to_row(), {}, None, None),
-            )
-            row.meta = describe(spec, row.file_prefix, [])
-            return row.id
+        return store_job(shared, api_key.row.id, spec)
 
     fits, too_long = job("a " * most), job("a " * (most + 1))
     for job_id in (fits, too_long):

@@ -21,13 +21,14 @@ import pytest
 from PIL import Image
 
 from darkroom import outbound
-from darkroom.jobspec import JobSpec, describe
+from darkroom.jobspec import JobSpec
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
 from db.models import DeliveryState, Job, Operation, WebhookDelivery, utcnow
 from db.repositories import jobs, webhooks
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
+from tests.support.jobs import store_job
 from tests.support.servers import ImageServer, ScriptedServer, WebhookReceiver, response_head
 from worker.images import (
     MAX_PIXELS,
@@ -193,21 +194,7 @@ def _new_job(settings: Settings, key: IssuedKey, init_image: str) -> int:
         samples=1,
         init_images=[init_image],
     )
-    with session_scope(settings.resolved_database_url) as session:
-        job = jobs.create_job(
-            session,
-            jobs.NewJob(
-                api_key_id=key.row.id,
-                operation=spec.operation,
-                endpoint="v5",
-                params=spec.to_row(),
-                meta={},
-                track_id=None,
-                webhook_url=None,
-            ),
-        )
-        job.meta = describe(spec, job.file_prefix, [])
-        return job.id
+    return store_job(settings, key.row.id, spec)
 
 
 def _state(settings: Settings, job_id: int) -> tuple[str, str | None]:
