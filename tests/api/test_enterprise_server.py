@@ -8,7 +8,6 @@ import base64
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
 from tests.api.test_submit import PIX2PIX
 from tests.support.servers import ImageServer
-from tests.support.system import darkroom, darkroom_up, production_env, settings_env
+from tests.support.system import darkroom, darkroom_up, production_env, settings_env, terminate
 
 E = "/api/v1/enterprise"
 
@@ -198,13 +197,7 @@ def worker(settings: Settings, tmp_path: Path) -> Iterator[subprocess.Popen[byte
     try:
         yield process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(timeout=10)
+        terminate(process, timeout=30)
         log.close()
 
 

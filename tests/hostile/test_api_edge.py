@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -35,7 +34,7 @@ from db.repositories.keys import create_key, revoke_key
 from db.session import session_scope
 from tests.api.test_fuzz import error_shape_problems
 from tests.api.test_submit import IMG2IMG, MIXER_V5, MIXER_V6, PIX2PIX
-from tests.support.system import free_port
+from tests.support.system import free_port, log_tail, terminate, wait_healthy
 
 HEADER_TIMEOUT_S = 2.0
 BODY_TIMEOUT_S = 3.0
@@ -64,7 +63,7 @@ class ApiProcess:
         return psutil.Process(self.process.pid)
 
     def log_tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
     def health_s(self, timeout: float = 5.0) -> float:
         """Seconds /health took to answer 200 on a fresh connection (fails otherwise)."""
@@ -104,29 +103,10 @@ def darkroom_api(workdir: Path, **settings: str) -> Iterator[ApiProcess]:
         )
     api = ApiProcess(process, port, key, log_path)
     try:
-        _wait_healthy(api)
+        wait_healthy(process, api.base_url, log_path, "darkroom api", timeout=30)
         yield api
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def _wait_healthy(api: ApiProcess, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if api.process.poll() is not None:
-            raise AssertionError(f"darkroom api exited early\n{api.log_tail()}")
-        try:
-            if httpx.get(api.base_url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"darkroom api not healthy in {timeout}s\n{api.log_tail()}")
+        terminate(process, timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -105,7 +105,7 @@ class RunningSystem:
         raise AssertionError(f"{fetch_path} still processing after {timeout}s\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return log_tail(self.log_path, lines)
 
 
 @contextmanager
@@ -128,27 +128,45 @@ def darkroom_up(env_overrides: dict[str, str], workdir: Path) -> Iterator[Runnin
         )
     system = RunningSystem(process, f"http://127.0.0.1:{port}", env, log_path)
     try:
-        _wait_healthy(system)
+        wait_healthy(process, system.base_url, log_path, "darkroom up", timeout=60)
         yield system
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
+        if not terminate(process, timeout=90):
+            raise AssertionError(f"darkroom up ignored SIGTERM for 90 s\n{system.log_tail()}")
 
 
-def _wait_healthy(system: RunningSystem, timeout: float = 60) -> None:
+def log_tail(log_path: Path, lines: int = 60) -> str:
+    """The last `lines` lines of a subprocess's log, for a failure message."""
+    return "\n".join(log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_healthy(
+    process: subprocess.Popen[bytes], base_url: str, log_path: Path, what: str, timeout: float
+) -> None:
+    """Until `base_url`/health answers 200; fails at once if `process` exits first, and after
+    `timeout` seconds, with the tail of its log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if system.process.poll() is not None:
-            raise AssertionError(f"darkroom up exited early\n{system.log_tail()}")
+        if process.poll() is not None:
+            raise AssertionError(f"{what} exited early\n{log_tail(log_path)}")
         try:
-            if httpx.get(system.base_url + "/health", timeout=2).status_code == 200:
+            if httpx.get(base_url + "/health", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.3)
-    raise AssertionError(f"darkroom up not healthy in {timeout}s\n{system.log_tail()}")
+        time.sleep(0.2)
+    raise AssertionError(f"{what} not healthy in {timeout}s\n{log_tail(log_path)}")
+
+
+def terminate(process: subprocess.Popen[bytes], timeout: float) -> bool:
+    """SIGTERM to a process the test started, then its exit; killed after `timeout` seconds.
+    Whether it exited on its own (a process that had already exited counts)."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+        return False

@@ -98,19 +98,27 @@ def retries(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
     return [r for r in caplog.records if r.getMessage().startswith("writing output ")]
 
 
+@pytest.fixture
+def blocked(
+    tmp_path: Path, settings: Settings, tiny_settings: Settings, model_cache: ModelCache
+) -> WorkerRuntime:
+    """A worker runtime of its own whose outputs folder is an empty file instead: every write
+    into it fails (ENOTDIR), root's too."""
+    runtime = own_runtime(settings, tiny_settings, model_cache, tmp_path / "data")
+    outputs = runtime.settings.outputs_dir
+    outputs.rmdir()
+    outputs.write_bytes(b"")
+    return runtime
+
+
 def test_an_unwritable_outputs_folder_fails_the_job_as_a_storage_fault(
-    tmp_path: Path,
-    settings: Settings,
-    tiny_settings: Settings,
-    model_cache: ModelCache,
+    blocked: WorkerRuntime,
     api_key: IssuedKey,
     image_server: ImageServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    runtime = own_runtime(settings, tiny_settings, model_cache, tmp_path / "data")
+    runtime = blocked
     outputs = runtime.settings.outputs_dir
-    outputs.rmdir()
-    outputs.write_bytes(b"")  # every write into it now fails (ENOTDIR), root's too
     job_id = new_job(runtime.settings, api_key, image_server.url("/red.png"))
     runs, failures = pipeline_runs(), storage_failures()
 
@@ -132,18 +140,13 @@ def test_an_unwritable_outputs_folder_fails_the_job_as_a_storage_fault(
 
 
 def test_a_write_that_succeeds_on_a_retry_keeps_the_generated_images(
-    tmp_path: Path,
-    settings: Settings,
-    tiny_settings: Settings,
-    model_cache: ModelCache,
+    blocked: WorkerRuntime,
     api_key: IssuedKey,
     image_server: ImageServer,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    runtime = own_runtime(settings, tiny_settings, model_cache, tmp_path / "data")
+    runtime = blocked
     outputs = runtime.settings.outputs_dir
-    outputs.rmdir()
-    outputs.write_bytes(b"")
 
     class Repair(logging.Handler):
         """The operator frees the folder while the worker waits to try again."""
