@@ -1,13 +1,19 @@
 """Dispatcher: webhook deliveries per second to a loopback receiver, beside plain POSTs.
 
-    python -m benchmarks.dispatcher [--quick] [--out results/dispatcher.json]
+    python -m benchmarks.dispatcher [--quick] [--processes 1,2] [--out results/dispatcher.json]
 
 Each round creates `--count` finished jobs with their pending deliveries directly in the
 database (as a worker's success does, through darkroom.outcomes), then publishes their ids and
-times until the receiver has all of them; `darkroom dispatcher` (its thread pool at
-DARKROOM_WEBHOOK_CONCURRENCY) claims, signs, POSTs and records each one. The baseline sends
-the same payloads from a plain httpx client at the same concurrency, nothing else. Rounds of
-the two alternate; rates are medians over rounds.
+times until the receiver has all of them. Cases, each with its own dispatcher processes:
+
+- `celery x1`: one `darkroom dispatcher` with DARKROOM_WEBHOOK_LOOP=false, one Celery task per
+  delivery (claim, sign, POST, record in two transactions): the dispatcher before the loop;
+- `loop xN`: N `darkroom dispatcher` processes running the database-driven loop (batched claims
+  and records; the published ids only wake it), for each N of `--processes`.
+
+The baseline sends the same payloads from a plain httpx client at the same concurrency
+(DARKROOM_WEBHOOK_CONCURRENCY), nothing else, in a round beside each dispatcher round. Rates are
+medians over rounds; `ratio` is a case's rate over the median baseline of the same run.
 """
 
 from __future__ import annotations
@@ -15,11 +21,14 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, Interval, func, literal, select, update
+from sqlalchemy.orm import Session
 
 from benchmarks._load import Sample, run_threads, summary
 from benchmarks._loopback import Loopback
@@ -35,6 +44,7 @@ from benchmarks.report import Report
 from darkroom import outcomes
 from darkroom.queue import DELIVER_WEBHOOK_TASK, make_celery, send
 from darkroom.settings import Settings
+from db.clock import DbNow
 from db.models import DeliveryState, Operation, WebhookAttempt, WebhookDelivery
 from db.repositories import jobs
 from db.repositories.jobs import NewJob, OutputRecord
@@ -50,14 +60,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark; the JSON record it wrote."""
     args = _parser().parse_args(argv)
     if args.quick:
-        args.count, args.rounds = 30, 1
+        args.count, args.rounds, args.processes = 30, 1, "1"
     overrides = {} if args.concurrency is None else {"webhook_concurrency": args.concurrency}
     with production_settings(**overrides) as settings, log_folder() as logs:
         args.concurrency = settings.webhook_concurrency
         report = Report("dispatcher", {k: v for k, v in vars(args).items() if k != "out"})
         dispatched, baseline = _measure(settings, logs, args)
         report.checks = _checks(settings)
-    _fill(report, summary(dispatched), summary(baseline))
+    _fill(report, dispatched, baseline)
     return report.emit(args.out)
 
 
@@ -70,38 +80,63 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--concurrency", type=int, default=None, help="dispatcher threads (default: settings')"
     )
+    parser.add_argument(
+        "--processes", default="1,2", help="dispatcher processes of the loop cases, e.g. 1,2"
+    )
+    parser.add_argument(
+        "--no-celery", action="store_true", help="leave out the one-task-per-delivery case"
+    )
     return parser
+
+
+def _cases(args: argparse.Namespace) -> list[tuple[str, int, bool]]:
+    """(name, processes, loop) of each case to measure."""
+    cases = [] if args.no_celery else [("celery x1", 1, False)]
+    return cases + [(f"loop x{n}", n, True) for n in map(int, args.processes.split(","))]
 
 
 def _measure(
     settings: Settings, logs: Path, args: argparse.Namespace
-) -> tuple[list[Sample], list[Sample]]:
-    """Alternate rounds of the dispatcher and the baseline, after a warm-up of each."""
-    dispatched, baseline = [], []
+) -> tuple[dict[str, list[Sample]], list[Sample]]:
+    """Each case's rounds (after a warm-up), each beside a baseline round."""
+    dispatched: dict[str, list[Sample]] = {}
+    baseline: list[Sample] = []
     key_id = new_key(settings).row.id
-    with (
-        Loopback() as receiver,
-        started(darkroom_argv("dispatcher"), child_env(settings), logs / "dispatcher.log"),
-        httpx.Client(timeout=settings.webhook_timeout_s) as client,
-    ):
+    with Loopback() as receiver, httpx.Client(timeout=settings.webhook_timeout_s) as client:
         url = receiver.url("/hook")
-        for count, keep in [(WARMUP, False)] + [(args.count, True)] * args.rounds:
-            ids = _create_deliveries(settings, key_id, url, count)
-            sample = _dispatch(settings, receiver, ids)
-            plain = run_threads(
-                _plain_post(client, url, _payloads(settings, ids)), count, args.concurrency
-            )
-            if keep:
-                dispatched.append(sample)
-                baseline.append(plain)
+        expected = 0  # POSTs the receiver has had so far
+        for case, processes, loop in _cases(args):
+            env = child_env(settings, DARKROOM_WEBHOOK_LOOP=str(loop).lower())
+            with _dispatchers(processes, env, logs / case.replace(" ", "_")):
+                for count, keep in [(WARMUP, False)] + [(args.count, True)] * args.rounds:
+                    ids = _create_deliveries(settings, key_id, url, count)
+                    sample = _dispatch(settings, receiver, ids, expected)
+                    payloads = _payloads(settings, ids)
+                    plain = run_threads(_plain_post(client, url, payloads), count, args.concurrency)
+                    expected += 2 * count
+                    if keep:
+                        dispatched.setdefault(case, []).append(sample)
+                        baseline.append(plain)
     return dispatched, baseline
 
 
+@contextmanager
+def _dispatchers(count: int, env: dict[str, str], log_stem: Path) -> Iterator[None]:
+    """`count` dispatcher processes until the block ends."""
+    with ExitStack() as stack:
+        for n in range(count):
+            log_path = log_stem.with_name(f"{log_stem.name}-{n}.log")
+            stack.enter_context(started(darkroom_argv("dispatcher"), env, log_path))
+        yield
+
+
 def _create_deliveries(settings: Settings, key_id: int, url: str, count: int) -> list[int]:
-    """`count` successful jobs, each with the pending delivery its success queued."""
+    """`count` successful jobs, each with the pending delivery its success queued, held back
+    (due in a day) so that no dispatcher nor sweeper starts on them before `_dispatch`."""
     ids: list[int] = []
     for size in _batches(count):
         with session_scope(settings.resolved_database_url) as session:
+            batch = []
             for _ in range(size):
                 job = jobs.create_job(session, _new_job(key_id, url))
                 jobs.claim_job(session, job.id, lease_s=60, max_attempts=1)
@@ -110,8 +145,19 @@ def _create_deliveries(settings: Settings, key_id: int, url: str, count: int) ->
                     session, settings, job, outputs=[output], meta={"seed": 7}, generation_time=1.0
                 )
                 assert delivery_id is not None
-                ids.append(delivery_id)
+                batch.append(delivery_id)
+            _due_at(session, batch, DbNow() + literal(timedelta(days=1), Interval()))
+            ids += batch
     return ids
+
+
+def _due_at(session: Session, ids: list[int], when: ColumnElement[datetime]) -> None:
+    session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id.in_(ids))
+        .values(next_attempt_at=when)
+        .execution_options(synchronize_session=False)
+    )
 
 
 def _batches(count: int) -> Iterator[int]:
@@ -133,11 +179,14 @@ def _new_job(key_id: int, url: str) -> NewJob:
     )
 
 
-def _dispatch(settings: Settings, receiver: Loopback, ids: list[int]) -> Sample:
-    """Publish `ids`; the time until the receiver has them all and their attempt latencies."""
+def _dispatch(settings: Settings, receiver: Loopback, ids: list[int], before: int) -> Sample:
+    """Make `ids` due and publish them; the time until the receiver has them all (it had
+    `before` POSTs until then) and their attempt latencies."""
     broker = make_celery(settings)
-    before = receiver.count()
+    receiver.wait_for_count(before, ROUND_TIMEOUT_S)  # the last baseline POSTs are counted
     started_at = time.time()
+    with session_scope(settings.resolved_database_url) as session:
+        _due_at(session, ids, DbNow())
     for delivery_id in ids:
         if not send(broker, DELIVER_WEBHOOK_TASK, delivery_id):
             raise RuntimeError("the broker refused a delivery id")
@@ -198,20 +247,31 @@ def _checks(settings: Settings) -> dict[str, Any]:
     return {"deliveries_created": created, "delivered": delivered, "attempts": attempts}
 
 
-def _fill(report: Report, dispatched: dict[str, Any], baseline: dict[str, Any]) -> None:
-    """The dispatcher's row and the baseline's, with the rate ratio."""
-    ratio = dispatched["per_s"] / baseline["per_s"] if baseline["per_s"] else None
-    report.add(
-        case="dispatcher",
-        what="darkroom dispatcher: claim, sign, POST, record",
-        **dispatched,
-        ratio=ratio,
-    )
-    report.add(case="baseline", what="plain httpx POST of the same payloads", **baseline, ratio=1.0)
+def _fill(report: Report, dispatched: dict[str, list[Sample]], baseline: list[Sample]) -> None:
+    """One row per case and the baseline's, with each rate over the baseline's."""
+    plain = summary(baseline)
+    what = {
+        "celery": "one Celery task per delivery: claim, sign, POST, record (before)",
+        "loop": "database-driven loop: batched claim, sign, POST, batched record",
+    }
+    rates: dict[str, float] = {}
+    for case, samples in dispatched.items():
+        row = summary(samples)
+        rates[case] = row["per_s"]
+        ratio = row["per_s"] / plain["per_s"] if plain["per_s"] else None
+        processes = case.split(" x")[1]
+        description = f"{what[case.split()[0]]}, {processes} process(es)"
+        report.add(case=case, what=description, **row, ratio=ratio)
+    report.add(case="baseline", what="plain httpx POST of the same payloads", **plain, ratio=1.0)
     report.notes.append(
         "per_s: deliveries a second from first publish to last arrival (median over rounds); "
-        "p50/p99: one POST's time (the dispatcher's as it recorded it in webhook_attempts)"
+        "p50/p99: one POST's time (the dispatcher's as it recorded it in webhook_attempts); "
+        "ratio: over the median baseline of this run (goal for loop x1 >= 0.5)"
     )
+    if "loop x1" in rates and "loop x2" in rates and rates["loop x1"]:
+        scaling = rates["loop x2"] / rates["loop x1"]
+        report.checks["scaling_2_over_1"] = round(scaling, 2)
+        report.notes.append(f"two loop processes over one: {scaling:.2f}x")
 
 
 if __name__ == "__main__":

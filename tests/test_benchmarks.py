@@ -36,7 +36,7 @@ def test_api_tier_quick_submits_every_job_and_reports_both_baselines(tmp_path: P
     record = _run(api_tier.main, tmp_path)
 
     rows = _rows_by(record, "case")
-    assert list(rows) == ["health", "submit", "raw"]
+    assert list(rows) == ["health", "submit", "raw", "fetch"]
     for row in rows.values():
         assert row["errors"] == 0
         assert row["count"] == record["parameters"]["count"]
@@ -50,6 +50,11 @@ def test_api_tier_quick_submits_every_job_and_reports_both_baselines(tmp_path: P
     assert checks["jobs_stored"] == checks["jobs_sent"] == checks["ids_queued"]
     assert checks["api_jobs_not_marked_enqueued"] == 0
     assert any("goal >= 0.5" in note for note in record["notes"])
+    goals = checks["goals"]
+    assert goals["fetch rate / health rate"]["value"] == pytest.approx(
+        rows["fetch"]["per_s"] / rows["health"]["per_s"], abs=1e-3
+    )
+    assert goals["submit p99 / health p99"]["goal"] == "<= 3.0"
 
 
 def test_queue_overhead_quick_times_every_job_through_the_real_tiers(tmp_path: Path) -> None:
@@ -74,14 +79,14 @@ def test_dispatcher_quick_delivers_each_webhook_once_and_beside_plain_posts(
     record = _run(dispatcher.main, tmp_path)
 
     rows = _rows_by(record, "case")
-    assert list(rows) == ["dispatcher", "baseline"]
-    for row in rows.values():
-        assert row["errors"] == 0
-        assert row["count"] == record["parameters"]["count"]
-        assert row["per_s"] > 0
-    assert rows["dispatcher"]["ratio"] == pytest.approx(
-        rows["dispatcher"]["per_s"] / rows["baseline"]["per_s"]
-    )
+    assert list(rows) == ["celery x1", "loop x1", "baseline"]  # the quick mode: one process
+    count = record["parameters"]["count"]
+    for case in ("celery x1", "loop x1"):
+        assert rows[case]["errors"] == 0
+        assert rows[case]["count"] == count
+        assert rows[case]["ratio"] == pytest.approx(rows[case]["per_s"] / rows["baseline"]["per_s"])
+    assert rows["baseline"]["count"] == 2 * count  # a baseline round beside each case's
+    assert rows["baseline"]["errors"] == 0
     checks = record["checks"]
     assert checks["delivered"] == checks["deliveries_created"] == checks["attempts"]
     assert record["parameters"]["concurrency"] >= 1
