@@ -117,6 +117,8 @@ def test_darkroom_workers_lists_the_live_workers(
         "models": ["img2img:tiny-a"],
         "loads": {"img2img:tiny-a": 1},
         "jobs": 0,
+        "gpus": [],  # a CPU worker's advertisement (system_details shows what a GPU one says)
+        "versions": {},
     }
     assert cmd_workers(argparse.Namespace(), Settings(data_dir=tmp_path)) == 1  # embedded
 
