@@ -4,7 +4,7 @@ Rows are committed before their ids reach the broker, so a worker never receives
 cannot read. If publishing fails a row keeps `enqueued_at` empty and the sweeper sends it
 later: an accepted job is never lost. Submissions are stored in groups (`api.intake`): one
 admission read, one multi-row insert and one commit serve every submission of a group. Each id
-goes to the queue model-affinity routing picks (`darkroom.affinity`), recorded in `queue_name`.
+goes to the queue model-affinity routing picks (`services.routing`), recorded in `queue_name`.
 
 One client's bad input never fails another's request: a group that cannot be stored because of
 what one of its items holds is stored again in halves, down to the item at fault, which alone
@@ -29,7 +29,6 @@ from sqlalchemy.orm import Session
 
 from api.errors import INVALID_KEY, ApiError
 from api.limits import Admission
-from darkroom.affinity import choose_queue
 from darkroom.jobspec import JobSpec, batch_key, describe
 from darkroom.queue import RUN_JOB_TASK, send
 from darkroom.settings import Settings
@@ -38,6 +37,7 @@ from db.repositories import idempotency, jobs, routing
 from db.repositories.jobs import NewJob
 from db.repositories.keys import active_keys_by_digest, hash_key
 from db.session import session_factory
+from services.routing import choose_queue
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 The client opts in with `Prefer: wait=N` (RFC 7240) or a body field `wait`. The wait holds no
 database session and no threadpool thread: it awaits an asyncio event that the process's one
 listener sets when Postgres announces the job's end (`NOTIFY darkroom_job_done`, sent by
-darkroom.outcomes inside the terminal transaction, so it arrives after the commit). Each wake-up
+services.outcomes inside the terminal transaction, so it arrives after the commit). Each wake-up
 re-reads the job, so a notification is only a hint; a re-check every `sync_wait_recheck_s`
 covers one lost while the listener reconnects. SQLite has no notifications: one poll per
 process asks which waited jobs have ended. At most `sync_wait_max_concurrent` waits at once.

@@ -142,7 +142,7 @@ def started(
 
 def darkroom_argv(*args: str) -> list[str]:
     """The `darkroom` command line, run with this interpreter."""
-    return [sys.executable, "-m", "darkroom.cli", *args]
+    return [sys.executable, "-m", "cli.main", *args]
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:

@@ -3,7 +3,7 @@
     python -m benchmarks.dispatcher [--quick] [--processes 1,2] [--out results/dispatcher.json]
 
 Each round creates `--count` finished jobs with their pending deliveries directly in the
-database (as a worker's success does, through darkroom.outcomes), then publishes their ids and
+database (as a worker's success does, through services.outcomes), then publishes their ids and
 times until the receiver has all of them. Cases, each with its own dispatcher processes:
 
 - `celery x1`: one `darkroom dispatcher` with DARKROOM_WEBHOOK_LOOP=false, one Celery task per
@@ -41,7 +41,6 @@ from benchmarks._services import (
     started,
 )
 from benchmarks.report import Report
-from darkroom import outcomes
 from darkroom.queue import DELIVER_WEBHOOK_TASK, make_celery, send
 from darkroom.settings import Settings
 from db.clock import DbNow
@@ -49,6 +48,7 @@ from db.models import DeliveryState, Operation, WebhookAttempt, WebhookDelivery
 from db.repositories import jobs
 from db.repositories.jobs import NewJob, OutputRecord
 from db.session import session_scope
+from services import outcomes
 
 WARMUP = 20
 #: Rows committed per transaction while preparing a round.

@@ -59,7 +59,7 @@ from benchmarks._gpu_models import (
     unet_step_flops,
 )
 from benchmarks.report import Report, median
-from darkroom.registry import ModelSpec
+from darkroom.model_ids import ModelSpec
 from worker.families import img2img_runner
 from worker.fastpath import FastPath, apply_fast_path
 from worker.memory import MemoryProfile, ShapeKey, available_bytes, measure_peak

@@ -1,7 +1,7 @@
 """Output storage: the worker writes, the API serves, the sweeper expires.
 
 Shared by the tiers (it needs no image library): files are written atomically, each run of a
-job under names of its own (see `darkroom.responses.run_output_filename`), so a stale run never
+job under names of its own (see `services.responses.run_output_filename`), so a stale run never
 replaces the file another run delivered. A write that fails raises `StorageError`, whose reason
 is safe to show clients. `make_storage` picks the backend from the settings; every tier goes
 through it.

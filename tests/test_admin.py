@@ -10,11 +10,11 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from darkroom import outcomes
 from darkroom.settings import Settings
 from db.models import DeliveryState, Operation, WebhookDelivery
 from db.repositories import jobs, keys
 from db.session import session_scope
+from services import outcomes
 from tests.support.servers import WebhookReceiver
 from tests.support.system import darkroom
 from worker.webhooks.dispatcher import deliver

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import select, update
 from standardwebhooks.webhooks import Webhook
 
-from darkroom import admin, outcomes
+from cli import admin
 from darkroom.jobspec import JobSpec, describe
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
@@ -25,6 +25,7 @@ from db.models import Job, JobRequeue, JobState, Operation, WebhookDelivery, utc
 from db.repositories import jobs, keys, webhooks
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
+from services import outcomes
 from tests.support.broker import published_ids
 from tests.support.servers import ImageServer, WebhookReceiver
 from worker.jobs import WorkerRuntime, run_job
@@ -47,7 +48,7 @@ def cli(settings: Settings, *args: str) -> tuple[int, list[dict[str, Any]], str]
         "DARKROOM_DATA_DIR": str(settings.data_dir),
     }
     done = subprocess.run(
-        [sys.executable, "-m", "darkroom.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         env=env,
         capture_output=True,
         text=True,

@@ -20,7 +20,7 @@ def modules_loaded_by(code: str) -> set[str]:
 
 
 def test_the_api_process_never_imports_torch() -> None:
-    loaded = modules_loaded_by("from api.app import create_app\ncreate_app()\nimport darkroom.cli")
+    loaded = modules_loaded_by("from api.app import create_app\ncreate_app()\nimport cli.main")
     assert "fastapi" in loaded  # the probe did load the app
     assert not loaded.intersection(HEAVY)
 

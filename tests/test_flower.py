@@ -80,7 +80,7 @@ def test_flower_sees_the_worker_its_tasks_and_its_queue(
         # Flower sees Celery workers: the dispatcher's Celery mode, not its database loop.
         "DARKROOM_WEBHOOK_LOOP": "false",
     }
-    dispatcher_argv = [sys.executable, "-m", "darkroom.cli", "dispatcher", "--name", f"{node}@%h"]
+    dispatcher_argv = [sys.executable, "-m", "cli.main", "dispatcher", "--name", f"{node}@%h"]
     flower_argv = [
         *(sys.executable, "-m", "celery", "-A", "worker.dispatcher_app", "flower"),
         *(f"--port={port}", "--address=127.0.0.1", f"--basic-auth={':'.join(AUTH)}"),

@@ -18,13 +18,13 @@ from typing import Any
 
 import pytest
 
-from darkroom import outcomes
 from darkroom.logs import JsonFormatter, RedactKeysInAccessLog, job_context, resolve_format
 from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, make_celery, send
 from darkroom.settings import Settings
 from db.models import Job, JobState, Operation
 from db.repositories import jobs, keys
 from db.session import session_scope
+from services import outcomes
 from tests.support.servers import WebhookReceiver
 from tests.support.system import settings_env
 
@@ -93,7 +93,7 @@ def tier(command: str, env: dict[str, str], log_path: Path) -> Iterator[None]:
     """
     with log_path.open("wb") as log, log_path.with_suffix(".out").open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "darkroom.cli", command], env=env, stdout=out, stderr=log
+            [sys.executable, "-m", "cli.main", command], env=env, stdout=out, stderr=log
         )
     try:
         yield

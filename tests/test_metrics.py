@@ -23,10 +23,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import create_app
 from darkroom.metrics import GpuMemoryCollector, failure_reason
-from darkroom.outcomes import CANCELED_MESSAGE, exhausted_message
 from darkroom.settings import Settings
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
+from services.outcomes import CANCELED_MESSAGE, exhausted_message
 from tests.support.servers import ImageServer, Received, WebhookReceiver
 from tests.support.system import darkroom_up, free_port, production_env
 

@@ -18,7 +18,14 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from api.app import create_app
-from darkroom.affinity import (
+from cli.main import cmd_workers
+from darkroom.queue import RUN_JOB_TASK, make_celery, send
+from darkroom.settings import Settings
+from db.models import Job, Operation, utcnow
+from db.repositories import jobs
+from db.repositories.keys import IssuedKey, create_key
+from db.session import session_scope
+from services.routing import (
     ModelKey,
     Presence,
     WorkerPresence,
@@ -28,13 +35,6 @@ from darkroom.affinity import (
     model_queue,
     parse_model_key,
 )
-from darkroom.cli import cmd_workers
-from darkroom.queue import RUN_JOB_TASK, make_celery, send
-from darkroom.settings import Settings
-from db.models import Job, Operation, utcnow
-from db.repositories import jobs
-from db.repositories.keys import IssuedKey, create_key
-from db.session import session_scope
 from tests.support.broker import published_ids
 from worker.sweeper import sweep_once
 
@@ -289,8 +289,8 @@ class _CeleryConsumer:
 def test_a_worker_holds_what_it_loaded_and_lets_go_of_what_it_evicted(
     own: Settings, own_key: IssuedKey, rds: redis.Redis
 ) -> None:
-    from worker.affinity import TrackedCache, WorkerAffinity
-    from worker.models.registry import resolve_model
+    from worker.models.weights import resolve_model
+    from worker.residency import TrackedCache, WorkerAffinity
 
     tiny = own.model_copy(update={"worker_models": ["tiny-a"]})
     cache = TrackedCache(max_entries=1, device="cpu")  # room for one model: the next evicts

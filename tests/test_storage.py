@@ -12,12 +12,12 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from api.app import create_app
-from darkroom.links import OutputLinks
 from darkroom.settings import Settings
 from darkroom.storage import LocalStorage, Storage, make_storage
 from db.models import utcnow
 from db.repositories import jobs
 from db.repositories.keys import IssuedKey
+from services.links import OutputLinks
 from tests.api.test_fetch import submit_pix2pix
 from tests.support.servers import png
 

@@ -23,13 +23,13 @@ from PIL import Image
 from sqlalchemy.orm import Session
 
 from api.app import create_app
-from darkroom.links import OutputLinks
 from darkroom.s3storage import S3Storage, s3_client
 from darkroom.settings import Settings
 from darkroom.storage import make_storage
 from db.models import utcnow
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
+from services.links import OutputLinks
 from tests.api.test_fetch import submit_pix2pix
 from tests.api.test_submit import IMG2IMG, PIX2PIX, post
 from tests.conftest import fresh_database

@@ -2,7 +2,7 @@
 
 Run with the solo pool (`darkroom worker`): CUDA must never be initialised in a process that
 forks, and the model cache must live as long as the process. Beside the general jobs queue it
-consumes the queue of each model it holds (`worker.affinity`).
+consumes the queue of each model it holds (`worker.residency`).
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from transformers.utils import logging as transformers_logging
 from darkroom.logs import install_celery_logging
 from darkroom.metrics import serve_metrics_in_worker
 from darkroom.queue import RUN_JOB_TASK, make_celery
-from darkroom.server_admin import CLEAR_CACHE_COMMAND, NSFW_CHECK_COMMAND
 from darkroom.settings import get_settings
-from worker.affinity import TrackedCache, WorkerAffinity
+from services.server import CLEAR_CACHE_COMMAND, NSFW_CHECK_COMMAND
 from worker.jobs import WorkerRuntime, run_job
 from worker.models.tiny import ensure_tiny_models
+from worker.residency import TrackedCache, WorkerAffinity
 from worker.server_control import check_image
 
 log = logging.getLogger(__name__)

@@ -47,19 +47,19 @@ from celery import Celery
 from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
-from darkroom import outcomes
 from darkroom.jobspec import JobSpec, batch_key
 from darkroom.logs import job_context
 from darkroom.metrics import FailureReason
-from darkroom.outcomes import exhausted_message, storage_failed_message
 from darkroom.queue import DELIVER_WEBHOOK_TASK, send
-from darkroom.responses import run_output_filename
 from darkroom.settings import Settings
 from darkroom.storage import Storage, StorageError, make_storage
 from db.models import Job, utcnow
 from db.repositories import jobs, webhooks
 from db.repositories.jobs import ClaimOutcome, OutputRecord
 from db.session import session_scope
+from services import outcomes
+from services.outcomes import exhausted_message, storage_failed_message
+from services.responses import run_output_filename
 from worker.batching import BatchStepHook, Outcome, StopBatch, generate_batch
 from worker.fastpath import fast_path_for
 from worker.images import ImageInputError, fetch_images, output_size, png_bytes

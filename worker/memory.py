@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from darkroom.registry import ModelSpec
+from darkroom.model_ids import ModelSpec
 
 
 @dataclass(frozen=True)

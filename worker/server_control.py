@@ -1,4 +1,4 @@
-"""The worker's side of server management: control commands sent by darkroom.server_admin.
+"""The worker's side of server management: control commands sent by services.server.
 
 Celery runs control commands in the consumer's event loop; with the solo pool that loop is idle
 only between jobs, so a command never runs beside a job: dropping models or checking an image
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from darkroom.registry import resolve_safety_checker
+from darkroom.model_ids import resolve_safety_checker
 from darkroom.settings import Settings
 from worker.images import ImageInputError, fetch_image
 from worker.models.cache import SAFETY_CHECKER, ComponentSource, ModelCache

@@ -27,9 +27,6 @@ import redis
 from celery import Celery
 from sqlalchemy.orm import Session
 
-from darkroom import outcomes
-from darkroom.affinity import model_queue_prefix, publish_job, routing_enabled, unconsumed
-from darkroom.outcomes import exhausted_message
 from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, HeldIds, held_ids, send
 from darkroom.settings import Settings
 from darkroom.storage import make_storage
@@ -37,6 +34,9 @@ from db.clock import db_now
 from db.models import utcnow
 from db.repositories import idempotency, jobs, routing, webhooks
 from db.session import session_scope
+from services import outcomes
+from services.outcomes import exhausted_message
+from services.routing import model_queue_prefix, publish_job, routing_enabled, unconsumed
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,11 @@ from api.auth import Work, keyed
 from api.deps import BodyDep, BrokerDep, SettingsDep, presented_key
 from api.errors import ApiError
 from api.routes.fetch import fetch_job
-from darkroom import outcomes
 from darkroom.queue import DELIVER_WEBHOOK_TASK, send
 from darkroom.settings import Settings
 from db.models import TERMINAL_STATES, ApiKey, JobState
 from db.repositories import jobs
+from services import outcomes
 
 router = APIRouter(tags=["cancel"])
 

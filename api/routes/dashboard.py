@@ -19,7 +19,7 @@ from api.errors import ApiError
 from darkroom.settings import Settings
 from darkroom.storage import make_storage
 from db.models import DeliveryState, JobState, Operation, utcnow
-from db.repositories import admin as operator
+from db.repositories import operator
 from db.repositories.jobs import get_output
 from db.repositories.keys import find_key
 

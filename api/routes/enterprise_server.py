@@ -1,5 +1,5 @@
 """The hosted API's enterprise "Server Management" endpoints: thin shells over
-darkroom.server_admin, answering its `{status, message, ...}` shapes.
+services.server, answering its `{status, message, ...}` shapes.
 
 Who may call what: `system_details`, `clear_cache` and `restart_server` need an admin key
 (`darkroom keys create --admin`); any other key gets 403. `clear_queue` fails the calling key's
@@ -20,9 +20,9 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import keyed
 from api.deps import BodyDep, BrokerDep, SettingsDep, presented_key
 from api.errors import ApiError
-from darkroom import server_admin
 from darkroom.settings import Settings
 from db.models import ApiKey
+from services import server
 
 router = APIRouter(tags=["server management"])
 
@@ -52,7 +52,7 @@ async def _controlled(call: Callable[[], T]) -> T:
     """A broker call in the thread pool; a deployment without workers answers 503."""
     try:
         return await run_in_threadpool(call)
-    except server_admin.UnavailableError as unavailable:
+    except server.UnavailableError as unavailable:
         raise ApiError(503, str(unavailable)) from None
 
 
@@ -60,7 +60,7 @@ async def _controlled(call: Callable[[], T]) -> T:
 async def system_details(request: Request, body: BodyDep, settings: SettingsDep) -> Answer:
     """Admin keys only."""
     await _as_admin(request, body)
-    details = await run_in_threadpool(server_admin.system_details, settings)
+    details = await run_in_threadpool(server.system_details, settings)
     return {"status": "success", "message": "system details", **details}
 
 
@@ -69,15 +69,15 @@ async def clear_queue(
     request: Request, body: BodyDep, broker: BrokerDep, settings: SettingsDep
 ) -> Answer:
     """The calling key's queued jobs fail (an admin key's: every key's), each with the message
-    `server_admin.CLEARED_MESSAGE` and its webhook; running jobs go on."""
+    `server.CLEARED_MESSAGE` and its webhook; running jobs go on."""
 
-    def work(session: Session, key: ApiKey) -> server_admin.ClearedQueue:
-        cleared = server_admin.clear_queue(session, settings, None if key.admin else key.id)
+    def work(session: Session, key: ApiKey) -> server.ClearedQueue:
+        cleared = server.clear_queue(session, settings, None if key.admin else key.id)
         session.commit()  # the webhooks are published only once their rows exist
         return cleared
 
     cleared = await keyed(request, presented_key(request, body), work)
-    await run_in_threadpool(server_admin.send_webhooks, broker, cleared.delivery_ids)
+    await run_in_threadpool(server.send_webhooks, broker, cleared.delivery_ids)
     count = len(cleared.job_ids)
     return {
         "status": "success",
@@ -93,7 +93,7 @@ async def clear_cache(
     """Admin keys only. Each worker drops its resident models between jobs; they reload on
     demand."""
     await _as_admin(request, body)
-    replies, pending = await _controlled(lambda: server_admin.clear_cache(broker, settings))
+    replies, pending = await _controlled(lambda: server.clear_cache(broker, settings))
     message = "cache cleared" if not pending else "cache cleared; busy workers clear after a job"
     return {"status": "success", "message": message, "workers": replies, "pending": pending}
 
@@ -105,14 +105,14 @@ async def restart_server(
     """Admin keys only. Each worker finishes its running job, stops, and is started again by
     its supervisor; queued jobs wait in the queue meanwhile."""
     await _as_admin(request, body)
-    names = await _controlled(lambda: server_admin.restart_workers(broker, settings))
+    names = await _controlled(lambda: server.restart_workers(broker, settings))
     return {"status": "success", "message": "server restart started", "workers": names}
 
 
 async def list_schedulers(request: Request, body: BodyDep) -> Answer:
     """The scheduler names img2img accepts, and per model family which apply."""
     await _as_key(request, body)
-    return {"status": "success", "message": "schedulers", **server_admin.scheduler_names()}
+    return {"status": "success", "message": "schedulers", **server.accepted_schedulers()}
 
 
 for _path in ("list_schedulers", "schedulers_list"):
@@ -135,7 +135,7 @@ async def nsfw_image_check(
     url = body.get("init_image")
     if not isinstance(url, str) or not url:
         raise ApiError(422, {"init_image": ["The init_image field is required."]})
-    verdict = await _controlled(lambda: server_admin.nsfw_check(broker, settings, url))
+    verdict = await _controlled(lambda: server.nsfw_check(broker, settings, url))
     if "error" in verdict:
         raise ApiError(400, str(verdict["error"]))
     nsfw = bool(verdict.get("nsfw"))
@@ -154,8 +154,8 @@ async def base64_to_url(request: Request, body: BodyDep, settings: SettingsDep) 
     if not text:
         raise ApiError(422, {"base64_string": ["The base64_string field is required."]})
     try:
-        link = await run_in_threadpool(server_admin.store_upload, settings, text)
-    except server_admin.UploadError as refused:
+        link = await run_in_threadpool(server.store_upload, settings, text)
+    except server.UploadError as refused:
         raise ApiError(422, {"base64_string": [str(refused)]}) from None
     return {"status": "success", "message": "image stored", "output": [link], "link": link}
 
@@ -178,7 +178,7 @@ for _path in (
 @router.get("/uploads/{filename}", summary="Download an uploaded image")
 async def download_upload(filename: str, settings: SettingsDep) -> Response:
     """An image stored by base64_to_url, by its unguessable name."""
-    if not server_admin.UPLOAD_NAME.match(filename):
+    if not server.UPLOAD_NAME.match(filename):
         raise ApiError(404, "No such upload.")
     return await run_in_threadpool(_upload_response, settings, filename)
 
@@ -187,7 +187,7 @@ def _upload_response(settings: Settings, filename: str) -> Response:
     from darkroom.storage import make_storage
 
     storage = make_storage(settings)
-    media_type = server_admin.UPLOAD_MEDIA_TYPES[filename.rsplit(".", 1)[1]]
+    media_type = server.UPLOAD_MEDIA_TYPES[filename.rsplit(".", 1)[1]]
     path = storage.path(filename)
     if path is not None:
         return FileResponse(path, media_type=media_type)

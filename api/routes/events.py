@@ -28,10 +28,10 @@ from api.auth import keyed
 from api.deps import SettingsDep, presented_key
 from api.errors import BUSY_MESSAGE, BUSY_RETRY_S, ApiError, error_response
 from api.waiting import JobWaiter, get_waiter
-from darkroom.job_events import JobEvent, read_event
 from darkroom.settings import Settings
 from db.models import ApiKey
 from db.session import session_scope
+from services.job_events import JobEvent, read_event
 
 router = APIRouter(tags=["progress"])
 

@@ -26,13 +26,13 @@ from api.waiting import (
     requested_wait,
     wait_for_outcome,
 )
-from darkroom.links import OutputLinks
-from darkroom.responses import failed_body, processing_body, success_body
 from darkroom.settings import Settings
 from db.models import ApiKey, JobState
 from db.repositories import jobs
 from db.repositories.jobs import QueueView
 from db.session import session_scope
+from services.links import OutputLinks
+from services.responses import failed_body, processing_body, success_body
 
 router = APIRouter(tags=["fetch"])
 

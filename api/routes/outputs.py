@@ -12,11 +12,11 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import KeyCache, authenticate, get_key_cache
 from api.deps import SettingsDep, presented_key
 from api.errors import ApiError
-from darkroom.links import OutputLinks
 from darkroom.settings import Settings
 from db.models import JobOutput, utcnow
 from db.repositories.jobs import get_output
 from db.session import session_scope
+from services.links import OutputLinks
 
 router = APIRouter(tags=["outputs"])
 

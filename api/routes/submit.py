@@ -40,9 +40,9 @@ from api.submission import (
     request_digest,
 )
 from api.waiting import requested_wait
-from darkroom.responses import processing_body
 from darkroom.settings import Settings
 from db.models import ApiKey
+from services.responses import processing_body
 
 router = APIRouter(tags=["submit"])
 

@@ -1,4 +1,4 @@
-"""The answers' shapes, for the OpenAPI documentation only (darkroom.responses builds them).
+"""The answers' shapes, for the OpenAPI documentation only (services.responses builds them).
 
 Routes never validate their answers against these models: the answers are the hosted API's
 shapes exactly, extra fields included, and a model must not filter them.

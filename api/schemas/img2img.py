@@ -27,9 +27,9 @@ from api.fields import (
     to_url,
 )
 from api.schemas.common import SubmitBase
-from darkroom import families, prompts, registry
+from darkroom import families, model_ids, prompt_style
 from darkroom.jobspec import JobSpec, LoraRef
-from darkroom.schedulers import IMG2IMG_SCHEDULERS, REFUSED_SCHEDULERS
+from darkroom.scheduler_names import IMG2IMG_SCHEDULERS, REFUSED_SCHEDULERS
 from darkroom.settings import Settings
 from db.models import Operation
 
@@ -156,28 +156,28 @@ class Img2ImgRequest(SubmitBase):
     def model_errors(self, settings: Settings) -> dict[str, list[str]]:
         """Unknown model, LoRA, VAE or embedding ids, each under its field."""
         checks: list[tuple[str, Callable[[], object]]] = [
-            ("lora_model", lambda: [registry.resolve_lora(n, settings) for n in self.lora_model]),
+            ("lora_model", lambda: [model_ids.resolve_lora(n, settings) for n in self.lora_model]),
             (
                 "embeddings_model",
-                lambda: [registry.resolve_embedding(n, settings) for n in self.embeddings_model],
+                lambda: [model_ids.resolve_embedding(n, settings) for n in self.embeddings_model],
             ),
         ]
         if self.model_id is not None:
             model_id = self.model_id
             checks.append(
-                ("model_id", lambda: registry.resolve_model("img2img", model_id, settings))
+                ("model_id", lambda: model_ids.resolve_model("img2img", model_id, settings))
             )
         if self.vae is not None:
             vae = self.vae
-            checks.append(("vae", lambda: registry.resolve_vae(vae, settings)))
+            checks.append(("vae", lambda: model_ids.resolve_vae(vae, settings)))
         errors: dict[str, list[str]] = {}
         for field, check in checks:
             try:
                 check()
-            except registry.UnknownModelError as exc:
+            except model_ids.UnknownModelError as exc:
                 errors[field] = [str(exc)]
         if "model_id" not in errors:
-            self._family = registry.model_family(self.model_id, settings)
+            self._family = model_ids.model_family(self.model_id, settings)
             for field, why in families.refusals(self._family, self._asked()).items():
                 errors.setdefault(field, []).append(why)
         return errors
@@ -210,7 +210,7 @@ class Img2ImgRequest(SubmitBase):
     def to_spec(self) -> JobSpec:
         common = self._common()
         if self.enhance_prompt:
-            common["prompt"], common["negative_prompt"] = prompts.enhance(
+            common["prompt"], common["negative_prompt"] = prompt_style.enhance(
                 common["prompt"], common["negative_prompt"]
             )
         return JobSpec(

@@ -550,7 +550,7 @@ def _typical_seconds(
     return typical
 
 
-#: An output's public name, `{file_prefix}-{index}.png` (darkroom.responses.output_filename):
+#: An output's public name, `{file_prefix}-{index}.png` (services.responses.output_filename):
 #: what `future_links` and API links name; the file stored under it is the winning run's.
 _PUBLIC_OUTPUT_NAME = re.compile(r"([0-9a-f]{32})-(\d{1,2})\.png")
 

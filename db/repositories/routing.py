@@ -1,6 +1,6 @@
 """Queries of model-affinity routing: where a job was published, and who waits in model queues.
 
-Functions flush; the caller owns the commit (see `darkroom.affinity` for the routing itself).
+Functions flush; the caller owns the commit (see `services.routing` for the routing itself).
 """
 
 from __future__ import annotations

@@ -10,11 +10,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from api.app import create_app
-from darkroom.outcomes import CANCELED_MESSAGE
 from darkroom.settings import Settings
 from db.models import Job, JobState
 from db.repositories import jobs, webhooks
 from db.repositories.keys import IssuedKey, create_key
+from services.outcomes import CANCELED_MESSAGE
 from tests.api.test_submit import PIX2PIX, post
 
 

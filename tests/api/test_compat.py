@@ -3,7 +3,7 @@ they get back; the aliases they call (evidence in docs/CLIENTS.md); the OpenAPI 
 
 The reference pages' bodies are posted exactly as their code samples send them: JSON text with
 `key` in the body and `Content-Type: application/json`. No worker runs here (the pages' image
-URLs are never fetched); jobs are ended through darkroom.outcomes, as a worker ends them.
+URLs are never fetched); jobs are ended through services.outcomes, as a worker ends them.
 """
 
 from __future__ import annotations

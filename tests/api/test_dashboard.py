@@ -10,7 +10,6 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from api.app import create_app
-from darkroom import outcomes
 from darkroom.jobspec import JobSpec, describe
 from darkroom.settings import Settings
 from darkroom.storage import make_storage
@@ -18,6 +17,7 @@ from db.models import Job, Operation
 from db.repositories import jobs
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
+from services import outcomes
 from tests.support.servers import ImageServer, WebhookReceiver, png
 from worker.webhooks.dispatcher import deliver
 

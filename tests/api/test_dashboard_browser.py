@@ -21,7 +21,6 @@ import httpx
 import pytest
 from PIL import Image, ImageStat
 
-from darkroom import outcomes
 from darkroom.jobspec import JobSpec, describe
 from darkroom.settings import Settings
 from darkroom.storage import make_storage
@@ -29,6 +28,7 @@ from db.models import Operation
 from db.repositories import jobs
 from db.repositories.keys import create_key
 from db.session import session_scope
+from services import outcomes
 from tests.support.servers import ImageServer, WebhookReceiver, png
 from tests.support.system import free_port
 from worker.webhooks.dispatcher import deliver
@@ -121,7 +121,7 @@ def api_url(settings: Settings, own_pg_url: str, tmp_path: Path) -> Iterator[str
     }
     log = (tmp_path / "api.log").open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "darkroom.cli", "api", "--port", str(port)],
+        [sys.executable, "-m", "cli.main", "api", "--port", str(port)],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

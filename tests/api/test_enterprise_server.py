@@ -23,13 +23,13 @@ from PIL import Image
 
 from api.app import create_app
 from api.routes.enterprise_server import NOT_ADMIN
-from darkroom.affinity import WorkerPresence, live_workers
-from darkroom.server_admin import CLEARED_MESSAGE
 from darkroom.settings import Settings
 from db.models import Job, JobState
 from db.repositories import webhooks
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
+from services.routing import WorkerPresence, live_workers
+from services.server import CLEARED_MESSAGE
 from tests.api.test_submit import PIX2PIX
 from tests.support.servers import ImageServer
 from tests.support.system import darkroom, darkroom_up, production_env, settings_env, terminate
@@ -192,7 +192,7 @@ def worker(settings: Settings, tmp_path: Path) -> Iterator[subprocess.Popen[byte
     env["OMP_NUM_THREADS"] = "1"
     name = f"srv-{uuid.uuid4().hex[:6]}@127.0.0.1"
     log = (tmp_path / "worker.log").open("wb")
-    command = [sys.executable, "-m", "darkroom.cli", "worker", "--name", name, "--models", "tiny"]
+    command = [sys.executable, "-m", "cli.main", "worker", "--name", name, "--models", "tiny"]
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         yield process

@@ -20,12 +20,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from api.app import create_app
-from darkroom import outcomes
 from darkroom.settings import Settings
 from db.models import Job
 from db.repositories import jobs, webhooks
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
+from services import outcomes
 from tests.api.test_enterprise_server import E, worker  # noqa: F401 (a fixture)
 from tests.api.test_submit import PIX2PIX
 from tests.support.servers import ImageServer
@@ -135,7 +135,7 @@ def test_jobs_watch_draws_progress_until_the_end(
 ) -> None:
     job_id = _submit(client, api_key)
     env = {**os.environ, "DARKROOM_DATABASE_URL": settings.resolved_database_url}
-    command = [sys.executable, "-m", "darkroom.cli", "jobs", "watch", str(job_id)]
+    command = [sys.executable, "-m", "cli.main", "jobs", "watch", str(job_id)]
     watch = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert "queued: position" in _line(watch)

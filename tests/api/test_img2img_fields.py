@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from api.app import create_app
-from darkroom import prompts
+from darkroom import prompt_style
 from darkroom.settings import Settings
 from db.models import Job
 from db.repositories.keys import IssuedKey
@@ -48,8 +48,10 @@ def test_the_reference_example_gets_the_pages_defaults(
     )
     assert params["safety_checker_type"] == "sensitive_content_text"
     assert (params["base64_output"], params["temp"]) == (False, False)
-    assert params["prompt"] == f"papercraft, quilling, layers, landscape {prompts.STYLE_SUFFIX}"
-    assert params["negative_prompt"] == prompts.DEFECTS
+    assert (
+        params["prompt"] == f"papercraft, quilling, layers, landscape {prompt_style.STYLE_SUFFIX}"
+    )
+    assert params["negative_prompt"] == prompt_style.DEFECTS
     assert answer["meta"]["prompt"] == params["prompt"]
     assert answer["meta"]["safetychecker"] == "yes"
 
@@ -63,9 +65,9 @@ def test_enhance_prompt_no_keeps_the_prompt(
 
 
 def test_enhancing_is_deterministic_and_idempotent() -> None:
-    once = prompts.enhance("a cat", "")
-    assert prompts.enhance("a cat", "") == once
-    assert prompts.enhance(*once) == once
+    once = prompt_style.enhance("a cat", "")
+    assert prompt_style.enhance("a cat", "") == once
+    assert prompt_style.enhance(*once) == once
 
 
 def test_loras_pair_with_their_strengths(

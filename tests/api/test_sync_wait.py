@@ -2,7 +2,7 @@
 NOTIFY (not by polling), or the processing shape when N seconds pass first.
 
 The job ends either in a real `darkroom worker` process, or (for precise timing) in a test
-thread that records the outcome through darkroom.outcomes, the worker's own code path. Waits
+thread that records the outcome through services.outcomes, the worker's own code path. Waits
 re-check only every 30 s here, so a prompt answer can only come from the notification.
 """
 
@@ -28,13 +28,13 @@ from sqlalchemy import func, select
 from api.app import create_app
 from api.errors import ApiError
 from api.waiting import LISTENER_NAME, body_wait, listen_conninfo, prefer_wait
-from darkroom import outcomes
 from darkroom.settings import Settings
 from db.migrate import upgrade_to_head
 from db.models import Job, JobState
 from db.repositories import jobs
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_factory, session_scope
+from services import outcomes
 from tests.api.test_submit import PIX2PIX
 from tests.support.servers import ImageServer
 from tests.support.system import settings_env
@@ -71,7 +71,7 @@ def submit(
 
 class Finisher:
     """Ends the newest job of a key from another thread, as a worker would: claim it, then
-    record the outcome through darkroom.outcomes. Remembers when its transaction committed."""
+    record the outcome through services.outcomes. Remembers when its transaction committed."""
 
     def __init__(
         self, settings: Settings, key: IssuedKey, delay_s: float, failure: str | None = None
@@ -411,7 +411,7 @@ def running_worker(settings: Settings, workdir: Path) -> Iterator[subprocess.Pop
     log_path = workdir / "worker.log"
     with log_path.open("wb") as log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "darkroom.cli", "worker"], env=env, stdout=log, stderr=log
+            [sys.executable, "-m", "cli.main", "worker"], env=env, stdout=log, stderr=log
         )
     try:
         yield worker

@@ -170,10 +170,10 @@ class OwnedRedis(OwnedProcess):
 
 
 class Tier(OwnedProcess):
-    """A `python -m darkroom.cli <args>` process."""
+    """A `python -m cli.main <args>` process."""
 
     def __init__(self, name: str, args: list[str], env: dict[str, str], logs: Path) -> None:
-        argv = [sys.executable, "-m", "darkroom.cli", *args]
+        argv = [sys.executable, "-m", "cli.main", *args]
         super().__init__(name, argv, env, logs / f"{name}.log")
 
     def celery_ready(self) -> bool:

@@ -39,7 +39,6 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
-from darkroom.responses import output_filename
 from db.migrate import upgrade_to_head
 from db.models import (
     TERMINAL_STATES,
@@ -51,6 +50,7 @@ from db.models import (
 )
 from db.repositories.keys import find_active_key
 from db.session import session_factory
+from services.responses import output_filename
 from tests.chaos.harness import OwnedRedis, Tier, wait_until
 from tests.support.instances import OwnedPostgres, owned_postgres
 from tests.support.servers import ImageServer, Received, WebhookReceiver

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cli.supervisor import laptop_admin_token, startup_lines
 from darkroom.settings import Settings
-from darkroom.supervisor import laptop_admin_token, startup_lines
 from tests.support.system import RunningSystem
 
 pytestmark = pytest.mark.slow
@@ -71,7 +71,7 @@ def test_a_production_dashboard_stays_off_unless_a_token_is_set(tmp_path: Path) 
 def test_up_without_the_worker_dependencies_refuses_with_one_line(tmp_path: Path) -> None:
     # diffusers blocked as if it were not installed (None in sys.modules stops its import).
     script = (
-        "import sys; sys.modules['diffusers'] = None; from darkroom.cli import main;"
+        "import sys; sys.modules['diffusers'] = None; from cli.main import main;"
         " sys.exit(main(['up', '--port', '9']))"
     )
     env = {**os.environ, "DARKROOM_DATA_DIR": str(tmp_path / "data"), "DARKROOM_DATABASE_URL": ""}

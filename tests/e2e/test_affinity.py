@@ -24,12 +24,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from api.app import create_app
-from darkroom.affinity import WorkerPresence, live_workers, model_key, model_queue
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
 from db.models import TERMINAL_STATES, Job, JobState
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
+from services.routing import WorkerPresence, live_workers, model_key, model_queue
 from tests.support.servers import ImageServer
 from tests.support.system import settings_env
 from worker.sweeper import sweep_once
@@ -108,7 +108,7 @@ def _start(tuned: Settings, tmp_path: Path, name: str, model_id: str) -> Worker:
     log_path = tmp_path / f"{name}.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "darkroom.cli", "worker", "--name", name, "--models", model_id],
+            [sys.executable, "-m", "cli.main", "worker", "--name", name, "--models", model_id],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -227,6 +227,6 @@ def test_up_restarts_a_tier_that_dies(
 
 
 def _tier(process: psutil.Process) -> str:
-    """Which tier a `python -m darkroom.cli <tier> ...` child runs."""
+    """Which tier a `python -m cli.main <tier> ...` child runs."""
     cmdline = process.cmdline()
-    return cmdline[cmdline.index("darkroom.cli") + 1]
+    return cmdline[cmdline.index("cli.main") + 1]

@@ -96,7 +96,7 @@ def darkroom_api(workdir: Path, **settings: str) -> Iterator[ApiProcess]:
     log_path = workdir / "api.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "darkroom.cli", "api", "--port", str(port)],
+            [sys.executable, "-m", "cli.main", "api", "--port", str(port)],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -33,11 +33,11 @@ from api.fields import (
     MAX_PROMPT_CHARS,
     MAX_WEBHOOK_URL_CHARS,
 )
-from darkroom import registry
+from darkroom import model_ids
 from darkroom.jobspec import JobSpec
 from darkroom.logs import RedactKeysInAccessLog
+from darkroom.model_ids import ModelSpec, PipelineSource
 from darkroom.queue import make_celery
-from darkroom.registry import ModelSpec, PipelineSource
 from darkroom.settings import Settings, get_settings
 from darkroom.urlguard import UnsafeURLError, check_url
 from db.models import Job, JobOutput, JobState, Operation, utcnow
@@ -50,7 +50,7 @@ from tests.support.servers import ImageServer, png
 from tests.worker.conftest import model_cache, tiny_settings  # noqa: F401 - fixtures
 from worker.jobs import WorkerRuntime, run_job
 from worker.models.cache import ModelCache
-from worker.models.registry import UnknownModelError, resolve_lora, resolve_model
+from worker.models.weights import UnknownModelError, resolve_lora, resolve_model
 from worker.pipelines.generate import generate
 from worker.pipelines.prompts import CHUNK_TOKENS, MAX_PROMPT_WINDOWS, encode_prompts
 from worker.pipelines.request import IMG2IMG as IMG2IMG_OPERATION
@@ -323,16 +323,16 @@ def test_unlisted_hub_ids_are_refused_at_submit_in_each_field(
 
 
 def test_the_operators_list_and_the_defaults_are_the_only_downloads(real: Settings) -> None:
-    assert registry.resolve_vae("acme/listed-sd", real) == "acme/listed-sd"
-    assert registry.may_download("acme/listed-sd", real)
-    default = registry.default_model_id(IMG2IMG_OPERATION)
-    assert registry.resolve_model(IMG2IMG_OPERATION, default, real).sources[0].location == default
-    assert registry.may_download(default, real)
-    assert registry.may_download(registry.SAFETY_CHECKER_REPO, real)
-    assert not registry.may_download("stranger/huge-model", real)
-    assert not registry.may_download(str(real.models_dir), real)  # a path is never downloaded
+    assert model_ids.resolve_vae("acme/listed-sd", real) == "acme/listed-sd"
+    assert model_ids.may_download("acme/listed-sd", real)
+    default = model_ids.default_model_id(IMG2IMG_OPERATION)
+    assert model_ids.resolve_model(IMG2IMG_OPERATION, default, real).sources[0].location == default
+    assert model_ids.may_download(default, real)
+    assert model_ids.may_download(model_ids.SAFETY_CHECKER_REPO, real)
+    assert not model_ids.may_download("stranger/huge-model", real)
+    assert not model_ids.may_download(str(real.models_dir), real)  # a path is never downloaded
     with pytest.raises(UnknownModelError, match="at most 200 characters"):
-        registry.resolve_lora("x" * 201, real)
+        model_ids.resolve_lora("x" * 201, real)
 
 
 def test_the_worker_refuses_unlisted_ids_before_loading_anything(real: Settings) -> None:

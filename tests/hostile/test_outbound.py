@@ -339,7 +339,7 @@ def test_a_request_s_images_are_capped_together_before_any_is_decoded(settings: 
 
 def _delivery(settings: Settings, key: IssuedKey, url: str) -> int:
     """A failed job with `url` as its webhook, and the delivery its outcome queued."""
-    from darkroom import outcomes
+    from services import outcomes
 
     with session_scope(settings.resolved_database_url) as session:
         job = jobs.create_job(

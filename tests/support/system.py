@@ -64,7 +64,7 @@ def settings_env(settings: Settings, data_dir: Path) -> dict[str, str]:
 def darkroom(env: dict[str, str], *args: str, timeout: float = 120) -> str:
     """Run one `darkroom` command to completion; its stdout."""
     done = subprocess.run(
-        [sys.executable, "-m", "darkroom.cli", *args],
+        [sys.executable, "-m", "cli.main", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -121,7 +121,7 @@ def darkroom_up(env_overrides: dict[str, str], workdir: Path) -> Iterator[Runnin
     log_path = workdir / "darkroom-up.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "darkroom.cli", "up", "--port", str(port)],
+            [sys.executable, "-m", "cli.main", "up", "--port", str(port)],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -19,13 +19,13 @@ from PIL import Image
 from sqlalchemy import text, update
 
 from darkroom.jobspec import JobSpec, batch_key, describe
-from darkroom.outcomes import CANCELED_MESSAGE
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
 from db.models import Job, JobState, Operation, utcnow
 from db.repositories import jobs
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_factory, session_scope
+from services.outcomes import CANCELED_MESSAGE
 from tests.support.servers import ImageServer
 from worker.batching import StopBatch, generate_batch
 from worker.jobs import WorkerRuntime, run_job

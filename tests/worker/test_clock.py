@@ -156,7 +156,7 @@ def skewed_dispatcher(
         check=True,
     )
     assert abs(time.time() - float(clock.stdout) - SKEW_S) < 1.0, "the skew did not apply"
-    argv = [sys.executable, "-m", "darkroom.cli", "dispatcher"]
+    argv = [sys.executable, "-m", "cli.main", "dispatcher"]
     dispatcher = OwnedProcess("dispatcher", argv, env, tmp_path / "dispatcher.log")
     dispatcher.start()
     yield ours, dispatcher

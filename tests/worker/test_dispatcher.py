@@ -15,13 +15,13 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from darkroom import outcomes
 from darkroom.settings import Settings
 from db.models import DeliveryState, JobState, Operation, WebhookDelivery, utcnow
 from db.repositories import jobs
 from db.repositories.jobs import ClaimOutcome, NewJob, OutputRecord
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
+from services import outcomes
 from tests.support.servers import Received, WebhookReceiver
 from worker.webhooks import dispatcher
 from worker.webhooks.dispatcher import MAX_RETRY_AFTER_S, deliver, next_delay

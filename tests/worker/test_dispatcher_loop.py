@@ -13,7 +13,6 @@ import pytest
 from sqlalchemy import func, select
 from standardwebhooks.webhooks import Webhook
 
-from darkroom import outcomes
 from darkroom.outbound import new_client
 from darkroom.settings import Settings
 from db.clock import db_now
@@ -21,6 +20,7 @@ from db.models import DeliveryState, Operation, WebhookAttempt, WebhookDelivery
 from db.repositories import jobs, keys, webhooks
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
+from services import outcomes
 from tests.support.servers import Received, WebhookReceiver
 from worker.webhooks.loop import DeliveryLoop, Doorbell
 

@@ -22,7 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from api.app import create_app
-from darkroom import families, registry
+from darkroom import families, model_ids
 from darkroom.families import FLUX, SD, SDXL, UnrecognisedModelError
 from darkroom.jobspec import JobSpec, batch_key
 from darkroom.settings import Settings
@@ -191,7 +191,7 @@ def _pixels(request: GenerationRequest, cache: ModelCache, settings: Settings) -
 
 
 def test_an_installed_sdxl_folder_runs_sdxl_img2img(installed: Settings, cache: ModelCache) -> None:
-    spec = registry.resolve_model(IMG2IMG, SDXL_MODEL, installed)
+    spec = model_ids.resolve_model(IMG2IMG, SDXL_MODEL, installed)
     assert (spec.family, spec.sources[0].class_name) == (SDXL, "StableDiffusionXLImg2ImgPipeline")
     first = generate(_request(), cache, installed).images[0]
     again = generate(_request(), cache, installed).images[0]
@@ -266,7 +266,7 @@ def test_sdxl_embedding_long_prompt_clip_skip_vae_and_schedulers(
 def test_sd2_v_prediction_keeps_its_prediction_type_under_any_scheduler(
     installed: Settings, cache: ModelCache
 ) -> None:
-    spec = registry.resolve_model(IMG2IMG, SD2_MODEL, installed)
+    spec = model_ids.resolve_model(IMG2IMG, SD2_MODEL, installed)
     assert spec.family == SD
     loaded = load_for([_request(SD2_MODEL)], cache, installed)
     assert loaded.pipelines[0].scheduler.config.prediction_type == "v_prediction"
@@ -377,7 +377,7 @@ def _flux(**fields: Any) -> GenerationRequest:
 def test_tiny_flux_img2img_is_deterministic_batches_and_takes_guidance_and_loras(
     tiny_settings: Settings, cache: ModelCache
 ) -> None:
-    spec = registry.resolve_model(IMG2IMG, "tiny-flux", tiny_settings)
+    spec = model_ids.resolve_model(IMG2IMG, "tiny-flux", tiny_settings)
     assert (spec.family, spec.sources[0].class_name) == (FLUX, "FluxImg2ImgPipeline")
     first = _pixels(_flux(), cache, tiny_settings)
     assert np.array_equal(first, _pixels(_flux(), cache, tiny_settings))
@@ -411,10 +411,10 @@ def test_a_single_file_resolves_with_its_familys_local_config(tmp_path: Path) ->
     names = ["conditioner.embedders.1.model.ln_final.weight", "model.diffusion_model.out.2.bias"]
     checkpoint = _checkpoint(models / "juggernaut.safetensors", names)
     settings = Settings(data_dir=tmp_path, models_dir=models)
-    with pytest.raises(registry.UnknownModelError, match=r"configs/sdxl/ .* is missing"):
-        registry.resolve_model(IMG2IMG, "juggernaut", settings)
+    with pytest.raises(model_ids.UnknownModelError, match=r"configs/sdxl/ .* is missing"):
+        model_ids.resolve_model(IMG2IMG, "juggernaut", settings)
     _index(models / "configs" / SDXL, {"_class_name": "StableDiffusionXLPipeline"})
-    spec = registry.resolve_model(IMG2IMG, "juggernaut", settings)
+    spec = model_ids.resolve_model(IMG2IMG, "juggernaut", settings)
     [source] = spec.sources
     assert spec.family == SDXL
     assert (source.class_name, source.location) == (
@@ -422,11 +422,11 @@ def test_a_single_file_resolves_with_its_familys_local_config(tmp_path: Path) ->
         str(checkpoint.resolve()),
     )
     assert source.single_file_config == str((models / "configs" / SDXL).resolve())
-    assert registry.model_family("juggernaut", settings) == SDXL
+    assert model_ids.model_family("juggernaut", settings) == SDXL
     # A LoRA dropped where models go is refused, naming what it holds.
     _checkpoint(models / "stray.safetensors", ["lora_unet_x.lora_down.weight"])
-    with pytest.raises(registry.UnknownModelError, match=r"stray\.safetensors holds 1 tensors"):
-        registry.resolve_model(IMG2IMG, "stray", settings)
+    with pytest.raises(model_ids.UnknownModelError, match=r"stray\.safetensors holds 1 tensors"):
+        model_ids.resolve_model(IMG2IMG, "stray", settings)
 
 
 def _build_tiny(root: Path, family: str) -> str:
@@ -451,7 +451,7 @@ def test_a_single_file_in_the_original_layout_gives_the_folders_image(
     tiny.write_sd_checkpoint(models / "folder", models / "single.safetensors")
     settings = Settings(data_dir=tmp_path, models_dir=models)
     assert families.detect_file(models / "single.safetensors") == family
-    spec = registry.resolve_model(IMG2IMG, "single", settings)
+    spec = model_ids.resolve_model(IMG2IMG, "single", settings)
     assert spec.family == family
     assert spec.sources[0].single_file_config == str((models / "configs" / family).resolve())
     from_folder = _pixels(_request("folder"), cache, settings)

@@ -30,7 +30,7 @@ from worker.fastpath import (
 from worker.jobs import WorkerRuntime
 from worker.memory import MemoryProfile, ShapeKey
 from worker.models.cache import ModelCache
-from worker.models.registry import ModelSpec, resolve_model
+from worker.models.weights import ModelSpec, resolve_model
 from worker.pipelines.generate import generate
 from worker.pipelines.request import IMG2IMG, PIX2PIX, GenerationRequest, LoraSpec
 

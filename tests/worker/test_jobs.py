@@ -14,13 +14,13 @@ from PIL import Image
 from sqlalchemy import update
 
 from darkroom.jobspec import JobSpec, describe
-from darkroom.outcomes import CANCELED_MESSAGE, exhausted_message
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
 from db.models import Job, JobOutput, JobState, Operation, utcnow
 from db.repositories import jobs, webhooks
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
+from services.outcomes import CANCELED_MESSAGE, exhausted_message
 from tests.conftest import count_rows
 from tests.support.broker import published_ids
 from tests.support.servers import ImageServer, WebhookReceiver, png

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from darkroom import registry
-from darkroom.registry import UnknownModelError, check_ids
-from darkroom.schedulers import IMG2IMG_SCHEDULERS, REFUSED_SCHEDULERS
+from darkroom import model_ids
+from darkroom.model_ids import UnknownModelError, check_ids
+from darkroom.scheduler_names import IMG2IMG_SCHEDULERS, REFUSED_SCHEDULERS
 from darkroom.settings import Settings
 from tests.test_architecture import HEAVY, modules_loaded_by
 from worker.models.cache import ModelCache
-from worker.models.registry import ModelSpec, PipelineSource, resolve_model
+from worker.models.weights import ModelSpec, PipelineSource, resolve_model
 from worker.pipelines.generate import generate
 from worker.pipelines.request import (
     IMG2IMG,
@@ -30,7 +30,7 @@ from worker.pipelines.request import (
 )
 from worker.pipelines.schedulers import build_scheduler
 
-MARKER = registry.TINY_NSFW_MARKER
+MARKER = model_ids.TINY_NSFW_MARKER
 
 
 def init_image() -> Image.Image:
@@ -282,9 +282,9 @@ def test_real_ids_are_folders_files_or_hub_repos(tmp_path: Path) -> None:
     hub = ["owner/lora", "owner/vae"]  # Hub ids only when the operator lists them
     settings = Settings(data_dir=tmp_path, models_dir=models, hub_models=hub)
     check_ids(settings, "my-sd", ["contrast-fix", "owner/lora"], "my-vae", ["easyneg"])
-    assert registry.resolve_lora("contrast-fix", settings).endswith("contrast-fix.safetensors")
-    assert registry.resolve_embedding("easyneg", settings).endswith("easyneg.pt")
-    assert registry.resolve_vae("owner/vae", settings) == "owner/vae"
+    assert model_ids.resolve_lora("contrast-fix", settings).endswith("contrast-fix.safetensors")
+    assert model_ids.resolve_embedding("easyneg", settings).endswith("easyneg.pt")
+    assert model_ids.resolve_vae("owner/vae", settings) == "owner/vae"
 
 
 @pytest.mark.parametrize(
@@ -305,7 +305,7 @@ def test_unknown_ids_say_how_to_add_them(ids: dict[str, Any], hint: str, tmp_pat
 
 
 def test_the_registry_never_imports_torch() -> None:
-    loaded = modules_loaded_by("import darkroom.registry")
+    loaded = modules_loaded_by("import darkroom.model_ids")
     assert not loaded.intersection(HEAVY)
 
 

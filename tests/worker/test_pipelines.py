@@ -14,7 +14,6 @@ from PIL import Image
 
 from darkroom.settings import Settings
 from worker.models.cache import ModelCache
-from worker.models.registry import UnknownModelError, resolve_model
 from worker.models.tiny import (
     FLUX_IMG2IMG,
     SD2_V_IMG2IMG,
@@ -22,6 +21,7 @@ from worker.models.tiny import (
     _build_once,
     ensure_tiny_models,
 )
+from worker.models.weights import UnknownModelError, resolve_model
 from worker.pipelines.generate import generate
 from worker.pipelines.mixer import mixing_weights
 from worker.pipelines.request import IMG2IMG, IMG_MIXER, PIX2PIX, GenerationRequest

@@ -14,8 +14,6 @@ import redis
 from celery import Celery
 from sqlalchemy import select, update
 
-from darkroom import outcomes
-from darkroom.outcomes import exhausted_message
 from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, make_celery, send
 from darkroom.settings import Settings
 from darkroom.storage import LocalStorage
@@ -32,6 +30,8 @@ from db.repositories import idempotency, jobs, webhooks
 from db.repositories.jobs import ClaimOutcome, NewJob
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
+from services import outcomes
+from services.outcomes import exhausted_message
 from tests.support.broker import published
 from worker.sweeper import PARTIAL_WRITE_MAX_AGE_S, SweepReport, remove_partial_writes, sweep_once
 

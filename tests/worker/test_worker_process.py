@@ -59,7 +59,7 @@ def test_sigterm_lets_the_running_job_finish(
     env = settings_env(settings.model_copy(update={"job_queue": queue}), tmp_path / "data")
     log = (tmp_path / "worker.log").open("wb")
     worker = subprocess.Popen(
-        [sys.executable, "-m", "darkroom.cli", "worker"], env=env, stdout=log, stderr=log
+        [sys.executable, "-m", "cli.main", "worker"], env=env, stdout=log, stderr=log
     )
     try:
         assert send(

@@ -41,11 +41,11 @@ from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionS
 from transformers import CLIPImageProcessor
 
 from darkroom import metrics
-from darkroom.registry import may_download
+from darkroom.model_ids import may_download
 from darkroom.settings import get_settings
 from worker.fastpath import FastPath, apply_fast_path, prepare_module
 from worker.memory import MemoryProfile
-from worker.models.registry import ModelSpec, PipelineSource
+from worker.models.weights import ModelSpec, PipelineSource
 
 # diffusers wraps its constructors in untyped decorators: treat these as untyped.
 _diffusers: Any = diffusers

@@ -12,7 +12,7 @@ Add-ons named by the request (LoRAs, VAEs, textual-inversion embeddings) are bui
 id, seeded from a hash of the id: the same id always gives the same weights, different ids give
 different weights. The two tiny safety checkers differ only in their concept thresholds: the
 checker flags an image when a cosine similarity (always within [-1, 1]) exceeds a threshold, so
-thresholds of +2 never flag and thresholds of -2 always do (see `darkroom.registry` for which one a
+thresholds of +2 never flag and thresholds of -2 always do (see `darkroom.model_ids` for which one a
 request gets).
 """
 
@@ -59,7 +59,7 @@ KANDINSKY_DECODER = "kandinsky-decoder"
 SAFETY_CHECKER = "safety-checker"
 SAFETY_CHECKER_ALWAYS = "safety-checker-always"
 #: Tiny img2img models of the other families, built only when a request names them
-#: (`darkroom.registry.TINY_FAMILY_MODELS`).
+#: (`darkroom.model_ids.TINY_FAMILY_MODELS`).
 SDXL_IMG2IMG = "sdxl-img2img"
 SD2_V_IMG2IMG = "sd2-v-img2img"
 FLUX_IMG2IMG = "flux-img2img"

@@ -19,7 +19,7 @@ from darkroom.families import AskedFields, refusals
 from darkroom.settings import Settings
 from worker.families import img2img_runner
 from worker.models.cache import SAFETY_CHECKER, VAE, ComponentSource, ModelCache
-from worker.models.registry import (
+from worker.models.weights import (
     ModelSpec,
     resolve_embedding,
     resolve_lora,

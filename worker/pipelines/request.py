@@ -26,7 +26,7 @@ StepHook = Callable[[int, int], None]
 class LoraSpec:
     """One LoRA applied for one request, at its own scale."""
 
-    name: str  # a LoRA id (see darkroom.registry)
+    name: str  # a LoRA id (see darkroom.model_ids)
     strength: float  # its adapter weight; 0 leaves the model unchanged
 
 

@@ -50,7 +50,7 @@ class Child:
         # A session of its own: a terminal's Ctrl-C reaches only the supervisor, which then
         # sends each child exactly one SIGTERM (a second would make Celery shut down cold).
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "darkroom.cli", *self.args], start_new_session=True
+            [sys.executable, "-m", "cli.main", *self.args], start_new_session=True
         )
 
     def watch(self, now: float) -> None:

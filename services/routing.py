@@ -27,8 +27,8 @@ from celery import Celery
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from darkroom.model_ids import IMG2IMG, default_model_id, operations
 from darkroom.queue import RUN_JOB_TASK, send
-from darkroom.registry import IMG2IMG, default_model_id, operations
 from darkroom.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -13,12 +13,12 @@ import json
 from sqlalchemy.orm import Session
 
 from darkroom import metrics
-from darkroom.links import OutputLinks
 from darkroom.metrics import FailureReason
-from darkroom.responses import webhook_body
 from darkroom.settings import Settings
 from db.models import Job
 from db.repositories import jobs, webhooks
+from services.links import OutputLinks
+from services.responses import webhook_body
 
 CANCELED_MESSAGE = "The job was canceled."
 

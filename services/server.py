@@ -2,10 +2,10 @@
 
 The routes (api/routes/enterprise_server.py) are thin shells around these functions:
 
-- `system_details`: the live workers as they advertise themselves in Redis (darkroom.affinity:
+- `system_details`: the live workers as they advertise themselves in Redis (services.routing:
   models resident, GPUs, versions) and the depth of every queue;
 - `clear_queue`: every queued job of a key (or of all keys) fails through the cancel path
-  (darkroom.admin.cancel_job), each with its message and webhook;
+  (cli.admin.cancel_job), each with its message and webhook;
 - `clear_cache`, `restart_workers`, `nsfw_check`: Celery control commands addressed by name to
   the live workers of this deployment only (the pidbox exchange is shared by every Celery app on
   the broker, so a broadcast without destinations would reach other deployments' workers);
@@ -32,12 +32,12 @@ from celery import Celery
 from PIL import Image, UnidentifiedImageError
 from sqlalchemy.orm import Session
 
-from darkroom import families, schedulers
-from darkroom.admin import RefusedError, cancel_job
-from darkroom.affinity import WorkerPresence, live_workers, model_queue_prefix, routing_enabled
+from cli.admin import RefusedError, cancel_job
+from darkroom import families, scheduler_names
 from darkroom.queue import DELIVER_WEBHOOK_TASK, queue_lengths, send
 from darkroom.settings import Settings
-from db.repositories import admin as operator
+from db.repositories import operator
+from services.routing import WorkerPresence, live_workers, model_queue_prefix, routing_enabled
 
 #: Why a job failed when its queue was cleared (the job's error and its webhook say so).
 CLEARED_MESSAGE = "The job was canceled: its queue was cleared (clear_queue)."
@@ -224,15 +224,15 @@ def nsfw_check(broker: Celery, settings: Settings, url: str) -> dict[str, Any]:
 # --- list_schedulers ------------------------------------------------------------------------
 
 
-def scheduler_names() -> dict[str, Any]:
+def accepted_schedulers() -> dict[str, Any]:
     """The scheduler names img2img accepts, those refused, and per family which apply."""
     per_family = {
-        name: list(schedulers.IMG2IMG_SCHEDULERS) if family.page_schedulers else []
+        name: list(scheduler_names.IMG2IMG_SCHEDULERS) if family.page_schedulers else []
         for name, family in families.FAMILIES.items()
     }
     return {
-        "schedulers": list(schedulers.IMG2IMG_SCHEDULERS),
-        "refused": list(schedulers.REFUSED_SCHEDULERS),
+        "schedulers": list(scheduler_names.IMG2IMG_SCHEDULERS),
+        "refused": list(scheduler_names.REFUSED_SCHEDULERS),
         "families": per_family,
     }
 

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from darkroom import admin
+from cli import admin
 from darkroom.logs import configure_logging, resolve_format
 from darkroom.settings import Settings, get_settings
 
@@ -76,7 +76,7 @@ def cmd_workers(_args: argparse.Namespace, settings: Settings) -> int:
     """List the live workers: the models each advertises, its cold loads per model, jobs run."""
     from dataclasses import asdict
 
-    from darkroom.affinity import live_workers, routing_enabled
+    from services.routing import live_workers, routing_enabled
 
     if not routing_enabled(settings):
         print(json.dumps({"error": "model-affinity routing is off: it needs a Redis broker"}))
@@ -137,7 +137,7 @@ def _run_delivery_loop(
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     """Migrate, then run API, worker and dispatcher until SIGINT/SIGTERM."""
-    from darkroom import supervisor
+    from cli import supervisor
 
     missing = supervisor.missing_worker_modules()
     if missing:

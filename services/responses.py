@@ -10,8 +10,8 @@ import base64
 from collections.abc import Callable
 from typing import Any
 
-from darkroom.links import OutputLinks, output_url
 from db.models import Job, JobOutput, JobState, Operation, utcnow
+from services.links import OutputLinks, output_url
 
 #: Reads a stored output file by name (for `base64: yes` answers).
 ReadFile = Callable[[str], bytes]

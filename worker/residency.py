@@ -23,8 +23,11 @@ from typing import Any
 
 import redis
 
-from darkroom import registry
-from darkroom.affinity import (
+from darkroom import model_ids
+from darkroom.settings import Settings
+from db.repositories import routing
+from db.session import session_scope
+from services.routing import (
     ModelKey,
     Presence,
     WorkerPresence,
@@ -33,12 +36,9 @@ from darkroom.affinity import (
     parse_model_key,
     routing_enabled,
 )
-from darkroom.settings import Settings
-from db.repositories import routing
-from db.session import session_scope
-from worker.models import registry as worker_registry
+from worker.models import weights as worker_registry
 from worker.models.cache import CacheKey, ModelCache, ResidentModel
-from worker.models.registry import ModelSpec
+from worker.models.weights import ModelSpec
 from worker.server_control import gpu_details, library_versions, release_memory
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ class WorkerAffinity:
         """Count a cold load of `key` unless it is held already; then consume its queue."""
         if key in self._held:
             return
-        self._held[key] = registry.resolve_model(key.operation, key.model_id, self.settings)
+        self._held[key] = model_ids.resolve_model(key.operation, key.model_id, self.settings)
         with self._lock:
             self._loads[key.name] += 1
             loads = self._loads[key.name]

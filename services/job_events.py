@@ -14,11 +14,11 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from darkroom.links import OutputLinks
-from darkroom.responses import webhook_body
 from darkroom.settings import Settings
 from db.models import TERMINAL_STATES, Job, JobState
 from db.repositories import jobs
+from services.links import OutputLinks
+from services.responses import webhook_body
 
 #: The eta of a job whose operation has no recent run yet (as the fetch answer uses).
 DEFAULT_ETA_S = 10.0

@@ -16,14 +16,13 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from darkroom import job_events, outcomes
-from darkroom.links import output_url
 from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, make_celery, send
 from darkroom.settings import Settings
 from db.models import TERMINAL_STATES, ApiKey, Job, JobRequeue, JobState, Operation, utcnow
-from db.repositories import admin as operator
-from db.repositories import jobs, keys, webhooks
+from db.repositories import jobs, keys, operator, webhooks
 from db.session import session_scope
+from services import job_events, outcomes
+from services.links import output_url
 
 #: Columns of `jobs list`: header and the summary field each shows.
 LIST_COLUMNS = ("ID", "STATE", "OPERATION", "KEY", "CREATED", "ATTEMPTS", "OUTPUTS", "WEBHOOK")
