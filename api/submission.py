@@ -29,10 +29,11 @@ from sqlalchemy.orm import Session
 
 from api.errors import INVALID_KEY, ApiError
 from api.limits import Admission
+from darkroom.identities import Operation
 from darkroom.jobspec import JobSpec, batch_key, describe
 from darkroom.queue import RUN_JOB_TASK, send
 from darkroom.settings import Settings
-from db.models import ApiKey, Job, Operation
+from db.models import ApiKey, Job
 from db.repositories import idempotency, jobs, routing
 from db.repositories.jobs import NewJob
 from db.repositories.keys import active_keys_by_digest, hash_key

@@ -41,10 +41,11 @@ from benchmarks._services import (
     started,
 )
 from benchmarks.report import Report
+from darkroom.identities import Operation
 from darkroom.queue import DELIVER_WEBHOOK_TASK, make_celery, send
 from darkroom.settings import Settings
 from db.clock import DbNow
-from db.models import DeliveryState, Operation, WebhookAttempt, WebhookDelivery
+from db.models import DeliveryState, WebhookAttempt, WebhookDelivery
 from db.repositories import jobs
 from db.repositories.jobs import NewJob, OutputRecord
 from db.session import session_scope

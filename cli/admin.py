@@ -16,9 +16,10 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from darkroom.identities import Operation
 from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, make_celery, send
 from darkroom.settings import Settings
-from db.models import TERMINAL_STATES, ApiKey, Job, JobRequeue, JobState, Operation, utcnow
+from db.models import TERMINAL_STATES, ApiKey, Job, JobRequeue, JobState, utcnow
 from db.repositories import jobs, keys, operator, webhooks
 from db.session import session_scope
 from services import job_events, outcomes

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from db.models import Operation
+from darkroom.identities import Operation
 
 
 class LoraRef(BaseModel):

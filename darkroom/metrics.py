@@ -29,9 +29,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from sqlalchemy import event, func, select, text
 from sqlalchemy.orm import Session
 
+from darkroom.identities import Operation
 from darkroom.queue import filesystem_queue_lengths, redis_list_lengths
 from darkroom.settings import Settings
-from db.models import DeliveryState, Job, JobState, Operation, WebhookDelivery, utcnow
+from db.models import DeliveryState, Job, JobState, WebhookDelivery, utcnow
 from db.repositories.webhooks import AttemptRecord
 from db.session import session_scope
 

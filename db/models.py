@@ -22,6 +22,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
+from darkroom.identities import Operation
+
 
 def utcnow() -> datetime:
     """Timezone-aware now; every timestamp in the database is UTC."""
@@ -61,14 +63,6 @@ class JobState(enum.StrEnum):
 
 
 TERMINAL_STATES = (JobState.SUCCESS, JobState.FAILED)
-
-
-class Operation(enum.StrEnum):
-    """Which pipeline a job runs."""
-
-    IMG2IMG = "img2img"
-    PIX2PIX = "pix2pix"
-    IMG_MIXER = "img_mixer"
 
 
 class DeliveryState(enum.StrEnum):

@@ -10,7 +10,8 @@ import base64
 from collections.abc import Callable
 from typing import Any
 
-from db.models import Job, JobOutput, JobState, Operation, utcnow
+from darkroom.identities import Operation
+from db.models import Job, JobOutput, JobState, utcnow
 from services.links import OutputLinks, output_url
 
 #: Reads a stored output file by name (for `base64: yes` answers).

@@ -10,8 +10,9 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from darkroom.identities import Operation
 from darkroom.settings import Settings
-from db.models import DeliveryState, Operation, WebhookDelivery
+from db.models import DeliveryState, WebhookDelivery
 from db.repositories import jobs, keys
 from db.session import session_scope
 from services import outcomes

@@ -18,10 +18,11 @@ from sqlalchemy import select, update
 from standardwebhooks.webhooks import Webhook
 
 from cli import admin
+from darkroom.identities import Operation
 from darkroom.jobspec import JobSpec, describe
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
-from db.models import Job, JobRequeue, JobState, Operation, WebhookDelivery, utcnow
+from db.models import Job, JobRequeue, JobState, WebhookDelivery, utcnow
 from db.repositories import jobs, keys, webhooks
 from db.repositories.keys import IssuedKey
 from db.session import session_scope

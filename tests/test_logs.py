@@ -18,10 +18,11 @@ from typing import Any
 
 import pytest
 
+from darkroom.identities import Operation
 from darkroom.logs import JsonFormatter, RedactKeysInAccessLog, job_context, resolve_format
 from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, make_celery, send
 from darkroom.settings import Settings
-from db.models import Job, JobState, Operation
+from db.models import Job, JobState
 from db.repositories import jobs, keys
 from db.session import session_scope
 from services import outcomes

@@ -19,9 +19,10 @@ from sqlalchemy import update
 
 from api.app import create_app
 from cli.main import cmd_workers
+from darkroom.identities import Operation
 from darkroom.queue import RUN_JOB_TASK, make_celery, send
 from darkroom.settings import Settings
-from db.models import Job, Operation, utcnow
+from db.models import Job, utcnow
 from db.repositories import jobs
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope

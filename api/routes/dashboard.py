@@ -16,9 +16,10 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 
 from api.deps import SessionDep, SettingsDep
 from api.errors import ApiError
+from darkroom.identities import Operation
 from darkroom.settings import Settings
 from darkroom.storage import make_storage
-from db.models import DeliveryState, JobState, Operation, utcnow
+from db.models import DeliveryState, JobState, utcnow
 from db.repositories import operator
 from db.repositories.jobs import get_output
 from db.repositories.keys import find_key

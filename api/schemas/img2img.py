@@ -28,10 +28,10 @@ from api.fields import (
 )
 from api.schemas.common import SubmitBase
 from darkroom import families, model_ids, prompt_style
+from darkroom.identities import Operation
 from darkroom.jobspec import JobSpec, LoraRef
 from darkroom.scheduler_names import IMG2IMG_SCHEDULERS, REFUSED_SCHEDULERS
 from darkroom.settings import Settings
-from db.models import Operation
 
 #: `algorithm_type` values: the page's "dpmsolver+++" and diffusers' own DPM-Solver variants.
 ALGORITHM_TYPES = ("dpmsolver+++", "dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")

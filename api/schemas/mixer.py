@@ -18,8 +18,8 @@ from api.fields import (
     url_items,
 )
 from api.schemas.common import SubmitBase
+from darkroom.identities import Operation
 from darkroom.jobspec import JobSpec
-from db.models import Operation
 
 
 def _mixer_images(value: Any) -> list[str]:

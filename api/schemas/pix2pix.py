@@ -8,8 +8,8 @@ from pydantic import AliasChoices, Field
 
 from api.fields import Float, Steps, in_range
 from api.schemas.common import SingleUrl, SubmitBase
+from darkroom.identities import Operation
 from darkroom.jobspec import JobSpec
-from db.models import Operation
 
 #: The page gives no range; below 1 diffusers turns image guidance off, above 10 is noise.
 ImageGuidanceScale = Annotated[Float, in_range(1, 10)]

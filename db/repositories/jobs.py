@@ -26,8 +26,9 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from darkroom.identities import Operation
 from db.clock import DbNow, db_now
-from db.models import TERMINAL_STATES, Job, JobOutput, JobState, Operation, utcnow
+from db.models import TERMINAL_STATES, Job, JobOutput, JobState, utcnow
 
 
 @dataclass(frozen=True)

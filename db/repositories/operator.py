@@ -15,16 +15,8 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from db.models import (
-    ApiKey,
-    DeliveryState,
-    Job,
-    JobRequeue,
-    JobState,
-    Operation,
-    WebhookDelivery,
-    utcnow,
-)
+from darkroom.identities import Operation
+from db.models import ApiKey, DeliveryState, Job, JobRequeue, JobState, WebhookDelivery, utcnow
 
 #: The most rows one listing returns.
 MAX_LIST = 1000

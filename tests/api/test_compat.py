@@ -20,8 +20,9 @@ from api.app import create_app
 from api.schemas import Img2ImgRequest, MixerRequest, Pix2PixRequest, V5MixerRequest
 from api.schemas.answers import FailedAnswer, ProcessingAnswer, SuccessAnswer
 from api.schemas.examples import ANSWER_EXAMPLES, REQUEST_EXAMPLES
+from darkroom.identities import Operation
 from darkroom.settings import Settings
-from db.models import Job, Operation
+from db.models import Job
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
 from tests.api.test_submit import IMG2IMG, MIXER_V5, MIXER_V6, PIX2PIX

@@ -10,10 +10,11 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from api.app import create_app
+from darkroom.identities import Operation
 from darkroom.jobspec import JobSpec, describe
 from darkroom.settings import Settings
 from darkroom.storage import make_storage
-from db.models import Job, Operation
+from db.models import Job
 from db.repositories import jobs
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope

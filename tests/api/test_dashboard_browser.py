@@ -21,10 +21,10 @@ import httpx
 import pytest
 from PIL import Image, ImageStat
 
+from darkroom.identities import Operation
 from darkroom.jobspec import JobSpec, describe
 from darkroom.settings import Settings
 from darkroom.storage import make_storage
-from db.models import Operation
 from db.repositories import jobs
 from db.repositories.keys import create_key
 from db.session import session_scope

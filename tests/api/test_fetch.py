@@ -9,8 +9,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from api.app import create_app
+from darkroom.identities import Operation
 from darkroom.settings import Settings
-from db.models import Operation
 from db.repositories import jobs
 from db.repositories.keys import IssuedKey, create_key
 from tests.api.test_submit import PIX2PIX, post

@@ -19,8 +19,9 @@ from sqlalchemy.orm import Session
 
 from api.app import create_app
 from api.submission import DEFAULT_ETA_S
+from darkroom.identities import Operation
 from darkroom.settings import Settings
-from db.models import Job, JobState, Operation, utcnow
+from db.models import Job, JobState, utcnow
 from db.repositories import jobs
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope

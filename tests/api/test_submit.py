@@ -10,8 +10,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from api.app import create_app
+from darkroom.identities import Operation
 from darkroom.settings import Settings
-from db.models import Job, JobState, Operation
+from db.models import Job, JobState
 from db.repositories.keys import IssuedKey
 from tests.support.broker import published_ids
 

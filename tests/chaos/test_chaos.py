@@ -39,15 +39,9 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
+from darkroom.identities import Operation
 from db.migrate import upgrade_to_head
-from db.models import (
-    TERMINAL_STATES,
-    Job,
-    JobState,
-    Operation,
-    WebhookAttempt,
-    WebhookDelivery,
-)
+from db.models import TERMINAL_STATES, Job, JobState, WebhookAttempt, WebhookDelivery
 from db.repositories.keys import find_active_key
 from db.session import session_factory
 from services.responses import output_filename

@@ -10,7 +10,8 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from db.models import Job, JobState, Operation, utcnow
+from darkroom.identities import Operation
+from db.models import Job, JobState, utcnow
 from db.repositories import jobs
 from db.repositories.jobs import ClaimOutcome, NewJob, OutputRecord
 from db.repositories.keys import IssuedKey, create_key

@@ -8,7 +8,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from db.models import DeliveryState, Operation, WebhookDelivery, utcnow
+from darkroom.identities import Operation
+from db.models import DeliveryState, WebhookDelivery, utcnow
 from db.repositories import jobs, webhooks
 from db.repositories.jobs import NewJob
 from db.repositories.keys import IssuedKey

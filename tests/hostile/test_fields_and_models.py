@@ -34,13 +34,14 @@ from api.fields import (
     MAX_WEBHOOK_URL_CHARS,
 )
 from darkroom import model_ids
+from darkroom.identities import Operation
 from darkroom.jobspec import JobSpec
 from darkroom.logs import RedactKeysInAccessLog
 from darkroom.model_ids import ModelSpec, PipelineSource
 from darkroom.queue import make_celery
 from darkroom.settings import Settings, get_settings
 from darkroom.urlguard import UnsafeURLError, check_url
-from db.models import Job, JobOutput, JobState, Operation, utcnow
+from db.models import Job, JobOutput, JobState, utcnow
 from db.repositories import jobs
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope

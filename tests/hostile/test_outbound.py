@@ -21,10 +21,11 @@ import pytest
 from PIL import Image
 
 from darkroom import outbound
+from darkroom.identities import Operation
 from darkroom.jobspec import JobSpec
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
-from db.models import DeliveryState, Job, Operation, WebhookDelivery, utcnow
+from db.models import DeliveryState, Job, WebhookDelivery, utcnow
 from db.repositories import jobs, webhooks
 from db.repositories.keys import IssuedKey
 from db.session import session_scope

@@ -18,10 +18,11 @@ import pytest
 from PIL import Image
 from sqlalchemy import text, update
 
+from darkroom.identities import Operation
 from darkroom.jobspec import JobSpec, batch_key, describe
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
-from db.models import Job, JobState, Operation, utcnow
+from db.models import Job, JobState, utcnow
 from db.repositories import jobs
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_factory, session_scope

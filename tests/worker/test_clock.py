@@ -16,11 +16,12 @@ import pytest
 import redis
 from sqlalchemy import select, update
 
+from darkroom.identities import Operation
 from darkroom.queue import DELIVER_WEBHOOK_TASK, make_celery, send
 from darkroom.settings import Settings
 from db.clock import DbNow, db_now
 from db.migrate import upgrade_to_head
-from db.models import DeliveryState, Job, JobState, Operation, WebhookDelivery, utcnow
+from db.models import DeliveryState, Job, JobState, WebhookDelivery, utcnow
 from db.repositories import jobs, webhooks
 from db.repositories.keys import create_key
 from db.session import session_factory, session_scope

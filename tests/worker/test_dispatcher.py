@@ -15,8 +15,9 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from darkroom.identities import Operation
 from darkroom.settings import Settings
-from db.models import DeliveryState, JobState, Operation, WebhookDelivery, utcnow
+from db.models import DeliveryState, JobState, WebhookDelivery, utcnow
 from db.repositories import jobs
 from db.repositories.jobs import ClaimOutcome, NewJob, OutputRecord
 from db.repositories.keys import IssuedKey

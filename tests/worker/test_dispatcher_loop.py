@@ -13,10 +13,11 @@ import pytest
 from sqlalchemy import func, select
 from standardwebhooks.webhooks import Webhook
 
+from darkroom.identities import Operation
 from darkroom.outbound import new_client
 from darkroom.settings import Settings
 from db.clock import db_now
-from db.models import DeliveryState, Operation, WebhookAttempt, WebhookDelivery
+from db.models import DeliveryState, WebhookAttempt, WebhookDelivery
 from db.repositories import jobs, keys, webhooks
 from db.repositories.keys import IssuedKey
 from db.session import session_scope

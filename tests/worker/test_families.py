@@ -24,9 +24,9 @@ from safetensors.torch import load_file, save_file
 from api.app import create_app
 from darkroom import families, model_ids
 from darkroom.families import FLUX, SD, SDXL, UnrecognisedModelError
+from darkroom.identities import Operation
 from darkroom.jobspec import JobSpec, batch_key
 from darkroom.settings import Settings
-from db.models import Operation
 from db.repositories.keys import IssuedKey
 from tests.api.test_submit import IMG2IMG as EXAMPLE
 from worker.models import tiny

@@ -28,10 +28,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select, text, update
 
 from api.app import create_app
+from darkroom.identities import Operation
 from darkroom.jobspec import JobSpec
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
-from db.models import Job, JobState, Operation
+from db.models import Job, JobState
 from db.repositories import jobs, webhooks
 from db.repositories.jobs import ClaimOutcome
 from db.repositories.keys import IssuedKey

@@ -13,10 +13,11 @@ import pytest
 from PIL import Image
 from sqlalchemy import update
 
+from darkroom.identities import Operation
 from darkroom.jobspec import JobSpec, describe
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
-from db.models import Job, JobOutput, JobState, Operation, utcnow
+from db.models import Job, JobOutput, JobState, utcnow
 from db.repositories import jobs, webhooks
 from db.repositories.keys import IssuedKey
 from db.session import session_scope

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from darkroom.identities import Operation
 from darkroom.jobspec import JobSpec
 from darkroom.queue import RUN_JOB_TASK, held_ids, make_celery, send
 from darkroom.settings import Settings
 from db.migrate import upgrade_to_head
-from db.models import Job, JobState, Operation
+from db.models import Job, JobState
 from db.repositories import jobs, routing
 from db.repositories.keys import create_key
 from db.session import session_factory, session_scope

@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
+from darkroom.identities import Operation
 from darkroom.jobspec import JobSpec
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
-from db.models import Job, JobState, Operation
+from db.models import Job, JobState
 from db.repositories import jobs, webhooks
 from db.repositories.keys import IssuedKey
 from db.session import session_scope

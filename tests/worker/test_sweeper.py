@@ -14,18 +14,11 @@ import redis
 from celery import Celery
 from sqlalchemy import select, update
 
+from darkroom.identities import Operation
 from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, make_celery, send
 from darkroom.settings import Settings
 from darkroom.storage import LocalStorage
-from db.models import (
-    DeliveryState,
-    IdempotencyKey,
-    Job,
-    JobState,
-    Operation,
-    WebhookDelivery,
-    utcnow,
-)
+from db.models import DeliveryState, IdempotencyKey, Job, JobState, WebhookDelivery, utcnow
 from db.repositories import idempotency, jobs, webhooks
 from db.repositories.jobs import ClaimOutcome, NewJob
 from db.repositories.keys import IssuedKey, create_key

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from darkroom.identities import Operation
 from darkroom.jobspec import JobSpec
 from darkroom.queue import RUN_JOB_TASK, make_celery, send
 from darkroom.settings import Settings
-from db.models import Job, JobState, Operation
+from db.models import Job, JobState
 from db.repositories import jobs
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
