@@ -23,6 +23,7 @@ from db.models import DeliveryState, JobState, utcnow
 from db.repositories import operator
 from db.repositories.jobs import get_output
 from db.repositories.keys import find_key
+from services import job_views
 
 router = APIRouter(include_in_schema=False)
 
@@ -123,7 +124,7 @@ def recent_jobs(
         return {"jobs": []}
     wanted = operator.JobFilter(state, operation, None if owner is None else owner.id, limit)
     rows = operator.list_jobs(session, wanted)
-    return {"jobs": operator.job_summaries(session, rows, OUTPUT_PATH.format)}
+    return {"jobs": job_views.job_summaries(session, rows, OUTPUT_PATH.format)}
 
 
 @admin_api.get("/jobs/{job_id}")
@@ -132,7 +133,7 @@ def job(job_id: int, session: SessionDep) -> dict[str, Any]:
     record = operator.job_record(session, job_id)
     if record is None:
         raise ApiError(404, f"No job {job_id}.")
-    return operator.job_detail(record, OUTPUT_PATH.format)
+    return job_views.job_detail(record, OUTPUT_PATH.format)
 
 
 @admin_api.get("/outputs/{filename}")
