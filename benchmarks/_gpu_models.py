@@ -35,7 +35,8 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from worker.models.tiny import INSTRUCT_PIX2PIX, ensure_tiny_models
+from darkroom.identities import TinyModel
+from worker.models.tiny import ensure_tiny_models
 
 _diffusers: Any = diffusers
 
@@ -253,7 +254,7 @@ PRESETS: dict[str, Preset] = {
 def tokenizer(work_dir: Path) -> Any:
     """The tiny preset's character-level CLIP tokenizer, built under `work_dir` once."""
     ensure_tiny_models(work_dir)
-    return CLIPTokenizer.from_pretrained(work_dir / INSTRUCT_PIX2PIX / "tokenizer")
+    return CLIPTokenizer.from_pretrained(work_dir / TinyModel.INSTRUCT_PIX2PIX / "tokenizer")
 
 
 def _seeded(factory: Any, seed: int, device: str) -> Any:

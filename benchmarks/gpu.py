@@ -59,13 +59,14 @@ from benchmarks._gpu_models import (
     unet_step_flops,
 )
 from benchmarks.report import Report, median
+from darkroom.identities import Operation
 from darkroom.model_ids import ModelSpec
 from worker.families import img2img_runner
 from worker.fastpath import FastPath, apply_fast_path
 from worker.memory import MemoryProfile, ShapeKey, available_bytes, measure_peak
 from worker.pipelines import img2img, mixer, pix2pix
 from worker.pipelines.options import RequestAssets
-from worker.pipelines.request import IMG2IMG, IMG_MIXER, PIX2PIX, GenerationRequest
+from worker.pipelines.request import GenerationRequest
 
 #: Dense fp16/bf16 peak assumed for MFU, TFLOP/s, by GPU name.
 PEAK_TFLOPS = {"H100": 790.0, "H200": 790.0}
@@ -123,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--size", choices=sorted(PRESETS), default=None)
     parser.add_argument("--out", type=Path, default=None)
-    operations = [IMG2IMG, PIX2PIX, IMG_MIXER, *FAMILY_OPERATIONS]
+    operations = [Operation.IMG2IMG, Operation.PIX2PIX, Operation.IMG_MIXER, *FAMILY_OPERATIONS]
     parser.add_argument("--operations", default=",".join(operations))
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--peak-tflops", type=float, default=None)
@@ -157,9 +158,9 @@ class _Bench:
 
     def run(self, operation: str) -> None:
         """Measure one operation: plain diffusers first, then Darkroom's path."""
-        if operation == IMG_MIXER:
+        if operation == Operation.IMG_MIXER:
             self._mixer()
-        elif operation in (IMG2IMG, PIX2PIX):
+        elif operation in (Operation.IMG2IMG, Operation.PIX2PIX):
             self._stable_diffusion(operation)
         elif operation in FAMILY_OPERATIONS:
             self._family(operation)
@@ -175,10 +176,10 @@ class _Bench:
         flops = flops_per_image(preset, kind)
         self.report.checks[f"{kind}_unet_cfg_step_tflop"] = unet_step_flops(preset, kind) / 1e12
         self.report.checks[f"{kind}_tflop_per_image"] = flops / 1e12
-        plain_call = _plain_img2img if kind == IMG2IMG else _plain_pix2pix
+        plain_call = _plain_img2img if kind == Operation.IMG2IMG else _plain_pix2pix
         plain = self._plain(kind, [partial(plain_call, pipe, r) for r in requests], flops)
         apply_fast_path(pipe, self.fast)
-        runner = img2img.run_batch if kind == IMG2IMG else pix2pix.run_batch
+        runner = img2img.run_batch if kind == Operation.IMG2IMG else pix2pix.run_batch
         self._batched(kind, pipe, runner, requests, plain, flops)
 
     def _family(self, kind: str) -> None:
@@ -192,7 +193,7 @@ class _Bench:
         guidance = preset.flux_guidance if family == FLUX else GUIDANCE
         requests = [
             replace(r, steps=preset.steps, strength=preset.strength, guidance_scale=guidance)
-            for r in _requests(IMG2IMG, preset.requests, preset.size, self.preset)
+            for r in _requests(Operation.IMG2IMG, preset.requests, preset.size, self.preset)
         ]
         flops = family_flops_per_image(preset, family)
         self.report.checks[f"{kind}_tflop_per_image"] = flops / 1e12
@@ -269,15 +270,15 @@ class _Bench:
     def _mixer(self) -> None:
         preset = self.preset
         prior, decoder = mixer_pipelines(preset, self.work, self.device, self.dtype)
-        requests = _requests(IMG_MIXER, preset.mixer_requests, preset.mixer_size, preset)
-        flops = flops_per_image(preset, IMG_MIXER)
+        requests = _requests(Operation.IMG_MIXER, preset.mixer_requests, preset.mixer_size, preset)
+        flops = flops_per_image(preset, Operation.IMG_MIXER)
         self.report.checks["img_mixer_tflop_per_image"] = flops / 1e12
         calls = [partial(_plain_mixer, prior, decoder, r) for r in requests]
-        plain = self._plain(IMG_MIXER, calls, flops)
+        plain = self._plain(Operation.IMG_MIXER, calls, flops)
         apply_fast_path(prior, self.fast)
         apply_fast_path(decoder, self.fast)
         run = self._plain_like([partial(_darkroom_mix, prior, decoder, r) for r in requests])
-        self._row(IMG_MIXER, "darkroom", 1, run, flops, baseline=plain)
+        self._row(Operation.IMG_MIXER, "darkroom", 1, run, flops, baseline=plain)
 
     def _plain_like(self, calls: Sequence[Callable[[], Image.Image]]) -> _Run:
         """One call at a time after an unmeasured one, with peak memory."""
@@ -332,10 +333,10 @@ def _now(device: str) -> float:
 
 def _requests(kind: str, count: int, size: int, preset: Preset) -> list[GenerationRequest]:
     """`count` requests with their own prompt, seed and init image, one sample each."""
-    mixing = kind == IMG_MIXER
+    mixing = kind == Operation.IMG_MIXER
     return [
         GenerationRequest(
-            operation=kind,
+            operation=Operation(kind),
             model_id=None,
             prompt=f"a watercolour of harbour number {index}, boats at dawn",
             negative_prompt="",

@@ -23,7 +23,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-SD, SDXL, FLUX = "sd", "sdxl", "flux"
+from darkroom.identities import Family
+
 #: A safetensors header larger than this is no model file we can load (real ones are < 1 MB).
 _MAX_HEADER_BYTES = 64 * 1024 * 1024
 
@@ -33,10 +34,10 @@ class UnrecognisedModelError(ValueError):
 
 
 @dataclass(frozen=True)
-class Family:
+class FamilyTraits:
     """What the API needs to know about a family to accept or refuse a request's fields."""
 
-    name: str
+    name: Family
     title: str
     img2img_pipeline: str  # the diffusers class img2img runs on a model of this family
     size_multiple: int  # width and height must be multiples of this
@@ -47,46 +48,45 @@ class Family:
     negative_prompt: bool
 
 
-FAMILIES: dict[str, Family] = {
-    SD: Family(
-        SD, "Stable Diffusion 1.x/2.x", "StableDiffusionImg2ImgPipeline", 8, True, True, True,
-        True, True,
+FAMILIES: dict[Family, FamilyTraits] = {
+    Family.SD: FamilyTraits(
+        Family.SD, "Stable Diffusion 1.x/2.x", "StableDiffusionImg2ImgPipeline", 8, True, True,
+        True, True, True,
     ),
-    SDXL: Family(
-        SDXL, "Stable Diffusion XL", "StableDiffusionXLImg2ImgPipeline", 8, True, True, True,
-        True, True,
+    Family.SDXL: FamilyTraits(
+        Family.SDXL, "Stable Diffusion XL", "StableDiffusionXLImg2ImgPipeline", 8, True, True,
+        True, True, True,
     ),
-    FLUX: Family(
-        FLUX, "Flux.1", "FluxImg2ImgPipeline", 16, False, False, False, False, False,
+    Family.FLUX: FamilyTraits(
+        Family.FLUX, "Flux.1", "FluxImg2ImgPipeline", 16, False, False, False, False, False,
     ),
 }  # fmt: skip
 
 
-def family(name: str) -> Family:
-    """The family called `name`."""
+def family(name: str) -> FamilyTraits:
+    """The family called `name` (a `Family` member or its value)."""
     try:
-        return FAMILIES[name]
-    except KeyError:
-        raise ValueError(
-            f"Unknown model family {name!r}; expected one of {sorted(FAMILIES)}."
-        ) from None
+        return FAMILIES[Family(name)]
+    except ValueError:
+        expected = sorted(member.value for member in Family)
+        raise ValueError(f"Unknown model family {name!r}; expected one of {expected}.") from None
 
 
 # --- detection --------------------------------------------------------------------------------
 
 #: Single-file tensor-name prefixes, most specific first (A1111 / original Stability layout and
 #: Black Forest Labs' Flux layout, bare or under `model.diffusion_model.`).
-_SINGLE_FILE_MARKERS: tuple[tuple[str, str], ...] = (
-    ("double_blocks.", FLUX),
-    ("model.diffusion_model.double_blocks.", FLUX),
-    ("conditioner.embedders.1.model.", SDXL),  # OpenCLIP bigG beside CLIP-L: SDXL base
-    ("cond_stage_model.model.transformer.", SD),  # OpenCLIP ViT-H: SD 2.x
-    ("cond_stage_model.transformer.", SD),  # CLIP ViT-L: SD 1.x
+_SINGLE_FILE_MARKERS: tuple[tuple[str, Family], ...] = (
+    ("double_blocks.", Family.FLUX),
+    ("model.diffusion_model.double_blocks.", Family.FLUX),
+    ("conditioner.embedders.1.model.", Family.SDXL),  # OpenCLIP bigG beside CLIP-L: SDXL base
+    ("cond_stage_model.model.transformer.", Family.SD),  # OpenCLIP ViT-H: SD 2.x
+    ("cond_stage_model.transformer.", Family.SD),  # CLIP ViT-L: SD 1.x
 )
 _REFINER_MARKER = "conditioner.embedders.0.model.transformer."
 
 
-def detect_folder(folder: Path) -> str:
+def detect_folder(folder: Path) -> Family:
     """The family of a diffusers pipeline folder, from its `model_index.json`."""
     index_file = folder / "model_index.json"
     if not index_file.is_file():
@@ -104,22 +104,22 @@ def detect_folder(folder: Path) -> str:
     return _family_of_index(folder.name, index)
 
 
-def _family_of_index(name: str, index: dict[str, object]) -> str:
+def _family_of_index(name: str, index: dict[str, object]) -> Family:
     """A family from the pipeline class, else from the components (fine-tunes rename classes)."""
     class_name = str(index.get("_class_name", ""))
     if class_name.startswith("Flux"):
-        return FLUX
+        return Family.FLUX
     if class_name.startswith("StableDiffusionXL"):
-        return SDXL
+        return Family.SDXL
     if class_name.startswith("StableDiffusion") and "Upscale" not in class_name:
-        return SD
+        return Family.SD
     present = {key for key, value in index.items() if isinstance(value, list) and value[0]}
     if {"transformer", "text_encoder_2"} <= present:
-        return FLUX
+        return Family.FLUX
     if {"unet", "text_encoder_2"} <= present:
-        return SDXL
+        return Family.SDXL
     if {"unet", "text_encoder", "vae"} <= present:
-        return SD
+        return Family.SD
     raise UnrecognisedModelError(
         f"{name}/ is a {class_name or 'diffusers'} pipeline with components "
         f"{', '.join(sorted(present)) or 'none'}: no Stable Diffusion 1.x/2.x, SDXL or Flux "
@@ -127,13 +127,13 @@ def _family_of_index(name: str, index: dict[str, object]) -> str:
     )
 
 
-def detect_file(path: Path) -> str:
+def detect_file(path: Path) -> Family:
     """The family of a single-file checkpoint (`.safetensors` or `.ckpt`) from its tensor names."""
     names = _safetensors_names(path) if path.suffix == ".safetensors" else _ckpt_names(path)
     return family_of_tensor_names(path.name, names)
 
 
-def family_of_tensor_names(name: str, names: Iterable[str]) -> str:
+def family_of_tensor_names(name: str, names: Iterable[str]) -> Family:
     """A family from a checkpoint's tensor names (ComfyUI's `model_detection` does the same)."""
     names = list(names)
     for prefix, found in _SINGLE_FILE_MARKERS:

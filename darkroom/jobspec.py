@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from darkroom.identities import Operation
+from darkroom.identities import Family, Operation
 
 
 class LoraRef(BaseModel):
@@ -45,7 +45,7 @@ class JobSpec(BaseModel):
     model_id: str | None = None
     #: The model's family (`darkroom.families`), read from its files at submit; None on rows
     #: written before families existed (all SD 1.x) and for pix2pix and the mixer.
-    family: str | None = None
+    family: Family | None = None
     scheduler: str | None = None
     use_karras_sigmas: bool = False
     algorithm_type: str | None = None

@@ -34,18 +34,14 @@ from functools import partial
 from pathlib import Path
 
 from darkroom import families
-from darkroom.families import SD, UnrecognisedModelError
+from darkroom.families import UnrecognisedModelError
+from darkroom.identities import Family, Operation, TinyModel
 from darkroom.settings import Settings
-
-# The operation names of `worker.pipelines.request`, repeated so that the API needs no worker code.
-IMG2IMG, PIX2PIX, IMG_MIXER = "img2img", "pix2pix", "img_mixer"
 
 TINY_PRESET = "tiny"
 #: Under the tiny preset only, a prompt containing this marker gets the safety checker that flags
 #: every image, so that tests can exercise the NSFW path; real checkers ignore it.
 TINY_NSFW_MARKER = "[[nsfw-test]]"
-TINY_SAFETY_CHECKER = "safety-checker"
-TINY_SAFETY_CHECKER_ALWAYS = "safety-checker-always"
 SAFETY_CHECKER_REPO = "CompVis/stable-diffusion-safety-checker"
 
 # Local names and Hub repo ids: no leading dot, slash or dash, no "..", no backslash.
@@ -77,24 +73,24 @@ class PipelineSource:
 class ModelSpec:
     """Everything an operation loads; hashable, so it doubles as the cache key."""
 
-    operation: str
+    operation: str  # an `Operation` (tests and benchmarks label partial specs their own way)
     sources: tuple[PipelineSource, ...]
-    family: str = SD
+    family: Family = Family.SD
 
 
 @dataclass(frozen=True)
 class _Default:
     class_name: str
     repo_id: str
-    tiny_name: str
+    tiny_name: TinyModel
 
 
 #: Under the tiny preset, img2img model ids that pick the tiny model of a family other than SD 1.x
-#: (id -> family, folder under `tiny_models_dir`); every other id is the tiny SD 1.x model.
-TINY_FAMILY_MODELS: dict[str, tuple[str, str]] = {
-    "tiny-sdxl": (families.SDXL, "sdxl-img2img"),
-    "tiny-flux": (families.FLUX, "flux-img2img"),
-    "tiny-sd2-v": (SD, "sd2-v-img2img"),
+#: (id -> family, tiny model); every other id is the tiny SD 1.x model.
+TINY_FAMILY_MODELS: dict[str, tuple[Family, TinyModel]] = {
+    "tiny-sdxl": (Family.SDXL, TinyModel.SDXL_IMG2IMG),
+    "tiny-flux": (Family.FLUX, TinyModel.FLUX_IMG2IMG),
+    "tiny-sd2-v": (Family.SD, TinyModel.SD2_V_IMG2IMG),
 }
 #: Single-file checkpoint suffixes, in the order they are looked for.
 _CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
@@ -103,31 +99,31 @@ _CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 SINGLE_FILE_CONFIGS = "configs"
 
 # Per operation, the pipelines it runs in order; a model_id replaces the last one.
-_DEFAULTS: dict[str, tuple[_Default, ...]] = {
-    IMG2IMG: (
+_DEFAULTS: dict[Operation, tuple[_Default, ...]] = {
+    Operation.IMG2IMG: (
         _Default(
             "StableDiffusionImg2ImgPipeline",
             "stable-diffusion-v1-5/stable-diffusion-v1-5",
-            "sd-img2img",
+            TinyModel.SD_IMG2IMG,
         ),
     ),
-    PIX2PIX: (
+    Operation.PIX2PIX: (
         _Default(
             "StableDiffusionInstructPix2PixPipeline",
             "timbrooks/instruct-pix2pix",
-            "instruct-pix2pix",
+            TinyModel.INSTRUCT_PIX2PIX,
         ),
     ),
-    IMG_MIXER: (
+    Operation.IMG_MIXER: (
         _Default(
             "KandinskyV22PriorPipeline",
             "kandinsky-community/kandinsky-2-2-prior",
-            "kandinsky-prior",
+            TinyModel.KANDINSKY_PRIOR,
         ),
         _Default(
             "KandinskyV22Pipeline",
             "kandinsky-community/kandinsky-2-2-decoder",
-            "kandinsky-decoder",
+            TinyModel.KANDINSKY_DECODER,
         ),
     ),
 }
@@ -138,31 +134,37 @@ def is_tiny(settings: Settings) -> bool:
     return settings.model_preset == TINY_PRESET
 
 
-def operations() -> tuple[str, ...]:
+def operations() -> tuple[Operation, ...]:
     """Every operation name, in a fixed order."""
     return tuple(_DEFAULTS)
 
 
 def default_model_id(operation: str) -> str:
     """The Hub repo id an operation loads when a request names no model (the one it replaces)."""
-    defaults = _DEFAULTS.get(operation)
-    if defaults is None:
-        raise ValueError(f"Unknown operation {operation!r}; expected one of {sorted(_DEFAULTS)}.")
-    return defaults[-1].repo_id
+    return _DEFAULTS[_operation(operation)][-1].repo_id
 
 
-def resolve_model(operation: str, model_id: str | None, settings: Settings) -> ModelSpec:
-    """The pipelines to load for `operation` when asked for `model_id` (None: the default)."""
-    defaults = _DEFAULTS.get(operation)
-    if defaults is None:
-        raise ValueError(f"Unknown operation {operation!r}; expected one of {sorted(_DEFAULTS)}.")
+def _operation(name: str) -> Operation:
+    """The operation called `name` (a member passes through)."""
+    try:
+        return Operation(name)
+    except ValueError:
+        expected = sorted(op.value for op in Operation)
+        raise ValueError(f"Unknown operation {name!r}; expected one of {expected}.") from None
+
+
+def resolve_model(name: str, model_id: str | None, settings: Settings) -> ModelSpec:
+    """The pipelines to load for the operation `name` when asked for `model_id` (None: the
+    default)."""
+    operation = _operation(name)
+    defaults = _DEFAULTS[operation]
     if model_id is not None:
         _check_syntax("model", model_id)
     sources = [PipelineSource(d.class_name, d.repo_id) for d in defaults]
     if is_tiny(settings):
         tiny_dir = settings.tiny_models_dir
         sources = [PipelineSource(d.class_name, str(tiny_dir / d.tiny_name)) for d in defaults]
-        if operation == IMG2IMG and model_id in TINY_FAMILY_MODELS:
+        if operation == Operation.IMG2IMG and model_id in TINY_FAMILY_MODELS:
             family, folder = TINY_FAMILY_MODELS[model_id]
             pipeline = families.family(family).img2img_pipeline
             location = str(settings.tiny_models_dir / folder)
@@ -170,14 +172,14 @@ def resolve_model(operation: str, model_id: str | None, settings: Settings) -> M
     elif model_id is not None:
         sources[-1] = _locate_model(model_id, settings, defaults[-1].class_name)
     family = _family_of(operation, sources[-1])
-    if operation == IMG2IMG:  # the family decides the pipeline class
+    if operation == Operation.IMG2IMG:  # the family decides the pipeline class
         sources[-1] = replace(sources[-1], class_name=families.family(family).img2img_pipeline)
     return ModelSpec(operation, tuple(sources), family)
 
 
-def model_family(model_id: str | None, settings: Settings) -> str:
+def model_family(model_id: str | None, settings: Settings) -> Family:
     """The family of the img2img model `model_id` (None: the default), read from its files."""
-    return resolve_model(IMG2IMG, model_id, settings).family
+    return resolve_model(Operation.IMG2IMG, model_id, settings).family
 
 
 def _locate_model(model_id: str, settings: Settings, class_name: str) -> PipelineSource:
@@ -208,40 +210,40 @@ def _single_file_source(path: Path, root: Path, class_name: str) -> PipelineSour
     return PipelineSource(pipeline, str(path), str(config.resolve()))
 
 
-def _family_of(operation: str, source: PipelineSource) -> str:
+def _family_of(operation: Operation, source: PipelineSource) -> Family:
     """The family of the last pipeline of `operation`: read from an img2img model's files."""
-    if operation != IMG2IMG:
-        return SD
+    if operation != Operation.IMG2IMG:
+        return Family.SD
     location = Path(source.location)
     try:
         if source.single_file_config is not None:
             return families.detect_file(location)
         if location.is_absolute():
-            return families.detect_folder(location) if location.is_dir() else SD
+            return families.detect_folder(location) if location.is_dir() else Family.SD
     except UnrecognisedModelError as exc:
         raise UnknownModelError(str(exc)) from None
     return _hub_family(source.location)
 
 
-def _hub_family(repo_id: str) -> str:
+def _hub_family(repo_id: str) -> Family:
     """A Hub model's family from its cached `model_index.json`; SD 1.x (the built-in default)
     when the repo is not in the local cache yet."""
-    if repo_id == default_model_id(IMG2IMG):
-        return SD
+    if repo_id == default_model_id(Operation.IMG2IMG):
+        return Family.SD
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - huggingface_hub comes with the worker's diffusers
-        return SD
+        return Family.SD
     cached = try_to_load_from_cache(repo_id, "model_index.json")
     if isinstance(cached, str):
         try:
             return families.detect_folder(Path(cached).parent)
         except UnrecognisedModelError as exc:
             raise UnknownModelError(str(exc)) from None
-    return SD
+    return Family.SD
 
 
-def resolve_lora(name: str, settings: Settings, family: str = SD) -> str:
+def resolve_lora(name: str, settings: Settings, family: str = Family.SD) -> str:
     """A LoRA's `.safetensors` file, or its Hub repo id (tiny ones differ per `family`)."""
     _check_syntax("LoRA", name)
     if is_tiny(settings):
@@ -257,7 +259,7 @@ def resolve_vae(name: str, settings: Settings) -> str:
     return _locate_folder("VAE", name, settings, "vae")
 
 
-def resolve_embedding(name: str, settings: Settings, family: str = SD) -> str:
+def resolve_embedding(name: str, settings: Settings, family: str = Family.SD) -> str:
     """A textual-inversion embedding's `.safetensors` or `.pt` file, or its Hub repo id (tiny
     ones differ per `family`)."""
     _check_syntax("embedding", name)
@@ -289,7 +291,8 @@ def resolve_safety_checker(settings: Settings, prompt: str) -> str:
     never flags. Real presets use `<models_dir>/safety-checker/` when present, else the Hub's.
     """
     if is_tiny(settings):
-        name = TINY_SAFETY_CHECKER_ALWAYS if TINY_NSFW_MARKER in prompt else TINY_SAFETY_CHECKER
+        always = TINY_NSFW_MARKER in prompt
+        name = TinyModel.SAFETY_CHECKER_ALWAYS if always else TinyModel.SAFETY_CHECKER
         return str(settings.tiny_models_dir / name)
     local = settings.models_dir / "safety-checker" if settings.models_dir else None
     if local is not None and local.is_dir():
@@ -306,7 +309,7 @@ def check_ids(
 ) -> None:
     """Raise `UnknownModelError` for the first id that names nothing loadable (img2img models)."""
     if model_id is not None:
-        resolve_model(IMG2IMG, model_id, settings)
+        resolve_model(Operation.IMG2IMG, model_id, settings)
     for lora in loras:
         resolve_lora(lora, settings)
     if vae is not None:
@@ -411,7 +414,7 @@ def _hint(settings: Settings, subfolder: str) -> str:
 
 def _tiny_stem(name: str, family: str) -> str:
     """A tiny add-on's file name: SD 1.x's as before, other families' prefixed with theirs."""
-    return _digest(name) if family == SD else f"{family}-{_digest(name)}"
+    return _digest(name) if family == Family.SD else f"{family}-{_digest(name)}"
 
 
 def _digest(name: str) -> str:

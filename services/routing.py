@@ -27,7 +27,8 @@ from celery import Celery
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from darkroom.model_ids import IMG2IMG, default_model_id, operations
+from darkroom.identities import Operation
+from darkroom.model_ids import default_model_id, operations
 from darkroom.queue import RUN_JOB_TASK, send
 from darkroom.settings import Settings
 
@@ -76,7 +77,7 @@ def parse_model_key(entry: str) -> ModelKey:
     `img_mixer:owner/decoder`."""
     operation, colon, model_id = entry.strip().partition(":")
     if not colon:
-        operation, model_id = IMG2IMG, operation
+        operation, model_id = Operation.IMG2IMG, operation
     if operation not in operations():
         raise ValueError(
             f"{entry!r} names the unknown operation {operation!r}; "

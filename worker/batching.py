@@ -23,6 +23,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from darkroom.identities import Operation
 from darkroom.jobspec import shared_fields
 from darkroom.settings import Settings
 from worker.memory import (
@@ -34,7 +35,7 @@ from worker.memory import (
 )
 from worker.models.cache import ModelCache
 from worker.pipelines.generate import Loaded, check_request, load_for, run_loaded
-from worker.pipelines.request import IMG_MIXER, GenerationRequest, GenerationResult
+from worker.pipelines.request import GenerationRequest, GenerationResult
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def generate_batch(
 
 def compatibility(request: GenerationRequest) -> tuple[Any, ...] | None:
     """What a request must share with others to join their call; None: it never joins one."""
-    if request.operation == IMG_MIXER:
+    if request.operation == Operation.IMG_MIXER:
         return None
     return tuple(getattr(request, name) for name in shared_fields(request.operation))
 

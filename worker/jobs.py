@@ -297,7 +297,7 @@ def _build_request(
     images = fetch_images(spec.init_images, settings)
     width, height = output_size(spec.width, spec.height, images[0])
     return GenerationRequest(
-        operation=spec.operation.value,
+        operation=spec.operation,
         model_id=spec.model_id,
         prompt=spec.prompt,
         negative_prompt=spec.negative_prompt,

@@ -28,7 +28,7 @@ from api.fields import (
 )
 from api.schemas.common import SubmitBase
 from darkroom import families, model_ids, prompt_style
-from darkroom.identities import Operation
+from darkroom.identities import Family, Operation
 from darkroom.jobspec import JobSpec, LoraRef
 from darkroom.scheduler_names import IMG2IMG_SCHEDULERS, REFUSED_SCHEDULERS
 from darkroom.settings import Settings
@@ -110,7 +110,7 @@ class Img2ImgRequest(SubmitBase):
     temp: Flag = False
     loadbalancer: Flag = False  # accepted: spreading jobs over workers is the queue's job here
     #: The model's family, read from its files by `model_errors` (which runs before `to_spec`).
-    _family: str = PrivateAttr(default=families.SD)
+    _family: Family = PrivateAttr(default=Family.SD)
 
     @model_validator(mode="after")
     def _check(self) -> Img2ImgRequest:
@@ -165,7 +165,7 @@ class Img2ImgRequest(SubmitBase):
         if self.model_id is not None:
             model_id = self.model_id
             checks.append(
-                ("model_id", lambda: model_ids.resolve_model("img2img", model_id, settings))
+                ("model_id", lambda: model_ids.resolve_model(Operation.IMG2IMG, model_id, settings))
             )
         if self.vae is not None:
             vae = self.vae

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from safetensors.torch import load_file, save_file
 
-from darkroom.families import FLUX, SD, SDXL
+from darkroom.identities import Family, TinyModel
 from tests.api.test_submit import IMG2IMG as EXAMPLE
 from tests.e2e.test_system import png_size
 from tests.support.servers import ImageServer
@@ -31,26 +31,26 @@ pytestmark = pytest.mark.slow
 def install_models(root: Path, build: Path) -> Path:
     """A models folder as an operator fills it: three families, add-ons, the safety checker."""
     tiny.ensure_tiny_models(build)
-    for name in (tiny.SDXL_IMG2IMG, tiny.FLUX_IMG2IMG):
+    for name in (TinyModel.SDXL_IMG2IMG, TinyModel.FLUX_IMG2IMG):
         tiny.ensure_tiny_family_model(build, name)
     root.mkdir()
     for source, target in [
-        (tiny.SD_IMG2IMG, "my-sd"),
-        (tiny.SDXL_IMG2IMG, "my-sdxl"),
-        (tiny.FLUX_IMG2IMG, "acme/my-flux"),  # an owner's folder, like a Hub id
-        (tiny.SAFETY_CHECKER, "safety-checker"),
+        (TinyModel.SD_IMG2IMG, "my-sd"),
+        (TinyModel.SDXL_IMG2IMG, "my-sdxl"),
+        (TinyModel.FLUX_IMG2IMG, "acme/my-flux"),  # an owner's folder, like a Hub id
+        (TinyModel.SAFETY_CHECKER, "safety-checker"),
     ]:
         (root / target).parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(build / source), root / target)
     # The same models as single files in the original (A1111) layout, configured locally.
-    for folder, family in (("my-sd", SD), ("my-sdxl", SDXL)):
+    for folder, family in (("my-sd", Family.SD), ("my-sdxl", Family.SDXL)):
         tiny.write_sd_checkpoint(root / folder, root / f"{folder}-file.safetensors")
         shutil.copytree(root / folder, root / "configs" / family)
-    tiny.ensure_tiny_lora(build / "xl.safetensors", "xl", SDXL)
+    tiny.ensure_tiny_lora(build / "xl.safetensors", "xl", Family.SDXL)
     (root / "loras").mkdir()
     kohya = tiny.kohya_lora(load_file(str(build / "xl.safetensors")))
     save_file(kohya, str(root / "loras" / "xl-kohya.safetensors"))
-    tiny.ensure_tiny_embedding(root / "embeddings" / "xl-emb.safetensors", "xl-emb", SDXL)
+    tiny.ensure_tiny_embedding(root / "embeddings" / "xl-emb.safetensors", "xl-emb", Family.SDXL)
     tiny.ensure_tiny_vae(root / "vae" / "my-vae", "my-vae")
     return root
 
@@ -126,7 +126,16 @@ def test_sd_sdxl_and_flux_folders_run_under_one_system(
             ],
         )
         families = [answer["meta"]["model_family"] for answer in done]
-        assert families == [SD, SDXL, SDXL, SDXL, FLUX, FLUX, SD, SDXL]
+        assert families == [
+            Family.SD,
+            Family.SDXL,
+            Family.SDXL,
+            Family.SDXL,
+            Family.FLUX,
+            Family.FLUX,
+            Family.SD,
+            Family.SDXL,
+        ]
         links = [
             answer["output"] if isinstance(answer["output"], str) else answer["output"][0]
             for answer in done

@@ -54,7 +54,6 @@ from worker.models.cache import ModelCache
 from worker.models.weights import UnknownModelError, resolve_lora, resolve_model
 from worker.pipelines.generate import generate
 from worker.pipelines.prompts import CHUNK_TOKENS, MAX_PROMPT_WINDOWS, encode_prompts
-from worker.pipelines.request import IMG2IMG as IMG2IMG_OPERATION
 from worker.pipelines.request import GenerationRequest
 from worker.sweeper import expire_temporary_outputs
 
@@ -210,7 +209,7 @@ def test_prompts_past_the_token_windows_fail_in_the_worker(
     model_cache: ModelCache,  # noqa: F811 - fixture
 ) -> None:
     # The tiny tokenizer is character-level: "a " is one token, so N words are N tokens.
-    pipe = model_cache.get(resolve_model(IMG2IMG_OPERATION, None, tiny_settings))[0].pipelines[0]
+    pipe = model_cache.get(resolve_model(Operation.IMG2IMG, None, tiny_settings))[0].pipelines[0]
     most = MAX_PROMPT_WINDOWS * CHUNK_TOKENS
     embeds, negative = encode_prompts(pipe, "a " * most, "", None)
     assert embeds.shape[1] == negative.shape[1] == 77 * MAX_PROMPT_WINDOWS
@@ -326,8 +325,8 @@ def test_unlisted_hub_ids_are_refused_at_submit_in_each_field(
 def test_the_operators_list_and_the_defaults_are_the_only_downloads(real: Settings) -> None:
     assert model_ids.resolve_vae("acme/listed-sd", real) == "acme/listed-sd"
     assert model_ids.may_download("acme/listed-sd", real)
-    default = model_ids.default_model_id(IMG2IMG_OPERATION)
-    assert model_ids.resolve_model(IMG2IMG_OPERATION, default, real).sources[0].location == default
+    default = model_ids.default_model_id(Operation.IMG2IMG)
+    assert model_ids.resolve_model(Operation.IMG2IMG, default, real).sources[0].location == default
     assert model_ids.may_download(default, real)
     assert model_ids.may_download(model_ids.SAFETY_CHECKER_REPO, real)
     assert not model_ids.may_download("stranger/huge-model", real)
@@ -341,7 +340,7 @@ def test_the_worker_refuses_unlisted_ids_before_loading_anything(real: Settings)
         resolve_lora("stranger/lora", real)
     cache = ModelCache(device="cpu")
     request = GenerationRequest(
-        operation=IMG2IMG_OPERATION,
+        operation=Operation.IMG2IMG,
         model_id="stranger/huge-model",
         prompt="a house",
         negative_prompt="",
@@ -384,7 +383,7 @@ class _NetworkAttempts:
 def _load(cache: ModelCache, repo: str) -> None:
     source = PipelineSource("StableDiffusionImg2ImgPipeline", repo)
     with pytest.raises(Exception):  # noqa: B017, PT011 - nothing to load either way
-        cache.get(ModelSpec(IMG2IMG_OPERATION, (source,)))
+        cache.get(ModelSpec(Operation.IMG2IMG, (source,)))
 
 
 def test_the_model_cache_loads_unlisted_hub_ids_from_local_files_only(

@@ -31,7 +31,7 @@ from tests.support.servers import ImageServer
 from worker.batching import StopBatch, generate_batch
 from worker.jobs import WorkerRuntime, run_job
 from worker.models.cache import ModelCache
-from worker.pipelines.request import IMG2IMG, GenerationRequest
+from worker.pipelines.request import GenerationRequest
 
 #: The largest difference of one pixel channel (0..255) allowed between a batched image and the
 #: same job run alone: they differ only in the summation order of batched kernels.
@@ -377,7 +377,7 @@ def test_canceling_one_job_of_a_running_batch_fails_it_alone(
 
 def _request(prompt: str, seeds: tuple[int, ...], **fields: Any) -> GenerationRequest:
     base: dict[str, Any] = {
-        "operation": IMG2IMG,
+        "operation": Operation.IMG2IMG,
         "model_id": None,
         "prompt": prompt,
         "negative_prompt": "",

@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from api.app import create_app
 from darkroom import families, model_ids
-from darkroom.families import FLUX, SD, SDXL, UnrecognisedModelError
-from darkroom.identities import Operation
+from darkroom.families import UnrecognisedModelError
+from darkroom.identities import Family, Operation, TinyModel
 from darkroom.jobspec import JobSpec, batch_key
 from darkroom.settings import Settings
 from db.repositories.keys import IssuedKey
@@ -32,7 +32,7 @@ from tests.api.test_submit import IMG2IMG as EXAMPLE
 from worker.models import tiny
 from worker.models.cache import ModelCache
 from worker.pipelines.generate import check_family, generate, load_for, run_loaded
-from worker.pipelines.request import IMG2IMG, GenerationRequest, LoraSpec
+from worker.pipelines.request import GenerationRequest, LoraSpec
 
 #: The largest pixel-channel difference between a batched image and the same request alone.
 PIXEL_TOLERANCE = 2
@@ -52,13 +52,16 @@ def _index(folder: Path, index: dict[str, Any]) -> Path:
 @pytest.mark.parametrize(
     ("index", "family"),
     [
-        ({"_class_name": "StableDiffusionPipeline"}, SD),
-        ({"_class_name": "StableDiffusionXLPipeline"}, SDXL),
-        ({"_class_name": "StableDiffusionXLImg2ImgPipeline"}, SDXL),  # the refiner's class
-        ({"_class_name": "FluxPipeline"}, FLUX),
+        ({"_class_name": "StableDiffusionPipeline"}, Family.SD),
+        ({"_class_name": "StableDiffusionXLPipeline"}, Family.SDXL),
+        ({"_class_name": "StableDiffusionXLImg2ImgPipeline"}, Family.SDXL),  # the refiner's class
+        ({"_class_name": "FluxPipeline"}, Family.FLUX),
         # A fine-tune with its own class name: the components decide.
-        ({"_class_name": "MyXL", "unet": ["d", "U"], "text_encoder_2": ["t", "C"]}, SDXL),
-        ({"_class_name": "MyFlux", "transformer": ["d", "F"], "text_encoder_2": ["t", "T5"]}, FLUX),
+        ({"_class_name": "MyXL", "unet": ["d", "U"], "text_encoder_2": ["t", "C"]}, Family.SDXL),
+        (
+            {"_class_name": "MyFlux", "transformer": ["d", "F"], "text_encoder_2": ["t", "T5"]},
+            Family.FLUX,
+        ),
     ],
 )
 def test_a_folders_family_comes_from_its_model_index(
@@ -90,17 +93,20 @@ def _checkpoint(path: Path, names: list[str]) -> Path:
 @pytest.mark.parametrize(
     ("names", "family"),
     [
-        (["model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.x"], SD),
-        (["model.diffusion_model.out.0.weight", "cond_stage_model.model.transformer.x"], SD),
+        (
+            ["model.diffusion_model.input_blocks.0.0.weight", "cond_stage_model.transformer.x"],
+            Family.SD,
+        ),
+        (["model.diffusion_model.out.0.weight", "cond_stage_model.model.transformer.x"], Family.SD),
         (
             [
                 "conditioner.embedders.0.transformer.x",
                 "conditioner.embedders.1.model.ln_final.weight",
             ],
-            SDXL,
+            Family.SDXL,
         ),
-        (["double_blocks.0.img_attn.qkv.weight", "img_in.weight"], FLUX),
-        (["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"], FLUX),
+        (["double_blocks.0.img_attn.qkv.weight", "img_in.weight"], Family.FLUX),
+        (["model.diffusion_model.double_blocks.0.img_attn.qkv.weight"], Family.FLUX),
     ],
 )
 def test_a_single_files_family_comes_from_its_tensor_names(
@@ -141,17 +147,17 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     the same weights), an SDXL embedding and a VAE, as an operator would install them."""
     root = tmp_path_factory.mktemp("models")
     build = tmp_path_factory.mktemp("build")
-    tiny.ensure_tiny_family_model(build, tiny.SDXL_IMG2IMG)
-    tiny.ensure_tiny_family_model(build, tiny.SD2_V_IMG2IMG)
-    (build / tiny.SDXL_IMG2IMG).rename(root / SDXL_MODEL)
-    (build / tiny.SD2_V_IMG2IMG).rename(root / SD2_MODEL)
+    tiny.ensure_tiny_family_model(build, TinyModel.SDXL_IMG2IMG)
+    tiny.ensure_tiny_family_model(build, TinyModel.SD2_V_IMG2IMG)
+    (build / TinyModel.SDXL_IMG2IMG).rename(root / SDXL_MODEL)
+    (build / TinyModel.SD2_V_IMG2IMG).rename(root / SD2_MODEL)
     (root / "loras").mkdir()
-    for family, stem in ((SDXL, "xl"), (SD, "sd")):
+    for family, stem in ((Family.SDXL, "xl"), (Family.SD, "sd")):
         tiny.ensure_tiny_lora(root / "loras" / f"{stem}-peft.safetensors", "same", family)
         layers = load_file(str(root / "loras" / f"{stem}-peft.safetensors"))
         save_file(tiny.kohya_lora(layers), str(root / "loras" / f"{stem}-kohya.safetensors"))
-    tiny.ensure_tiny_lora(root / "loras" / "xl-other.safetensors", "other", SDXL)
-    tiny.ensure_tiny_embedding(root / "embeddings" / "xl-emb.safetensors", "xl-emb", SDXL)
+    tiny.ensure_tiny_lora(root / "loras" / "xl-other.safetensors", "other", Family.SDXL)
+    tiny.ensure_tiny_embedding(root / "embeddings" / "xl-emb.safetensors", "xl-emb", Family.SDXL)
     tiny.ensure_tiny_vae(root / "vae" / "my-vae", "my-vae")
     return root
 
@@ -168,7 +174,7 @@ def cache() -> ModelCache:
 
 def _request(model_id: str = SDXL_MODEL, **fields: Any) -> GenerationRequest:
     base: dict[str, Any] = {
-        "operation": IMG2IMG,
+        "operation": Operation.IMG2IMG,
         "model_id": model_id,
         "prompt": "a red barn",
         "negative_prompt": "",
@@ -191,8 +197,11 @@ def _pixels(request: GenerationRequest, cache: ModelCache, settings: Settings) -
 
 
 def test_an_installed_sdxl_folder_runs_sdxl_img2img(installed: Settings, cache: ModelCache) -> None:
-    spec = model_ids.resolve_model(IMG2IMG, SDXL_MODEL, installed)
-    assert (spec.family, spec.sources[0].class_name) == (SDXL, "StableDiffusionXLImg2ImgPipeline")
+    spec = model_ids.resolve_model(Operation.IMG2IMG, SDXL_MODEL, installed)
+    assert (spec.family, spec.sources[0].class_name) == (
+        Family.SDXL,
+        "StableDiffusionXLImg2ImgPipeline",
+    )
     first = generate(_request(), cache, installed).images[0]
     again = generate(_request(), cache, installed).images[0]
     other_seed = generate(_request(seeds=(6,)), cache, installed).images[0]
@@ -266,8 +275,8 @@ def test_sdxl_embedding_long_prompt_clip_skip_vae_and_schedulers(
 def test_sd2_v_prediction_keeps_its_prediction_type_under_any_scheduler(
     installed: Settings, cache: ModelCache
 ) -> None:
-    spec = model_ids.resolve_model(IMG2IMG, SD2_MODEL, installed)
-    assert spec.family == SD
+    spec = model_ids.resolve_model(Operation.IMG2IMG, SD2_MODEL, installed)
+    assert spec.family == Family.SD
     loaded = load_for([_request(SD2_MODEL)], cache, installed)
     assert loaded.pipelines[0].scheduler.config.prediction_type == "v_prediction"
     from worker.pipelines.schedulers import build_scheduler
@@ -296,16 +305,16 @@ def test_the_worker_refuses_what_flux_cannot_apply(
     fields: dict[str, Any], field: str, words: str
 ) -> None:
     with pytest.raises(ValueError, match=f"{field}: .*{words}"):
-        check_family(FLUX, _request(**fields))
-    check_family(SDXL, _request(**fields))  # all of these apply to SDXL
+        check_family(Family.FLUX, _request(**fields))
+    check_family(Family.SDXL, _request(**fields))  # all of these apply to SDXL
 
 
 def test_the_batch_key_includes_the_family() -> None:
     spec = JobSpec(
         operation=Operation.IMG2IMG, prompt="p", init_images=["http://127.0.0.1:1/a.png"],
-        steps=2, guidance_scale=7, seed=1, model_id="m", family=SD,
+        steps=2, guidance_scale=7, seed=1, model_id="m", family=Family.SD,
     )  # fmt: skip
-    assert batch_key(spec) != batch_key(spec.model_copy(update={"family": SDXL}))
+    assert batch_key(spec) != batch_key(spec.model_copy(update={"family": Family.SDXL}))
 
 
 # --- refusals at submit (the API reads the family from the files, without torch) --------------
@@ -358,10 +367,10 @@ def test_flux_takes_the_example_body_and_sd_takes_the_same_fields(
 ) -> None:
     accepted = _post(flux_client, api_key)  # the page's defaults (tomesd omitted) are fine
     assert accepted.status_code == 200, accepted.text
-    assert accepted.json()["meta"]["model_family"] == FLUX
+    assert accepted.json()["meta"]["model_family"] == Family.FLUX
     sd = _post(flux_client, api_key, model_id="my-sd", scheduler="DDPMScheduler", clip_skip=2)
     assert sd.status_code == 200, sd.text
-    assert sd.json()["meta"]["model_family"] == SD
+    assert sd.json()["meta"]["model_family"] == Family.SD
     unknown = _post(flux_client, api_key, model_id="my-kandinsky")
     assert unknown.status_code == 422
     assert "KandinskyV22Pipeline" in unknown.json()["message"]["model_id"][0]
@@ -377,8 +386,8 @@ def _flux(**fields: Any) -> GenerationRequest:
 def test_tiny_flux_img2img_is_deterministic_batches_and_takes_guidance_and_loras(
     tiny_settings: Settings, cache: ModelCache
 ) -> None:
-    spec = model_ids.resolve_model(IMG2IMG, "tiny-flux", tiny_settings)
-    assert (spec.family, spec.sources[0].class_name) == (FLUX, "FluxImg2ImgPipeline")
+    spec = model_ids.resolve_model(Operation.IMG2IMG, "tiny-flux", tiny_settings)
+    assert (spec.family, spec.sources[0].class_name) == (Family.FLUX, "FluxImg2ImgPipeline")
     first = _pixels(_flux(), cache, tiny_settings)
     assert np.array_equal(first, _pixels(_flux(), cache, tiny_settings))
     # Dev-shaped: guidance is a model input, so it changes the image.
@@ -412,33 +421,33 @@ def test_a_single_file_resolves_with_its_familys_local_config(tmp_path: Path) ->
     checkpoint = _checkpoint(models / "juggernaut.safetensors", names)
     settings = Settings(data_dir=tmp_path, models_dir=models)
     with pytest.raises(model_ids.UnknownModelError, match=r"configs/sdxl/ .* is missing"):
-        model_ids.resolve_model(IMG2IMG, "juggernaut", settings)
-    _index(models / "configs" / SDXL, {"_class_name": "StableDiffusionXLPipeline"})
-    spec = model_ids.resolve_model(IMG2IMG, "juggernaut", settings)
+        model_ids.resolve_model(Operation.IMG2IMG, "juggernaut", settings)
+    _index(models / "configs" / Family.SDXL, {"_class_name": "StableDiffusionXLPipeline"})
+    spec = model_ids.resolve_model(Operation.IMG2IMG, "juggernaut", settings)
     [source] = spec.sources
-    assert spec.family == SDXL
+    assert spec.family == Family.SDXL
     assert (source.class_name, source.location) == (
         "StableDiffusionXLImg2ImgPipeline",
         str(checkpoint.resolve()),
     )
-    assert source.single_file_config == str((models / "configs" / SDXL).resolve())
-    assert model_ids.model_family("juggernaut", settings) == SDXL
+    assert source.single_file_config == str((models / "configs" / Family.SDXL).resolve())
+    assert model_ids.model_family("juggernaut", settings) == Family.SDXL
     # A LoRA dropped where models go is refused, naming what it holds.
     _checkpoint(models / "stray.safetensors", ["lora_unet_x.lora_down.weight"])
     with pytest.raises(model_ids.UnknownModelError, match=r"stray\.safetensors holds 1 tensors"):
-        model_ids.resolve_model(IMG2IMG, "stray", settings)
+        model_ids.resolve_model(Operation.IMG2IMG, "stray", settings)
 
 
 def _build_tiny(root: Path, family: str) -> str:
     """Build the tiny model of `family` under `root`; its folder's name."""
-    if family == SDXL:
-        tiny.ensure_tiny_family_model(root, tiny.SDXL_IMG2IMG)
-        return tiny.SDXL_IMG2IMG
+    if family == Family.SDXL:
+        tiny.ensure_tiny_family_model(root, TinyModel.SDXL_IMG2IMG)
+        return TinyModel.SDXL_IMG2IMG
     tiny.ensure_tiny_models(root)
-    return tiny.SD_IMG2IMG
+    return TinyModel.SD_IMG2IMG
 
 
-@pytest.mark.parametrize("family", [SD, SDXL])
+@pytest.mark.parametrize("family", [Family.SD, Family.SDXL])
 def test_a_single_file_in_the_original_layout_gives_the_folders_image(
     tmp_path: Path, cache: ModelCache, family: str
 ) -> None:
@@ -451,7 +460,7 @@ def test_a_single_file_in_the_original_layout_gives_the_folders_image(
     tiny.write_sd_checkpoint(models / "folder", models / "single.safetensors")
     settings = Settings(data_dir=tmp_path, models_dir=models)
     assert families.detect_file(models / "single.safetensors") == family
-    spec = model_ids.resolve_model(IMG2IMG, "single", settings)
+    spec = model_ids.resolve_model(Operation.IMG2IMG, "single", settings)
     assert spec.family == family
     assert spec.sources[0].single_file_config == str((models / "configs" / family).resolve())
     from_folder = _pixels(_request("folder"), cache, settings)

@@ -17,6 +17,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from PIL import Image
 
+from darkroom.identities import Operation
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
 from worker.fastpath import (
@@ -32,7 +33,7 @@ from worker.memory import MemoryProfile, ShapeKey
 from worker.models.cache import ModelCache
 from worker.models.weights import ModelSpec, resolve_model
 from worker.pipelines.generate import generate
-from worker.pipelines.request import IMG2IMG, PIX2PIX, GenerationRequest, LoraSpec
+from worker.pipelines.request import GenerationRequest, LoraSpec
 
 diffusers_untyped: Any = diffusers  # untyped constructors
 
@@ -41,7 +42,7 @@ PIXEL_TOLERANCE = 2
 ALL_ON = FastPath(device="cpu", dtype=torch.float32, channels_last=True, fuse_qkv=True)
 
 
-def _request(operation: str = IMG2IMG, **fields: Any) -> GenerationRequest:
+def _request(operation: str = Operation.IMG2IMG, **fields: Any) -> GenerationRequest:
     base: dict[str, Any] = {
         "operation": operation,
         "model_id": None,
@@ -111,7 +112,7 @@ def test_a_worker_configures_its_cache_and_batch_size_from_the_settings(
 def test_fused_qkv_and_channels_last_give_the_plain_images(
     tiny_settings: Settings, model_cache: ModelCache, fast_cache: ModelCache
 ) -> None:
-    for operation in (IMG2IMG, PIX2PIX):
+    for operation in (Operation.IMG2IMG, Operation.PIX2PIX):
         request = _request(operation)
         plain = generate(request, model_cache, tiny_settings).images
         fast = generate(request, fast_cache, tiny_settings).images
@@ -139,7 +140,7 @@ def test_loras_apply_to_a_fused_unet_and_it_is_fused_again_afterwards(
 
     assert _max_diff(fast, plain) <= PIXEL_TOLERANCE
     assert _max_diff(fast, without) > 10, "the LoRA changed the image"
-    (pipe,) = fast_cache.get(resolve_model(IMG2IMG, None, tiny_settings))[0].pipelines
+    (pipe,) = fast_cache.get(resolve_model(Operation.IMG2IMG, None, tiny_settings))[0].pipelines
     assert qkv_fused(pipe.unet)
     again = generate(_request(), fast_cache, tiny_settings).images
     assert [image.tobytes() for image in again] == [image.tobytes() for image in without]
@@ -188,7 +189,7 @@ def test_a_compiled_unet_is_warmed_up_at_load_and_its_cache_kept(
 
 # --- memory: batch sizing and the cache budget -------------------------------------------------
 
-SPEC = ModelSpec(IMG2IMG, ())
+SPEC = ModelSpec(Operation.IMG2IMG, ())
 
 
 def test_batch_size_follows_measured_memory_and_out_of_memory_errors() -> None:
@@ -208,8 +209,8 @@ def test_batch_size_follows_measured_memory_and_out_of_memory_errors() -> None:
 
 
 def test_the_cache_budget_keeps_room_for_measured_activations(tiny_settings: Settings) -> None:
-    first = resolve_model(IMG2IMG, None, tiny_settings)
-    second = resolve_model(PIX2PIX, None, tiny_settings)
+    first = resolve_model(Operation.IMG2IMG, None, tiny_settings)
+    second = resolve_model(Operation.PIX2PIX, None, tiny_settings)
     probe = ModelCache(device="cpu")
     probe.get(first)
     first_bytes = probe.resident_bytes

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from darkroom import model_ids
+from darkroom.identities import Operation
 from darkroom.model_ids import UnknownModelError, check_ids
 from darkroom.scheduler_names import IMG2IMG_SCHEDULERS, REFUSED_SCHEDULERS
 from darkroom.settings import Settings
@@ -20,14 +21,7 @@ from tests.test_architecture import HEAVY, modules_loaded_by
 from worker.models.cache import ModelCache
 from worker.models.weights import ModelSpec, PipelineSource, resolve_model
 from worker.pipelines.generate import generate
-from worker.pipelines.request import (
-    IMG2IMG,
-    IMG_MIXER,
-    PIX2PIX,
-    GenerationRequest,
-    GenerationResult,
-    LoraSpec,
-)
+from worker.pipelines.request import GenerationRequest, GenerationResult, LoraSpec
 from worker.pipelines.schedulers import build_scheduler
 
 MARKER = model_ids.TINY_NSFW_MARKER
@@ -41,7 +35,7 @@ def init_image() -> Image.Image:
 def request_with(**changes: Any) -> GenerationRequest:
     """A 64x64, two-step, one-sample img2img request with `changes`."""
     request = GenerationRequest(
-        operation=IMG2IMG,
+        operation=Operation.IMG2IMG,
         model_id=None,
         prompt="a red house",
         negative_prompt="",
@@ -149,7 +143,7 @@ def test_a_request_with_every_option_leaves_no_trace(
 def test_pix2pix_takes_the_same_options_and_restores(
     tiny_settings: Settings, model_cache: ModelCache
 ) -> None:
-    plain = request_with(operation=PIX2PIX)
+    plain = request_with(operation=Operation.PIX2PIX)
     before = png(generate(plain, model_cache, tiny_settings))
     rich = replace(plain, **{**EVERYTHING, "scheduler": "EulerAncestralDiscreteScheduler"})
     assert png(generate(rich, model_cache, tiny_settings)) != before
@@ -201,7 +195,7 @@ def test_clip_skip_picks_an_earlier_layer(tiny_settings: Settings, model_cache: 
         run(tiny_settings, model_cache, clip_skip=9)
 
 
-@pytest.mark.parametrize("operation", [IMG2IMG, PIX2PIX])
+@pytest.mark.parametrize("operation", [Operation.IMG2IMG, Operation.PIX2PIX])
 def test_words_after_77_tokens_still_count(
     operation: str, tiny_settings: Settings, model_cache: ModelCache
 ) -> None:
@@ -313,8 +307,8 @@ def test_the_registry_never_imports_torch() -> None:
 
 
 def test_the_byte_budget_evicts_the_least_recently_used(tiny_settings: Settings) -> None:
-    img2img = resolve_model(IMG2IMG, None, tiny_settings)
-    pix2pix = resolve_model(PIX2PIX, None, tiny_settings)
+    img2img = resolve_model(Operation.IMG2IMG, None, tiny_settings)
+    pix2pix = resolve_model(Operation.PIX2PIX, None, tiny_settings)
     probe = ModelCache(device="cpu")
     probe.get(img2img)
     cache = ModelCache(device="cpu", max_bytes=probe.resident_bytes * 3 // 2)
@@ -326,7 +320,7 @@ def test_the_byte_budget_evicts_the_least_recently_used(tiny_settings: Settings)
 
 
 def test_a_pipeline_source_is_loaded_once_for_every_spec(tiny_settings: Settings) -> None:
-    mixer = resolve_model(IMG_MIXER, None, tiny_settings)
+    mixer = resolve_model(Operation.IMG_MIXER, None, tiny_settings)
     prior_only = ModelSpec("prior", (mixer.sources[0],))
     cache = ModelCache(device="cpu")
     full, _ = cache.get(mixer)
@@ -368,6 +362,8 @@ def test_an_embedding_id_that_is_already_a_token_is_refused(
 def test_the_mixer_refuses_stable_diffusion_options(
     tiny_settings: Settings, model_cache: ModelCache
 ) -> None:
-    request = request_with(operation=IMG_MIXER, image_weights=(1.0,), clip_skip=2, tomesd=True)
+    request = request_with(
+        operation=Operation.IMG_MIXER, image_weights=(1.0,), clip_skip=2, tomesd=True
+    )
     with pytest.raises(ValueError, match="img_mixer does not support clip_skip, tomesd"):
         generate(request, model_cache, tiny_settings)

@@ -12,19 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from darkroom.identities import Operation, TinyModel
 from darkroom.settings import Settings
 from worker.models.cache import ModelCache
-from worker.models.tiny import (
-    FLUX_IMG2IMG,
-    SD2_V_IMG2IMG,
-    SDXL_IMG2IMG,
-    _build_once,
-    ensure_tiny_models,
-)
+from worker.models.tiny import _build_once, ensure_tiny_models
 from worker.models.weights import UnknownModelError, resolve_model
 from worker.pipelines.generate import generate
 from worker.pipelines.mixer import mixing_weights
-from worker.pipelines.request import IMG2IMG, IMG_MIXER, PIX2PIX, GenerationRequest
+from worker.pipelines.request import GenerationRequest
 
 
 def noise_image(seed: int, width: int = 80, height: int = 60) -> Image.Image:
@@ -35,9 +30,9 @@ def noise_image(seed: int, width: int = 80, height: int = 60) -> Image.Image:
 
 def make_request(operation: str, **changes: Any) -> GenerationRequest:
     """A small, fast request for `operation`; mixer requests mix two images."""
-    mixer = operation == IMG_MIXER
+    mixer = operation == Operation.IMG_MIXER
     request = GenerationRequest(
-        operation=operation,
+        operation=Operation(operation),
         model_id=None,
         prompt="a red house",
         negative_prompt="",
@@ -64,7 +59,11 @@ def run_png(request: GenerationRequest, cache: ModelCache, settings: Settings) -
 
 @pytest.mark.parametrize(
     ("operation", "width", "height"),
-    [(IMG2IMG, 64, 48), (PIX2PIX, 48, 64), (IMG_MIXER, 72, 40)],  # 72x40 is off the 64 grid
+    [
+        (Operation.IMG2IMG, 64, 48),
+        (Operation.PIX2PIX, 48, 64),
+        (Operation.IMG_MIXER, 72, 40),
+    ],  # 72x40 is off the 64 grid
 )
 def test_one_rgb_image_per_seed_at_the_requested_size(
     operation: str, width: int, height: int, tiny_settings: Settings, model_cache: ModelCache
@@ -79,7 +78,12 @@ def test_img2img_at_512_with_20_steps_takes_seconds(
     tiny_settings: Settings, model_cache: ModelCache
 ) -> None:
     request = make_request(
-        IMG2IMG, images=(noise_image(3, 512, 512),), width=512, height=512, steps=20, seeds=(5,)
+        Operation.IMG2IMG,
+        images=(noise_image(3, 512, 512),),
+        width=512,
+        height=512,
+        steps=20,
+        seeds=(5,),
     )
     started = time.perf_counter()
     result = generate(request, model_cache, tiny_settings)
@@ -88,7 +92,7 @@ def test_img2img_at_512_with_20_steps_takes_seconds(
     assert result.images[0].size == (512, 512)
 
 
-@pytest.mark.parametrize("operation", [IMG2IMG, PIX2PIX, IMG_MIXER])
+@pytest.mark.parametrize("operation", [Operation.IMG2IMG, Operation.PIX2PIX, Operation.IMG_MIXER])
 def test_same_seeds_give_identical_png_bytes(
     operation: str, tiny_settings: Settings, model_cache: ModelCache
 ) -> None:
@@ -98,7 +102,7 @@ def test_same_seeds_give_identical_png_bytes(
     assert first == second
 
 
-@pytest.mark.parametrize("operation", [IMG2IMG, PIX2PIX, IMG_MIXER])
+@pytest.mark.parametrize("operation", [Operation.IMG2IMG, Operation.PIX2PIX, Operation.IMG_MIXER])
 def test_different_seeds_give_different_images(
     operation: str, tiny_settings: Settings, model_cache: ModelCache
 ) -> None:
@@ -110,8 +114,10 @@ def test_different_seeds_give_different_images(
 def test_each_sample_depends_only_on_its_own_seed(
     tiny_settings: Settings, model_cache: ModelCache
 ) -> None:
-    pair = generate(make_request(IMG2IMG, seeds=(7, 8)), model_cache, tiny_settings).images
-    alone = generate(make_request(IMG2IMG, seeds=(8,)), model_cache, tiny_settings).images
+    pair = generate(
+        make_request(Operation.IMG2IMG, seeds=(7, 8)), model_cache, tiny_settings
+    ).images
+    alone = generate(make_request(Operation.IMG2IMG, seeds=(8,)), model_cache, tiny_settings).images
     # Batched kernels may round differently from single ones, hence a tolerance, not bytes.
     difference = np.abs(np.asarray(pair[1], dtype=int) - np.asarray(alone[0], dtype=int))
     assert difference.max() <= 2
@@ -121,7 +127,7 @@ def test_each_sample_depends_only_on_its_own_seed(
 def test_mixer_image_of_weight_zero_has_no_influence(
     position: int, tiny_settings: Settings, model_cache: ModelCache
 ) -> None:
-    base = make_request(IMG_MIXER)
+    base = make_request(Operation.IMG_MIXER)
     images, weights = list(base.images), list(base.image_weights)
     images.insert(position, noise_image(99))
     weights.insert(position, 0.0)
@@ -132,14 +138,18 @@ def test_mixer_image_of_weight_zero_has_no_influence(
 
 
 def test_mixer_weights_change_the_output(tiny_settings: Settings, model_cache: ModelCache) -> None:
-    even = run_png(make_request(IMG_MIXER, image_weights=(1.0, 1.0)), model_cache, tiny_settings)
-    skewed = run_png(make_request(IMG_MIXER, image_weights=(1.0, 3.0)), model_cache, tiny_settings)
+    even = run_png(
+        make_request(Operation.IMG_MIXER, image_weights=(1.0, 1.0)), model_cache, tiny_settings
+    )
+    skewed = run_png(
+        make_request(Operation.IMG_MIXER, image_weights=(1.0, 3.0)), model_cache, tiny_settings
+    )
     assert even[0] != skewed[0]
 
 
 def test_mixer_prompt_is_a_condition(tiny_settings: Settings, model_cache: ModelCache) -> None:
     outputs = {
-        run_png(make_request(IMG_MIXER, prompt=prompt), model_cache, tiny_settings)[0]
+        run_png(make_request(Operation.IMG_MIXER, prompt=prompt), model_cache, tiny_settings)[0]
         for prompt in ("", "a red house", "a blue boat")
     }
     assert len(outputs) == 3
@@ -154,17 +164,21 @@ def test_mixing_weights_drop_zeros_and_normalise() -> None:
 @pytest.mark.parametrize(
     ("operation", "changes", "message"),
     [
-        (PIX2PIX, {"images": (noise_image(1), noise_image(2))}, "takes 1 init images"),
-        (IMG2IMG, {"images": ()}, "takes 1 init images"),
-        (IMG_MIXER, {"images": (noise_image(1),) * 5, "image_weights": (1.0,) * 5}, "1 to 4"),
-        (IMG_MIXER, {"image_weights": (1.0,)}, "one weight per image"),
-        (IMG_MIXER, {"image_weights": (1.0, -0.5)}, "must not be negative"),
-        (IMG_MIXER, {"prompt": "", "image_weights": (0.0, 0.0)}, "positive weight"),
-        (IMG2IMG, {"seeds": (1, 2, 3, 4, 5)}, "samples"),
-        (IMG2IMG, {"seeds": ()}, "samples"),
-        (IMG2IMG, {"width": 60}, "multiples of 8"),
+        (Operation.PIX2PIX, {"images": (noise_image(1), noise_image(2))}, "takes 1 init images"),
+        (Operation.IMG2IMG, {"images": ()}, "takes 1 init images"),
+        (
+            Operation.IMG_MIXER,
+            {"images": (noise_image(1),) * 5, "image_weights": (1.0,) * 5},
+            "1 to 4",
+        ),
+        (Operation.IMG_MIXER, {"image_weights": (1.0,)}, "one weight per image"),
+        (Operation.IMG_MIXER, {"image_weights": (1.0, -0.5)}, "must not be negative"),
+        (Operation.IMG_MIXER, {"prompt": "", "image_weights": (0.0, 0.0)}, "positive weight"),
+        (Operation.IMG2IMG, {"seeds": (1, 2, 3, 4, 5)}, "samples"),
+        (Operation.IMG2IMG, {"seeds": ()}, "samples"),
+        (Operation.IMG2IMG, {"width": 60}, "multiples of 8"),
         ("outpaint", {}, "Unknown operation"),
-        (IMG2IMG, {"model_id": "../secrets"}, "not a valid model id"),
+        (Operation.IMG2IMG, {"model_id": "../secrets"}, "not a valid model id"),
     ],
 )
 def test_impossible_requests_raise_value_error(
@@ -180,7 +194,7 @@ def test_impossible_requests_raise_value_error(
 
 def test_cache_loads_once_and_reports_load_time(tiny_settings: Settings) -> None:
     cache = ModelCache(device="cpu")
-    spec = resolve_model(IMG2IMG, None, tiny_settings)
+    spec = resolve_model(Operation.IMG2IMG, None, tiny_settings)
     first, first_seconds = cache.get(spec)
     second, second_seconds = cache.get(spec)
     assert second is first
@@ -192,7 +206,8 @@ def test_cache_loads_once_and_reports_load_time(tiny_settings: Settings) -> None
 def test_cache_evicts_the_least_recently_used(tiny_settings: Settings) -> None:
     cache = ModelCache(max_entries=2, device="cpu")
     img2img, pix2pix, mixer = (
-        resolve_model(op, None, tiny_settings) for op in (IMG2IMG, PIX2PIX, IMG_MIXER)
+        resolve_model(op, None, tiny_settings)
+        for op in (Operation.IMG2IMG, Operation.PIX2PIX, Operation.IMG_MIXER)
     )
     cache.get(img2img)
     cache.get(pix2pix)
@@ -205,17 +220,17 @@ def test_cache_evicts_the_least_recently_used(tiny_settings: Settings) -> None:
 
 def test_generate_reports_load_time_only_on_first_use(tiny_settings: Settings) -> None:
     cache = ModelCache(device="cpu")
-    request = make_request(PIX2PIX, seeds=(1,), steps=1)
+    request = make_request(Operation.PIX2PIX, seeds=(1,), steps=1)
     assert generate(request, cache, tiny_settings).model_load_seconds > 0
     assert generate(request, cache, tiny_settings).model_load_seconds == 0.0
 
 
 def test_tiny_preset_resolves_every_model_id_to_the_tiny_folders(tiny_settings: Settings) -> None:
     for model_id in (None, "stable-diffusion-v1-5/stable-diffusion-v1-5", "anything"):
-        spec = resolve_model(IMG2IMG, model_id, tiny_settings)
+        spec = resolve_model(Operation.IMG2IMG, model_id, tiny_settings)
         (source,) = spec.sources
         assert Path(source.location) == tiny_settings.tiny_models_dir / "sd-img2img"
-    mixer = resolve_model(IMG_MIXER, None, tiny_settings)
+    mixer = resolve_model(Operation.IMG_MIXER, None, tiny_settings)
     assert [Path(s.location).name for s in mixer.sources] == [
         "kandinsky-prior",
         "kandinsky-decoder",
@@ -233,10 +248,10 @@ def test_real_preset_resolves_defaults_local_folders_and_hub_ids(tmp_path: Path)
     def locations(operation: str, model_id: str | None) -> list[str]:
         return [s.location for s in resolve_model(operation, model_id, settings).sources]
 
-    assert locations(PIX2PIX, None) == ["timbrooks/instruct-pix2pix"]
-    assert locations(IMG2IMG, "my-sd") == [str((tmp_path / "models" / "my-sd").resolve())]
-    assert locations(IMG2IMG, "someone/their-model") == ["someone/their-model"]
-    assert locations(IMG_MIXER, "someone/decoder") == [
+    assert locations(Operation.PIX2PIX, None) == ["timbrooks/instruct-pix2pix"]
+    assert locations(Operation.IMG2IMG, "my-sd") == [str((tmp_path / "models" / "my-sd").resolve())]
+    assert locations(Operation.IMG2IMG, "someone/their-model") == ["someone/their-model"]
+    assert locations(Operation.IMG_MIXER, "someone/decoder") == [
         "kandinsky-community/kandinsky-2-2-prior",
         "someone/decoder",
     ]
@@ -245,7 +260,7 @@ def test_real_preset_resolves_defaults_local_folders_and_hub_ids(tmp_path: Path)
 @pytest.mark.parametrize("model_id", ["", "../x", "a/../../b", "/etc", "a\\b", ".hidden", "a/b/c"])
 def test_invalid_model_ids_are_refused(model_id: str, tmp_path: Path) -> None:
     with pytest.raises(UnknownModelError):
-        resolve_model(IMG2IMG, model_id, Settings(data_dir=tmp_path))
+        resolve_model(Operation.IMG2IMG, model_id, Settings(data_dir=tmp_path))
 
 
 def test_ensure_tiny_models_is_idempotent(tiny_settings: Settings) -> None:
@@ -256,7 +271,14 @@ def test_ensure_tiny_models_is_idempotent(tiny_settings: Settings) -> None:
     assert after == before
     # LoRA, VAE and embedding folders, and the other families' tiny models, appear only once
     # a request names one (the family tests of the same session may have built them).
-    on_demand = {"loras", "vae", "embeddings", SDXL_IMG2IMG, SD2_V_IMG2IMG, FLUX_IMG2IMG}
+    on_demand = {
+        "loras",
+        "vae",
+        "embeddings",
+        TinyModel.SDXL_IMG2IMG,
+        TinyModel.SD2_V_IMG2IMG,
+        TinyModel.FLUX_IMG2IMG,
+    }
     assert sorted(set(before) - on_demand) == [
         "instruct-pix2pix",
         "kandinsky-decoder",

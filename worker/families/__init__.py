@@ -13,7 +13,7 @@ from typing import Any
 
 from PIL import Image
 
-from darkroom.families import FLUX, SD, SDXL
+from darkroom.identities import Family
 from worker.families import flux, sd, sdxl
 from worker.pipelines.options import RequestAssets
 from worker.pipelines.request import GenerationRequest, StepHook
@@ -25,9 +25,9 @@ FamilyRunner = Callable[
 ]
 
 _IMG2IMG: dict[str, FamilyRunner] = {
-    SD: sd.run_batch,
-    SDXL: sdxl.run_batch,
-    FLUX: flux.run_batch,
+    Family.SD: sd.run_batch,
+    Family.SDXL: sdxl.run_batch,
+    Family.FLUX: flux.run_batch,
 }
 
 

@@ -49,20 +49,9 @@ from transformers import (
     T5Tokenizer,
 )
 
-from darkroom.families import FLUX, SD, SDXL
+from darkroom.identities import Family, TinyModel
 from worker.models.checkpoints import sd_checkpoint
 
-SD_IMG2IMG = "sd-img2img"
-INSTRUCT_PIX2PIX = "instruct-pix2pix"
-KANDINSKY_PRIOR = "kandinsky-prior"
-KANDINSKY_DECODER = "kandinsky-decoder"
-SAFETY_CHECKER = "safety-checker"
-SAFETY_CHECKER_ALWAYS = "safety-checker-always"
-#: Tiny img2img models of the other families, built only when a request names them
-#: (`darkroom.model_ids.TINY_FAMILY_MODELS`).
-SDXL_IMG2IMG = "sdxl-img2img"
-SD2_V_IMG2IMG = "sd2-v-img2img"
-FLUX_IMG2IMG = "flux-img2img"
 #: SDXL's UNet takes the pooled text embedding and six size numbers, each embedded in this width.
 _SDXL_TIME_EMBED = 8
 #: The tiny SDXL's second (bigG stand-in) encoder is wider than the first, as the real one is:
@@ -95,12 +84,12 @@ _diffusers: Any = diffusers
 def ensure_tiny_models(root: Path) -> None:
     """Build every tiny pipeline under `root/<name>/` unless it is already there."""
     builders: dict[str, Callable[[Path], Any]] = {
-        SD_IMG2IMG: _sd_img2img,
-        INSTRUCT_PIX2PIX: _instruct_pix2pix,
-        KANDINSKY_PRIOR: _kandinsky_prior,
-        KANDINSKY_DECODER: _kandinsky_decoder,
-        SAFETY_CHECKER: lambda _workdir: _SafetyCheckerFolder(_NEVER_FLAG),
-        SAFETY_CHECKER_ALWAYS: lambda _workdir: _SafetyCheckerFolder(_ALWAYS_FLAG),
+        TinyModel.SD_IMG2IMG: _sd_img2img,
+        TinyModel.INSTRUCT_PIX2PIX: _instruct_pix2pix,
+        TinyModel.KANDINSKY_PRIOR: _kandinsky_prior,
+        TinyModel.KANDINSKY_DECODER: _kandinsky_decoder,
+        TinyModel.SAFETY_CHECKER: lambda _workdir: _SafetyCheckerFolder(_NEVER_FLAG),
+        TinyModel.SAFETY_CHECKER_ALWAYS: lambda _workdir: _SafetyCheckerFolder(_ALWAYS_FLAG),
     }
     root.mkdir(parents=True, exist_ok=True)
     for name, build in builders.items():
@@ -108,11 +97,11 @@ def ensure_tiny_models(root: Path) -> None:
 
 
 def ensure_tiny_family_model(root: Path, name: str) -> None:
-    """Build the tiny model of another family (`SDXL_IMG2IMG`, ...) under `root/<name>/`."""
+    """Build the tiny model of another family (`TinyModel.SDXL_IMG2IMG`, ...) in `root/<name>/`."""
     builders: dict[str, Callable[[Path], Any]] = {
-        SDXL_IMG2IMG: _sdxl_img2img,
-        SD2_V_IMG2IMG: _sd2_v_img2img,
-        FLUX_IMG2IMG: _flux_img2img,
+        TinyModel.SDXL_IMG2IMG: _sdxl_img2img,
+        TinyModel.SD2_V_IMG2IMG: _sd2_v_img2img,
+        TinyModel.FLUX_IMG2IMG: _flux_img2img,
     }
     if name not in builders:
         raise ValueError(f"No tiny model called {name!r}.")
@@ -499,10 +488,10 @@ def ensure_tiny_vae(target: Path, name: str) -> None:
     _build_once(target, lambda _workdir: _seeded(_vae, id_seed("vae", name)))
 
 
-def ensure_tiny_embedding(target: Path, name: str, family: str = SD) -> None:
+def ensure_tiny_embedding(target: Path, name: str, family: str = Family.SD) -> None:
     """Write the one-vector textual-inversion embedding for id `name` to the file `target`:
     SD's `{name: vector}`, or SDXL's `clip_l` and `clip_g` vectors in one file."""
-    if family == SDXL:
+    if family == Family.SDXL:
         vectors = _seeded(
             lambda: torch.randn(1, _HIDDEN + _SDXL_G_HIDDEN), id_seed("embedding", name)
         )
@@ -517,19 +506,19 @@ def ensure_tiny_embedding(target: Path, name: str, family: str = SD) -> None:
 KOHYA_PREFIX = "kohya-"
 
 
-def ensure_tiny_lora(target: Path, name: str, family: str = SD) -> None:
+def ensure_tiny_lora(target: Path, name: str, family: str = Family.SD) -> None:
     """Write a rank-4 LoRA for the attention of the tiny img2img model of `family`, for id
     `name`, to `target`: diffusers (PEFT) format, or kohya format for SD and SDXL ids with
     `KOHYA_PREFIX`."""
     if target.exists():
         return
-    if family == FLUX:
+    if family == Family.FLUX:
         layers = _seeded(
             lambda: _lora_state_dict(_flux_transformer(), "transformer"), id_seed("lora", name)
         )
         _write_once(target, layers)
         return
-    unet = _sdxl_unet if family == SDXL else lambda: _sd_unet(4)
+    unet = _sdxl_unet if family == Family.SDXL else lambda: _sd_unet(4)
     layers = _seeded(lambda: _lora_state_dict(unet(), "unet"), id_seed("lora", name))
     if name.startswith(KOHYA_PREFIX):
         layers = kohya_lora(layers)

@@ -16,6 +16,7 @@ from typing import Any
 from PIL import Image
 
 from darkroom.families import AskedFields, refusals
+from darkroom.identities import Operation
 from darkroom.settings import Settings
 from worker.families import img2img_runner
 from worker.models.cache import SAFETY_CHECKER, VAE, ComponentSource, ModelCache
@@ -30,9 +31,6 @@ from worker.models.weights import (
 from worker.pipelines import img2img, mixer, pix2pix
 from worker.pipelines.options import RequestAssets
 from worker.pipelines.request import (
-    IMG2IMG,
-    IMG_MIXER,
-    PIX2PIX,
     SAFETY_CHECKER_TYPES,
     GenerationRequest,
     GenerationResult,
@@ -48,12 +46,12 @@ Runner = Callable[
 ]
 
 _RUNNERS: dict[str, Runner] = {
-    IMG2IMG: img2img.run_batch,
-    PIX2PIX: pix2pix.run_batch,
-    IMG_MIXER: mixer.run_batch,
+    Operation.IMG2IMG: img2img.run_batch,
+    Operation.PIX2PIX: pix2pix.run_batch,
+    Operation.IMG_MIXER: mixer.run_batch,
 }
 # The number of init images each operation accepts, inclusive.
-_IMAGE_COUNTS = {IMG2IMG: (1, 1), PIX2PIX: (1, 1), IMG_MIXER: (1, 4)}
+_IMAGE_COUNTS = {Operation.IMG2IMG: (1, 1), Operation.PIX2PIX: (1, 1), Operation.IMG_MIXER: (1, 4)}
 MAX_SAMPLES = 4
 MAX_CLIP_SKIP = 8
 # Options of Stable Diffusion models, which the image mixer (Kandinsky) cannot apply.
@@ -118,7 +116,11 @@ def run_loaded(
     """
     started = time.perf_counter()
     operation = requests[0].operation
-    runner = img2img_runner(loaded.spec.family) if operation == IMG2IMG else _RUNNERS[operation]
+    runner = (
+        img2img_runner(loaded.spec.family)
+        if operation == Operation.IMG2IMG
+        else _RUNNERS[operation]
+    )
     batches = runner(loaded.pipelines, requests, loaded.assets, on_step)
     checked, checker_seconds = [], 0.0
     for request, images in zip(requests, batches, strict=True):
@@ -198,7 +200,7 @@ def check_request(request: GenerationRequest) -> None:
     if request.width % 8 or request.height % 8 or min(request.width, request.height) < 8:
         raise ValueError("Width and height must be positive multiples of 8.")
     _check_options(request)
-    if request.operation == IMG_MIXER:
+    if request.operation == Operation.IMG_MIXER:
         _check_mixer_weights(request)
 
 
@@ -210,10 +212,10 @@ def _check_options(request: GenerationRequest) -> None:
         raise ValueError(f"clip_skip must be between 1 and {MAX_CLIP_SKIP}.")
     if request.scheduler is not None:
         check_scheduler_name(request.scheduler)
-    if request.operation == IMG2IMG and int(request.steps * request.strength) < 1:
+    if request.operation == Operation.IMG2IMG and int(request.steps * request.strength) < 1:
         # diffusers would denoise int(steps * strength) steps: none at all, and then crash.
         raise ValueError("num_inference_steps x strength must be at least 1 for img2img.")
-    if request.operation == IMG_MIXER:
+    if request.operation == Operation.IMG_MIXER:
         changed = [name for name in _SD_OPTIONS if getattr(request, name) != _SD_DEFAULTS[name]]
         if changed:
             raise ValueError(f"img_mixer does not support {', '.join(changed)}.")

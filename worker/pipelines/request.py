@@ -12,10 +12,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-IMG2IMG = "img2img"
-PIX2PIX = "pix2pix"
-IMG_MIXER = "img_mixer"
-OPERATIONS = (IMG2IMG, PIX2PIX, IMG_MIXER)
+from darkroom.identities import Operation
+
 SAFETY_CHECKER_TYPES = ("blur", "pixelate", "black", "sensitive_content_text")
 
 #: Called after every denoising step with (steps done, steps in all); it may raise to stop.
@@ -34,7 +32,7 @@ class LoraSpec:
 class GenerationRequest:
     """One generation: what to run, on which images, with which settings and seeds."""
 
-    operation: str  # one of OPERATIONS
+    operation: Operation
     model_id: str | None  # None: the operation's default model
     prompt: str
     negative_prompt: str  # "" when none
