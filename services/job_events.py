@@ -17,11 +17,9 @@ from sqlalchemy.orm import Session
 from darkroom.settings import Settings
 from db.models import TERMINAL_STATES, Job, JobState
 from db.repositories import jobs
+from services.eta import estimated_eta
 from services.links import OutputLinks
 from services.responses import webhook_body
-
-#: The eta of a job whose operation has no recent run yet (as the fetch answer uses).
-DEFAULT_ETA_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -49,7 +47,7 @@ def read_event(
     if not 1 <= job_id < 2**31:  # an id Postgres' integer cannot hold is no job
         return None
     if key_id is None:
-        job = session.get(Job, job_id)
+        job = jobs.get_job(session, job_id)
     else:
         job = jobs.get_job_for_key(session, job_id, key_id)
     if job is None:
@@ -62,7 +60,7 @@ def job_event(session: Session, settings: Settings, job: Job) -> JobEvent:
     if job.state in TERMINAL_STATES:
         links = OutputLinks.from_settings(settings)
         return JobEvent(job.state.value, webhook_body(job, links, links.storage.read))
-    eta = round(jobs.estimated_eta(session, job, default_s=DEFAULT_ETA_S), 1)
+    eta = round(estimated_eta(session, job), 1)
     if job.state == JobState.QUEUED:
         position = jobs.queued_position(session, job.id)
         return JobEvent(

@@ -18,7 +18,6 @@ from api.errors import ApiError
 from api.schemas import FetchRequest
 from api.schemas.answers import ErrorAnswer, JobAnswer
 from api.schemas.examples import ANSWER_EXAMPLES, INVALID_KEY
-from api.submission import DEFAULT_ETA_S
 from api.waiting import (
     ReadAnswer,
     applied_preference,
@@ -31,6 +30,7 @@ from db.models import ApiKey, JobState
 from db.repositories import jobs
 from db.repositories.jobs import QueueView
 from db.session import session_scope
+from services import eta
 from services.links import OutputLinks
 from services.responses import failed_body, processing_body, success_body
 
@@ -79,8 +79,8 @@ def fetch_job(session: Session, settings: Settings, key: ApiKey, job_id: int) ->
     if job.state == JobState.FAILED:
         return failed_body(job)
     view = QUEUE_VIEWS.get(session, settings, job.id)
-    eta = jobs.eta_from(view.snapshot_for(job), job, default_s=DEFAULT_ETA_S)
-    return processing_body(job, settings.public_url, eta)
+    seconds = eta.eta_from(eta.snapshot_for(view, job), job)
+    return processing_body(job, settings.public_url, seconds)
 
 
 class QueueViews:

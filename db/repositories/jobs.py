@@ -13,12 +13,10 @@ files never collide because each run stores under names of its own.)
 
 from __future__ import annotations
 
-import bisect
 import enum
 import re
 import secrets
-import statistics
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -433,7 +431,8 @@ def notify_job_done(session: Session, job_id: int) -> None:
 
 @dataclass(frozen=True)
 class QueueSnapshot:
-    """What a job's eta depends on: the work ahead of it and how long jobs take."""
+    """What a job's eta depends on: the work ahead of it and how long jobs take (the model that
+    reads it is services/eta.py)."""
 
     queued_ahead: dict[Operation, int]
     running_progress: list[tuple[Operation, float]]
@@ -488,19 +487,12 @@ def recent_job_seconds(session: Session, anchor_id: int) -> dict[Operation, list
 @dataclass(frozen=True)
 class QueueView:
     """The whole queue as one moment's reads saw it, from which any job's `QueueSnapshot`
-    follows without another query: what polling answers share for a moment (api/routes/fetch)."""
+    follows without another query (services.eta.snapshot_for): what polling answers share for a
+    moment (api/routes/fetch)."""
 
     queued_ids: dict[Operation, list[int]]  # ascending
     running_progress: list[tuple[Operation, float]]
     durations: dict[Operation, list[float]]
-
-    def snapshot_for(self, job: Job) -> QueueSnapshot:
-        """What `queue_snapshot` reads for a queued `job`, or `estimated_eta` for a running one."""
-        if job.state == JobState.PROCESSING:
-            return QueueSnapshot({}, [], self.durations)
-        ahead = {op: bisect.bisect_left(ids, job.id) for op, ids in self.queued_ids.items()}
-        queued_ahead = {operation: count for operation, count in ahead.items() if count}
-        return QueueSnapshot(queued_ahead, self.running_progress, self.durations)
 
 
 def queue_view(session: Session, anchor_id: int) -> QueueView:
@@ -512,43 +504,6 @@ def queue_view(session: Session, anchor_id: int) -> QueueView:
     for operation, job_id in rows:
         queued.setdefault(operation, []).append(job_id)
     return QueueView(queued, running_runs(session), recent_job_seconds(session, anchor_id))
-
-
-def estimated_eta(session: Session, job: Job, *, default_s: float) -> float:
-    """Seconds until `job` should finish (the formula is in docs/CLIENTS.md)."""
-    if job.state == JobState.PROCESSING:  # what waits in the queue is behind it
-        snapshot = QueueSnapshot({}, [], recent_job_seconds(session, job.id))
-    else:
-        snapshot = queue_snapshot(session, job)
-    return eta_from(snapshot, job, default_s=default_s)
-
-
-def eta_from(snapshot: QueueSnapshot, job: Job, *, default_s: float) -> float:
-    """A running job: the rest of its typical duration. A queued one: the work ahead of it
-    spread over the jobs running now (a proxy for live workers), then its own duration."""
-    typical = _typical_seconds(snapshot.durations, default_s)
-    own = typical(job.operation)
-    if job.state == JobState.PROCESSING:
-        return own * (1.0 - min(max(job.progress or 0.0, 0.0), 1.0))
-    queued = sum(typical(operation) * count for operation, count in snapshot.queued_ahead.items())
-    running = sum(typical(op) * (1.0 - min(p, 1.0)) for op, p in snapshot.running_progress)
-    workers = max(len(snapshot.running_progress), 1)
-    return (queued + running) / workers + own
-
-
-def _typical_seconds(
-    durations: dict[Operation, list[float]], default_s: float
-) -> Callable[[Operation], float]:
-    """The median recent duration of an operation; of all operations when it has none yet; the
-    default only when no job has ever finished. Medians, so one cold model load does not skew."""
-    overall = [seconds for values in durations.values() for seconds in values]
-    fallback = statistics.median(overall) if overall else default_s
-
-    def typical(operation: Operation) -> float:
-        values = durations.get(operation)
-        return statistics.median(values) if values else fallback
-
-    return typical
 
 
 #: An output's public name, `{file_prefix}-{index}.png` (services.responses.output_filename):

@@ -18,13 +18,13 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from api.app import create_app
-from api.submission import DEFAULT_ETA_S
 from darkroom.identities import Operation
 from darkroom.settings import Settings
 from db.models import Job, JobState, utcnow
 from db.repositories import jobs
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
+from services.eta import DEFAULT_ETA_S
 from tests.api.test_submit import IMG2IMG, PIX2PIX
 from tests.api.test_sync_wait import running_worker
 from tests.support.servers import ImageServer
