@@ -17,6 +17,7 @@ probe do):
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zipfile
 from collections.abc import Iterable
@@ -129,8 +130,89 @@ def _family_of_index(name: str, index: dict[str, object]) -> Family:
 
 def detect_file(path: Path) -> Family:
     """The family of a single-file checkpoint (`.safetensors` or `.ckpt`) from its tensor names."""
-    names = _safetensors_names(path) if path.suffix == ".safetensors" else _ckpt_names(path)
-    return family_of_tensor_names(path.name, names)
+    return family_of_tensor_names(path.name, _tensor_names(path))
+
+
+def _tensor_names(path: Path) -> list[str]:
+    """A single file's tensor names (a `.ckpt`'s: the known prefixes found in it)."""
+    return _safetensors_names(path) if path.suffix == ".safetensors" else _ckpt_names(path)
+
+
+#: The configuration folder of SD 2.x single files (`<models_dir>/configs/sd2/`): SD 2.x is the
+#: SD family (same pipeline, same fields) but its text encoder (OpenCLIP ViT-H), UNet widths and
+#: tokenizer are not SD 1.x's, so its files need a configuration of their own.
+SD2_CONFIG = "sd2"
+#: Tensor-name prefixes of files whose configuration folder is not named after their family.
+_CONFIG_MARKERS: tuple[tuple[str, str], ...] = (
+    ("cond_stage_model.model.transformer.", SD2_CONFIG),
+)
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+#: A sidecar larger than this is no configuration file (A1111's LDM yaml files are ~2 KB).
+_MAX_SIDECAR_BYTES = 1024 * 1024
+#: A1111's sidecar is the original LDM yaml; only its `parameterization` line is read (no YAML
+#: library in the API's image): "v" is v-prediction, anything else (or none) LDM's epsilon.
+_PARAMETERIZATION = re.compile(r"^\s*parameterization:\s*[\"']?([A-Za-z_]+)", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class SingleFile:
+    """What a single-file checkpoint is, read before anything is loaded (InvokeAI's probe)."""
+
+    family: Family
+    config: str  # its configuration folder's name under `<models_dir>/configs/`
+    prediction_type: str | None  # from a sidecar file; None: the configuration folder decides
+
+
+def probe_file(path: Path) -> SingleFile:
+    """Family, configuration folder and declared prediction type of a single-file checkpoint.
+
+    v-prediction and epsilon models have the same tensors, so the prediction type is read from
+    a sidecar beside the file: Darkroom's `<name>.json` (`{"prediction_type": "v_prediction"}`),
+    else A1111's `<name>.yaml` (`parameterization: "v"`); without one, the scheduler config of
+    the configuration folder decides (SD 2.1's own folder says v_prediction, as its 768 model
+    needs).
+    """
+    names = _tensor_names(path)
+    found = family_of_tensor_names(path.name, names)
+    config = next(
+        (name for prefix, name in _CONFIG_MARKERS if any(k.startswith(prefix) for k in names)),
+        str(found.value),
+    )
+    return SingleFile(found, config, sidecar_prediction_type(path))
+
+
+def sidecar_prediction_type(path: Path) -> str | None:
+    """The prediction type that `<name>.json` or `<name>.yaml` beside `path` declares, if any."""
+    declared = path.with_suffix(".json")
+    if declared.is_file():
+        try:
+            prediction = json.loads(_read_sidecar(declared)).get("prediction_type")
+        except (ValueError, AttributeError):
+            raise UnrecognisedModelError(
+                f"{declared.name} must be a JSON object such as "
+                '{"prediction_type": "v_prediction"}.'
+            ) from None
+        if prediction not in PREDICTION_TYPES:
+            raise UnrecognisedModelError(
+                f"{declared.name}: prediction_type must be one of {', '.join(PREDICTION_TYPES)}, "
+                f"not {prediction!r}."
+            )
+        return str(prediction)
+    a1111 = path.with_suffix(".yaml")
+    if a1111.is_file():
+        match = _PARAMETERIZATION.search(_read_sidecar(a1111))
+        return "v_prediction" if match is not None and match.group(1) == "v" else "epsilon"
+    return None
+
+
+def _read_sidecar(path: Path) -> str:
+    """A sidecar's text, bounded in size."""
+    try:
+        if path.stat().st_size > _MAX_SIDECAR_BYTES:
+            raise UnrecognisedModelError(f"{path.name} is larger than a configuration file.")
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UnrecognisedModelError(f"{path.name} is unreadable: {exc}") from None
 
 
 def family_of_tensor_names(name: str, names: Iterable[str]) -> Family:

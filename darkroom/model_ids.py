@@ -194,12 +194,14 @@ def _locate_model(model_id: str, settings: Settings, class_name: str) -> Pipelin
 
 
 def _single_file_source(path: Path, root: Path, class_name: str) -> PipelineSource:
-    """A checkpoint file with its family's configuration folder `<models_dir>/configs/<family>/`."""
+    """A checkpoint file with its configuration folder `<models_dir>/configs/<family>/` (SD 2.x:
+    `configs/sd2/`); a sidecar declaring its prediction type is checked here too."""
     try:
-        family = families.detect_file(path)
+        probed = families.probe_file(path)
     except UnrecognisedModelError as exc:
         raise UnknownModelError(str(exc)) from None
-    config = root / SINGLE_FILE_CONFIGS / family
+    family = probed.family
+    config = root / SINGLE_FILE_CONFIGS / probed.config
     if not (config / "model_index.json").is_file():
         raise UnknownModelError(
             f"{path.name} is a {families.family(family).title} checkpoint, but its configuration "

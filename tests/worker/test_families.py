@@ -438,31 +438,107 @@ def test_a_single_file_resolves_with_its_familys_local_config(tmp_path: Path) ->
         model_ids.resolve_model(Operation.IMG2IMG, "stray", settings)
 
 
-def _build_tiny(root: Path, family: str) -> str:
-    """Build the tiny model of `family` under `root`; its folder's name."""
-    if family == Family.SDXL:
-        tiny.ensure_tiny_family_model(root, TinyModel.SDXL_IMG2IMG)
-        return TinyModel.SDXL_IMG2IMG
-    tiny.ensure_tiny_models(root)
-    return TinyModel.SD_IMG2IMG
+def _build_tiny(root: Path, model: TinyModel) -> Path:
+    """Build the tiny model `model` under `root`; its folder."""
+    if model in (TinyModel.SD_IMG2IMG, TinyModel.INSTRUCT_PIX2PIX):
+        tiny.ensure_tiny_models(root)
+    else:
+        tiny.ensure_tiny_family_model(root, model)
+    return root / model
 
 
-@pytest.mark.parametrize("family", [Family.SD, Family.SDXL])
+def _install_single_file(tmp_path: Path, model: TinyModel, config: str, suffix: str) -> Path:
+    """A models folder with the tiny `model` as the folder `folder/`, as the single file
+    `single<suffix>` in the original layout, and as the configuration folder `configs/<config>/`;
+    the models folder."""
+    models = tmp_path / "models"
+    built = _build_tiny(tmp_path / "build", model)
+    shutil.copytree(built, models / "folder")
+    shutil.copytree(built, models / "configs" / config)
+    tiny.write_sd_checkpoint(models / "folder", models / f"single{suffix}")
+    return models
+
+
+@pytest.mark.parametrize(
+    ("model", "config", "suffix"),
+    [
+        (TinyModel.SD_IMG2IMG, "sd", ".safetensors"),
+        (TinyModel.SDXL_IMG2IMG, "sdxl", ".safetensors"),
+        (TinyModel.SD2_V_IMG2IMG, "sd2", ".safetensors"),  # OpenCLIP ViT-H keys
+        (TinyModel.SD2_V_IMG2IMG, "sd2", ".ckpt"),  # read with torch.load(weights_only=True)
+    ],
+)
 def test_a_single_file_in_the_original_layout_gives_the_folders_image(
-    tmp_path: Path, cache: ModelCache, family: str
+    tmp_path: Path, cache: ModelCache, model: TinyModel, config: str, suffix: str
 ) -> None:
     """A tiny model written as one A1111-layout file loads through `from_single_file` with the
     local config folder, and runs exactly as the folder it came from."""
-    models = tmp_path / "models"
-    name = _build_tiny(tmp_path / "build", family)
-    shutil.copytree(tmp_path / "build" / name, models / "folder")
-    shutil.copytree(tmp_path / "build" / name, models / "configs" / family)
-    tiny.write_sd_checkpoint(models / "folder", models / "single.safetensors")
+    models = _install_single_file(tmp_path, model, config, suffix)
     settings = Settings(data_dir=tmp_path, models_dir=models)
-    assert families.detect_file(models / "single.safetensors") == family
+    probed = families.probe_file(models / f"single{suffix}")
+    assert (probed.config, probed.prediction_type) == (config, None)
     spec = model_ids.resolve_model(Operation.IMG2IMG, "single", settings)
-    assert spec.family == family
-    assert spec.sources[0].single_file_config == str((models / "configs" / family).resolve())
+    assert spec.family == probed.family == families.detect_folder(models / "folder")
+    assert spec.sources[0].single_file_config == str((models / "configs" / config).resolve())
     from_folder = _pixels(_request("folder"), cache, settings)
     from_file = _pixels(_request("single"), cache, settings)
     assert np.array_equal(from_file, from_folder)
+
+
+def test_an_sd2_files_prediction_type_comes_from_its_sidecar_else_its_config(
+    tmp_path: Path, cache: ModelCache
+) -> None:
+    """v-prediction and epsilon SD 2.x files have the same tensors: `<name>.json` or A1111's
+    `<name>.yaml` says which; without one, `configs/sd2/` (here v_prediction, as SD 2.1) does."""
+    models = _install_single_file(tmp_path, TinyModel.SD2_V_IMG2IMG, "sd2", ".safetensors")
+    sidecars = {
+        "eps-json": ("json", '{"prediction_type": "epsilon"}'),
+        "eps-yaml": ("yaml", "model:\n  params:\n    linear_start: 0.00085\n"),
+        "v-yaml": ("yaml", 'model:\n  params:\n    parameterization: "v"\n'),
+    }
+    for name, (suffix, text) in sidecars.items():
+        shutil.copy(models / "single.safetensors", models / f"{name}.safetensors")
+        (models / f"{name}.{suffix}").write_text(text)
+    settings = Settings(data_dir=tmp_path, models_dir=models)
+
+    def prediction(model_id: str) -> str:
+        [pipe] = load_for([_request(model_id)], cache, settings).pipelines
+        return str(pipe.scheduler.config.prediction_type)
+
+    assert [prediction(m) for m in ("single", "eps-json", "eps-yaml", "v-yaml")] == [
+        "v_prediction", "epsilon", "epsilon", "v_prediction",
+    ]  # fmt: skip
+    v_image = _pixels(_request("single"), cache, settings)
+    assert np.array_equal(_pixels(_request("v-yaml"), cache, settings), v_image)
+    assert np.abs(_pixels(_request("eps-json"), cache, settings) - v_image).max() > 0
+    (models / "eps-json.json").write_text('{"prediction_type": "x0"}')
+    with pytest.raises(model_ids.UnknownModelError, match="prediction_type must be one of"):
+        model_ids.resolve_model(Operation.IMG2IMG, "eps-json", settings)
+
+
+class _RunsACommand:
+    """Unpickling this runs `touch <path>`: what a hostile `.ckpt` does with full unpickling."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        import os
+
+        return os.system, (f"touch {self.path}",)
+
+
+def test_a_ckpt_that_would_run_code_is_refused_when_loaded(
+    tmp_path: Path, cache: ModelCache
+) -> None:
+    """A `.ckpt` whose pickle calls a function passes detection (only its bytes are searched)
+    and is refused when loaded (`torch.load(weights_only=True)`): the command never runs."""
+    models = _install_single_file(tmp_path, TinyModel.SD2_V_IMG2IMG, "sd2", ".safetensors")
+    witness = tmp_path / "pwned"
+    trap = {"cond_stage_model.model.transformer.resblocks.0.ln_1.weight": _RunsACommand(witness)}
+    torch.save({"state_dict": trap}, models / "trap.ckpt")
+    settings = Settings(data_dir=tmp_path, models_dir=models)
+    assert model_ids.resolve_model(Operation.IMG2IMG, "trap", settings).family == Family.SD
+    with pytest.raises(OSError, match="Unable to load weights"):
+        generate(_request("trap"), cache, settings)
+    assert not witness.exists()

@@ -40,7 +40,7 @@ import torch
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from transformers import CLIPImageProcessor
 
-from darkroom import metrics
+from darkroom import families, metrics
 from darkroom.model_ids import may_download
 from darkroom.settings import get_settings
 from worker.fastpath import FastPath, apply_fast_path, prepare_module
@@ -226,6 +226,7 @@ class ModelCache:
             pipeline = pipeline_class.from_single_file(
                 source.location, config=source.single_file_config, **options
             )
+            _declare_prediction_type(pipeline, Path(source.location))
         else:
             pipeline = pipeline_class.from_pretrained(source.location, **options)
         pipeline.set_progress_bar_config(disable=True)
@@ -251,6 +252,17 @@ class ModelCache:
             )
             return SafetyChecker(model.to(self.device), extractor)
         raise ValueError(f"Unknown component kind {source.kind!r}.")
+
+
+def _declare_prediction_type(pipeline: Any, checkpoint: Path) -> None:
+    """Give a single file's scheduler the prediction type its sidecar declares (epsilon and
+    v-prediction files have the same tensors: `darkroom.families.probe_file`); without a
+    sidecar the configuration folder's scheduler config stands. Every scheduler a request names
+    is built from this config, so it inherits the type."""
+    declared = families.sidecar_prediction_type(checkpoint)
+    scheduler = pipeline.scheduler
+    if declared is not None and scheduler.config.get("prediction_type") != declared:
+        pipeline.scheduler = type(scheduler).from_config(scheduler.config, prediction_type=declared)
 
 
 def _pipeline_dtype(class_name: str, dtype: torch.dtype) -> torch.dtype:

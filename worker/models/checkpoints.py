@@ -1,10 +1,13 @@
-"""Write a diffusers Stable Diffusion 1.x pipeline as one checkpoint in the original layout.
+"""Write a diffusers Stable Diffusion 1.x, 2.x or SDXL pipeline as one checkpoint in the
+original layout.
 
-Model sites distribute SD 1.x models as single `.safetensors` files in the layout of the
-original (CompVis / A1111) code: `model.diffusion_model.*` (the UNet in LDM naming),
-`first_stage_model.*` (the VAE), `cond_stage_model.transformer.*` (CLIP, in transformers'
-naming). The tiny preset writes its model in that layout so that the tests load a single file
-through the real path (`from_single_file(config=...)`, which converts these names back).
+Model sites distribute these models as single `.safetensors` (or `.ckpt`) files in the layout of
+the original (CompVis / Stability / A1111) code: `model.diffusion_model.*` (the UNet in LDM
+naming), `first_stage_model.*` (the VAE), and the text encoders: SD 1.x's CLIP ViT-L as
+`cond_stage_model.transformer.*` (transformers' naming), SD 2.x's OpenCLIP ViT-H as
+`cond_stage_model.model.*` (OpenCLIP's naming), SDXL's pair as `conditioner.embedders.0/1.*`.
+The tiny preset writes its models in that layout so that the tests load a single file through
+the real path (`from_single_file(config=...)`, which converts these names back).
 
 The renaming is derived from the UNet's and VAE's configs (block counts, layers per block), so
 any size converts, the tiny one included.
@@ -37,29 +40,38 @@ _UNET_TOP = {
 
 
 def sd_checkpoint(pipe: Any) -> dict[str, torch.Tensor]:
-    """The state dict of an SD 1.x or SDXL pipeline's UNet, VAE and text encoders in the
+    """The state dict of an SD 1.x, 2.x or SDXL pipeline's UNet, VAE and text encoders in the
     original layout (SDXL: CLIP-L as `conditioner.embedders.0.transformer.`, bigG in OpenCLIP's
-    naming as `conditioner.embedders.1.model.`)."""
+    naming as `conditioner.embedders.1.model.`; SD 2.x: ViT-H as `cond_stage_model.model.`)."""
     unet = {
         f"model.diffusion_model.{_unet_name(key, pipe.unet.config)}": value
         for key, value in pipe.unet.state_dict().items()
     }
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    clip_prefix = (
-        "conditioner.embedders.0.transformer." if sdxl else "cond_stage_model.transformer."
-    )
-    text = {
-        f"{clip_prefix}{_clip_name(key)}": value
-        for key, value in pipe.text_encoder.state_dict().items()
-    }
-    if sdxl:
-        text |= _open_clip_state(pipe.text_encoder_2, "conditioner.embedders.1.model.")
-    state = {**unet, **_vae_state(pipe.vae), **text}
+    state = {**unet, **_vae_state(pipe.vae), **_text_state(pipe)}
     return {key: value.contiguous() for key, value in state.items()}
 
 
-_SDXL_CLIP_L = "conditioner.embedders.0.transformer."
-_EMBEDDINGS = "text_model.embeddings."
+def _text_state(pipe: Any) -> dict[str, torch.Tensor]:
+    """The text encoders under their original prefixes, each in its original naming."""
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL
+        clip_l = _clip_state(pipe.text_encoder, "conditioner.embedders.0.transformer.")
+        return clip_l | _open_clip_state(pipe.text_encoder_2, "conditioner.embedders.1.model.")
+    if is_open_clip(pipe.text_encoder):  # SD 2.x
+        return _open_clip_state(pipe.text_encoder, "cond_stage_model.model.")
+    return _clip_state(pipe.text_encoder, "cond_stage_model.transformer.")
+
+
+def is_open_clip(encoder: Any) -> bool:
+    """Whether a CLIP text encoder stands for an OpenCLIP one (SD 2.x's ViT-H, SDXL's bigG):
+    those use GELU, OpenAI's CLIP (SD 1.x's ViT-L) its quick GELU approximation."""
+    return str(encoder.config.hidden_act) == "gelu"
+
+
+def _clip_state(encoder: Any, prefix: str) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder in transformers' naming under `prefix`."""
+    return {f"{prefix}{_clip_name(key)}": value for key, value in encoder.state_dict().items()}
+
+
 _OPEN_CLIP_LAYER_PARTS = (
     ("layer_norm1", "ln_1"),
     ("layer_norm2", "ln_2"),
@@ -70,9 +82,15 @@ _OPEN_CLIP_LAYER_PARTS = (
 
 
 def _open_clip_state(encoder: Any, prefix: str) -> dict[str, torch.Tensor]:
-    """A CLIPTextModelWithProjection in OpenCLIP's naming: `transformer.resblocks.N.*` with q, k
-    and v joined as `attn.in_proj_*`, and the projection transposed."""
+    """A CLIP text encoder in OpenCLIP's naming: `transformer.resblocks.N.*` with q, k and v
+    joined as `attn.in_proj_*`, and the projection transposed. SD 2.x's `CLIPTextModel` has no
+    projection; its file has OpenCLIP's (unused), whose width tells the loader how q, k and v
+    were joined, so an identity stands in for it."""
     state = {_clip_name(key): value for key, value in encoder.state_dict().items()}
+    hidden = int(encoder.config.hidden_size)
+    projection = state.pop("text_model.text_projection.weight", None)
+    if projection is None:
+        projection = torch.eye(hidden)
     out = {
         f"{prefix}positional_embedding": state.pop(
             "text_model.embeddings.position_embedding.weight"
@@ -82,7 +100,7 @@ def _open_clip_state(encoder: Any, prefix: str) -> dict[str, torch.Tensor]:
         ),
         f"{prefix}ln_final.weight": state.pop("text_model.final_layer_norm.weight"),
         f"{prefix}ln_final.bias": state.pop("text_model.final_layer_norm.bias"),
-        f"{prefix}text_projection": state.pop("text_model.text_projection.weight").T,
+        f"{prefix}text_projection": projection.T,
     }
     for layer in range(int(encoder.config.num_hidden_layers)):
         ours, theirs = (

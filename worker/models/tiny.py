@@ -152,8 +152,9 @@ def _tokenizer(workdir: Path) -> Any:
     return CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
 
 
-def _text_config(layers: int = 2, hidden: int = _HIDDEN) -> Any:
-    """A CLIP text encoder over the tokenizer's 514 tokens."""
+def _text_config(layers: int = 2, hidden: int = _HIDDEN, **options: Any) -> Any:
+    """A CLIP text encoder over the tokenizer's 514 tokens; `options` are an encoder's own
+    departures (OpenCLIP's GELU)."""
     return CLIPTextConfig(
         vocab_size=514,
         hidden_size=hidden,
@@ -164,6 +165,7 @@ def _text_config(layers: int = 2, hidden: int = _HIDDEN) -> Any:
         bos_token_id=512,
         eos_token_id=513,
         pad_token_id=513,
+        **options,
     )
 
 
@@ -234,13 +236,28 @@ def _instruct_pix2pix(workdir: Path) -> Any:
 
 def _sd2_v_img2img(workdir: Path) -> Any:
     """Stable Diffusion 2.x v-prediction (768-v shape): the scheduler config says so, which every
-    scheduler a request names inherits."""
+    scheduler a request names inherits. SD 2.x's own traits at toy size: an OpenCLIP (GELU) text
+    encoder, linear attention projections and per-level head counts in the UNet."""
     scheduler = _diffusers.DDIMScheduler(
         **_SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, prediction_type="v_prediction"
     )
     components = _sd_components(workdir, unet_in_channels=4)
-    components["unet"] = _seeded(lambda: _sd_unet(4), seed=2)
+    components["unet"] = _seeded(_sd2_unet, seed=2)
+    components["text_encoder"] = _seeded(
+        lambda: CLIPTextModel(_text_config(_SD_TEXT_LAYERS, hidden_act="gelu"))
+    )
     return _diffusers.StableDiffusionImg2ImgPipeline(scheduler=scheduler, **components)
+
+
+def _sd2_unet() -> Any:
+    """SD 2.x's UNet shape at toy size: linear projections in and out of attention, the head
+    count per level (SD 2.x: 5, 10, 20, 20), SD's cross-attention width."""
+    return _toy_unet(
+        in_channels=4,
+        cross_attention_dim=_HIDDEN,
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+    )
 
 
 def _sdxl_unet() -> Any:
@@ -560,7 +577,16 @@ def _write_once(target: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def write_sd_checkpoint(folder: Path, target: Path) -> None:
-    """Write the SD 1.x or SDXL pipeline folder `folder` as one original-layout `.safetensors`
-    file, as model sites distribute checkpoints (`worker.models.checkpoints`)."""
+    """Write the SD 1.x, SD 2.x or SDXL pipeline folder `folder` as one original-layout file, as
+    model sites distribute checkpoints (`worker.models.checkpoints`): `.safetensors`, or a
+    `.ckpt` (a torch zip archive holding `{"state_dict": ...}`, as the original code saved)."""
     pipe = _diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    _write_once(target, sd_checkpoint(pipe))
+    state = sd_checkpoint(pipe)
+    if target.suffix != ".ckpt":
+        _write_once(target, state)
+        return
+    if target.exists():
+        return
+    staging = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}")
+    torch.save({"state_dict": state}, staging)
+    os.replace(staging, target)
