@@ -156,6 +156,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tiny.ensure_tiny_lora(root / "loras" / f"{stem}-peft.safetensors", "same", family)
         layers = load_file(str(root / "loras" / f"{stem}-peft.safetensors"))
         save_file(tiny.kohya_lora(layers), str(root / "loras" / f"{stem}-kohya.safetensors"))
+        # The same UNet part with the text encoders' parts, as model sites ship kohya LoRAs.
+        text = tiny.kohya_text_encoder_lora(family, seed=7)
+        with_text = tiny.kohya_lora(layers) | text
+        save_file(with_text, str(root / "loras" / f"{stem}-kohya-te.safetensors"))
+        first_encoder = {k: v for k, v in with_text.items() if not k.startswith("lora_te2_")}
+        save_file(first_encoder, str(root / "loras" / f"{stem}-kohya-te1.safetensors"))
     tiny.ensure_tiny_lora(root / "loras" / "xl-other.safetensors", "other", Family.SDXL)
     tiny.ensure_tiny_embedding(root / "embeddings" / "xl-emb.safetensors", "xl-emb", Family.SDXL)
     tiny.ensure_tiny_vae(root / "vae" / "my-vae", "my-vae")
@@ -238,6 +244,28 @@ def test_a_kohya_lora_gives_the_image_of_the_same_lora_in_diffusers_format(
     assert np.abs(kohya - peft).max() <= PIXEL_TOLERANCE  # and kohya's keys were converted
     after = _pixels(_request(model_id), cache, installed)
     assert np.array_equal(after, plain)  # unloaded again
+
+
+@pytest.mark.parametrize(("model_id", "stem"), [(SDXL_MODEL, "xl"), (SD2_MODEL, "sd")])
+def test_a_kohya_loras_text_encoder_part_changes_the_image(
+    installed: Settings, cache: ModelCache, model_id: str, stem: str
+) -> None:
+    """`lora_te_*` (SD) and `lora_te1_*` / `lora_te2_*` (SDXL) are loaded into the text encoders:
+    the same LoRA without them gives another image, and unloading restores the model."""
+    plain = _pixels(_request(model_id), cache, installed)
+    unet_only = _pixels(
+        _request(model_id, loras=(LoraSpec(f"{stem}-kohya", 1.0),)), cache, installed
+    )
+    with_text = _pixels(
+        _request(model_id, loras=(LoraSpec(f"{stem}-kohya-te", 1.0),)), cache, installed
+    )
+    assert np.abs(with_text - unet_only).max() > 0
+    if model_id == SDXL_MODEL:  # the second encoder's part counts too
+        first = LoraSpec(f"{stem}-kohya-te1", 1.0)
+        first_only = _pixels(_request(model_id, loras=(first,)), cache, installed)
+        assert np.abs(first_only - unet_only).max() > 0
+        assert np.abs(first_only - with_text).max() > 0
+    assert np.array_equal(_pixels(_request(model_id), cache, installed), plain)
 
 
 def test_several_sdxl_loras_at_once_each_with_its_strength(

@@ -526,7 +526,7 @@ KOHYA_PREFIX = "kohya-"
 def ensure_tiny_lora(target: Path, name: str, family: str = Family.SD) -> None:
     """Write a rank-4 LoRA for the attention of the tiny img2img model of `family`, for id
     `name`, to `target`: diffusers (PEFT) format, or kohya format for SD and SDXL ids with
-    `KOHYA_PREFIX`."""
+    `KOHYA_PREFIX` (the UNet's part and, as model sites ship them, the text encoders')."""
     if target.exists():
         return
     if family == Family.FLUX:
@@ -538,7 +538,8 @@ def ensure_tiny_lora(target: Path, name: str, family: str = Family.SD) -> None:
     unet = _sdxl_unet if family == Family.SDXL else lambda: _sd_unet(4)
     layers = _seeded(lambda: _lora_state_dict(unet(), "unet"), id_seed("lora", name))
     if name.startswith(KOHYA_PREFIX):
-        layers = kohya_lora(layers)
+        text = kohya_text_encoder_lora(family, id_seed("lora-te", name))
+        layers = kohya_lora(layers) | text
     _write_once(target, layers)
 
 
@@ -564,6 +565,29 @@ def kohya_lora(layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if matrix.startswith("A"):
             kohya[f"{stem}.alpha"] = torch.tensor(float(value.shape[0]))
     return kohya
+
+
+#: kohya's prefix of each text encoder's LoRA layers, per family: SD's one encoder, SDXL's two.
+_KOHYA_TEXT_ENCODERS: dict[str, tuple[tuple[str, int], ...]] = {
+    Family.SD: (("lora_te_", _HIDDEN),),
+    Family.SDXL: (("lora_te1_", _HIDDEN), ("lora_te2_", _SDXL_G_HIDDEN)),
+}
+
+
+def kohya_text_encoder_lora(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random rank-4 LoRA of the attention projections of the tiny `family` model's CLIP text
+    encoders, in kohya's layout as A1111 LoRAs ship it: `lora_te_text_model_encoder_layers_N_
+    self_attn_q_proj.lora_down.weight` (SDXL: `lora_te1_` for CLIP-L, `lora_te2_` for bigG)."""
+    generator = torch.Generator().manual_seed(seed)
+    lora: dict[str, torch.Tensor] = {}
+    for prefix, width in _KOHYA_TEXT_ENCODERS[family]:
+        for layer in range(_SD_TEXT_LAYERS):
+            for projection in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                stem = f"{prefix}text_model_encoder_layers_{layer}_self_attn_{projection}"
+                lora[f"{stem}.lora_down.weight"] = 0.1 * torch.randn(4, width, generator=generator)
+                lora[f"{stem}.lora_up.weight"] = 0.1 * torch.randn(width, 4, generator=generator)
+                lora[f"{stem}.alpha"] = torch.tensor(4.0)
+    return lora
 
 
 def _write_once(target: Path, tensors: dict[str, torch.Tensor]) -> None:
