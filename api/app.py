@@ -17,6 +17,7 @@ from api.middleware import BodyLimit, InFlightLimit
 from api.routes import (
     cancel,
     dashboard,
+    enterprise_models,
     enterprise_server,
     events,
     fetch,
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(InFlightLimit, limit=settings.api_max_in_flight, parked=lambda: waiter.waits)
     routers: tuple[ModuleType, ...] = (submit, v7, fetch, cancel, outputs, health, metrics)
     routers += (dashboard, enterprise_server)
+    routers += (enterprise_models,)
     routers += (events,)
     routers += (openai_edits,)
     for module in routers:

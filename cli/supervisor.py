@@ -148,6 +148,7 @@ def run_all(host: str, port: int, on_ready: Callable[[], None] | None = None) ->
         Child(("api", "--host", host, "--port", str(port))),
         Child(("worker",)),
         Child(("dispatcher",)),
+        Child(("installer",)),  # model downloads: never on a GPU worker
     ]
     for child in children:
         child.start()

@@ -65,6 +65,12 @@ class Settings(BaseSettings):
 
     image_max_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     image_fetch_timeout_s: float = Field(default=20.0, gt=0)
+    # Model installs (load_model, `darkroom models add`, the `darkroom installer` process).
+    model_max_bytes: int = Field(default=64 * 1024**3, gt=0)
+    model_download_timeout_s: float = Field(default=6 * 3600.0, gt=0)
+    install_lease_s: float = Field(default=60.0, gt=0)  # an installer's claim, renewed as it runs
+    install_poll_s: float = Field(default=1.0, gt=0, le=60)
+    install_max_attempts: int = Field(default=3, ge=1)
 
     # --- performance: fast path and batching ---
     # Weights' dtype; "auto": float16 on CUDA, float32 on the CPU (see docs/PERFORMANCE.md).

@@ -182,7 +182,15 @@ class WebhookDelivery(Base):
     __tablename__ = "webhook_deliveries"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), unique=True)
+    # A job's webhook (one per job), or a model install's (job_id None, model_install_id set).
+    job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), unique=True, default=None
+    )
+    model_install_id: Mapped[int | None] = mapped_column(
+        ForeignKey("model_installs.id", ondelete="CASCADE"), index=True, default=None
+    )
+    # The key whose secrets sign it (the job's key, or the key that asked for the install).
+    api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
     message_id: Mapped[str] = mapped_column(String(64), unique=True)
     url: Mapped[str] = mapped_column(Text)
     payload: Mapped[str] = mapped_column(Text)
@@ -197,7 +205,7 @@ class WebhookDelivery(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
-    job: Mapped[Job] = relationship()
+    job: Mapped[Job | None] = relationship()
     attempts: Mapped[list[WebhookAttempt]] = relationship(
         back_populates="delivery", order_by="WebhookAttempt.id"
     )
@@ -259,3 +267,45 @@ class IdempotencyKey(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class InstallState(enum.StrEnum):
+    """A model install: queued -> downloading -> ready | failed."""
+
+    QUEUED = "queued"
+    DOWNLOADING = "downloading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class ModelInstall(Base):
+    """A model, LoRA, embedding or VAE brought by `load_model` (or `darkroom models add`): where
+    from, how far it got, and what was found. The installer claims queued rows with a lease."""
+
+    __tablename__ = "model_installs"
+    # One install per id and kind: a second load of the same id joins or is refused.
+    __table_args__ = (UniqueConstraint("kind", "model_id", name="uq_model_installs_kind_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))  # model, lora, embedding, vae
+    model_id: Mapped[str] = mapped_column(String(200))
+    source: Mapped[str] = mapped_column(Text)  # an http(s) URL or a Hub repo id
+    options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    api_key_id: Mapped[int | None] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="SET NULL"), default=None
+    )
+    webhook_url: Mapped[str | None] = mapped_column(Text, default=None)
+    state: Mapped[InstallState] = mapped_column(
+        _enum_column(InstallState), default=InstallState.QUEUED, index=True
+    )
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    family: Mapped[str | None] = mapped_column(String(20), default=None)
+    format: Mapped[str | None] = mapped_column(String(20), default=None)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_until: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)

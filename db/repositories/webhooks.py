@@ -35,15 +35,28 @@ class AttemptRecord:
     error: str | None
 
 
-def create_delivery(session: Session, *, job_id: int, url: str, payload: str) -> WebhookDelivery:
-    """Queue the one delivery of a job, due now, with the `webhook-id` every attempt will carry.
+def create_delivery(
+    session: Session,
+    *,
+    job_id: int | None = None,
+    url: str,
+    payload: str,
+    api_key_id: int | None = None,
+    model_install_id: int | None = None,
+) -> WebhookDelivery:
+    """Queue the one delivery of a job (or a model install's, given its key), due now, with the
+    `webhook-id` every attempt will carry.
 
     "Now" is the database's: a dispatcher whose clock is behind this process's must still find
     it due (the caller publishes it right after the commit, so it counts as published too).
     """
     now = db_now(session)
+    if api_key_id is None:  # a job's webhook is signed with the job's key
+        api_key_id = session.scalar(select(Job.api_key_id).where(Job.id == job_id))
     delivery = WebhookDelivery(
         job_id=job_id,
+        model_install_id=model_install_id,
+        api_key_id=api_key_id,
         url=url,
         payload=payload,
         message_id="msg_" + secrets.token_hex(12),
@@ -84,7 +97,7 @@ class ClaimedDelivery:
     """A delivery taken for one attempt, with everything signing and logging it needs."""
 
     id: int
-    job_id: int
+    job_id: int | None
     url: str
     payload: str
     message_id: str
@@ -123,8 +136,7 @@ def claim_due_deliveries(session: Session, *, limit: int, lease_s: float) -> lis
         .where(
             WebhookDelivery.id.in_(due_ids.scalar_subquery()),
             _is_due(now),
-            WebhookDelivery.job_id == Job.id,
-            Job.api_key_id == ApiKey.id,
+            WebhookDelivery.api_key_id == ApiKey.id,
         )
         .values(lease_until=now + literal(timedelta(seconds=lease_s), Interval()))
         .returning(
@@ -134,7 +146,8 @@ def claim_due_deliveries(session: Session, *, limit: int, lease_s: float) -> lis
             WebhookDelivery.payload,
             WebhookDelivery.message_id,
             WebhookDelivery.attempt_count,
-            Job.track_id,
+            # A model install's delivery has no job, hence no track id.
+            select(Job.track_id).where(Job.id == WebhookDelivery.job_id).scalar_subquery(),
             ApiKey.webhook_secret,
             ApiKey.previous_webhook_secret,
             ApiKey.previous_secret_until,
@@ -144,7 +157,13 @@ def claim_due_deliveries(session: Session, *, limit: int, lease_s: float) -> lis
     signed_at = utcnow()
     return [
         ClaimedDelivery(
-            *row[:7],
+            row[0],
+            row[1],
+            row[2],
+            row[3],
+            row[4],
+            row[5],
+            row[6],
             secrets=ApiKey(
                 webhook_secret=row[7], previous_webhook_secret=row[8], previous_secret_until=row[9]
             ).signing_secrets(signed_at),

@@ -116,8 +116,8 @@ def _claim(delivery_id: int, settings: Settings) -> Ticket | None:
         delivery = webhooks.claim_delivery(session, delivery_id, lease_s=lease_s)
         if delivery is None:
             return None
-        key = keys.get_key(session, delivery.job.api_key_id)
-        assert key is not None, "a job always has its key"
+        key = keys.get_key(session, delivery.api_key_id)
+        assert key is not None, "a delivery always has its key"
         secrets = key.signing_secrets(utcnow())
         return Ticket(
             delivery.id,
@@ -126,7 +126,7 @@ def _claim(delivery_id: int, settings: Settings) -> Ticket | None:
             delivery.message_id,
             secrets,
             delivery.job_id,
-            delivery.job.track_id,
+            delivery.job.track_id if delivery.job is not None else None,
             delivery.attempt_count,
         )
 

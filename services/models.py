@@ -1,0 +1,559 @@
+"""Bringing models: install, verify, list and delete models, LoRAs, embeddings and VAEs.
+
+The one home of the hosted API's enterprise model endpoints (api/routes/enterprise_models.py)
+and of `darkroom models` (cli/models.py). A load only records a queued install here; the
+installer process (worker/installer.py, `darkroom installer`) downloads, verifies, converts and
+places it, and then calls `complete` or `fail`, which queue the key's webhook in the same
+transaction (the same delivery rows, signing, retries and records as a job's webhook).
+
+Torch-free: the API imports it. Where things go under DARKROOM_MODELS_DIR:
+`<id>/` (a diffusers folder: single files are converted once, at install), `loras/<id>.safetensors`,
+`embeddings/<id>.safetensors`, `vae/<id>/`. Work in progress lives under `.installing/<n>/`
+and is renamed into place only once verified, so nothing is ever half installed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from darkroom import families
+from darkroom.families import UnrecognisedModelError
+from darkroom.identities import Family
+from darkroom.limits import MAX_ID_CHARS
+from darkroom.model_ids import SINGLE_FILE_CONFIGS
+from darkroom.settings import Settings
+from db.models import InstallState, ModelInstall
+from db.repositories import models as repo
+from db.repositories import webhooks
+
+MODEL, LORA, EMBEDDING, VAE = "model", "lora", "embedding", "vae"
+KINDS = (MODEL, LORA, EMBEDDING, VAE)
+#: The hosted API's `model_type` values and the kind each installs.
+MODEL_TYPES = {"huggingface": MODEL, "custom_ckpt": MODEL, "lora": LORA, "embeddings": EMBEDDING}
+#: load_model_v2's `model_category` values and the family the model must be.
+CATEGORIES = {
+    "stable_diffusion": Family.SD,
+    "stable_diffusion_2": Family.SD,
+    "stable_diffusion_xl": Family.SDXL,
+    "sdxl": Family.SDXL,
+    "flux": Family.FLUX,
+}
+FORMATS = ("safetensors", "ckpt", "diffusers")
+#: Folder under the models folder where installs are assembled before the atomic rename.
+STAGING = ".installing"
+_SUBFOLDERS = {LORA: "loras", EMBEDDING: "embeddings", VAE: "vae"}
+_RESERVED = {"loras", "vae", "embeddings", "safety-checker", SINGLE_FILE_CONFIGS}
+_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.\-]*"
+_VALID_ID = re.compile(rf"{_NAME}(/{_NAME})?")
+_HUB_ID = re.compile(rf"{_NAME}/{_NAME}")
+_LISTED_MAX = 1000
+
+
+class InstallRefusedError(ValueError):
+    """A load, verify or delete that cannot go on; `status` is the HTTP status to answer."""
+
+    def __init__(self, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class InstallRequest:
+    """What to install under which id, from where, and what it must turn out to be."""
+
+    kind: str
+    model_id: str
+    source: str
+    options: dict[str, Any] = field(default_factory=dict)
+    webhook: str | None = None
+
+
+@dataclass(frozen=True)
+class Started:
+    """The install a load refers to, and what to tell the client."""
+
+    install_id: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Found:
+    """What the installer found and installed."""
+
+    family: str | None
+    format: str
+    size_bytes: int
+    sha256: str | None
+
+
+# --- requests -------------------------------------------------------------------------------
+
+
+def _text(body: dict[str, Any], name: str, *, required: bool = False) -> str | None:
+    """A string field, stripped; None when absent or empty (422 when required)."""
+    value = body.get(name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise InstallRefusedError(f"The {name} field is required.")
+        return None
+    if not isinstance(value, str):
+        raise InstallRefusedError(f"The {name} field must be a string.")
+    return value.strip()
+
+
+def _yes(body: dict[str, Any], name: str) -> bool:
+    """A yes/no field as the hosted API sends them (also true/false)."""
+    return str(body.get(name, "")).strip().lower() in ("yes", "true", "1")
+
+
+def parse_load_model(body: dict[str, Any]) -> InstallRequest:
+    """load_model's `{url, model_id, model_type, from_safetensors, revision, upcast_attention,
+    webhook}` as an install request."""
+    model_type = (_text(body, "model_type") or "custom_ckpt").lower()
+    if model_type == "controlnet":
+        raise InstallRefusedError(
+            "model_type controlnet is not supported yet: Darkroom has no ControlNet pipelines."
+        )
+    if model_type not in MODEL_TYPES:
+        raise InstallRefusedError(
+            f"Unknown model_type {model_type!r}; expected one of "
+            f"{', '.join(sorted(MODEL_TYPES))} (controlnet: not yet)."
+        )
+    options = {
+        "model_type": model_type,
+        "revision": _text(body, "revision"),
+        "upcast_attention": _yes(body, "upcast_attention"),
+        "from_safetensors": _yes(body, "from_safetensors"),
+    }
+    return _request(body, MODEL_TYPES[model_type], "model_id", options)
+
+
+def parse_load_model_v2(body: dict[str, Any]) -> InstallRequest:
+    """load_model_v2's `{url, model_id, model_category, model_format, revision, webhook}`."""
+    category = (_text(body, "model_category") or "").lower()
+    model_format = (_text(body, "model_format") or "").lower()
+    if category in ("lora", "embeddings"):
+        kind = LORA if category == "lora" else EMBEDDING
+        return _request(body, kind, "model_id", {"model_category": category})
+    if category and category not in CATEGORIES:
+        raise InstallRefusedError(
+            f"Unknown model_category {category!r}; expected one of {', '.join(CATEGORIES)}, "
+            "lora or embeddings."
+        )
+    if model_format and model_format not in FORMATS:
+        raise InstallRefusedError(
+            f"Unknown model_format {model_format!r}; expected one of {', '.join(FORMATS)}."
+        )
+    options = {
+        "model_category": category or None,
+        "family": CATEGORIES.get(category),
+        "model_format": model_format or None,
+        "revision": _text(body, "revision"),
+    }
+    return _request(body, MODEL, "model_id", options)
+
+
+def parse_load_vae(body: dict[str, Any]) -> InstallRequest:
+    """load_vae's `{url, vae_id, webhook}` (`model_id` is accepted for `vae_id`)."""
+    id_field = "vae_id" if body.get("vae_id") else "model_id"
+    return _request(body, VAE, id_field, {})
+
+
+def _request(
+    body: dict[str, Any], kind: str, id_field: str, options: dict[str, Any]
+) -> InstallRequest:
+    """The common fields: the id, the URL (or Hub repo id) and the webhook."""
+    model_id = _text(body, id_field, required=True)
+    assert model_id is not None
+    check_model_id(model_id, kind)
+    source = _text(body, "url", required=True)
+    assert source is not None
+    check_source(source, kind)
+    webhook = _text(body, "webhook")
+    if webhook is not None and urlsplit(webhook).scheme not in ("http", "https"):
+        raise InstallRefusedError("The webhook must be an http or https URL.")
+    return InstallRequest(kind, model_id, source, options, webhook)
+
+
+def check_model_id(model_id: str, kind: str = MODEL) -> None:
+    """Refuse ids that could escape the models folder or collide with its own folders."""
+    if len(model_id) > MAX_ID_CHARS:
+        raise InstallRefusedError(f"A model_id must be at most {MAX_ID_CHARS} characters.")
+    if not _VALID_ID.fullmatch(model_id) or ".." in model_id:
+        raise InstallRefusedError(
+            f"{model_id!r} is not a valid model_id: use letters, digits, '_', '-' and '.', "
+            "optionally as owner/name (no leading dot, no '..', no other slash)."
+        )
+    if kind == MODEL and model_id.split("/")[0] in _RESERVED:
+        raise InstallRefusedError(
+            f"{model_id!r} names a folder the models folder keeps for itself; choose another id."
+        )
+
+
+def check_source(source: str, kind: str) -> None:
+    """An http(s) download link, or a Hub repo id (owner/name) for a model or VAE folder."""
+    parts = urlsplit(source)
+    if parts.scheme in ("http", "https") and parts.hostname:
+        return
+    if parts.scheme == "" and _HUB_ID.fullmatch(source) and kind in (MODEL, VAE):
+        return
+    raise InstallRefusedError(
+        "The url must be an http(s) link to a .safetensors or .ckpt file, or a Hugging Face "
+        "repo id (owner/name) for a diffusers model."
+    )
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether an install's source is a Hub repo id rather than a URL."""
+    return urlsplit(source).scheme == "" and bool(_HUB_ID.fullmatch(source))
+
+
+# --- load -----------------------------------------------------------------------------------
+
+
+def models_root(settings: Settings) -> Path:
+    """DARKROOM_MODELS_DIR; installs need it (503 without)."""
+    if settings.models_dir is None:
+        raise InstallRefusedError(
+            "Installing models needs DARKROOM_MODELS_DIR: set it (a folder shared by every "
+            "worker) and restart.",
+            status=503,
+        )
+    return settings.models_dir
+
+
+def target_path(settings: Settings, kind: str, model_id: str) -> Path:
+    """Where an installed model of `kind` lives (a folder, or a LoRA's/embedding's file)."""
+    root = models_root(settings)
+    if kind == MODEL:
+        return root / model_id
+    if kind == VAE:
+        return root / "vae" / model_id
+    return root / _SUBFOLDERS[kind] / f"{model_id}.safetensors"
+
+
+def request_install(
+    session: Session, settings: Settings, request: InstallRequest, api_key_id: int | None
+) -> Started:
+    """Queue an install (flushes; the caller commits, and the installer finds it).
+
+    The same id and URL again is the same install: while it runs or once ready, the answer
+    says so and nothing new starts; a failed one starts over. Another URL for an id that is
+    installing or installed is refused (delete_model first).
+    """
+    models_root(settings)
+    existing = repo.lock_install(session, request.kind, request.model_id)
+    if existing is not None:
+        return _again(session, existing, request, api_key_id)
+    if _on_disk(settings, request.kind, request.model_id):
+        raise InstallRefusedError(
+            f"{request.model_id!r} is already installed (its files are in the models folder); "
+            "delete_model it first to load another.",
+            status=409,
+        )
+    try:
+        with session.begin_nested():
+            install = repo.create_install(
+                session,
+                kind=request.kind,
+                model_id=request.model_id,
+                source=request.source,
+                options=request.options,
+                api_key_id=api_key_id,
+                webhook_url=request.webhook,
+            )
+    except IntegrityError:
+        raise InstallRefusedError(
+            f"A load of {request.model_id!r} is already running: wait for it (verify_model).",
+            status=409,
+        ) from None
+    return Started(install.id, "model load started")
+
+
+def _again(
+    session: Session, install: ModelInstall, request: InstallRequest, api_key_id: int | None
+) -> Started:
+    """A second load of an id that has an install row."""
+    same = install.source == request.source
+    if install.state == InstallState.FAILED:
+        repo.restart_install(
+            session,
+            install,
+            source=request.source,
+            options=request.options,
+            api_key_id=api_key_id,
+            webhook_url=request.webhook,
+        )
+        return Started(install.id, "model load started")
+    if not same:
+        doing = "being loaded" if install.state != InstallState.READY else "installed"
+        raise InstallRefusedError(
+            f"{request.model_id!r} is already {doing} from another URL; delete_model it first "
+            "to load another.",
+            status=409,
+        )
+    if install.state == InstallState.READY:
+        return Started(install.id, "model already loaded")
+    return Started(install.id, "model load already in progress")
+
+
+def _on_disk(settings: Settings, kind: str, model_id: str) -> bool:
+    """Files for `model_id` already in the models folder (installed by hand, say)."""
+    target = target_path(settings, kind, model_id)
+    if target.exists():
+        return True
+    if kind == MODEL:
+        return any(target.with_name(target.name + s).exists() for s in (".safetensors", ".ckpt"))
+    return False
+
+
+# --- the installer's outcome ---------------------------------------------------------------
+
+
+def complete(session: Session, settings: Settings, install_id: int, found: Found) -> int | None:
+    """Record a finished install and queue its webhook; the delivery id (None: no webhook, or
+    the install is gone or no longer this installer's)."""
+    install = repo.get_install_by_id(session, install_id)
+    if install is None or install.state != InstallState.DOWNLOADING:
+        return None
+    repo.finish_install(
+        session,
+        install,
+        family=found.family,
+        format=found.format,
+        size_bytes=found.size_bytes,
+        bytes_done=found.size_bytes,
+        sha256=found.sha256,
+    )
+    return _queue_webhook(session, install)
+
+
+def fail(session: Session, settings: Settings, install_id: int, message: str) -> int | None:
+    """Record a failed install with its client-safe reason and queue its webhook."""
+    install = repo.get_install_by_id(session, install_id)
+    if install is None or install.state in (InstallState.READY, InstallState.FAILED):
+        return None
+    repo.fail_install(session, install, message)
+    return _queue_webhook(session, install)
+
+
+def _queue_webhook(session: Session, install: ModelInstall) -> int | None:
+    """The install's webhook, frozen as a pending delivery signed with the asking key."""
+    if not install.webhook_url or install.api_key_id is None:
+        return None
+    payload = json.dumps(webhook_body(install), separators=(",", ":"))
+    delivery = webhooks.create_delivery(
+        session,
+        url=install.webhook_url,
+        payload=payload,
+        api_key_id=install.api_key_id,
+        model_install_id=install.id,
+    )
+    return delivery.id
+
+
+def webhook_body(install: ModelInstall) -> dict[str, Any]:
+    """What a load's webhook says: the hosted API's status and message, and what was found."""
+    ready = install.state == InstallState.READY
+    return {
+        "status": "success" if ready else "error",
+        "message": "model loaded" if ready else (install.error or "model load failed"),
+        **describe(install),
+    }
+
+
+# --- verify, list, delete ---------------------------------------------------------------------
+
+
+def describe(install: ModelInstall) -> dict[str, Any]:
+    """An install as verify_model and get_all_models show it."""
+    return {
+        "model_id": install.model_id,
+        "model_type": install.kind,
+        "model_status": install.state.value,
+        "family": install.family,
+        "format": install.format,
+        "size_bytes": install.size_bytes or None,
+        "bytes_done": install.bytes_done,
+        "sha256": install.sha256,
+        "source": install.source,
+        "error": install.error,
+        "attempts": install.attempts,
+    }
+
+
+def verify(session: Session, settings: Settings, model_id: str) -> dict[str, Any]:
+    """The state of `model_id`: an install's (queued, downloading, ready, failed with the
+    reason), or `ready` for files an operator put in the models folder."""
+    check_model_id(model_id, kind=LORA)  # any kind: reserved names are fine to ask about
+    for kind in KINDS:
+        install = repo.get_install(session, kind, model_id)
+        if install is not None:
+            return describe(install)
+    for entry in installed_on_disk(settings):
+        if entry["model_id"] == model_id:
+            return entry
+    raise InstallRefusedError(f"No model, LoRA, embedding or VAE {model_id!r}.", status=404)
+
+
+def list_all(session: Session, settings: Settings) -> list[dict[str, Any]]:
+    """Every model, LoRA, embedding and VAE: installs (whatever their state) and the files an
+    operator installed by hand, each with its kind, family and state."""
+    rows = [describe(install) for install in repo.list_installs(session)]
+    known = {(row["model_type"], row["model_id"]) for row in rows}
+    if settings.models_dir is not None:
+        for entry in installed_on_disk(settings):
+            if (entry["model_type"], entry["model_id"]) not in known:
+                rows.append(entry)
+    return rows
+
+
+def installed_on_disk(settings: Settings) -> list[dict[str, Any]]:
+    """What the models folder holds, each with its kind, family (read from its files) and size."""
+    root = settings.models_dir
+    if root is None or not root.is_dir():
+        return []
+    found: list[dict[str, Any]] = []
+    for path, model_id in _model_entries(root):
+        found.append(_disk_entry(MODEL, model_id, path))
+    for kind, folder in _SUBFOLDERS.items():
+        base = root / folder
+        if not base.is_dir():
+            continue
+        for path in sorted(base.rglob("*"))[:_LISTED_MAX]:
+            relative = path.relative_to(base)
+            if relative.parts[0].startswith("."):
+                continue
+            if kind == VAE and (path / "config.json").is_file():
+                found.append(_disk_entry(kind, relative.as_posix(), path))
+            elif kind != VAE and path.suffix in (".safetensors", ".pt") and path.is_file():
+                found.append(_disk_entry(kind, relative.with_suffix("").as_posix(), path))
+    return found
+
+
+def _model_entries(root: Path) -> list[tuple[Path, str]]:
+    """(path, id) of the pipeline folders and single files, owners' folders included."""
+    entries: list[tuple[Path, str]] = []
+    for entry in sorted(root.iterdir())[:_LISTED_MAX]:
+        if entry.name.startswith(".") or entry.name in _RESERVED:
+            continue
+        if entry.is_file() and entry.suffix in (".safetensors", ".ckpt"):
+            entries.append((entry, entry.stem))
+        elif (entry / "model_index.json").is_file():
+            entries.append((entry, entry.name))
+        elif entry.is_dir():
+            entries += [
+                (inner, f"{entry.name}/{inner.name}")
+                for inner in sorted(entry.iterdir())
+                if (inner / "model_index.json").is_file()
+            ]
+    return entries
+
+
+def _disk_entry(kind: str, model_id: str, path: Path) -> dict[str, Any]:
+    """A file or folder found in the models folder, described as an install."""
+    family: str | None = None
+    if kind == MODEL:
+        try:
+            family = families.detect_folder(path) if path.is_dir() else families.detect_file(path)
+        except UnrecognisedModelError:
+            family = None
+    size = _size(path)
+    return {
+        "model_id": model_id,
+        "model_type": kind,
+        "model_status": InstallState.READY.value,
+        "family": family,
+        "format": "diffusers" if path.is_dir() else path.suffix.lstrip("."),
+        "size_bytes": size,
+        "bytes_done": size,
+        "sha256": None,
+        "source": "models folder",
+        "error": None,
+        "attempts": 0,
+        "path": str(path),
+    }
+
+
+def _size(path: Path) -> int:
+    """Bytes of a file, or of every file in a folder."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def delete(session: Session, settings: Settings, model_id: str) -> list[str]:
+    """Remove `model_id` (every kind with that id): its files and its install row. Refused
+    (409) while queued or running jobs name it, so that none of them fails for want of it.
+    The kinds removed; a running install notices at its next lease renewal and stops."""
+    check_model_id(model_id, kind=LORA)
+    removed = []
+    for kind in KINDS:
+        install = repo.get_install(session, kind, model_id)
+        paths = _paths_of(settings, kind, model_id)
+        if install is None and not paths:
+            continue
+        _refuse_in_use(session, kind, model_id)
+        for path in paths:
+            _remove(settings, path)
+        if install is not None:
+            repo.delete_install(session, install)
+        removed.append(kind)
+    if not removed:
+        raise InstallRefusedError(f"No model, LoRA, embedding or VAE {model_id!r}.", status=404)
+    return removed
+
+
+_JOB_FIELDS = {MODEL: "model_id", LORA: "lora_model", EMBEDDING: "embeddings_model", VAE: "vae"}
+
+
+def _refuse_in_use(session: Session, kind: str, model_id: str) -> None:
+    """409 when queued or running jobs name the model."""
+    jobs = repo.active_jobs_naming(session, _JOB_FIELDS[kind], model_id)
+    if jobs:
+        shown = ", ".join(str(job) for job in jobs[:10])
+        raise InstallRefusedError(
+            f"{model_id!r} is in use by {len(jobs)} queued or running job(s) ({shown}); "
+            "delete it once they end (or cancel them).",
+            status=409,
+        )
+
+
+def _paths_of(settings: Settings, kind: str, model_id: str) -> list[Path]:
+    """The files and folders that hold `model_id` of `kind`."""
+    if settings.models_dir is None:
+        return []
+    target = target_path(settings, kind, model_id)
+    paths = [target] if target.exists() else []
+    if kind == MODEL:
+        paths += [
+            p
+            for s in (".safetensors", ".ckpt")
+            if (p := target.with_name(target.name + s)).exists()
+        ]
+    if kind == EMBEDDING:
+        pt = target.with_suffix(".pt")
+        paths += [pt] if pt.exists() else []
+    return paths
+
+
+def _remove(settings: Settings, path: Path) -> None:
+    """Take a file or folder out of the models folder at once (one rename), then delete it:
+    a worker resolving the id meanwhile finds it gone, never half there."""
+    trash = models_root(settings) / STAGING / f"deleted-{uuid.uuid4().hex}"
+    trash.parent.mkdir(parents=True, exist_ok=True)
+    path.rename(trash)
+    if trash.is_dir():
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        trash.unlink(missing_ok=True)

@@ -1,0 +1,189 @@
+"""load_model's code path in one process: request_install, then the installer's steps.
+
+Files are served from a loopback server (the guard's allow-list lets 127.0.0.1 through, as for
+init images); the database is the tests' Postgres.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from sqlalchemy import select
+
+from darkroom.settings import Settings
+from db.models import ModelInstall, WebhookDelivery
+from db.repositories.keys import IssuedKey
+from db.session import session_scope
+from services import models
+from tests.models.conftest import FileServer, Served, TinyFiles, models_folder
+from worker.installer import Installer
+
+
+@pytest.fixture
+def install_settings(settings: Settings, tmp_path: Path, tiny_files: TinyFiles) -> Settings:
+    """The test settings with a models folder holding only the SD configuration."""
+    root = models_folder(tmp_path / "models", tiny_files)
+    return settings.model_copy(update={"models_dir": root, "install_lease_s": 5.0})
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def _load(settings: Settings, body: dict[str, str], key_id: int | None) -> models.Started:
+    with session_scope(settings.resolved_database_url) as session:
+        return models.request_install(session, settings, models.parse_load_model(body), key_id)
+
+
+def _run(settings: Settings, started: models.Started) -> dict[str, object]:
+    assert Installer(settings, None).run_one(started.install_id)
+    with session_scope(settings.resolved_database_url) as session:
+        install = session.get(ModelInstall, started.install_id)
+        assert install is not None
+        return models.describe(install)
+
+
+def _leftovers(settings: Settings) -> list[str]:
+    """Anything in the staging folder after an install ended."""
+    assert settings.models_dir is not None
+    staging = settings.models_dir / models.STAGING
+    return [p.name for p in staging.iterdir()] if staging.exists() else []
+
+
+def test_single_file_checkpoint_is_converted_once_with_signed_webhook_queued(
+    install_settings: Settings, file_server: FileServer, tiny_files: TinyFiles, api_key: IssuedKey
+) -> None:
+    file_server.files["/m.safetensors"] = Served(tiny_files.sd_checkpoint)
+    model_id = _id("brought")
+    body = {
+        "url": file_server.url("/m.safetensors"),
+        "model_id": model_id,
+        "model_type": "custom_ckpt",
+        "webhook": "http://127.0.0.1:9/hook",
+    }
+    started = _load(install_settings, body, api_key.row.id)
+    assert started.message == "model load started"
+    again = _load(install_settings, body, api_key.row.id)
+    assert (again.install_id, again.message) == (
+        started.install_id,
+        "model load already in progress",
+    )
+    found = _run(install_settings, started)
+    assert found["model_status"] == "ready", found
+    assert found["family"] == "sd"
+    assert found["format"] == "safetensors"
+    assert found["sha256"] == hashlib.sha256(tiny_files.sd_checkpoint).hexdigest()
+    assert install_settings.models_dir is not None
+    folder = install_settings.models_dir / model_id
+    assert (folder / "model_index.json").is_file()
+    assert (folder / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert _leftovers(install_settings) == []
+    assert _load(install_settings, body, api_key.row.id).message == "model already loaded"
+    with session_scope(install_settings.resolved_database_url) as session:
+        delivery = session.scalar(
+            select(WebhookDelivery).where(WebhookDelivery.model_install_id == started.install_id)
+        )
+        assert delivery is not None
+        assert delivery.job_id is None
+        assert delivery.api_key_id == api_key.row.id
+        payload = json.loads(delivery.payload)
+    assert payload["status"] == "success"
+    assert payload["model_id"] == model_id
+    with session_scope(install_settings.resolved_database_url) as session:
+        assert models.delete(session, install_settings, model_id) == ["model"]
+    assert not folder.exists()
+
+
+def test_kohya_lora_and_embedding_install_into_their_folders(
+    install_settings: Settings, file_server: FileServer, tiny_files: TinyFiles
+) -> None:
+    file_server.files["/k.safetensors"] = Served(tiny_files.kohya_lora)
+    file_server.files["/e.safetensors"] = Served(tiny_files.embedding)
+    lora, emb = _id("lora"), _id("emb")
+    for url, name, kind in (
+        ("/k.safetensors", lora, "lora"),
+        ("/e.safetensors", emb, "embeddings"),
+    ):
+        body = {"url": file_server.url(url), "model_id": name, "model_type": kind}
+        found = _run(install_settings, _load(install_settings, body, None))
+        assert found["model_status"] == "ready", found
+    assert install_settings.models_dir is not None
+    assert (install_settings.models_dir / "loras" / f"{lora}.safetensors").is_file()
+    assert (install_settings.models_dir / "embeddings" / f"{emb}.safetensors").is_file()
+    with session_scope(install_settings.resolved_database_url) as session:
+        listed = {row["model_id"]: row for row in models.list_all(session, install_settings)}
+    assert listed[lora]["model_type"] == "lora"
+    assert listed[emb]["family"] == "sd"
+
+
+class _Evil:
+    """A pickle that would run a command when unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_bad_inputs_fail_clearly_and_leave_nothing(
+    install_settings: Settings, file_server: FileServer, tiny_files: TinyFiles, tmp_path: Path
+) -> None:
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "evil": _Evil(marker)}, tmp_path / "evil.ckpt")
+    save_file({"foo.weight": torch.zeros(2)}, str(tmp_path / "unknown.safetensors"))
+    file_server.files |= {
+        "/page.html": Served(b"<html>not a model</html>"),
+        "/short.safetensors": Served(
+            tiny_files.sd_checkpoint[:5000], announce=len(tiny_files.sd_checkpoint)
+        ),
+        "/unknown.safetensors": Served((tmp_path / "unknown.safetensors").read_bytes()),
+        "/evil.ckpt": Served((tmp_path / "evil.ckpt").read_bytes()),
+    }
+    expected = {
+        "/page.html": "did not give a model",
+        "/short.safetensors": "truncated",
+        "/unknown.safetensors": "Unknown model family",
+        "/evil.ckpt": "pickle holds code",
+        "/missing.safetensors": "HTTP 404",
+    }
+    for path, words in expected.items():
+        model_id = _id("bad")
+        found = _run(
+            install_settings,
+            _load(install_settings, {"url": file_server.url(path), "model_id": model_id}, None),
+        )
+        assert found["model_status"] == "failed"
+        assert words in str(found["error"]), (path, found["error"])
+        assert install_settings.models_dir is not None
+        assert not (install_settings.models_dir / model_id).exists()
+    assert not marker.exists()  # the pickle's command never ran
+    assert _leftovers(install_settings) == []
+
+
+def test_refusals_at_load_time(install_settings: Settings, file_server: FileServer) -> None:
+    for model_id in ("../escape", "a/../../b", ".hidden", "loras", "a/b/c"):
+        with pytest.raises(models.InstallRefusedError):
+            models.parse_load_model(
+                {"url": file_server.url("/x.safetensors"), "model_id": model_id}
+            )
+    with pytest.raises(models.InstallRefusedError, match="controlnet"):
+        models.parse_load_model(
+            {"url": "http://127.0.0.1/x", "model_id": "c", "model_type": "controlnet"}
+        )
+    with pytest.raises(models.InstallRefusedError, match="url"):
+        models.parse_load_model({"url": "file:///etc/passwd", "model_id": "c"})
+    model_id = _id("twice")
+    _load(install_settings, {"url": file_server.url("/a.safetensors"), "model_id": model_id}, None)
+    with pytest.raises(models.InstallRefusedError, match="another URL") as refused:
+        _load(
+            install_settings, {"url": file_server.url("/b.safetensors"), "model_id": model_id}, None
+        )
+    assert refused.value.status == 409
