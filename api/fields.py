@@ -14,24 +14,22 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BeforeValidator
 
+from darkroom.limits import (
+    MAX_GUIDANCE_SCALE,
+    MAX_ID_CHARS,
+    MAX_IMAGE_URL_CHARS,
+    MAX_PROMPT_CHARS,
+    MAX_SAMPLES,
+    MAX_SEED,
+    MAX_SIDE,
+    MAX_STEPS,
+    MAX_TRACK_ID_CHARS,
+    MAX_WEBHOOK_URL_CHARS,
+    MIN_GUIDANCE_SCALE,
+    MIN_SIDE,
+)
+
 T = TypeVar("T")
-
-MAX_SEED = 2**32 - 1
-MAX_IMAGES = 4
-MAX_STEPS = 50
-
-# Caps on the size of what one request carries (docs/PARAMETERS.md lists them). No real request
-# comes near them; they bound the work, memory and answer size (`meta` echoes the request) that
-# one request can cost. The prompt's token cap lives with the tokenizer, in the worker
-# (worker.pipelines.prompts.MAX_PROMPT_WINDOWS).
-MAX_PROMPT_CHARS = 5000
-MAX_ID_CHARS = 200
-MAX_LORAS = 5
-MAX_EMBEDDINGS = 10
-MAX_TRACK_ID_CHARS = 200
-MAX_WEBHOOK_URL_CHARS = 2048
-#: Presigned links carrying session tokens run to a few thousand characters.
-MAX_IMAGE_URL_CHARS = 4096
 
 
 def _to_number(value: Any) -> float:
@@ -227,10 +225,10 @@ NegativePrompt = Annotated[str | None, BeforeValidator(capped_text(MAX_PROMPT_CH
 Weights = Annotated[list[float] | None, BeforeValidator(optional(to_weight_list))]
 TrackId = Annotated[str | int | None, BeforeValidator(to_track_id)]
 
-#: Output sides: at most 1024 (the pages' "Max Height: Width: 1024x1024"), absent = from the image.
-Dimension = Annotated[OptionalInt, in_range(64, 1024)]
-GuidanceScale = Annotated[Float, in_range(1, 20)]
+#: Output sides (`darkroom.limits`); absent = from the image.
+Dimension = Annotated[OptionalInt, in_range(MIN_SIDE, MAX_SIDE)]
+GuidanceScale = Annotated[Float, in_range(MIN_GUIDANCE_SCALE, MAX_GUIDANCE_SCALE)]
 Steps = Annotated[Int, in_range(1, MAX_STEPS)]
-Samples = Annotated[Int, in_range(1, 4)]
+Samples = Annotated[Int, in_range(1, MAX_SAMPLES)]
 Strength = Annotated[Float, in_range(0, 1)]
 Seed = Annotated[OptionalInt, in_range(0, MAX_SEED)]

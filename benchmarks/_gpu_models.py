@@ -35,7 +35,8 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from darkroom.identities import TinyModel
+from darkroom.identities import Family, TinyModel
+from darkroom.limits import T5_TOKENS
 from worker.models.tiny import ensure_tiny_models
 
 _diffusers: Any = diffusers
@@ -424,11 +425,8 @@ def _mixer_flops(preset: Preset) -> int:
 
 # --- SDXL and Flux.1 img2img ----------------------------------------------------------------
 
-SDXL, FLUX = "sdxl", "flux"
 #: The operation names the benchmark reports for the other families' img2img.
-FAMILY_OPERATIONS = {f"{SDXL}_img2img": SDXL, f"{FLUX}_img2img": FLUX}
-#: T5 positions Flux reads (the worker's `worker.families.flux.T5_TOKENS`).
-T5_TOKENS = 512
+FAMILY_OPERATIONS = {f"{Family.SDXL}_img2img": Family.SDXL, f"{Family.FLUX}_img2img": Family.FLUX}
 
 
 @dataclass(frozen=True)
@@ -553,7 +551,7 @@ FAMILY_PRESETS: dict[str, FamilyPreset] = {
 def _family_vae(preset: FamilyPreset, family: str) -> dict[str, Any]:
     """SD's VAE shape; Flux's has 16 latent channels, no quant convs and a shift."""
     config = _vae(preset.vae_widths, layers=2 if preset.vae_widths[0] >= 128 else 1)
-    if family == FLUX:
+    if family == Family.FLUX:
         config |= {"latent_channels": 16, "use_quant_conv": False, "use_post_quant_conv": False}
         config |= {"shift_factor": 0.1159, "scaling_factor": 0.3611}
     return config
@@ -568,7 +566,7 @@ def family_pipeline(
     from worker.models.tiny import _t5_tokenizer
 
     vae = _seeded(lambda: _diffusers.AutoencoderKL(**_family_vae(preset, family)), 9, device)
-    if family == SDXL:
+    if family == Family.SDXL:
         pipe = _diffusers.StableDiffusionXLImg2ImgPipeline(
             unet=_seeded(lambda: _diffusers.UNet2DConditionModel(**preset.sdxl_unet), 10, device),
             vae=vae,
@@ -612,11 +610,11 @@ def family_flops_per_image(preset: FamilyPreset, family: str) -> int:
     """FLOPs of one img2img image of `family` at the preset's size, counted on the meta device."""
     side, steps = preset.size, int(preset.steps * preset.strength)
     vae = _meta(lambda: _diffusers.AutoencoderKL(**_family_vae(preset, family)))
-    channels = 16 if family == FLUX else 4
+    channels = 16 if family == Family.FLUX else 4
     pixels = torch.empty(1, 3, side, side, device="meta")
     latents = torch.empty(1, channels, side // 8, side // 8, device="meta")
     coding = _flops(vae.encode, pixels) + _flops(vae.decode, latents)
-    if family == SDXL:
+    if family == Family.SDXL:
         return steps * sdxl_step_flops(preset) + _sdxl_text_flops(preset) + coding
     return steps * flux_step_flops(preset) + _flux_text_flops(preset) + coding
 

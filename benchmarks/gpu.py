@@ -48,7 +48,6 @@ from PIL import Image
 from benchmarks._gpu_models import (
     FAMILY_OPERATIONS,
     FAMILY_PRESETS,
-    FLUX,
     PRESETS,
     Preset,
     family_flops_per_image,
@@ -59,7 +58,7 @@ from benchmarks._gpu_models import (
     unet_step_flops,
 )
 from benchmarks.report import Report, median
-from darkroom.identities import Operation
+from darkroom.identities import Family, Operation
 from darkroom.model_ids import ModelSpec
 from worker.families import img2img_runner
 from worker.fastpath import FastPath, apply_fast_path
@@ -188,9 +187,9 @@ class _Bench:
         on CUDA, as the worker runs it (its activations overflow float16)."""
         family = FAMILY_OPERATIONS[kind]
         preset = FAMILY_PRESETS[self.preset.name]
-        dtype = torch.bfloat16 if family == FLUX and self.device == "cuda" else self.dtype
+        dtype = torch.bfloat16 if family == Family.FLUX and self.device == "cuda" else self.dtype
         pipe = family_pipeline(preset, family, self.work, self.device, dtype)
-        guidance = preset.flux_guidance if family == FLUX else GUIDANCE
+        guidance = preset.flux_guidance if family == Family.FLUX else GUIDANCE
         requests = [
             replace(r, steps=preset.steps, strength=preset.strength, guidance_scale=guidance)
             for r in _requests(Operation.IMG2IMG, preset.requests, preset.size, self.preset)

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from darkroom.identities import Family, Operation
+from darkroom.limits import MAX_SEED
 
 
 class LoraRef(BaseModel):
@@ -63,7 +64,7 @@ class JobSpec(BaseModel):
     @property
     def seeds(self) -> list[int]:
         """One seed per sample: seed, seed+1, ... (wrapping within 32 bits)."""
-        return [(self.seed + index) % 2**32 for index in range(self.samples)]
+        return [(self.seed + index) % (MAX_SEED + 1) for index in range(self.samples)]
 
     def to_row(self) -> dict[str, Any]:
         """The JSON stored in `jobs.params`."""

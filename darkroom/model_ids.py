@@ -36,6 +36,7 @@ from pathlib import Path
 from darkroom import families
 from darkroom.families import UnrecognisedModelError
 from darkroom.identities import Family, Operation, TinyModel
+from darkroom.limits import MAX_ID_CHARS
 from darkroom.settings import Settings
 
 TINY_PRESET = "tiny"
@@ -49,8 +50,6 @@ _NAME = r"[A-Za-z0-9_][A-Za-z0-9_.\-]*"
 _VALID_ID = re.compile(rf"{_NAME}(/{_NAME})?")
 _HUB_ID = re.compile(rf"{_NAME}/{_NAME}")
 _EMBEDDING_SUFFIXES = (".safetensors", ".pt")
-#: Longer ids are refused before any file-system lookup (the API caps its fields the same).
-MAX_ID_CHARS = 200
 #: At most this many installed names are listed in an unknown id's message.
 _LISTED = 20
 

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from cli.admin import RefusedError, cancel_job
 from darkroom import families, scheduler_names
+from darkroom.limits import MAX_PIXELS
 from darkroom.queue import DELIVER_WEBHOOK_TASK, queue_lengths, send
 from darkroom.settings import Settings
 from db.repositories import operator
@@ -53,7 +54,6 @@ REDIS_TIMEOUT_S = 2.0
 
 #: Uploaded images: what the hosted API's base64_to_url accepts, kept under output storage.
 UPLOAD_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
-UPLOAD_MAX_PIXELS = 40_000_000  # as for init images (worker/images.py MAX_PIXELS)
 UPLOAD_NAME = re.compile(r"^upload-[0-9a-f]{32}\.(?:png|jpg|webp)$")
 UPLOAD_MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 _DATA_URI = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
@@ -261,8 +261,8 @@ def _checked_format(data: bytes) -> str:
         image = Image.open(io.BytesIO(data), formats=tuple(UPLOAD_FORMATS))
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError):
         raise UploadError("The image is not a PNG, JPEG or WebP image.") from None
-    if image.width * image.height > UPLOAD_MAX_PIXELS:
-        raise UploadError(f"The image has too many pixels: at most {UPLOAD_MAX_PIXELS}.")
+    if image.width * image.height > MAX_PIXELS:  # as for init images
+        raise UploadError(f"The image has too many pixels: at most {MAX_PIXELS}.")
     return UPLOAD_FORMATS[str(image.format)]
 
 

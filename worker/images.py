@@ -12,19 +12,13 @@ import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from darkroom import outbound
+from darkroom.limits import MAX_PIXELS, MAX_REQUEST_PIXELS, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
 from darkroom.settings import Settings
 from darkroom.urlguard import PinnedRequest, UnsafeURLError, check_url
 
 UNREACHABLE = "Unable to fetch image from provided URL"
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
-#: Pixels one init image may have (40 MP: 40,000,000 accepted, one more refused).
-MAX_PIXELS = 40_000_000
-#: Pixels all of one request's init images may have together (the mixer takes up to four):
-#: two full-size images' worth, so four 12 MP photos pass, four 40 MP bombs do not.
-MAX_REQUEST_PIXELS = 2 * MAX_PIXELS
 MAX_REDIRECTS = 3
-MAX_SIDE = 1024
-SIDE_MULTIPLE = 8
 
 # Pillow's own bomb guard, a backstop behind `_check_pixels`: it only warns between this and
 # twice this, and raises above, which is why the exact limit is checked here, from the header.
@@ -184,4 +178,4 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 def _snap(side: int) -> int:
-    return max(64, min(MAX_SIDE, side) // SIDE_MULTIPLE * SIDE_MULTIPLE)
+    return max(MIN_SIDE, min(MAX_SIDE, side) // SIDE_MULTIPLE * SIDE_MULTIPLE)

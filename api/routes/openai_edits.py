@@ -22,9 +22,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.datastructures import UploadFile
 
 from api.errors import ApiError, Message, SafeJSONResponse, field_messages
-from api.fields import MAX_IMAGES
 from api.routes.submit import SubmitRoute, submit_endpoint
-from api.schemas.img2img import MAX_INLINE_IMAGE_BYTES
 from api.schemas.openai import (
     OPENAI_NAMES,
     EditImg2ImgRequest,
@@ -32,6 +30,7 @@ from api.schemas.openai import (
     data_uri,
     form_body,
 )
+from darkroom.limits import MAX_IMAGES, MAX_INLINE_IMAGE_BYTES
 from darkroom.settings import Settings
 
 log = logging.getLogger(__name__)

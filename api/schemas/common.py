@@ -9,7 +9,6 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict
 from pydantic_core import PydanticCustomError
 
 from api.fields import (
-    MAX_PROMPT_CHARS,
     Dimension,
     GuidanceScale,
     NegativePrompt,
@@ -20,6 +19,7 @@ from api.fields import (
     check_length,
     to_single_url,
 )
+from darkroom.limits import MAX_PROMPT_CHARS
 from darkroom.settings import Settings
 
 

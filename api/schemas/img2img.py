@@ -10,11 +10,6 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, BeforeValidator, Field, PrivateAttr, model_validator
 
 from api.fields import (
-    MAX_EMBEDDINGS,
-    MAX_ID_CHARS,
-    MAX_IMAGE_URL_CHARS,
-    MAX_LORAS,
-    MAX_STEPS,
     Flag,
     Id,
     Int,
@@ -30,14 +25,21 @@ from api.schemas.common import SubmitBase
 from darkroom import families, model_ids, prompt_style
 from darkroom.identities import Family, Operation
 from darkroom.jobspec import JobSpec, LoraRef
+from darkroom.limits import (
+    MAX_CLIP_SKIP,
+    MAX_EMBEDDINGS,
+    MAX_ID_CHARS,
+    MAX_IMAGE_URL_CHARS,
+    MAX_INLINE_IMAGE_BYTES,
+    MAX_LORAS,
+    MAX_STEPS,
+)
 from darkroom.scheduler_names import IMG2IMG_SCHEDULERS, REFUSED_SCHEDULERS
 from darkroom.settings import Settings
 
 #: `algorithm_type` values: the page's "dpmsolver+++" and diffusers' own DPM-Solver variants.
 ALGORITHM_TYPES = ("dpmsolver+++", "dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
 SafetyCheckerType = Literal["sensitive_content_text", "blur", "pixelate", "black"]
-#: Inline (base64) init images: decoded size limit; the worker re-checks the image itself.
-MAX_INLINE_IMAGE_BYTES = 10 * 1024 * 1024
 
 
 def _names(kind: str, max_items: int) -> Callable[[Any], list[str]]:
@@ -81,7 +83,7 @@ def _strengths(value: Any) -> list[float]:
 LoraNames = Annotated[list[str], BeforeValidator(_names("LoRAs", MAX_LORAS))]
 EmbeddingNames = Annotated[list[str], BeforeValidator(_names("embeddings", MAX_EMBEDDINGS))]
 Strengths = Annotated[list[float] | None, BeforeValidator(optional(_strengths))]
-ClipSkip = Annotated[OptionalInt, in_range(1, 8)]
+ClipSkip = Annotated[OptionalInt, in_range(1, MAX_CLIP_SKIP)]
 AlgorithmType = Annotated[str | None, BeforeValidator(_algorithm)]
 
 

@@ -7,8 +7,6 @@ from typing import Annotated, Any
 from pydantic import AliasChoices, BeforeValidator, Field, model_validator
 
 from api.fields import (
-    MAX_IMAGES,
-    MAX_STEPS,
     Int,
     Samples,
     Steps,
@@ -20,6 +18,7 @@ from api.fields import (
 from api.schemas.common import SubmitBase
 from darkroom.identities import Operation
 from darkroom.jobspec import JobSpec
+from darkroom.limits import MAX_IMAGES, MAX_STEPS
 
 
 def _mixer_images(value: Any) -> list[str]:

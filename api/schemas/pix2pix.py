@@ -10,9 +10,10 @@ from api.fields import Float, Steps, in_range
 from api.schemas.common import SingleUrl, SubmitBase
 from darkroom.identities import Operation
 from darkroom.jobspec import JobSpec
+from darkroom.limits import MAX_IMAGE_GUIDANCE_SCALE, MIN_IMAGE_GUIDANCE_SCALE
 
-#: The page gives no range; below 1 diffusers turns image guidance off, above 10 is noise.
-ImageGuidanceScale = Annotated[Float, in_range(1, 10)]
+#: The page gives no range (`darkroom.limits` says why these bounds).
+ImageGuidanceScale = Annotated[Float, in_range(MIN_IMAGE_GUIDANCE_SCALE, MAX_IMAGE_GUIDANCE_SCALE)]
 
 
 class Pix2PixRequest(SubmitBase):

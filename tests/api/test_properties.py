@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from api import fields
 from api.errors import field_messages
 from api.schemas import Img2ImgRequest, MixerRequest, Pix2PixRequest, V5MixerRequest
+from darkroom import limits
 from darkroom.jobspec import JobSpec
 from tests.api.test_submit import IMG2IMG, MIXER_V5, MIXER_V6, PIX2PIX
 
@@ -157,7 +158,7 @@ def test_any_json_body_gives_a_spec_or_a_validation_error(
     if isinstance(outcome, ValidationError):
         assert_error_shape(outcome)
     else:
-        assert 0 <= outcome.seed <= fields.MAX_SEED
+        assert 0 <= outcome.seed <= limits.MAX_SEED
 
 
 @pytest.mark.parametrize("endpoint", sorted(MODELS))
@@ -201,7 +202,7 @@ RANGES: dict[str, list[tuple[str, str, float, float]]] = {
         ("width", "int", 64, 1024),
         ("height", "int", 64, 1024),
         ("guidance_scale", "float", 1, 20),
-        ("seed", "int", 0, fields.MAX_SEED),
+        ("seed", "int", 0, limits.MAX_SEED),
         ("samples", "int", 1, 4),
         ("image_guidance_scale", "float", 1, 10),
         ("steps", "int", 1, 50),
@@ -210,7 +211,7 @@ RANGES: dict[str, list[tuple[str, str, float, float]]] = {
         ("width", "int", 64, 1024),
         ("height", "int", 64, 1024),
         ("guidance_scale", "float", 1, 20),
-        ("seed", "int", 0, fields.MAX_SEED),
+        ("seed", "int", 0, limits.MAX_SEED),
         ("samples", "int", 1, 4),
         ("steps", "int", 1, 1000),
     ],
@@ -218,7 +219,7 @@ RANGES: dict[str, list[tuple[str, str, float, float]]] = {
         ("width", "int", 64, 1024),
         ("height", "int", 64, 1024),
         ("guidance_scale", "float", 1, 20),
-        ("seed", "int", 0, fields.MAX_SEED),
+        ("seed", "int", 0, limits.MAX_SEED),
         ("samples", "int", 1, 1),
         ("steps", "int", 1, 50),
     ],
@@ -226,7 +227,7 @@ RANGES: dict[str, list[tuple[str, str, float, float]]] = {
         ("width", "int", 64, 1024),
         ("height", "int", 64, 1024),
         ("guidance_scale", "float", 1, 20),
-        ("seed", "int", 0, fields.MAX_SEED),
+        ("seed", "int", 0, limits.MAX_SEED),
         ("samples", "int", 1, 4),
         ("num_inference_steps", "int", 1, 50),
         ("strength", "float", 0, 1),
@@ -282,7 +283,7 @@ def canonical_and_respelled(draw: st.DrawFn, endpoint: str) -> tuple[Body, Body]
 def test_every_spelling_gives_the_canonical_spec(endpoint: str, data: st.DataObject) -> None:
     model, reference = MODELS[endpoint]
     canonical, respelled = data.draw(canonical_and_respelled(endpoint))
-    seed = data.draw(st.integers(0, fields.MAX_SEED), label="seed")
+    seed = data.draw(st.integers(0, limits.MAX_SEED), label="seed")
     base = {**reference, "seed": seed}
     expected = validate(model, {**base, **canonical})
     got = validate(model, {**base, **respelled})
@@ -370,8 +371,8 @@ SEEDS = (
     st.none()
     | st.just("")
     | st.just("  ")
-    | st.integers(0, fields.MAX_SEED).flatmap(int_spellings)
-    | st.sampled_from([0, fields.MAX_SEED, str(fields.MAX_SEED), float(fields.MAX_SEED)])
+    | st.integers(0, limits.MAX_SEED).flatmap(int_spellings)
+    | st.sampled_from([0, limits.MAX_SEED, str(limits.MAX_SEED), float(limits.MAX_SEED)])
 )
 
 
@@ -389,10 +390,10 @@ def test_spec_seed_is_32_bit_and_there_is_one_seed_per_sample(
         body["seed"] = seed
     spec = validate(model, {**body, "samples": samples})
     assert isinstance(spec, JobSpec), spec
-    assert 0 <= spec.seed <= fields.MAX_SEED
+    assert 0 <= spec.seed <= limits.MAX_SEED
     assert spec.samples == samples
     assert len(spec.seeds) == samples
-    assert all(0 <= each <= fields.MAX_SEED for each in spec.seeds)
+    assert all(0 <= each <= limits.MAX_SEED for each in spec.seeds)
     if present and seed is not None and str(seed).strip():
         assert spec.seed == fields.to_int(seed)
 

@@ -25,17 +25,19 @@ from sqlalchemy import update
 from starlette.datastructures import QueryParams
 
 from api.app import create_app
-from api.fields import (
+from darkroom import model_ids
+from darkroom.identities import Operation
+from darkroom.jobspec import JobSpec
+from darkroom.limits import (
+    CHUNK_TOKENS,
     MAX_EMBEDDINGS,
     MAX_ID_CHARS,
     MAX_IMAGE_URL_CHARS,
     MAX_LORAS,
     MAX_PROMPT_CHARS,
+    MAX_PROMPT_WINDOWS,
     MAX_WEBHOOK_URL_CHARS,
 )
-from darkroom import model_ids
-from darkroom.identities import Operation
-from darkroom.jobspec import JobSpec
 from darkroom.logs import RedactKeysInAccessLog
 from darkroom.model_ids import ModelSpec, PipelineSource
 from darkroom.queue import make_celery
@@ -53,7 +55,7 @@ from worker.jobs import WorkerRuntime, run_job
 from worker.models.cache import ModelCache
 from worker.models.weights import UnknownModelError, resolve_lora, resolve_model
 from worker.pipelines.generate import generate
-from worker.pipelines.prompts import CHUNK_TOKENS, MAX_PROMPT_WINDOWS, encode_prompts
+from worker.pipelines.prompts import encode_prompts
 from worker.pipelines.request import GenerationRequest
 from worker.sweeper import expire_temporary_outputs
 

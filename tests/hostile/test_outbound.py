@@ -23,6 +23,7 @@ from PIL import Image
 from darkroom import outbound
 from darkroom.identities import Operation
 from darkroom.jobspec import JobSpec
+from darkroom.limits import MAX_PIXELS, MAX_REQUEST_PIXELS
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
 from db.models import DeliveryState, Job, WebhookDelivery, utcnow
@@ -31,14 +32,7 @@ from db.repositories.keys import IssuedKey
 from db.session import session_scope
 from tests.support.jobs import store_job
 from tests.support.servers import ImageServer, ScriptedServer, WebhookReceiver, response_head
-from worker.images import (
-    MAX_PIXELS,
-    MAX_REQUEST_PIXELS,
-    ImageInputError,
-    decode_image,
-    fetch_image,
-    fetch_images,
-)
+from worker.images import ImageInputError, decode_image, fetch_image, fetch_images
 from worker.webhooks.dispatcher import deliver, lease_seconds
 
 MIB = 1024 * 1024

@@ -7,7 +7,8 @@ import io
 import pytest
 from PIL import Image
 
-from worker.images import MAX_PIXELS, ImageInputError, decode_image, output_size
+from darkroom.limits import MAX_PIXELS
+from worker.images import ImageInputError, decode_image, output_size
 
 
 def encoded(image: Image.Image, fmt: str, **params: object) -> bytes:

@@ -20,12 +20,14 @@ from typing import Any
 import torch
 from PIL import Image
 
+from darkroom import families
+from darkroom.identities import Family
+from darkroom.limits import T5_TOKENS
 from worker.pipelines.img2img import run_init_image_batch
 from worker.pipelines.options import RequestAssets
 from worker.pipelines.request import GenerationRequest, StepHook
 
-T5_TOKENS = 512
-SIZE_MULTIPLE = 16
+SIZE_MULTIPLE = families.family(Family.FLUX).size_multiple
 
 
 def run_batch(

@@ -50,6 +50,7 @@ from transformers import (
 )
 
 from darkroom.identities import Family, TinyModel
+from darkroom.limits import MAX_CLIP_SKIP
 from worker.models.checkpoints import sd_checkpoint
 
 #: SDXL's UNet takes the pooled text embedding and six size numbers, each embedded in this width.
@@ -61,7 +62,7 @@ _SDXL_G_HIDDEN = 40
 # Tiny safety checkers' concept thresholds: a cosine similarity is never above 2 nor below -2.
 _NEVER_FLAG, _ALWAYS_FLAG = 2.0, -2.0
 # Layers of the SD text encoders: clip_skip goes up to 8 and must pick a real layer.
-_SD_TEXT_LAYERS = 8
+_SD_TEXT_LAYERS = MAX_CLIP_SKIP
 
 _HIDDEN = 32  # text/image embedding width shared by every tiny encoder
 _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]

@@ -17,6 +17,7 @@ from PIL import Image
 
 from darkroom.families import AskedFields, refusals
 from darkroom.identities import Operation
+from darkroom.limits import MAX_CLIP_SKIP, MAX_IMAGES, MAX_SAMPLES, SIDE_MULTIPLE
 from darkroom.settings import Settings
 from worker.families import img2img_runner
 from worker.models.cache import SAFETY_CHECKER, VAE, ComponentSource, ModelCache
@@ -51,9 +52,11 @@ _RUNNERS: dict[str, Runner] = {
     Operation.IMG_MIXER: mixer.run_batch,
 }
 # The number of init images each operation accepts, inclusive.
-_IMAGE_COUNTS = {Operation.IMG2IMG: (1, 1), Operation.PIX2PIX: (1, 1), Operation.IMG_MIXER: (1, 4)}
-MAX_SAMPLES = 4
-MAX_CLIP_SKIP = 8
+_IMAGE_COUNTS = {
+    Operation.IMG2IMG: (1, 1),
+    Operation.PIX2PIX: (1, 1),
+    Operation.IMG_MIXER: (1, MAX_IMAGES),
+}
 # Options of Stable Diffusion models, which the image mixer (Kandinsky) cannot apply.
 _SD_OPTIONS = (
     "scheduler",
@@ -197,8 +200,12 @@ def check_request(request: GenerationRequest) -> None:
         raise ValueError(f"{request.operation} takes {expected} init images, not {count}.")
     if not 1 <= len(request.seeds) <= MAX_SAMPLES:
         raise ValueError(f"1 to {MAX_SAMPLES} samples can be made, not {len(request.seeds)}.")
-    if request.width % 8 or request.height % 8 or min(request.width, request.height) < 8:
-        raise ValueError("Width and height must be positive multiples of 8.")
+    if (
+        request.width % SIDE_MULTIPLE
+        or request.height % SIDE_MULTIPLE
+        or min(request.width, request.height) < SIDE_MULTIPLE
+    ):
+        raise ValueError(f"Width and height must be positive multiples of {SIDE_MULTIPLE}.")
     _check_options(request)
     if request.operation == Operation.IMG_MIXER:
         _check_mixer_weights(request)

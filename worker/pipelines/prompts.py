@@ -26,11 +26,8 @@ from typing import Any
 
 import torch
 
+from darkroom.limits import CHUNK_TOKENS, MAX_PROMPT_WINDOWS
 from worker.pipelines.request import GenerationRequest
-
-CHUNK_TOKENS = 75
-#: Windows of CHUNK_TOKENS (77 positions with BOS/EOS) a prompt may fill: 600 tokens.
-MAX_PROMPT_WINDOWS = 8
 
 
 def sd_embeds(pipe: Any, request: GenerationRequest) -> dict[str, torch.Tensor]:
