@@ -17,7 +17,6 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from cli import admin
-from cli import models as model_commands
 from darkroom.logs import configure_logging, resolve_format
 from darkroom.settings import Settings, get_settings
 
@@ -58,19 +57,29 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_worker(args: argparse.Namespace, settings: Settings) -> int:
     """Run a GPU worker: solo pool (no fork after CUDA), one job at a time."""
-    if args.models is not None:
-        # The worker app reads the settings when imported: the option overrides the variable.
-        os.environ["DARKROOM_WORKER_MODELS"] = args.models
-        get_settings.cache_clear()
     from darkroom.logs import adopt_library_loggers
 
     adopt_library_loggers()  # before the worker's imports write their first warnings
-    from worker.gpu_app import app
+    from worker.gpu_app import create_worker_app
 
+    settings = worker_settings(args, settings)
+    app = create_worker_app(settings).app
     app.worker_main(
         _celery_argv(settings, "-P", "solo", "-Q", settings.job_queue, "-n", _node(args, "worker"))
     )
     return 0
+
+
+def worker_settings(args: argparse.Namespace, settings: Settings) -> Settings:
+    """The worker's settings: `--models`, when given, replaces DARKROOM_WORKER_MODELS."""
+    if args.models is None:
+        return settings
+    return settings.model_copy(update={"worker_models": args.models})
+
+
+def _model_list(value: str) -> list[str]:
+    """`--models a, b` as a list, split as the variable is (empty parts dropped)."""
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 def cmd_workers(_args: argparse.Namespace, settings: Settings) -> int:
@@ -90,21 +99,24 @@ def cmd_workers(_args: argparse.Namespace, settings: Settings) -> int:
 def cmd_dispatcher(args: argparse.Namespace, settings: Settings) -> int:
     """Run the webhook dispatcher (thread pool) and the sweeper beside it: the database-driven
     loop with Postgres and Redis (unless DARKROOM_WEBHOOK_LOOP=false), else Celery tasks."""
-    from worker.dispatcher_app import app, client
+    from worker.dispatcher_app import create_dispatcher_app
     from worker.sweeper import run_sweeper
 
+    dispatcher = create_dispatcher_app(settings)
     stop = threading.Event()
     sweeper = threading.Thread(
-        target=run_sweeper, args=(settings, app, stop), name="sweeper", daemon=True
+        target=run_sweeper, args=(settings, dispatcher.app, stop), name="sweeper", daemon=True
     )
     sweeper.start()
     try:
         if _dispatcher_loop(settings):
-            _run_delivery_loop(args, settings, client, stop)
+            _run_delivery_loop(args, settings, dispatcher.client, stop)
         else:
             concurrency = str(settings.webhook_concurrency)
             argv = ["-P", "threads", "-c", concurrency, "-Q", settings.webhook_queue]
-            app.worker_main(_celery_argv(settings, *argv, "-n", _node(args, "dispatcher")))
+            dispatcher.app.worker_main(
+                _celery_argv(settings, *argv, "-n", _node(args, "dispatcher"))
+            )
     finally:
         stop.set()
     return 0
@@ -165,12 +177,11 @@ def _parser() -> argparse.ArgumentParser:
         tier.add_argument("--name", default=None, help="Celery node name (default: unique)")
         if handler is cmd_worker:
             models_help = "models to load at start, e.g. my-sd,pix2pix: (DARKROOM_WORKER_MODELS)"
-            tier.add_argument("--models", default=None, help=models_help)
+            tier.add_argument("--models", type=_model_list, default=None, help=models_help)
         tier.set_defaults(handler=handler)
     sub.add_parser("workers", help=cmd_workers.__doc__).set_defaults(handler=cmd_workers)
     sub.add_parser("migrate", help=cmd_migrate.__doc__).set_defaults(handler=cmd_migrate)
     admin.add_parsers(sub)
-    model_commands.add_parsers(sub)
     return parser
 
 

@@ -20,6 +20,7 @@ from urllib.parse import unquote_plus
 
 from celery import signals
 
+from darkroom.celery_hooks import connect_replacing
 from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK
 
 _JOB_CONTEXT: ContextVar[dict[str, Any] | None] = ContextVar("darkroom_job_context", default=None)
@@ -154,9 +155,10 @@ def install_celery_logging(fmt: str, level: int | str) -> None:
     def setup(**_kwargs: Any) -> None:
         configure_logging(fmt, level)
 
-    signals.setup_logging.connect(setup, weak=False)
-    signals.task_prerun.connect(_enter_task, weak=False)
-    signals.task_postrun.connect(_leave_task, weak=False)
+    # Called by each app factory: the newest call's format and level replace the previous.
+    connect_replacing(signals.setup_logging, setup, "darkroom.logs.setup")
+    connect_replacing(signals.task_prerun, _enter_task, "darkroom.logs.enter_task")
+    connect_replacing(signals.task_postrun, _leave_task, "darkroom.logs.leave_task")
 
 
 def _enter_task(task_id: str, task: Any, args: tuple[Any, ...], **_kwargs: Any) -> None:

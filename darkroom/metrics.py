@@ -14,6 +14,7 @@ This module never imports torch: GPU memory is read only where torch is already 
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import sys
 import time
@@ -29,6 +30,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from sqlalchemy import event, func, select, text
 from sqlalchemy.orm import Session
 
+from darkroom.celery_hooks import connect_replacing
 from darkroom.identities import Operation
 from darkroom.queue import filesystem_queue_lengths, redis_list_lengths
 from darkroom.settings import Settings
@@ -213,11 +215,15 @@ class GpuMemoryCollector:
         )
 
 
-REGISTRY.register(GpuMemoryCollector())
+@functools.cache
+def _register_gpu_collector() -> None:
+    """Add GPU memory to this process's registry, once (only processes that export it)."""
+    REGISTRY.register(GpuMemoryCollector())
 
 
 def serve_metrics(port: int, host: str) -> bool:
     """Serve this process's metrics on http://host:port/metrics; False if that port is taken."""
+    _register_gpu_collector()
     try:
         start_http_server(port, addr=host)
     except OSError:
@@ -233,7 +239,11 @@ def serve_metrics_in_worker(port: int, host: str) -> None:
     Not at import: Flower and `celery inspect` import the same app modules.
     """
     if port:
-        worker_init.connect(lambda **_kwargs: serve_metrics(port, host), weak=False)
+        connect_replacing(
+            worker_init, lambda **_kwargs: serve_metrics(port, host), "darkroom.metrics.serve"
+        )
+    else:  # a factory called again without a port withdraws the previous one's exporter
+        worker_init.disconnect(dispatch_uid="darkroom.metrics.serve")
 
 
 class SystemCollector:
