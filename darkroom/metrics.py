@@ -6,42 +6,29 @@ expects of separate targets. Counters and histograms live where the event happen
 terminal transition in whichever process won it (worker, sweeper, API cancel), a webhook
 attempt in the dispatcher, a model load in the worker. State that all processes share (queue
 depth, jobs waiting, deliveries pending) is read once, at scrape time, by the API's
-`SystemCollector`, so it is neither summed nor duplicated across targets.
+`services.metrics.SystemCollector`, so it is neither summed nor duplicated across targets.
 
-This module never imports torch: GPU memory is read only where torch is already loaded.
+This module never imports torch: GPU memory is read only where torch is already loaded. It is
+the shared kernel's: it defines and serves the metrics and imports nothing from db/ or the tiers
+above; what reads the database or the broker for them is services/metrics.py.
 """
 
 from __future__ import annotations
 
-import enum
 import functools
 import logging
 import sys
-import time
-from collections.abc import Iterable, Iterator
-from datetime import datetime
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Protocol
 
-import redis
 from celery.signals import worker_init
-from kombu.transport.redis import Channel as RedisChannel
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
-from sqlalchemy import event, func, select, text
-from sqlalchemy.orm import Session
 
 from darkroom.celery_hooks import connect_replacing
-from darkroom.identities import Operation
-from darkroom.queue import filesystem_queue_lengths, redis_list_lengths
-from darkroom.settings import Settings
-from db.models import DeliveryState, Job, JobState, WebhookDelivery, utcnow
-from db.repositories.webhooks import AttemptRecord
-from db.session import session_scope
+from darkroom.identities import FailureReason
 
 log = logging.getLogger(__name__)
-
-ACTIVE_STATES = (JobState.QUEUED, JobState.PROCESSING)
-WATCHED_DELIVERY_STATES = (DeliveryState.PENDING, DeliveryState.FAILED)
 
 JOBS_FINISHED = Counter(
     "darkroom_jobs_finished",
@@ -95,55 +82,39 @@ MODEL_LOAD_SECONDS = Histogram(
 )
 
 
-class FailureReason(enum.StrEnum):
-    """The bounded label of a failed job in `darkroom_job_failures`."""
-
-    CANCELED = "canceled"
-    WORKER_LOST = "worker_lost"
-    INTERNAL = "internal"
-    STORAGE = "storage"  # the images were generated, the write failed: given by the caller
-    REJECTED = "rejected"
-
-
-def failure_reason(message: str) -> FailureReason:
-    """The label of a failure whose caller gave none, from its client-safe message."""
-    if message == "The job was canceled.":
-        return FailureReason.CANCELED
-    if "the worker stopped while running it" in message:
-        return FailureReason.WORKER_LOST
-    if "internal error" in message:
-        return FailureReason.INTERNAL
-    return FailureReason.REJECTED
-
-
-def record_job_end(
-    session: Session,
-    job: Job,
+def count_job_end(
+    operation: str,
+    state: str,
+    latency_s: float,
     *,
-    failure: str | None = None,
-    reason: FailureReason | None = None,
+    failure: FailureReason | None = None,
     generation_time: float = 0.0,
 ) -> None:
-    """Count `job`'s terminal transition, once `session` commits it (a rollback counts nothing).
-
-    A failure is counted under `reason`, or the reason its message implies."""
-    operation = job.operation.value
-    state = JobState.FAILED.value if failure is not None else JobState.SUCCESS.value
-    latency = max((utcnow() - job.created_at).total_seconds(), 0.0)
-
-    def observe(_session: Session) -> None:
-        JOBS_FINISHED.labels(operation, state).inc()
-        JOB_LATENCY.labels(operation, state).observe(latency)
-        if failure is not None:
-            label = reason or failure_reason(failure)
-            JOB_FAILURES.labels(operation, label.value).inc()
-        else:
-            JOB_GENERATION.labels(operation).observe(generation_time)
-
-    event.listen(session, "after_commit", observe, once=True)
+    """Count a job's terminal transition to `state`: a failure (with its reason) or a success.
+    Called once the transition is committed (services.metrics.record_job_end)."""
+    JOBS_FINISHED.labels(operation, state).inc()
+    JOB_LATENCY.labels(operation, state).observe(latency_s)
+    if failure is not None:
+        JOB_FAILURES.labels(operation, failure.value).inc()
+    else:
+        JOB_GENERATION.labels(operation).observe(generation_time)
 
 
-def record_webhook_attempt(record: AttemptRecord) -> None:
+class AttemptResult(Protocol):
+    """What a webhook attempt produced, as metrics read it (db.repositories.webhooks'
+    AttemptRecord)."""
+
+    @property
+    def status_code(self) -> int | None: ...
+
+    @property
+    def error(self) -> str | None: ...
+
+    @property
+    def latency_ms(self) -> float: ...
+
+
+def record_webhook_attempt(record: AttemptResult) -> None:
     """Count one webhook attempt by its outcome and status class, and observe its duration."""
     code = record.status_code
     if code is not None:
@@ -157,9 +128,9 @@ def record_webhook_attempt(record: AttemptRecord) -> None:
     WEBHOOK_ATTEMPT_SECONDS.observe(record.latency_ms / 1000)
 
 
-def record_delivery_end(state: DeliveryState) -> None:
-    """Count a webhook delivery that was delivered or given up."""
-    WEBHOOK_DELIVERIES_FINISHED.labels(state.value).inc()
+def record_delivery_end(state: str) -> None:
+    """Count a webhook delivery that was delivered or given up (`state`: its DeliveryState)."""
+    WEBHOOK_DELIVERIES_FINISHED.labels(str(state)).inc()
 
 
 def _model_kind(key: object) -> str:
@@ -244,139 +215,3 @@ def serve_metrics_in_worker(port: int, host: str) -> None:
         )
     else:  # a factory called again without a port withdraws the previous one's exporter
         worker_init.disconnect(dispatch_uid="darkroom.metrics.serve")
-
-
-class SystemCollector:
-    """Shared state read at scrape time: broker queue depths and the database's waiting work.
-
-    Each probe is bounded by `metrics_probe_timeout_s`; a probe that fails reports
-    `darkroom_broker_up 0` or `darkroom_database_up 0` instead of failing the scrape.
-    """
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self._redis: redis.Redis | None = None
-
-    def collect(self) -> Iterator[Metric]:
-        yield from self._broker_metrics()
-        yield from self._database_metrics()
-
-    def _broker_metrics(self) -> Iterator[Metric]:
-        depth = GaugeMetricFamily(
-            "darkroom_queue_depth", "Messages waiting in each broker queue.", labels=["queue"]
-        )
-        up = GaugeMetricFamily("darkroom_broker_up", "1 if this scrape could read the broker.")
-        try:
-            sizes = self._queue_sizes()
-        except (redis.RedisError, OSError) as exc:
-            log.warning("metrics: broker queue depth unavailable: %s", type(exc).__name__)
-            up.add_metric([], 0)
-        else:
-            for queue, size in sorted(sizes.items()):
-                depth.add_metric([queue], size)
-            up.add_metric([], 1)
-        yield depth
-        yield up
-
-    def _queue_sizes(self) -> dict[str, int]:
-        settings = self.settings
-        if settings.is_embedded_broker:
-            return filesystem_queue_sizes(settings)
-        if self._redis is None:
-            timeout = settings.metrics_probe_timeout_s
-            self._redis = redis.Redis.from_url(
-                settings.resolved_broker_url, socket_timeout=timeout, socket_connect_timeout=timeout
-            )
-        return redis_queue_sizes(self._redis, settings)
-
-    def _database_metrics(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily("darkroom_database_up", "1 if this scrape could read the database.")
-        try:
-            with session_scope(self.settings.resolved_database_url) as session:
-                _bound_statement(session, self.settings.metrics_probe_timeout_s)
-                families = [*_job_families(session), _delivery_family(session)]
-        except Exception as exc:  # any database trouble: report it as a gauge, never a 500
-            log.warning("metrics: database counts unavailable: %s", type(exc).__name__)
-            up.add_metric([], 0)
-            yield up
-            return
-        up.add_metric([], 1)
-        yield from families
-        yield up
-
-
-def _queue_names(settings: Settings, found: Iterable[str]) -> set[str]:
-    """The fixed queues, plus the per-model job queues (`<job_queue>.model.<id>`) in `found`."""
-    prefix = f"{settings.job_queue}.model."
-    return {settings.job_queue, settings.webhook_queue} | {q for q in found if q.startswith(prefix)}
-
-
-def redis_queue_sizes(client: redis.Redis, settings: Settings) -> dict[str, int]:
-    """Messages per queue, as kombu keeps them: one Redis list per queue and priority step."""
-    deadline = time.monotonic() + settings.metrics_probe_timeout_s
-    pattern = _glob_escape(settings.job_queue) + ".model.*"
-    found = []
-    for key in client.scan_iter(match=pattern, count=1000):
-        found.append(key.decode(errors="replace").split(RedisChannel.sep)[0])
-        if time.monotonic() > deadline:  # a huge keyspace: report the queues seen so far
-            break
-    return redis_list_lengths(client, _queue_names(settings, found))
-
-
-def filesystem_queue_sizes(settings: Settings) -> dict[str, int]:
-    """Messages per queue of the embedded broker, the fixed queues included."""
-    counts = filesystem_queue_lengths(settings)
-    return {name: counts.get(name, 0) for name in _queue_names(settings, counts)}
-
-
-def _glob_escape(name: str) -> str:
-    """`name` as a literal inside a Redis SCAN pattern."""
-    return "".join(f"\\{char}" if char in "*?[]\\" else char for char in name)
-
-
-def _bound_statement(session: Session, seconds: float) -> None:
-    """On PostgreSQL, cancel this transaction's queries that run longer than `seconds`."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text(f"SET LOCAL statement_timeout = {int(seconds * 1000)}"))
-
-
-def _job_families(session: Session) -> Iterator[GaugeMetricFamily]:
-    """Unfinished jobs by state and operation, and the age of the oldest queued one."""
-    rows = session.execute(
-        select(Job.state, Job.operation, func.count(Job.id), func.min(Job.created_at))
-        .where(Job.state.in_(ACTIVE_STATES))
-        .group_by(Job.state, Job.operation)
-    ).all()
-    counts = {(state, operation): count for state, operation, count, _ in rows}
-    jobs = GaugeMetricFamily(
-        "darkroom_jobs",
-        "Jobs not finished yet, by state and operation.",
-        labels=["state", "operation"],
-    )
-    for state in ACTIVE_STATES:
-        for operation in Operation:
-            jobs.add_metric([state.value, operation.value], counts.get((state, operation), 0))
-    yield jobs
-    queued: list[datetime] = [row[3] for row in rows if row[0] == JobState.QUEUED and row[3]]
-    age = (utcnow() - min(queued)).total_seconds() if queued else 0.0
-    yield GaugeMetricFamily(
-        "darkroom_oldest_queued_job_age_seconds",
-        "Seconds the oldest queued job has waited (0 when none waits).",
-        value=max(age, 0.0),
-    )
-
-
-def _delivery_family(session: Session) -> GaugeMetricFamily:
-    """Webhook deliveries waiting for an attempt (pending) or given up (failed, replayable)."""
-    rows = session.execute(
-        select(WebhookDelivery.state, func.count(WebhookDelivery.id))
-        .where(WebhookDelivery.state.in_(WATCHED_DELIVERY_STATES))
-        .group_by(WebhookDelivery.state)
-    ).all()
-    counts: dict[DeliveryState, int] = {state: count for state, count in rows}
-    family = GaugeMetricFamily(
-        "darkroom_webhook_deliveries", "Webhook deliveries by state.", labels=["state"]
-    )
-    for state in WATCHED_DELIVERY_STATES:
-        family.add_metric([state.value], counts.get(state, 0))
-    return family

@@ -2,7 +2,8 @@
 
 The gauges (queue depth per broker queue, unfinished jobs, webhook deliveries) describe state
 that every tier shares, so only the API reads them, at scrape time; workers and dispatchers
-export their own counters on ports of their own (see darkroom/metrics.py).
+export their own counters on ports of their own (see darkroom/metrics.py); the gauges are read
+by services/metrics.py.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from prometheus_client.exposition import choose_encoder
 
 from api.deps import SettingsDep
 from api.errors import ApiError
-from darkroom.metrics import SystemCollector
+from services.metrics import SystemCollector
 
 router = APIRouter(tags=["metrics"])
 
