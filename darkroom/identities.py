@@ -8,6 +8,7 @@ types existed read back unchanged and no migration is needed.
 from __future__ import annotations
 
 import enum
+from typing import Literal, get_args
 
 
 class Operation(enum.StrEnum):
@@ -42,4 +43,19 @@ class TinyModel(enum.StrEnum):
     FLUX_IMG2IMG = "flux-img2img"
 
 
-# --- failure reasons (issue 12, part A: `FailureReason` moves here from darkroom/metrics.py) ---
+#: What a sample the safety checker flags becomes (`safety_checker_type`; the first is the
+#: default). A `Literal`, not an enum: the API's validation messages list these values as they
+#: always have.
+SafetyCheckerType = Literal["sensitive_content_text", "blur", "pixelate", "black"]
+SAFETY_CHECKER_TYPES: tuple[str, ...] = get_args(SafetyCheckerType)
+
+
+class FailureReason(enum.StrEnum):
+    """Why a job failed: given by the code that fails it, counted by metrics under this label
+    (`darkroom_job_failures`), never recovered from the message."""
+
+    CANCELED = "canceled"  # a client's cancel, or a cleared queue
+    WORKER_LOST = "worker_lost"  # every attempt ended with its worker gone
+    INTERNAL = "internal"  # a bug or a fault of ours, answered with a generic message
+    STORAGE = "storage"  # the images were generated, the write failed
+    REJECTED = "rejected"  # the request could not be run as asked (bad input, unreadable image)

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from darkroom.identities import Family, Operation
+from darkroom.identities import Family, Operation, SafetyCheckerType
 from darkroom.limits import MAX_SEED
 
 
@@ -56,7 +56,7 @@ class JobSpec(BaseModel):
     clip_skip: int | None = None
     tomesd: bool = False
     safety_checker: bool = False
-    safety_checker_type: str = "sensitive_content_text"
+    safety_checker_type: SafetyCheckerType = "sensitive_content_text"
     base64_output: bool = False
     temp: bool = False
     track_id: str | int | None = None

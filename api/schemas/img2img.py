@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import AliasChoices, BeforeValidator, Field, PrivateAttr, model_validator
 
@@ -23,7 +23,7 @@ from api.fields import (
 )
 from api.schemas.common import SubmitBase
 from darkroom import families, model_ids, prompt_style
-from darkroom.identities import Family, Operation
+from darkroom.identities import Family, Operation, SafetyCheckerType
 from darkroom.jobspec import JobSpec, LoraRef
 from darkroom.limits import (
     MAX_CLIP_SKIP,
@@ -39,7 +39,6 @@ from darkroom.settings import Settings
 
 #: `algorithm_type` values: the page's "dpmsolver+++" and diffusers' own DPM-Solver variants.
 ALGORITHM_TYPES = ("dpmsolver+++", "dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
-SafetyCheckerType = Literal["sensitive_content_text", "blur", "pixelate", "black"]
 
 
 def _names(kind: str, max_items: int) -> Callable[[Any], list[str]]:

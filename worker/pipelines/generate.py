@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from darkroom.families import AskedFields, refusals
-from darkroom.identities import Operation
+from darkroom.identities import SAFETY_CHECKER_TYPES, Operation
 from darkroom.limits import MAX_CLIP_SKIP, MAX_IMAGES, MAX_SAMPLES, SIDE_MULTIPLE
 from darkroom.settings import Settings
 from worker.families import img2img_runner
@@ -31,12 +31,7 @@ from worker.models.weights import (
 )
 from worker.pipelines import img2img, mixer, pix2pix
 from worker.pipelines.options import RequestAssets
-from worker.pipelines.request import (
-    SAFETY_CHECKER_TYPES,
-    GenerationRequest,
-    GenerationResult,
-    StepHook,
-)
+from worker.pipelines.request import GenerationRequest, GenerationResult, StepHook
 from worker.pipelines.safety import censor, flag_images
 from worker.pipelines.schedulers import check_scheduler_name
 

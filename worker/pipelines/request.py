@@ -14,8 +14,6 @@ from PIL import Image
 
 from darkroom.identities import Operation
 
-SAFETY_CHECKER_TYPES = ("blur", "pixelate", "black", "sensitive_content_text")
-
 #: Called after every denoising step with (steps done, steps in all); it may raise to stop.
 StepHook = Callable[[int, int], None]
 
@@ -56,7 +54,7 @@ class GenerationRequest:
     tomesd: bool = False  # token merging in the highest-resolution attention layers
     # Every operation.
     safety_checker: bool = False
-    safety_checker_type: str = "sensitive_content_text"  # one of SAFETY_CHECKER_TYPES
+    safety_checker_type: str = "sensitive_content_text"  # a `SafetyCheckerType`
     # Called after every denoising step with (steps done, steps in all); it may raise to stop
     # the run (job cancel). img2img runs fewer steps than `steps` (strength), hence the total.
     on_step: StepHook | None = field(default=None, compare=False)
