@@ -37,7 +37,7 @@ from worker.pipelines.request import GenerationRequest, LoraSpec
 #: The largest pixel-channel difference between a batched image and the same request alone.
 PIXEL_TOLERANCE = 2
 LONG_PROMPT = "a lighthouse on a cliff above a stormy sea, " * 4  # > 75 tokens: two windows
-SDXL_MODEL, SD2_MODEL = "my-sdxl", "my-sd2-v"
+SDXL_MODEL, SD2_MODEL, FLUX_MODEL = "my-sdxl", "my-sd2-v", "my-flux"
 
 
 def _index(folder: Path, index: dict[str, Any]) -> Path:
@@ -149,9 +149,15 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build = tmp_path_factory.mktemp("build")
     tiny.ensure_tiny_family_model(build, TinyModel.SDXL_IMG2IMG)
     tiny.ensure_tiny_family_model(build, TinyModel.SD2_V_IMG2IMG)
+    tiny.ensure_tiny_family_model(build, TinyModel.FLUX_IMG2IMG)
     (build / TinyModel.SDXL_IMG2IMG).rename(root / SDXL_MODEL)
     (build / TinyModel.SD2_V_IMG2IMG).rename(root / SD2_MODEL)
+    (build / TinyModel.FLUX_IMG2IMG).rename(root / FLUX_MODEL)
     (root / "loras").mkdir()
+    for layout in tiny.FLUX_LORA_LAYOUTS:  # the same weights in each layout
+        save_file(
+            tiny.flux_lora(layout, seed=3), str(root / "loras" / f"flux-{layout}.safetensors")
+        )
     for family, stem in ((Family.SDXL, "xl"), (Family.SD, "sd")):
         tiny.ensure_tiny_lora(root / "loras" / f"{stem}-peft.safetensors", "same", family)
         layers = load_file(str(root / "loras" / f"{stem}-peft.safetensors"))
@@ -432,6 +438,30 @@ def test_tiny_flux_img2img_is_deterministic_batches_and_takes_guidance_and_loras
             assert (
                 np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max() <= PIXEL_TOLERANCE
             )
+
+
+def test_flux_loras_in_kohya_comfyui_and_bfl_layouts_give_their_diffusers_twins_image(
+    installed: Settings, cache: ModelCache
+) -> None:
+    """Flux LoRAs as sd-scripts (kohya), ComfyUI and Black Forest Labs write them, fused q/k/v
+    layers included, apply exactly as the same weights in diffusers' layout; then unload."""
+    plain = _pixels(_request(FLUX_MODEL), cache, installed)
+    twin = _pixels(_request(FLUX_MODEL, loras=(LoraSpec("flux-diffusers", 1.0),)), cache, installed)
+    assert np.abs(twin - plain).max() > 0
+    for layout in ("kohya", "comfyui", "bfl"):
+        lora = (LoraSpec(f"flux-{layout}", 1.0),)
+        image = _pixels(_request(FLUX_MODEL, loras=lora), cache, installed)
+        assert np.abs(image - twin).max() <= PIXEL_TOLERANCE, layout
+    assert np.array_equal(_pixels(_request(FLUX_MODEL), cache, installed), plain)
+
+
+def test_a_lora_that_adapts_nothing_is_refused_not_ignored(
+    installed: Settings, cache: ModelCache
+) -> None:
+    """An SD LoRA on a Flux model matches no layer: diffusers only warns, the job is refused."""
+    with pytest.raises(ValueError, match="'sd-peft' has no layers of this model"):
+        generate(_request(FLUX_MODEL, loras=(LoraSpec("sd-peft", 1.0),)), cache, installed)
+    assert _pixels(_request(FLUX_MODEL), cache, installed).any()  # nothing left loaded
 
 
 def test_flux_sizes_must_be_multiples_of_16(tiny_settings: Settings, cache: ModelCache) -> None:

@@ -203,3 +203,28 @@ def _vae_resnet(rest: list[str]) -> str:
     return (
         "nin_shortcut" + name[len("conv_shortcut") :] if name.startswith("conv_shortcut") else name
     )
+
+
+#: Black Forest Labs' Flux LoRAs name their layers as the original transformer does, under
+#: `diffusion_model.`, with PEFT's `lora_A` / `lora_B`: diffusers converts that naming only for
+#: BFL's control LoRAs and otherwise loads nothing, silently. ComfyUI's naming of the same
+#: layers (`lora_down` / `lora_up`) it converts, so such files are renamed to it (no `.alpha`:
+#: scale 1, as PEFT reads a file without one).
+_BFL_PREFIX = "diffusion_model."
+_BFL_TO_COMFYUI = {".lora_A.weight": ".lora_down.weight", ".lora_B.weight": ".lora_up.weight"}
+
+
+def lora_in_convertible_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LoRA's tensors with Black Forest Labs' naming renamed to ComfyUI's, which diffusers'
+    `load_lora_weights` converts; any other layout unchanged."""
+    if not any(key.startswith(_BFL_PREFIX) and ".lora_A." in key for key in state):
+        return state
+    if any("query_norm.scale" in key for key in state):  # a control LoRA: diffusers' own path
+        return state
+    renamed = {}
+    for key, value in state.items():
+        for bfl, comfyui in _BFL_TO_COMFYUI.items():
+            if key.endswith(bfl):
+                key = key[: -len(bfl)] + comfyui
+        renamed[key] = value
+    return renamed

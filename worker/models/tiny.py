@@ -526,9 +526,12 @@ KOHYA_PREFIX = "kohya-"
 
 def ensure_tiny_lora(target: Path, name: str, family: str = Family.SD) -> None:
     """Write a rank-4 LoRA for the attention of the tiny img2img model of `family`, for id
-    `name`, to `target`: diffusers (PEFT) format, or kohya format for SD and SDXL ids with
-    `KOHYA_PREFIX` (the UNet's part and, as model sites ship them, the text encoders')."""
+    `name`, to `target`: diffusers (PEFT) format, or kohya format for ids with `KOHYA_PREFIX`
+    (SD and SDXL: the UNet's part and, as model sites ship them, the text encoders')."""
     if target.exists():
+        return
+    if family == Family.FLUX and name.startswith(KOHYA_PREFIX):
+        _write_once(target, flux_lora("kohya", id_seed("lora", name)))
         return
     if family == Family.FLUX:
         layers = _seeded(
@@ -566,6 +569,61 @@ def kohya_lora(layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if matrix.startswith("A"):
             kohya[f"{stem}.alpha"] = torch.tensor(float(value.shape[0]))
     return kohya
+
+
+#: The tiny Flux transformer's layers a Flux LoRA adapts, in Black Forest Labs' naming, with
+#: (inputs, outputs) and the diffusers modules they are: a fused q/k/v layer is three modules.
+_FLUX_INNER = 32  # attention heads x head width of `_flux_transformer`
+_FLUX_LORA_LAYERS: dict[str, tuple[int, int, tuple[str, ...]]] = {
+    "double_blocks.0.img_attn.qkv": (
+        _FLUX_INNER, 3 * _FLUX_INNER,
+        tuple(f"transformer_blocks.0.attn.to_{x}" for x in "qkv"),
+    ),
+    "double_blocks.0.img_attn.proj": (
+        _FLUX_INNER, _FLUX_INNER, ("transformer_blocks.0.attn.to_out.0",),
+    ),
+    "double_blocks.0.txt_attn.qkv": (
+        _FLUX_INNER, 3 * _FLUX_INNER,
+        tuple(f"transformer_blocks.0.attn.add_{x}_proj" for x in "qkv"),
+    ),
+    # The single block's output layer reads the attention and the 4x wider MLP side by side.
+    "single_blocks.0.linear2": (
+        5 * _FLUX_INNER, _FLUX_INNER, ("single_transformer_blocks.0.proj_out",),
+    ),
+}  # fmt: skip
+#: The layouts Flux LoRAs are distributed in (`flux_lora`).
+FLUX_LORA_LAYOUTS = ("diffusers", "kohya", "comfyui", "bfl")
+
+
+def flux_lora(layout: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random rank-4 LoRA of the tiny Flux transformer, the same weights in any `layout`:
+    `diffusers` (`transformer.<module>.lora_A/B.weight`), `kohya` (sd-scripts:
+    `lora_unet_double_blocks_0_img_attn_qkv.lora_down/up.weight` + `.alpha`), `comfyui`
+    (`diffusion_model.double_blocks.0.img_attn.qkv.lora_down/up.weight` + `.alpha`) or `bfl`
+    (Black Forest Labs': `diffusion_model.<layer>.lora_A/B.weight`). A fused q/k/v layer has one
+    down matrix and q, k and v's up matrices stacked, as kohya's and BFL's files have."""
+    if layout not in FLUX_LORA_LAYOUTS:
+        raise ValueError(f"No Flux LoRA layout {layout!r}; expected one of {FLUX_LORA_LAYOUTS}.")
+    generator = torch.Generator().manual_seed(seed)
+    lora: dict[str, torch.Tensor] = {}
+    for layer, (inputs, outputs, modules) in _FLUX_LORA_LAYERS.items():
+        down = 0.3 * torch.randn(4, inputs, generator=generator)
+        up = 0.3 * torch.randn(outputs, 4, generator=generator)
+        if layout == "diffusers":
+            for module, part in zip(modules, up.chunk(len(modules)), strict=True):
+                lora[f"transformer.{module}.lora_A.weight"] = down.clone()  # saved once each
+                lora[f"transformer.{module}.lora_B.weight"] = part.contiguous()
+            continue
+        stem = {
+            "kohya": "lora_unet_" + layer.replace(".", "_"),
+            "comfyui": f"diffusion_model.{layer}",
+            "bfl": f"diffusion_model.{layer}",
+        }[layout]
+        names = ("lora_A", "lora_B") if layout == "bfl" else ("lora_down", "lora_up")
+        lora |= {f"{stem}.{names[0]}.weight": down, f"{stem}.{names[1]}.weight": up}
+        if layout != "bfl":
+            lora[f"{stem}.alpha"] = torch.tensor(4.0)
+    return lora
 
 
 #: kohya's prefix of each text encoder's LoRA layers, per family: SD's one encoder, SDXL's two.

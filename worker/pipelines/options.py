@@ -35,6 +35,8 @@ import torch
 from safetensors.torch import load_file
 
 from worker.fastpath import unfused_qkv
+from worker.models.checkpoints import lora_in_convertible_layout
+from worker.models.lora_cache import shared_cache
 from worker.pipelines.request import GenerationRequest
 from worker.pipelines.schedulers import build_scheduler
 
@@ -100,6 +102,7 @@ def _loras(pipe: Any, loras: tuple[tuple[str, float], ...]) -> Iterator[None]:
             for index, (location, _strength) in enumerate(loras):
                 names.append(f"request-{index}")
                 pipe.load_lora_weights(_lora_weights(location), adapter_name=names[-1])
+                _check_loaded(pipe, names[-1], location)
             pipe.set_adapters(names, adapter_weights=[strength for _location, strength in loras])
             yield
         finally:
@@ -107,8 +110,23 @@ def _loras(pipe: Any, loras: tuple[tuple[str, float], ...]) -> Iterator[None]:
 
 
 def _lora_weights(location: str) -> dict[str, torch.Tensor] | str:
-    """A local LoRA file's state dict, or the Hub repo id for diffusers to fetch."""
-    return load_file(location) if Path(location).is_file() else location
+    """A local LoRA file's state dict (in a layout diffusers converts), or the Hub repo id for
+    diffusers to fetch."""
+    if not Path(location).is_file():
+        return location
+    # A warm LoRA is not read again: the converted state dict is kept (worker.models.lora_cache).
+    return shared_cache().get(location, lambda path: lora_in_convertible_layout(load_file(path)))
+
+
+def _check_loaded(pipe: Any, adapter: str, location: str) -> None:
+    """Refuse a LoRA that adapted no layer of `pipe` (diffusers only warns): a LoRA of another
+    family, or of a layout it does not convert, would otherwise change nothing, silently."""
+    if not any(adapter in names for names in pipe.get_list_adapters().values()):
+        raise ValueError(
+            f"The LoRA {Path(location).stem!r} has no layers of this model: is it a LoRA of "
+            "another model family, or in a layout other than diffusers/PEFT, kohya, ComfyUI "
+            "or Black Forest Labs'?"
+        )
 
 
 @contextmanager
