@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     install_lease_s: float = Field(default=60.0, gt=0)  # an installer's claim, renewed as it runs
     install_poll_s: float = Field(default=1.0, gt=0, le=60)
     install_max_attempts: int = Field(default=3, ge=1)
+    # A worker's in-memory LoRA state dicts (worker/models/lora_cache.py); 0 turns it off.
+    lora_cache_bytes: int = Field(default=2 * 1024**3, ge=0)
 
     # --- performance: fast path and batching ---
     # Weights' dtype; "auto": float16 on CUDA, float32 on the CPU (see docs/PERFORMANCE.md).

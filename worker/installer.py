@@ -169,7 +169,8 @@ class Installer:
     def renew(self, claim: Claim, done: int, total: int | None, force: bool = False) -> None:
         """Extend the lease (at most every RENEW_EVERY_S); InstallGoneError if the row went away."""
         now = time.monotonic()
-        if not force and now - claim.last_renewal < RENEW_EVERY_S:
+        every_s = min(RENEW_EVERY_S, self.settings.install_lease_s / 3)  # well inside the lease
+        if not force and now - claim.last_renewal < every_s:
             return
         claim.last_renewal = now
         with session_scope(self.settings.resolved_database_url) as session:
