@@ -22,15 +22,13 @@ from typing import Any
 
 import psycopg
 from fastapi import FastAPI, Request
-from psycopg import sql
 from sqlalchemy.engine import make_url
 from starlette.concurrency import run_in_threadpool
 
 from api.errors import ApiError
 from api.fields import to_float
 from darkroom.settings import Settings
-from db.repositories import jobs
-from db.repositories.jobs import JOB_DONE_CHANNEL
+from db.repositories import job_done, jobs
 from db.session import session_scope
 
 log = logging.getLogger(__name__)
@@ -175,13 +173,13 @@ class JobWaiter:
             keepalives_interval=10,
         )
         async with conn:
-            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(JOB_DONE_CHANNEL)))
+            await job_done.listen(conn)
             self.connections += 1
             self.wake_all()  # jobs may have ended while nothing listened
             while True:
                 async for notify in conn.notifies(timeout=self.health_check_s):
                     self._dispatch(notify.payload)
-                await asyncio.wait_for(conn.execute("SELECT 1"), self.health_check_s)
+                await asyncio.wait_for(job_done.ping(conn), self.health_check_s)
 
     async def _poll_ended(self, poll: PollEnded) -> None:
         """Until cancelled: every `poll_s`, wake the waiters of the jobs that have ended."""

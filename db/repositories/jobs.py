@@ -535,6 +535,14 @@ def expired_outputs(session: Session, *, limit: int = 200) -> list[JobOutput]:
     return list(rows)
 
 
+def mark_outputs_deleted(session: Session, outputs: Sequence[JobOutput]) -> None:
+    """Record that these outputs' files were deleted (their temporary life is over)."""
+    deleted_at = utcnow()
+    for output in outputs:
+        output.deleted_at = deleted_at
+    session.flush()
+
+
 def _rowcount(result: Any) -> int:
     """Rows matched by an UPDATE (typed accessor: Result.rowcount is untyped in stubs)."""
     return int(result.rowcount)
