@@ -102,6 +102,11 @@ def get_job(session: Session, job_id: int) -> Job | None:
 MAX_JOB_ID = 2**31 - 1
 
 
+def refresh_job(session: Session, job: Job) -> None:
+    """Read `job` afresh: the conditional UPDATEs here leave the session's copy as it was."""
+    session.refresh(job)
+
+
 def get_job_for_key(session: Session, job_id: int, api_key_id: int) -> Job | None:
     """A job by id if `api_key_id` owns it; another key's job looks exactly like a missing one."""
     if not 1 <= job_id <= MAX_JOB_ID:
