@@ -6,7 +6,7 @@ import io
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -32,7 +32,7 @@ def make_request(operation: str, **changes: Any) -> GenerationRequest:
     """A small, fast request for `operation`; mixer requests mix two images."""
     mixer = operation == Operation.IMG_MIXER
     request = GenerationRequest(
-        operation=Operation(operation),
+        operation=cast(Operation, operation),  # unknown ones too: `generate` refuses them
         model_id=None,
         prompt="a red house",
         negative_prompt="",
