@@ -1,10 +1,12 @@
-"""Accepting jobs: store them, commit, then publish their ids (the transactional outbox).
+"""Accepting jobs: store them and commit; the outbox then publishes their ids.
 
-Rows are committed before their ids reach the broker, so a worker never receives an id it
-cannot read. If publishing fails a row keeps `enqueued_at` empty and the sweeper sends it
-later: an accepted job is never lost. Submissions are stored in groups (`api.intake`): one
-admission read, one multi-row insert and one commit serve every submission of a group. Each id
-goes to the queue model-affinity routing picks (`services.routing`), recorded in `queue_name`.
+Rows are committed before their ids reach the broker (`services.outbox` sends them once the
+commit returns), so a worker never receives an id it cannot read. If publishing fails a row
+keeps `enqueued_at` empty and the sweeper sends it later: an accepted job is never lost.
+Submissions are stored in groups (`api.intake`): one admission read, one multi-row insert and
+one commit serve every submission of a group, and their publish marks one statement per queue.
+Each id goes to the queue model-affinity routing picks (`services.routing`), recorded in
+`queue_name`.
 
 One client's bad input never fails another's request: a group that cannot be stored because of
 what one of its items holds is stored again in halves, down to the item at fault, which alone
@@ -17,9 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from celery import Celery
@@ -29,21 +30,17 @@ from sqlalchemy.orm import Session
 
 from api.errors import INVALID_KEY, ApiError
 from api.limits import Admission
-from darkroom.identities import Operation
 from darkroom.jobspec import JobSpec, batch_key, describe
-from darkroom.queue import RUN_JOB_TASK, send
 from darkroom.settings import Settings
 from db.models import ApiKey, Job
-from db.repositories import idempotency, jobs, routing
+from db.repositories import idempotency, jobs
 from db.repositories.jobs import NewJob
 from db.repositories.keys import active_keys_by_digest, hash_key
 from db.session import session_factory
-from services.routing import choose_queue
+from services.eta import DEFAULT_ETA_S, group_etas
+from services.jobs import publish
 
 log = logging.getLogger(__name__)
-
-#: The eta quoted before any job of an operation has finished, in seconds.
-DEFAULT_ETA_S = 10.0
 
 #: The answer to a submission the database refused for a value it holds (a field the API's
 #: checks let through); the other submissions stored with it are not affected.
@@ -250,10 +247,8 @@ def _store_group(settings: Settings, broker: Celery, group: Sequence[PreparedJob
     outcome unknown (docs/RELIABILITY.md)."""
     session = session_factory(settings.resolved_database_url)()
     try:
-        decisions, admitted, rows = _insert_and_commit(session, settings, group)
-        etas = _publish_and_estimate(
-            session, settings, broker, [prepared for prepared, _ in admitted], rows
-        )
+        decisions, admitted, rows = _insert_and_commit(session, settings, broker, group)
+        etas = _estimate(session, rows)
     finally:
         _close(session)
     accepted = iter(
@@ -263,9 +258,10 @@ def _store_group(settings: Settings, broker: Celery, group: Sequence[PreparedJob
 
 
 def _insert_and_commit(
-    session: Session, settings: Settings, group: Sequence[PreparedJob]
+    session: Session, settings: Settings, broker: Celery, group: Sequence[PreparedJob]
 ) -> tuple[list[ApiKey | Replayed | ApiError], list[tuple[PreparedJob, ApiKey]], list[Job]]:
-    """Decide, insert and commit: each submission's fate, the admitted ones and their rows."""
+    """Decide, insert and commit: each submission's fate, the admitted ones and their rows.
+    The rows' ids are published by the outbox once the commit returns (services.outbox)."""
     try:
         decisions = _decide_all(session, settings, group)
         admitted = [
@@ -274,6 +270,9 @@ def _insert_and_commit(
             if isinstance(decision, ApiKey)
         ]
         rows = _insert(session, admitted)
+        for (prepared, _key), job in zip(admitted, rows, strict=True):
+            spec = prepared.spec
+            publish(session, broker, settings, job.id, spec.operation.value, spec.model_id)
     except Exception as exc:
         _rollback(session)
         raise _NotStoredError from exc
@@ -362,36 +361,14 @@ def _insert(session: Session, admitted: Sequence[tuple[PreparedJob, ApiKey]]) ->
     return rows
 
 
-def _publish_and_estimate(
-    session: Session,
-    settings: Settings,
-    broker: Celery,
-    admitted: Sequence[PreparedJob],
-    rows: Sequence[Job],
-) -> list[float]:
-    """Publish committed jobs and record where they went; their etas.
-
-    The jobs are accepted whatever happens here: a failure is logged and the sweeper publishes
-    what was not marked, so the client still gets its processing answer.
-    """
+def _estimate(session: Session, rows: Sequence[Job]) -> list[float]:
+    """The committed jobs' etas; the default on any failure (the jobs are accepted whatever
+    happens here, so the client still gets its processing answer)."""
     try:
-        by_queue: dict[str, list[int]] = defaultdict(list)
-        queue_of_model: dict[tuple[str, str | None], str] = {}  # one routing lookup per model
-        for prepared, job in zip(admitted, rows, strict=True):
-            model = (prepared.spec.operation.value, prepared.spec.model_id)
-            if model not in queue_of_model:
-                queue_of_model[model] = choose_queue(settings, *model)
-            if send(broker, RUN_JOB_TASK, job.id, queue=queue_of_model[model]):
-                by_queue[queue_of_model[model]].append(job.id)
-        for queue, job_ids in by_queue.items():
-            routing.mark_published_many(session, job_ids, queue)
-        session.commit()
         return _etas(session, rows)
     except Exception:
         _rollback(session)
-        log.exception(
-            "jobs %s stored but not all published; the sweeper will", [j.id for j in rows]
-        )
+        log.exception("jobs %s stored; their etas could not be read", [j.id for j in rows])
         return [DEFAULT_ETA_S] * len(rows)
 
 
@@ -400,11 +377,4 @@ def _etas(session: Session, rows: Sequence[Job]) -> list[float]:
     ones stored before it."""
     if not rows:
         return []
-    snapshot = jobs.queue_snapshot(session, rows[0])
-    ahead: dict[Operation, int] = defaultdict(int, snapshot.queued_ahead)
-    etas = []
-    for job in rows:
-        own_view = replace(snapshot, queued_ahead=dict(ahead))
-        etas.append(jobs.eta_from(own_view, job, default_s=DEFAULT_ETA_S))
-        ahead[job.operation] += 1
-    return etas
+    return group_etas(jobs.queue_snapshot(session, rows[0]), rows)

@@ -17,20 +17,19 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from darkroom.identities import Operation
-from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, make_celery, send
+from darkroom.queue import make_celery
 from darkroom.settings import Settings
-from db.models import TERMINAL_STATES, ApiKey, Job, JobRequeue, JobState, utcnow
-from db.repositories import jobs, keys, operator, webhooks
+from db.models import ApiKey, JobRequeue, JobState
+from db.repositories import keys, operator, webhooks
 from db.session import session_scope
-from services import job_events, outcomes
+from services import job_events, job_views
+from services import jobs as job_service
+from services import keys as api_keys
+from services import webhooks as services_webhooks
 from services.links import output_url
 
 #: Columns of `jobs list`: header and the summary field each shows.
 LIST_COLUMNS = ("ID", "STATE", "OPERATION", "KEY", "CREATED", "ATTEMPTS", "OUTPUTS", "WEBHOOK")
-
-
-class RefusedError(Exception):
-    """An operator command that cannot be carried out; the message says why."""
 
 
 def _print(row: dict[str, Any]) -> None:
@@ -52,7 +51,7 @@ def keys_create(args: argparse.Namespace, settings: Settings) -> int:
     """Create an API key (--admin: it may also manage the server); the last line printed is
     `{"key": ..., "webhook_secret": ..., "admin": ...}`."""
     with session_scope(settings.resolved_database_url) as session:
-        issued = keys.create_key(session, args.name, admin=args.admin)
+        issued = api_keys.create(session, args.name, admin=args.admin)
         secret = issued.row.webhook_secret
     _print({"key": issued.plaintext, "webhook_secret": secret, "admin": args.admin})
     return 0
@@ -76,29 +75,30 @@ def _find_key(session: Session, ref: str) -> ApiKey | None:
 
 def keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
     """Revoke a key by id or prefix."""
-    with session_scope(settings.resolved_database_url) as session:
-        key = _find_key(session, args.key)
-        if key is None:
-            return 1
-        keys.revoke_key(session, key)
-        _print(_key_row(key))
+    try:
+        with session_scope(settings.resolved_database_url) as session:
+            _print(_key_row(api_keys.revoke(session, args.key)))
+    except api_keys.KeyNotFoundError as missing:
+        _print({"error": str(missing)})
+        return 1
     return 0
 
 
 def keys_rotate_secret(args: argparse.Namespace, settings: Settings) -> int:
     """New webhook secret; the old one co-signs for --grace-hours (default 24)."""
-    with session_scope(settings.resolved_database_url) as session:
-        key = _find_key(session, args.key)
-        if key is None:
-            return 1
-        secret = keys.rotate_webhook_secret(session, key, timedelta(hours=args.grace_hours))
-        _print(
-            {
+    grace = timedelta(hours=args.grace_hours)
+    try:
+        with session_scope(settings.resolved_database_url) as session:
+            key, secret = api_keys.rotate_secret(session, args.key, grace)
+            row = {
                 "id": key.id,
                 "webhook_secret": secret,
                 "previous_valid_until": key.previous_secret_until,
             }
-        )
+    except api_keys.KeyNotFoundError as missing:
+        _print({"error": str(missing)})
+        return 1
+    _print(row)
     return 0
 
 
@@ -123,11 +123,12 @@ def webhooks_failed(_args: argparse.Namespace, settings: Settings) -> int:
 def webhooks_replay(args: argparse.Namespace, settings: Settings) -> int:
     """Send failed deliveries again (same webhook-id): one by --id, or --all."""
     with session_scope(settings.resolved_database_url) as session:
-        failed = webhooks.failed_deliveries(session, limit=10_000)
-        chosen = [d for d in failed if args.all or d.id == args.id]
-        for delivery in chosen:
-            webhooks.replay(session, delivery)
-            _print({"replayed": delivery.id, "webhook_id": delivery.message_id})
+        chosen = services_webhooks.replay(
+            session, make_celery(settings), settings, None if args.all else args.id
+        )
+        replayed = [{"replayed": d.id, "webhook_id": d.message_id} for d in chosen]
+    for row in replayed:
+        _print(row)
     if not chosen:
         _print({"error": "no failed delivery matched"})
         return 1
@@ -142,7 +143,8 @@ def jobs_list(args: argparse.Namespace, settings: Settings) -> int:
             return 1
         key_id = None if key is None else key.id
         wanted = operator.JobFilter(args.state, args.operation, key_id, args.limit)
-        rows = operator.job_summaries(session, operator.list_jobs(session, wanted), _link(settings))
+        found = operator.list_jobs(session, wanted)
+        rows = job_views.job_summaries(session, found, _link(settings))
     if args.json:
         for row in rows:
             _print(row)
@@ -155,7 +157,7 @@ def jobs_show(args: argparse.Namespace, settings: Settings) -> int:
     """A job's parameters, meta, timeline (runs, requeues, webhook attempts) and outputs."""
     with session_scope(settings.resolved_database_url) as session:
         record = operator.job_record(session, args.id)
-        view = None if record is None else operator.job_detail(record, _link(settings))
+        view = None if record is None else job_views.job_detail(record, _link(settings))
     if view is None:
         _print({"error": f"no job {args.id}"})
         return 1
@@ -170,39 +172,15 @@ def jobs_cancel(args: argparse.Namespace, settings: Settings) -> int:
     """Cancel as the API does: a queued job fails at once, a running one at its next step."""
     try:
         with session_scope(settings.resolved_database_url) as session:
-            state, delivery_id = cancel_job(session, settings, args.id)
-    except RefusedError as refused:
+            canceled = job_service.cancel(session, make_celery(settings), settings, args.id)
+    except job_service.RefusedError as refused:
         _print({"error": str(refused)})
         return 1
-    if delivery_id is not None:
-        send(make_celery(settings), DELIVER_WEBHOOK_TASK, delivery_id)
-    _print({"id": args.id, "state": state, "cancel_requested": True, "webhook": delivery_id})
+    webhook = canceled.delivery_id
+    _print(
+        {"id": args.id, "state": canceled.state.value, "cancel_requested": True, "webhook": webhook}
+    )
     return 0
-
-
-def cancel_job(
-    session: Session,
-    settings: Settings,
-    job_id: int,
-    *,
-    message: str = outcomes.CANCELED_MESSAGE,
-    queued_only: bool = False,
-) -> tuple[str, int | None]:
-    """Cancel job `job_id`: its state afterwards, and the failure webhook's delivery id. With
-    `queued_only` (clearing the queue) a job that started meanwhile is left running."""
-    job = operator.lock_job(session, job_id)
-    if job is None:
-        raise RefusedError(f"no job {job_id}")
-    if job.state in TERMINAL_STATES:
-        raise RefusedError(f"job {job_id} has already finished ({job.state}): not canceled")
-    if queued_only and job.state != JobState.QUEUED:
-        raise RefusedError(f"job {job_id} is running: not canceled")
-    delivery_id = None
-    if job.state == JobState.QUEUED:
-        delivery_id = outcomes.fail(session, settings, job, message)
-    jobs.request_cancel(session, job_id)
-    session.refresh(job)
-    return job.state.value, delivery_id
 
 
 def jobs_watch(args: argparse.Namespace, settings: Settings) -> int:
@@ -242,46 +220,18 @@ def progress_line(event: job_events.JobEvent, width: int = 30) -> str:
 
 def jobs_requeue(args: argparse.Namespace, settings: Settings) -> int:
     """Put a failed job, or a stuck running one, back in the queue with fresh attempts."""
+    broker = make_celery(settings)
     try:
         with session_scope(settings.resolved_database_url) as session:
-            record = requeue_job(session, args.id, force=args.force, reason=args.reason)
+            record, receipt = job_service.requeue(
+                session, broker, settings, args.id, force=args.force, reason=args.reason
+            )
             replaced = _requeue_row(record)
-    except RefusedError as refused:
+    except job_service.RefusedError as refused:
         _print({"error": str(refused)})
         return 1
-    _print({"id": args.id, "state": "queued", "published": _publish(settings, args.id), **replaced})
+    _print({"id": args.id, "state": "queued", "published": bool(receipt.sent), **replaced})
     return 0
-
-
-def requeue_job(session: Session, job_id: int, *, force: bool, reason: str | None) -> JobRequeue:
-    """Requeue job `job_id`: attempts start again from 0, and its webhook delivery moves into
-    the returned requeue record, so that its next outcome gets a new webhook of its own."""
-    job = operator.lock_job(session, job_id)
-    if job is None:
-        raise RefusedError(f"no job {job_id}")
-    _check_requeueable(job, force)
-    delivery = operator.lock_delivery(session, job_id)
-    sending = delivery is not None and delivery.lease_until and delivery.lease_until > utcnow()
-    if sending:  # the dispatcher holds it for one attempt: a short wait
-        raise RefusedError(f"job {job_id}'s webhook is being sent right now: try again")
-    record = operator.supersede_run(session, job, delivery, reason)
-    if not operator.reset_to_queued(session, job_id, record.previous_state):
-        raise RefusedError(f"job {job_id} changed state meanwhile: try again")
-    return record
-
-
-def _check_requeueable(job: Job, force: bool) -> None:
-    """Only failed jobs, and processing ones whose worker is gone or (with force) stuck."""
-    if job.state == JobState.SUCCESS:
-        raise RefusedError(f"job {job.id} succeeded: only failed or stuck jobs can be requeued")
-    if job.state == JobState.QUEUED:
-        raise RefusedError(f"job {job.id} is already queued")
-    live = job.lease_until is not None and job.lease_until >= utcnow()
-    if job.state == JobState.PROCESSING and live and not force:
-        raise RefusedError(
-            f"job {job.id} is running and its worker renews its lease (until "
-            f"{job.lease_until:%H:%M:%S}): pass --force if that worker is stuck"
-        )
 
 
 def _requeue_row(record: JobRequeue) -> dict[str, Any]:
@@ -294,16 +244,7 @@ def _requeue_row(record: JobRequeue) -> dict[str, Any]:
     }
 
 
-def _publish(settings: Settings, job_id: int) -> bool:
-    """Send a requeued job's id; if the broker is down the sweeper sends it later."""
-    if not send(make_celery(settings), RUN_JOB_TASK, job_id):
-        return False
-    with session_scope(settings.resolved_database_url) as session:
-        operator.mark_published(session, job_id, settings.job_queue)
-    return True
-
-
-def _link(settings: Settings) -> operator.Link:
+def _link(settings: Settings) -> job_views.Link:
     """Output links as clients see them, through the API."""
     return lambda filename: output_url(settings.public_url, filename)
 

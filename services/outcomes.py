@@ -1,24 +1,22 @@
-"""A job's terminal transition and its webhook, in one transaction (the webhook outbox).
+"""A job's terminal transition and its webhook, in one transaction: the one home of finishing.
 
 Used by the GPU worker when a job ends, by the sweeper when a job runs out of attempts and by
-the API when a queued job is canceled, so every path creates the delivery row the same way,
-and only the caller that won the transition does. The worker passes its claim's `attempt`
+a cancel (`services.jobs.cancel`), so every path creates the delivery row the same way
+(`services.webhooks.schedule`) and only the caller that won the transition does; the caller
+publishes the delivery through the outbox (`services.webhooks.publish`). A failure carries its
+`FailureReason`, which metrics count. The worker passes its claim's `attempt`
 (the fencing token, see db.repositories.jobs): a run whose claim was superseded wins nothing.
 """
 
 from __future__ import annotations
 
-import json
-
 from sqlalchemy.orm import Session
 
-from darkroom import metrics
-from darkroom.metrics import FailureReason
+from darkroom.identities import FailureReason
 from darkroom.settings import Settings
 from db.models import Job
-from db.repositories import jobs, webhooks
-from services.links import OutputLinks
-from services.responses import webhook_body
+from db.repositories import jobs
+from services import metrics, webhooks
 
 CANCELED_MESSAGE = "The job was canceled."
 
@@ -34,23 +32,6 @@ def exhausted_message(attempts: int) -> str:
     return (
         f"The job failed after {attempts} attempts: the worker stopped while running it each time."
     )
-
-
-def queue_webhook(session: Session, job: Job, settings: Settings) -> int | None:
-    """Freeze the job's webhook payload as a pending delivery; its id, or None without webhook."""
-    if not job.webhook_url:
-        return None
-    existing = webhooks.get_delivery_for_job(session, job.id)
-    if existing is not None:  # one delivery per job, whatever happens (its id never changes)
-        return existing.id
-    session.refresh(job)
-    links = OutputLinks.from_settings(settings)
-    body = webhook_body(job, links, links.storage.read)
-    payload = json.dumps(body, separators=(",", ":"))
-    delivery = webhooks.create_delivery(
-        session, job_id=job.id, url=job.webhook_url, payload=payload
-    )
-    return delivery.id
 
 
 def succeed(
@@ -76,7 +57,7 @@ def succeed(
     if won:
         metrics.record_job_end(session, job, generation_time=generation_time)
         jobs.notify_job_done(session, job.id)  # wakes sync waits once this commits
-    return queue_webhook(session, job, settings) if won else None
+    return webhooks.schedule(session, settings, job) if won else None
 
 
 def fail(
@@ -85,14 +66,13 @@ def fail(
     job: Job,
     message: str,
     *,
+    reason: FailureReason,
     attempt: int | None = None,
-    reason: FailureReason | None = None,
 ) -> int | None:
-    """Record failure with a client-safe message and queue its webhook; counted under `reason`
-    (by default, the reason the message implies). With `attempt`, only while the claim that
-    wrote it holds the job."""
+    """Record failure with a client-safe message and queue its webhook; metrics count it under
+    `reason`. With `attempt`, only while the claim that wrote it holds the job."""
     won = jobs.fail_job(session, job.id, message, attempt=attempt)
     if won:
-        metrics.record_job_end(session, job, failure=message, reason=reason)
+        metrics.record_job_end(session, job, failure=reason)
         jobs.notify_job_done(session, job.id)
-    return queue_webhook(session, job, settings) if won else None
+    return webhooks.schedule(session, settings, job) if won else None

@@ -23,13 +23,11 @@ from functools import lru_cache
 from typing import Any
 
 import redis
-from celery import Celery
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from darkroom.identities import Operation
 from darkroom.model_ids import default_model_id, operations
-from darkroom.queue import RUN_JOB_TASK, send
 from darkroom.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -238,11 +236,3 @@ class Presence:
         pipe.delete(_record_key(self.settings, self.worker))
         pipe.execute()
 
-
-def publish_job(
-    broker: Celery, settings: Settings, job_id: int, operation: str, model_id: str | None
-) -> str | None:
-    """Publish a job's id to the queue `choose_queue` picks: that queue, or None when the broker
-    is unreachable (the row stays in the outbox for the sweeper)."""
-    queue = choose_queue(settings, operation, model_id)
-    return queue if send(broker, RUN_JOB_TASK, job_id, queue=queue) else None

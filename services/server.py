@@ -5,7 +5,7 @@ The routes (api/routes/enterprise_server.py) are thin shells around these functi
 - `system_details`: the live workers as they advertise themselves in Redis (services.routing:
   models resident, GPUs, versions) and the depth of every queue;
 - `clear_queue`: every queued job of a key (or of all keys) fails through the cancel path
-  (cli.admin.cancel_job), each with its message and webhook;
+  (services.jobs.cancel), each with its message and webhook;
 - `clear_cache`, `restart_workers`, `nsfw_check`: Celery control commands addressed by name to
   the live workers of this deployment only (the pidbox exchange is shared by every Celery app on
   the broker, so a broadcast without destinations would reach other deployments' workers);
@@ -32,12 +32,12 @@ from celery import Celery
 from PIL import Image, UnidentifiedImageError
 from sqlalchemy.orm import Session
 
-from cli.admin import RefusedError, cancel_job
 from darkroom import families, scheduler_names
 from darkroom.limits import MAX_PIXELS
-from darkroom.queue import DELIVER_WEBHOOK_TASK, queue_lengths, send
+from darkroom.queue import queue_lengths
 from darkroom.settings import Settings
 from db.repositories import operator
+from services import jobs
 from services.routing import WorkerPresence, live_workers, model_queue_prefix, routing_enabled
 
 #: Why a job failed when its queue was cleared (the job's error and its webhook say so).
@@ -125,28 +125,25 @@ class ClearedQueue:
     delivery_ids: list[int]
 
 
-def clear_queue(session: Session, settings: Settings, key_id: int | None) -> ClearedQueue:
-    """Fail the queued jobs of key `key_id` (None: of every key) as a cancel does; flushes, the
-    caller commits and then calls `send_webhooks`. A job that starts meanwhile keeps running."""
+def clear_queue(
+    session: Session, broker: Celery, settings: Settings, key_id: int | None
+) -> ClearedQueue:
+    """Fail the queued jobs of key `key_id` (None: of every key) through the cancel
+    (`services.jobs.cancel`); flushes, and their webhooks are sent once the caller commits. A
+    job that starts meanwhile keeps running."""
     canceled: list[int] = []
     deliveries: list[int] = []
     for job_id in operator.queued_job_ids(session, key_id, CLEAR_BATCH):
         try:
-            _state, delivery = cancel_job(
-                session, settings, job_id, message=CLEARED_MESSAGE, queued_only=True
+            outcome = jobs.cancel(
+                session, broker, settings, job_id, message=CLEARED_MESSAGE, queued_only=True
             )
-        except RefusedError:
+        except jobs.RefusedError:
             continue  # it started or ended since the query
         canceled.append(job_id)
-        if delivery is not None:
-            deliveries.append(delivery)
+        if outcome.delivery_id is not None:
+            deliveries.append(outcome.delivery_id)
     return ClearedQueue(canceled, deliveries)
-
-
-def send_webhooks(broker: Celery, delivery_ids: list[int]) -> None:
-    """Publish committed deliveries; one the broker misses is sent by the sweeper."""
-    for delivery_id in delivery_ids:
-        send(broker, DELIVER_WEBHOOK_TASK, delivery_id)
 
 
 # --- worker control -------------------------------------------------------------------------

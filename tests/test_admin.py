@@ -10,7 +10,7 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from darkroom.identities import Operation
+from darkroom.identities import FailureReason, Operation
 from darkroom.settings import Settings
 from db.models import DeliveryState, WebhookDelivery
 from db.repositories import jobs, keys
@@ -49,7 +49,7 @@ def _failed_delivery(settings: Settings, key_id: int, url: str) -> int:
             session,
             jobs.NewJob(key_id, Operation.PIX2PIX, "v5", {"samples": 1}, {}, None, url),
         )
-        delivery_id = outcomes.fail(session, settings, job, "nope")
+        delivery_id = outcomes.fail(session, settings, job, "nope", reason=FailureReason.REJECTED)
         assert delivery_id is not None
         return delivery_id
 

@@ -18,7 +18,7 @@ from sqlalchemy import select, update
 from standardwebhooks.webhooks import Webhook
 
 from cli import admin
-from darkroom.identities import Operation
+from darkroom.identities import FailureReason, Operation
 from darkroom.jobspec import JobSpec, describe
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
@@ -98,7 +98,7 @@ def fail(settings: Settings, job_id: int, message: str) -> int | None:
     with session_scope(settings.resolved_database_url) as session:
         job = jobs.get_job(session, job_id)
         assert job is not None
-        return outcomes.fail(session, settings, job, message)
+        return outcomes.fail(session, settings, job, message, reason=FailureReason.REJECTED)
 
 
 def load(settings: Settings, job_id: int) -> Job:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from darkroom.identities import Operation
+from darkroom.identities import FailureReason, Operation
 from darkroom.logs import JsonFormatter, RedactKeysInAccessLog, job_context, resolve_format
 from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, make_celery, send
 from darkroom.settings import Settings
@@ -145,7 +145,9 @@ def test_the_dispatcher_writes_json_lines_with_job_track_and_delivery_ids(
     with session_scope(own_pg_url) as session:
         job = session.get(Job, job_id)
         assert job is not None
-        delivery_id = outcomes.fail(session, settings, job, "The image could not be read.")
+        delivery_id = outcomes.fail(
+            session, settings, job, "The image could not be read.", reason=FailureReason.REJECTED
+        )
     assert delivery_id is not None
     log_path = tmp_path / "dispatcher.log"
 

@@ -10,6 +10,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,17 +19,26 @@ import httpx
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from prometheus_client import generate_latest
+from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import update
 
 from api.app import create_app
-from darkroom.metrics import GpuMemoryCollector, failure_reason
+from darkroom.identities import FailureReason, Operation
+from darkroom.jobspec import JobSpec
+from darkroom.metrics import GpuMemoryCollector
+from darkroom.queue import make_celery
 from darkroom.settings import Settings
+from db.models import Job, utcnow
+from db.repositories import jobs
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
-from services.outcomes import CANCELED_MESSAGE, exhausted_message
+from services import jobs as job_service
+from services import server
+from tests.support.jobs import store_job
 from tests.support.servers import ImageServer, Received, WebhookReceiver
 from tests.support.system import darkroom_up, free_port, production_env
+from worker.sweeper import sweep_once
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -77,13 +87,76 @@ def pix2pix(key: str, image: str, **extra: Any) -> dict[str, Any]:
     return {"key": key, "init_image": image, "prompt": "make it blue", "steps": 4, **extra}
 
 
-def test_failure_reasons_follow_the_messages_each_tier_writes() -> None:
-    from worker.jobs import INTERNAL_ERROR
+def failures(reason: FailureReason) -> float:
+    """The img2img failures counted under `reason` so far in this process."""
+    labels = {"operation": Operation.IMG2IMG.value, "reason": reason.value}
+    return REGISTRY.get_sample_value("darkroom_job_failures_total", labels) or 0.0
 
-    assert failure_reason(CANCELED_MESSAGE) == "canceled"
-    assert failure_reason(exhausted_message(3)) == "worker_lost"
-    assert failure_reason(INTERNAL_ERROR) == "internal"
-    assert failure_reason("The image at http://127.0.0.1/x could not be read.") == "rejected"
+
+def queued_job(settings: Settings, key: IssuedKey) -> int:
+    """A queued img2img job of `key` (nothing runs it)."""
+    spec = JobSpec(
+        operation=Operation.IMG2IMG,
+        prompt="count",
+        init_images=["http://127.0.0.1:9/x.png"],
+        steps=2,
+        guidance_scale=7.0,
+        seed=1,
+    )
+    return store_job(settings, key.row.id, spec)
+
+
+def claimed(settings: Settings, job_id: int) -> Job:
+    """Job `job_id` as a worker holds it after claiming it."""
+    with session_scope(settings.resolved_database_url) as session:
+        outcome, job = jobs.claim_job(session, job_id, lease_s=60, max_attempts=3)
+    assert outcome == jobs.ClaimOutcome.CLAIMED
+    assert job is not None
+    return job
+
+
+def test_each_failure_path_records_its_reason(own_settings: Settings, own_key: IssuedKey) -> None:
+    """Metrics count the reason each path gives, never one read off the message."""
+    from worker.jobs import WorkerRuntime, _conclude, _Ready
+
+    settings = own_settings
+    broker = make_celery(settings)
+    before = {reason: failures(reason) for reason in FailureReason}
+
+    canceled = queued_job(settings, own_key)
+    with session_scope(settings.resolved_database_url) as session:
+        job_service.cancel(session, broker, settings, canceled)  # the API's and the CLI's
+    queued_job(settings, own_key)
+    with session_scope(settings.resolved_database_url) as session:  # its message is its own
+        assert len(server.clear_queue(session, broker, settings, own_key.row.id).job_ids) == 1
+
+    lost = claimed(settings, queued_job(settings, own_key)).id
+    with session_scope(settings.resolved_database_url) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == lost)
+            .values(attempts=3, lease_until=utcnow() - timedelta(seconds=60))
+        )
+    assert sweep_once(settings, broker).failed_jobs == 1
+
+    runtime = WorkerRuntime(settings, broker)
+    for result, stop in (
+        (ValueError("unreadable"), False),
+        (RuntimeError("bug"), False),
+        (None, True),
+    ):
+        job = claimed(settings, queued_job(settings, own_key))
+        spec = JobSpec.model_validate(job.params)
+        _conclude(runtime, _Ready(job, spec, None), result, canceled=stop)  # type: ignore[arg-type]
+
+    counted = {reason: failures(reason) - before[reason] for reason in FailureReason}
+    assert counted == {
+        FailureReason.CANCELED: 3,
+        FailureReason.WORKER_LOST: 1,
+        FailureReason.REJECTED: 1,
+        FailureReason.INTERNAL: 1,
+        FailureReason.STORAGE: 0,  # tests/worker/test_storage_faults.py counts this one
+    }
 
 
 class _FakeCuda:

@@ -47,10 +47,9 @@ from celery import Celery
 from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 
+from darkroom.identities import FailureReason
 from darkroom.jobspec import JobSpec, batch_key
 from darkroom.logs import job_context
-from darkroom.metrics import FailureReason
-from darkroom.queue import DELIVER_WEBHOOK_TASK, send
 from darkroom.settings import Settings
 from darkroom.storage import Storage, StorageError, make_storage
 from db.models import Job, utcnow
@@ -58,11 +57,13 @@ from db.repositories import jobs, webhooks
 from db.repositories.jobs import ClaimOutcome, OutputRecord
 from db.session import session_scope
 from services import outcomes
+from services import webhooks as webhook_service
 from services.outcomes import exhausted_message, storage_failed_message
 from services.responses import run_output_filename
 from worker.batching import BatchStepHook, Outcome, StopBatch, generate_batch
 from worker.fastpath import fast_path_for
-from worker.images import ImageInputError, fetch_images, output_size, png_bytes
+from worker.families import output_size as family_output_size
+from worker.images import ImageInputError, fetch_images, png_bytes
 from worker.memory import device_budget
 from worker.models.cache import ModelCache
 from worker.pipelines.request import GenerationRequest, GenerationResult, LoraSpec, StepHook
@@ -138,7 +139,9 @@ def _read_spec(runtime: WorkerRuntime, job: Job) -> JobSpec | None:
         return JobSpec.model_validate(job.params)
     except ValidationError:
         log.exception("job %s has unreadable parameters", job.id)
-        _finish(runtime, job.id, INTERNAL_ERROR, attempt=job.attempts)
+        _finish(
+            runtime, job.id, INTERNAL_ERROR, attempt=job.attempts, reason=FailureReason.INTERNAL
+        )
         return None
 
 
@@ -151,13 +154,25 @@ def _claim(job_id: int, runtime: WorkerRuntime) -> Job | None:
         )
     if outcome == ClaimOutcome.CLAIMED and job is not None and job.cancel_requested_at:
         # canceled while it was orphaned
-        _finish(runtime, job_id, outcomes.CANCELED_MESSAGE, attempt=job.attempts)
+        _finish(
+            runtime,
+            job_id,
+            outcomes.CANCELED_MESSAGE,
+            attempt=job.attempts,
+            reason=FailureReason.CANCELED,
+        )
         return None
     if outcome == ClaimOutcome.CLAIMED:
         return job
     log.info("job %s not run here: %s", job_id, outcome)
     if outcome == ClaimOutcome.EXHAUSTED and job is not None:
-        _finish(runtime, job_id, exhausted_message(job.attempts), attempt=None)  # no claim held
+        _finish(
+            runtime,
+            job_id,
+            exhausted_message(job.attempts),
+            attempt=None,
+            reason=FailureReason.WORKER_LOST,
+        )  # no claim held
     return None
 
 
@@ -228,10 +243,12 @@ def _prepare(runtime: WorkerRuntime, job: Job, spec: JobSpec) -> _Ready | None:
         try:
             return _Ready(job, spec, _build_request(spec, runtime.settings))
         except (ImageInputError, ValueError) as exc:
-            _finish(runtime, job.id, str(exc), attempt=job.attempts)
+            _finish(runtime, job.id, str(exc), attempt=job.attempts, reason=FailureReason.REJECTED)
         except Exception:
             log.exception("job %s failed", job.id)
-            _finish(runtime, job.id, INTERNAL_ERROR, attempt=job.attempts)
+            _finish(
+                runtime, job.id, INTERNAL_ERROR, attempt=job.attempts, reason=FailureReason.INTERNAL
+            )
     return None
 
 
@@ -239,12 +256,18 @@ def _conclude(runtime: WorkerRuntime, item: _Ready, result: Outcome, *, canceled
     """Record the job's outcome: its images, a cancel, or the reason it failed."""
     job_id, attempt = item.job.id, item.job.attempts
     if canceled or isinstance(result, StopBatch):
-        _finish(runtime, job_id, outcomes.CANCELED_MESSAGE, attempt=attempt)
+        _finish(
+            runtime,
+            job_id,
+            outcomes.CANCELED_MESSAGE,
+            attempt=attempt,
+            reason=FailureReason.CANCELED,
+        )
     elif isinstance(result, ImageInputError | ValueError):
-        _finish(runtime, job_id, str(result), attempt=attempt)
+        _finish(runtime, job_id, str(result), attempt=attempt, reason=FailureReason.REJECTED)
     elif isinstance(result, Exception):
         log.error("job %s failed", job_id, exc_info=result)
-        _finish(runtime, job_id, INTERNAL_ERROR, attempt=attempt)
+        _finish(runtime, job_id, INTERNAL_ERROR, attempt=attempt, reason=FailureReason.INTERNAL)
     else:
         _store_and_finish(runtime, item.job, item.spec, item.request, result)
 
@@ -295,7 +318,8 @@ def _build_request(
 ) -> GenerationRequest:
     """Fetch the init images and settle the output size."""
     images = fetch_images(spec.init_images, settings)
-    width, height = output_size(spec.width, spec.height, images[0])
+    # Sides that come from the image are rounded to the family's multiple (Flux: 16).
+    width, height = family_output_size(spec.family, spec.width, spec.height, images[0])
     return GenerationRequest(
         operation=spec.operation,
         model_id=spec.model_id,
@@ -413,27 +437,32 @@ def _finish(
     message: str,
     *,
     attempt: int | None,
-    reason: FailureReason | None = None,
+    reason: FailureReason,
 ) -> None:
-    """Commit the job's failure with its client-safe `message` and its webhook row, then
-    publish the delivery. With `attempt` (this run's claim), only while that claim holds it."""
+    """Commit the job's failure with its client-safe `message`, counted under `reason`, and its
+    webhook row, published once that commits. With `attempt` (this run's claim), only while that
+    claim holds it."""
     settings = runtime.settings
 
-    def write() -> int | None:
+    def write() -> None:
         with session_scope(settings.resolved_database_url) as session:
             job = jobs.get_job(session, job_id)
             assert job is not None, "a claimed job cannot disappear"
-            return outcomes.fail(session, settings, job, message, attempt=attempt, reason=reason)
+            delivery_id = outcomes.fail(
+                session, settings, job, message, reason=reason, attempt=attempt
+            )
+            webhook_service.publish(session, runtime.broker, settings, delivery_id)
 
-    _notify(runtime.broker, _retrying_database(settings, job_id, write))
+    _retrying_database(settings, job_id, write)
 
 
 def _record_success(runtime: WorkerRuntime, job_id: int, success: Success, *, attempt: int) -> bool:
     """Commit the job's success with its outputs and webhook row while this run's claim holds
-    it, then publish the delivery. False if the job had ended or another claim holds it."""
+    it, its delivery published once that commits. False if the job had ended or another claim
+    holds it."""
     settings = runtime.settings
 
-    def write() -> tuple[bool, int | None]:
+    def write() -> bool:
         with session_scope(settings.resolved_database_url) as session:
             job = jobs.get_job(session, job_id)
             assert job is not None, "a claimed job cannot disappear"
@@ -452,11 +481,10 @@ def _record_success(runtime: WorkerRuntime, job_id: int, success: Success, *, at
             if won and delivery_id is None:
                 delivery = webhooks.get_delivery_for_job(session, job_id)
                 delivery_id = delivery.id if delivery is not None else None
-            return won, delivery_id
+            webhook_service.publish(session, runtime.broker, settings, delivery_id)
+            return won
 
-    won, delivery_id = _retrying_database(settings, job_id, write)
-    _notify(runtime.broker, delivery_id)
-    return won
+    return _retrying_database(settings, job_id, write)
 
 
 def _retrying_database(settings: Settings, job_id: int, write: Callable[[], T]) -> T:
@@ -475,12 +503,6 @@ def _retrying_database(settings: Settings, job_id: int, write: Callable[[], T]) 
             )
             time.sleep(delay)
             delay = min(delay * 2, FINISH_RETRY_MAX_DELAY_S)
-
-
-def _notify(broker: Celery, delivery_id: int | None) -> None:
-    """Publish the delivery after commit; if the broker is down the sweeper sends it later."""
-    if delivery_id is not None:
-        send(broker, DELIVER_WEBHOOK_TASK, delivery_id)
 
 
 @contextmanager

@@ -27,16 +27,19 @@ import redis
 from celery import Celery
 from sqlalchemy.orm import Session
 
-from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, HeldIds, held_ids, send
+from darkroom.identities import FailureReason
+from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, HeldIds, held_ids
 from darkroom.settings import Settings
 from darkroom.storage import make_storage
 from db.clock import db_now
-from db.models import utcnow
 from db.repositories import idempotency, jobs, routing, webhooks
 from db.session import session_scope
+from services import jobs as job_service
 from services import outcomes
+from services import webhooks as webhook_service
+from services.outbox import Receipt
 from services.outcomes import exhausted_message
-from services.routing import model_queue_prefix, publish_job, routing_enabled, unconsumed
+from services.routing import model_queue_prefix, routing_enabled, unconsumed
 
 log = logging.getLogger(__name__)
 
@@ -77,18 +80,17 @@ def sweep_once(settings: Settings, broker: Celery) -> SweepReport:
 
 def _recover_orphans(settings: Settings, broker: Celery) -> tuple[int, int]:
     """Jobs whose lease expired: back to the queue, or failed when out of attempts."""
-    requeued, failed, deliveries = 0, 0, []
+    requeued, failed = 0, 0
     with session_scope(settings.resolved_database_url) as session:
         for job in jobs.jobs_with_expired_lease(session):
             if job.attempts >= settings.job_max_attempts:
-                delivery_id = outcomes.fail(session, settings, job, exhausted_message(job.attempts))
+                message = exhausted_message(job.attempts)
+                reason = FailureReason.WORKER_LOST
+                delivery_id = outcomes.fail(session, settings, job, message, reason=reason)
+                webhook_service.publish(session, broker, settings, delivery_id)
                 failed += 1
-                deliveries.append(delivery_id)
             elif jobs.requeue_job(session, job.id):
                 requeued += 1
-    for delivery_id in deliveries:
-        if delivery_id is not None:
-            send(broker, DELIVER_WEBHOOK_TASK, delivery_id)
     return requeued, failed
 
 
@@ -99,16 +101,16 @@ def _drain_job_outbox(settings: Settings, broker: Celery) -> int:
         created_before = db_now(session) - timedelta(seconds=settings.outbox_grace_s)
         pending = jobs.never_published(session, created_before=created_before) + lost
         models = routing.requested_models(session, pending)
-    sent = 0
-    for job_id in pending:
-        operation, model_id = models[job_id]
-        queue = publish_job(broker, settings, job_id, operation, model_id)
-        if queue is None:
-            break  # broker still down: try again next sweep
-        with session_scope(settings.resolved_database_url) as session:
-            routing.mark_published(session, job_id, queue)
-        sent += 1
-    return sent
+        receipts = [
+            job_service.publish(session, broker, settings, job_id, *models[job_id])
+            for job_id in pending
+        ]
+    return _sent(receipts)  # a broker still down stops the batch: the rest wait a sweep
+
+
+def _sent(receipts: list[Receipt]) -> int:
+    """How many of the messages the outbox sent after the commit reached the broker."""
+    return sum(1 for receipt in receipts if receipt.sent)
 
 
 def _lost_jobs(settings: Settings) -> list[int]:
@@ -153,14 +155,18 @@ def _held(settings: Settings, task_name: str, queues: set[str]) -> HeldIds | Non
 
 def _rescue_stranded(settings: Settings, broker: Celery) -> int:
     """Publish to the general queue the jobs stranded in model queues (see `_stranded_jobs`)."""
-    sent = 0
-    for job_id in _stranded_jobs(settings):
-        if not send(broker, RUN_JOB_TASK, job_id, queue=settings.job_queue):
-            break
-        with session_scope(settings.resolved_database_url) as session:
-            routing.mark_published(session, job_id, settings.job_queue)
-        sent += 1
-    return sent
+    stranded = _stranded_jobs(settings)
+    if not stranded:
+        return 0
+    with session_scope(settings.resolved_database_url) as session:
+        models = routing.requested_models(session, stranded)
+        receipts = [
+            job_service.publish(
+                session, broker, settings, job_id, *models[job_id], queue=settings.job_queue
+            )
+            for job_id in stranded
+        ]
+    return _sent(receipts)
 
 
 def _stranded_jobs(settings: Settings) -> list[int]:
@@ -188,14 +194,14 @@ def _send_due_deliveries(settings: Settings, broker: Celery) -> int:
     """Publish webhook deliveries whose next attempt is due and whose message is not in the
     broker: never published (a retry fell due), or published and lost."""
     due = _due_deliveries(settings)
-    sent = 0
-    for delivery_id in due:
-        if not send(broker, DELIVER_WEBHOOK_TASK, delivery_id):
-            break
-        with session_scope(settings.resolved_database_url) as session:
-            webhooks.mark_published(session, delivery_id)
-        sent += 1
-    return sent
+    if not due:
+        return 0
+    with session_scope(settings.resolved_database_url) as session:
+        receipts = [
+            webhook_service.publish(session, broker, settings, delivery_id, mark=True)
+            for delivery_id in due
+        ]
+    return _sent([receipt for receipt in receipts if receipt is not None])
 
 
 def _due_deliveries(settings: Settings) -> list[int]:
@@ -227,7 +233,7 @@ def expire_temporary_outputs(settings: Settings) -> int:
         expired = jobs.expired_outputs(session)
         for output in expired:
             storage.delete(output.filename)
-            output.deleted_at = utcnow()
+        jobs.mark_outputs_deleted(session, expired)
     return len(expired)
 
 

@@ -12,11 +12,9 @@ from api.auth import Work, keyed
 from api.deps import BodyDep, BrokerDep, SettingsDep, presented_key
 from api.errors import ApiError
 from api.routes.fetch import fetch_job
-from darkroom.queue import DELIVER_WEBHOOK_TASK, send
 from darkroom.settings import Settings
-from db.models import TERMINAL_STATES, ApiKey, JobState
-from db.repositories import jobs
-from services import outcomes
+from db.models import ApiKey
+from services import jobs
 
 router = APIRouter(tags=["cancel"])
 
@@ -34,22 +32,18 @@ async def cancel(
 
 
 def _cancel_as(settings: Settings, broker: Celery, job_id: int) -> Work[Answer]:
-    """The work of a cancel, run with the key in one thread-pool hop (api.auth)."""
+    """The work of a cancel, run with the key in one thread-pool hop (api.auth); its webhook is
+    sent once the request's transaction commits."""
 
     def work(session: Session, key: ApiKey) -> Answer:
-        job = jobs.get_job_for_key(session, job_id, key.id)
-        if job is None:
-            raise ApiError(404, f"No request with id {job_id}.")
-        if job.state in TERMINAL_STATES:
-            raise ApiError(409, f"Request {job_id} has already finished: it cannot be canceled.")
-        delivery_id = None
-        if job.state == JobState.QUEUED:
-            delivery_id = outcomes.fail(session, settings, job, outcomes.CANCELED_MESSAGE)
-        jobs.request_cancel(session, job_id)
-        session.commit()  # releases the connection: the publish below holds none
-        if delivery_id is not None:
-            send(broker, DELIVER_WEBHOOK_TASK, delivery_id)
-        session.expire_all()
+        try:
+            jobs.cancel(session, broker, settings, job_id, key_id=key.id)
+        except jobs.JobNotFoundError:
+            raise ApiError(404, f"No request with id {job_id}.") from None
+        except jobs.JobFinishedError:
+            raise ApiError(
+                409, f"Request {job_id} has already finished: it cannot be canceled."
+            ) from None
         return {**fetch_job(session, settings, key, job_id), "cancel_requested": True}
 
     return work

@@ -15,19 +15,9 @@ from db.clock import DbNow
 from db.models import Job, JobState
 
 
-def mark_published(session: Session, job_id: int, queue_name: str) -> None:
-    """Record that the job's id reached the broker, and on which queue (the database's clock
-    stamps it: the sweeper compares it with its own `now()`)."""
-    session.execute(
-        update(Job)
-        .where(Job.id == job_id)
-        .values(enqueued_at=DbNow(), queue_name=queue_name)
-        .execution_options(synchronize_session=False)
-    )
-
-
-def mark_published_many(session: Session, job_ids: Sequence[int], queue_name: str) -> None:
-    """`mark_published` for several jobs sent to the same queue, in one statement."""
+def mark_published(session: Session, job_ids: Sequence[int], queue_name: str) -> None:
+    """Record that the jobs' ids reached the broker, and on which queue, in one statement (the
+    database's clock stamps them: the sweeper compares that with its own `now()`)."""
     session.execute(
         update(Job)
         .where(Job.id.in_(job_ids))

@@ -330,11 +330,11 @@ def due_deliveries(
     return [(delivery_id, enqueued_at) for delivery_id, enqueued_at in rows]
 
 
-def mark_published(session: Session, delivery_id: int) -> None:
-    """Record that the delivery's id was handed to the broker."""
+def mark_published(session: Session, delivery_ids: Sequence[int]) -> None:
+    """Record that the deliveries' ids were handed to the broker, in one statement."""
     session.execute(
         update(WebhookDelivery)
-        .where(WebhookDelivery.id == delivery_id)
+        .where(WebhookDelivery.id.in_(delivery_ids))
         .values(enqueued_at=DbNow())
         .execution_options(synchronize_session=False)
     )

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from api.app import create_app
-from darkroom.identities import Operation
+from darkroom.identities import FailureReason, Operation
 from darkroom.jobspec import JobSpec, describe
 from darkroom.settings import Settings
 from darkroom.storage import make_storage
@@ -124,7 +124,7 @@ def test_the_queue_counts_jobs_by_operation_and_state(client: TestClient, board:
         jobs.claim_job(session, stuck, lease_s=-1, max_attempts=3)
         job = jobs.get_job(session, failed)
         assert job is not None
-        outcomes.fail(session, board, job, "boom")
+        outcomes.fail(session, board, job, "boom", reason=FailureReason.REJECTED)
 
     queue = client.get("/admin/api/queue", headers=BEARER).json()
 
@@ -183,7 +183,9 @@ def test_a_job_shows_its_timeline_and_webhook_attempts(
         jobs.claim_job(session, job_id, lease_s=60, max_attempts=3)
         job = jobs.get_job(session, job_id)
         assert job is not None
-        delivery_id = outcomes.fail(session, board, job, "The image could not be generated.")
+        delivery_id = outcomes.fail(
+            session, board, job, "The image could not be generated.", reason=FailureReason.REJECTED
+        )
     assert delivery_id is not None
     receiver.respond = lambda _r: (503, {})
     with httpx.Client(timeout=5) as http:

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from PIL import Image, ImageStat
 
-from darkroom.identities import Operation
+from darkroom.identities import FailureReason, Operation
 from darkroom.jobspec import JobSpec, describe
 from darkroom.settings import Settings
 from darkroom.storage import make_storage
@@ -95,7 +95,13 @@ def _seed(settings: Settings, image_server: ImageServer, receiver: WebhookReceiv
         )
         failed_job = jobs.get_job(session, failed)
         assert failed_job is not None
-        outcomes.fail(session, settings, failed_job, "The init image could not be read.")
+        outcomes.fail(
+            session,
+            settings,
+            failed_job,
+            "The init image could not be read.",
+            reason=FailureReason.REJECTED,
+        )
     queued = _job(settings, key_id, Operation.IMG2IMG, [red], None)
     assert delivery_id is not None
     answers: Iterator[tuple[int, dict[str, str]]] = iter([(500, {}), (200, {})])

@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from api.app import create_app
+from darkroom.identities import FailureReason
 from darkroom.settings import Settings
 from db.models import Job
 from db.repositories import jobs, webhooks
@@ -83,7 +84,9 @@ def test_events_follow_a_job_from_queue_to_its_end(
         assert (name, running["step"], running["steps"]) == ("progress", 10, 20)
 
         started = time.monotonic()
-        outcomes.fail(db, settings, db.get_one(Job, job_id), "it broke")
+        outcomes.fail(
+            db, settings, db.get_one(Job, job_id), "it broke", reason=FailureReason.REJECTED
+        )
         db.commit()
         name, ended = events.next()
         # The end arrives by the waiter's notification, sooner than a poll would bring it.
@@ -145,7 +148,9 @@ def test_jobs_watch_draws_progress_until_the_end(
         jobs.record_progress(db, [job_id], 0.25)
         db.commit()
         assert "step 5/20" in _line(watch)
-        outcomes.fail(db, settings, db.get_one(Job, job_id), "it broke")
+        outcomes.fail(
+            db, settings, db.get_one(Job, job_id), "it broke", reason=FailureReason.REJECTED
+        )
         db.commit()
         assert json.loads(_line(watch))["message"] == "it broke"
         assert watch.wait(timeout=10) == 1  # failed

@@ -28,6 +28,7 @@ from sqlalchemy import func, select
 from api.app import create_app
 from api.errors import ApiError
 from api.waiting import LISTENER_NAME, body_wait, listen_conninfo, prefer_wait
+from darkroom.identities import FailureReason
 from darkroom.settings import Settings
 from db.migrate import upgrade_to_head
 from db.models import Job, JobState
@@ -124,7 +125,7 @@ def finish_job(settings: Settings, job_id: int, failure: str | None = None) -> N
         assert outcome == jobs.ClaimOutcome.CLAIMED, outcome
         assert job is not None
         if failure is not None:
-            outcomes.fail(session, settings, job, failure)
+            outcomes.fail(session, settings, job, failure, reason=FailureReason.REJECTED)
             return
         record = jobs.OutputRecord(0, f"{job.file_prefix}-0.png", 64, 64, 7)
         meta = {**job.meta, "W": 64, "H": 64}

@@ -125,7 +125,7 @@ def test_due_delivery_ids(db: Session, api_key: IssuedKey) -> None:
     assert {never_published.id, long_ago.id, lease_expired.id} <= due
     assert not due & {just_published.id, not_due.id, leased.id, delivered.id}
 
-    webhooks.mark_published(db, never_published.id)
+    webhooks.mark_published(db, [never_published.id])
     db.commit()
     assert never_published.id not in _due(db)
     assert _reload(db, never_published.id).enqueued_at is not None

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from darkroom import outbound
-from darkroom.identities import Operation
+from darkroom.identities import FailureReason, Operation
 from darkroom.jobspec import JobSpec
 from darkroom.limits import MAX_PIXELS, MAX_REQUEST_PIXELS
 from darkroom.queue import make_celery
@@ -349,7 +349,9 @@ def _delivery(settings: Settings, key: IssuedKey, url: str) -> int:
                 webhook_url=url,
             ),
         )
-        delivery_id = outcomes.fail(session, settings, job, "The init image was unreadable.")
+        delivery_id = outcomes.fail(
+            session, settings, job, "The init image was unreadable.", reason=FailureReason.REJECTED
+        )
     assert delivery_id is not None
     return delivery_id
 

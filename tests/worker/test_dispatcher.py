@@ -15,7 +15,7 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from darkroom.identities import Operation
+from darkroom.identities import FailureReason, Operation
 from darkroom.settings import Settings
 from db.models import DeliveryState, JobState, WebhookDelivery, utcnow
 from db.repositories import jobs
@@ -79,7 +79,13 @@ def _delivery(settings: Settings, key: IssuedKey, url: str, *, succeed: bool = F
                 session, settings, job, outputs=[out], meta={"seed": 42}, generation_time=0.5
             )
         else:
-            delivery_id = outcomes.fail(session, settings, job, "The init image was unreadable.")
+            delivery_id = outcomes.fail(
+                session,
+                settings,
+                job,
+                "The init image was unreadable.",
+                reason=FailureReason.REJECTED,
+            )
     assert delivery_id is not None
     return delivery_id
 

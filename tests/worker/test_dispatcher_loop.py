@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import func, select
 from standardwebhooks.webhooks import Webhook
 
-from darkroom.identities import Operation
+from darkroom.identities import FailureReason, Operation
 from darkroom.outbound import new_client
 from darkroom.settings import Settings
 from db.clock import db_now
@@ -45,7 +45,13 @@ def _deliveries(settings: Settings, key: IssuedKey, url: str, count: int) -> lis
         for n in range(count):
             new = jobs.NewJob(key.row.id, Operation.IMG2IMG, "v6", {}, {}, f"t-{n}", url)
             job = jobs.create_job(session, new)
-            delivery_id = outcomes.fail(session, settings, job, "The init image was unreadable.")
+            delivery_id = outcomes.fail(
+                session,
+                settings,
+                job,
+                "The init image was unreadable.",
+                reason=FailureReason.REJECTED,
+            )
             assert delivery_id is not None
             ids.append(delivery_id)
     return ids

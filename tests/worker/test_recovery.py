@@ -64,7 +64,7 @@ def _submit(
     for job_id in ids:
         assert send(broker, RUN_JOB_TASK, job_id, queue=settings.job_queue)
         with session_scope(settings.resolved_database_url) as session:
-            routing.mark_published(session, job_id, settings.job_queue)
+            routing.mark_published(session, [job_id], settings.job_queue)
     broker.close()
     return ids
 
@@ -260,7 +260,7 @@ def test_the_embedded_profile_resends_a_lost_message(tmp_path: Path) -> None:
         job_id = jobs.create_job(session, new).id
     assert send(broker, RUN_JOB_TASK, job_id, queue=embedded.job_queue)
     with session_scope(embedded.resolved_database_url) as session:
-        routing.mark_published(session, job_id, embedded.job_queue)
+        routing.mark_published(session, [job_id], embedded.job_queue)
     time.sleep(0.3)
 
     def held() -> set[int]:

@@ -14,7 +14,7 @@ import redis
 from celery import Celery
 from sqlalchemy import select, update
 
-from darkroom.identities import Operation
+from darkroom.identities import FailureReason, Operation
 from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, make_celery, send
 from darkroom.settings import Settings
 from darkroom.storage import LocalStorage
@@ -224,7 +224,7 @@ def test_due_deliveries_are_published_once(
         with session_scope(tuned.resolved_database_url) as session:
             job = session.get(Job, job_id)
             assert job is not None
-            delivery_id = outcomes.fail(session, tuned, job, "boom")
+            delivery_id = outcomes.fail(session, tuned, job, "boom", reason=FailureReason.REJECTED)
             assert delivery_id is not None
             ids[name] = delivery_id
     with session_scope(tuned.resolved_database_url) as session:

@@ -1,0 +1,68 @@
+"""Webhooks: schedule a job's delivery, publish it, replay failed ones; one home each.
+
+A job's delivery is created in the transaction that ends the job (`services.outcomes`), with
+its payload frozen, and published through the outbox once that transaction commits. The
+dispatcher (worker/webhooks) makes the attempts; the sweeper publishes retries as they fall due.
+Functions flush; the caller commits.
+"""
+
+from __future__ import annotations
+
+import json
+
+from celery import Celery
+from sqlalchemy.orm import Session
+
+from darkroom.settings import Settings
+from db.models import Job, WebhookDelivery
+from db.repositories import jobs, webhooks
+from services import outbox
+from services.links import OutputLinks
+from services.outbox import DeliveryMessage, Receipt
+from services.responses import webhook_body
+
+
+def schedule(session: Session, settings: Settings, job: Job) -> int | None:
+    """Freeze the job's webhook payload as a pending delivery; its id, or None without webhook."""
+    if not job.webhook_url:
+        return None
+    existing = webhooks.get_delivery_for_job(session, job.id)
+    if existing is not None:  # one delivery per job, whatever happens (its id never changes)
+        return existing.id
+    jobs.refresh_job(session, job)
+    links = OutputLinks.from_settings(settings)
+    body = webhook_body(job, links, links.storage.read)
+    payload = json.dumps(body, separators=(",", ":"))
+    delivery = webhooks.create_delivery(
+        session, job_id=job.id, url=job.webhook_url, payload=payload
+    )
+    return delivery.id
+
+
+def publish(
+    session: Session,
+    broker: Celery,
+    settings: Settings,
+    delivery_id: int | None,
+    *,
+    mark: bool = False,
+) -> Receipt | None:
+    """Send the delivery's id once the caller commits (None: no webhook, nothing to send).
+    `mark`: stamp `enqueued_at` once it is sent, for a row that is not stamped (a replayed
+    delivery, a retry the sweeper publishes); `schedule` stamps a new delivery itself."""
+    if delivery_id is None:
+        return None
+    return outbox.deliver_webhook(session, broker, settings, DeliveryMessage(delivery_id, mark))
+
+
+def replay(
+    session: Session, broker: Celery, settings: Settings, delivery_id: int | None
+) -> list[WebhookDelivery]:
+    """Start failed deliveries again, due now, with the same webhook-id and body, and publish
+    them once the caller commits: the one with `delivery_id`, or (None) every failed one."""
+    failed = webhooks.failed_deliveries(session, limit=10_000)
+    chosen = [delivery for delivery in failed if delivery_id is None or delivery.id == delivery_id]
+    for delivery in chosen:
+        webhooks.replay(session, delivery)
+        publish(session, broker, settings, delivery.id, mark=True)
+    return chosen
