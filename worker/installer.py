@@ -46,13 +46,14 @@ from darkroom import families, outbound
 from darkroom.families import UnrecognisedModelError
 from darkroom.identities import Family
 from darkroom.model_ids import SINGLE_FILE_CONFIGS
-from darkroom.queue import DELIVER_WEBHOOK_TASK, make_celery, send
+from darkroom.queue import make_celery
 from darkroom.settings import Settings
 from darkroom.urlguard import UnsafeURLError, check_url
 from db.models import InstallState
 from db.repositories import models as repo
 from db.session import session_scope
 from services import models as service
+from services import webhooks as webhook_service
 from services.models import EMBEDDING, LORA, VAE, Found
 
 log = logging.getLogger(__name__)
@@ -160,11 +161,12 @@ class Installer:
             self._finish(lambda s: service.fail(s, self.settings, claim.install_id, failure))
 
     def _finish(self, record: Callable[[Any], int | None]) -> None:
-        """Record the outcome (and its webhook) in one transaction, then ring the dispatcher."""
+        """Record the outcome (and its webhook) in one transaction; the outbox rings the
+        dispatcher once it commits (without a broker, the sweeper sends the delivery)."""
         with session_scope(self.settings.resolved_database_url) as session:
             delivery_id = record(session)
-        if delivery_id is not None and self.broker is not None:
-            send(self.broker, DELIVER_WEBHOOK_TASK, delivery_id)  # else the sweeper sends it
+            if self.broker is not None:
+                webhook_service.publish(session, self.broker, self.settings, delivery_id)
 
     def renew(self, claim: Claim, done: int, total: int | None, force: bool = False) -> None:
         """Extend the lease (at most every RENEW_EVERY_S); InstallGoneError if the row went away."""
