@@ -1,11 +1,12 @@
 """Every family a user brings, through `darkroom up` with the tiny preset off.
 
-One system serves an SD 1.x folder, an SDXL folder and a Flux folder, and the SD 1.x and SDXL
-models as single original-layout files, installed under DARKROOM_MODELS_DIR (the tiny models,
-built in code and saved as an operator would install real ones), each with the enterprise
-page's example body: PNG sizes checked, `meta` names the family that ran, and the same seed
-gives the same bytes. SDXL also gets a kohya-format LoRA, an SDXL embedding (clip_l + clip_g)
-and a custom VAE; Flux's refusals are checked at submit.
+One system serves an SD 1.x folder, an SD 2.x v-prediction folder, an SDXL folder and a Flux
+folder, and the SD 1.x, SD 2.x (a `.ckpt`) and SDXL models as single original-layout files,
+installed under DARKROOM_MODELS_DIR (the tiny models, built in code and saved as an operator
+would install real ones), each with the enterprise page's example body: PNG sizes checked,
+`meta` names the family that ran, and the same seed gives the same bytes. SDXL also gets a
+kohya-format LoRA, an SDXL embedding (clip_l + clip_g) and a custom VAE; Flux's refusals are
+checked at submit, and a Flux job sized by an init image that is no multiple of 16 is rounded.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from darkroom.identities import Family, TinyModel
 from tests.api.test_submit import IMG2IMG as EXAMPLE
 from tests.e2e.test_system import png_size
-from tests.support.servers import ImageServer
+from tests.support.servers import ImageServer, png
 from tests.support.system import RunningSystem, darkroom_up, production_env
 from worker.models import tiny
 
@@ -31,13 +32,14 @@ pytestmark = pytest.mark.slow
 def install_models(root: Path, build: Path) -> Path:
     """A models folder as an operator fills it: three families, add-ons, the safety checker."""
     tiny.ensure_tiny_models(build)
-    for name in (TinyModel.SDXL_IMG2IMG, TinyModel.FLUX_IMG2IMG):
+    for name in (TinyModel.SDXL_IMG2IMG, TinyModel.FLUX_IMG2IMG, TinyModel.SD2_V_IMG2IMG):
         tiny.ensure_tiny_family_model(build, name)
     root.mkdir()
     for source, target in [
         (TinyModel.SD_IMG2IMG, "my-sd"),
         (TinyModel.SDXL_IMG2IMG, "my-sdxl"),
         (TinyModel.FLUX_IMG2IMG, "acme/my-flux"),  # an owner's folder, like a Hub id
+        (TinyModel.SD2_V_IMG2IMG, "my-sd2-v"),
         (TinyModel.SAFETY_CHECKER, "safety-checker"),
     ]:
         (root / target).parent.mkdir(parents=True, exist_ok=True)
@@ -46,6 +48,9 @@ def install_models(root: Path, build: Path) -> Path:
     for folder, family in (("my-sd", Family.SD), ("my-sdxl", Family.SDXL)):
         tiny.write_sd_checkpoint(root / folder, root / f"{folder}-file.safetensors")
         shutil.copytree(root / folder, root / "configs" / family)
+    # SD 2.x v-prediction as a .ckpt (OpenCLIP keys), configured by configs/sd2/ (v_prediction).
+    tiny.write_sd_checkpoint(root / "my-sd2-v", root / "my-sd2-v-file.ckpt")
+    shutil.copytree(root / "my-sd2-v", root / "configs" / "sd2")
     tiny.ensure_tiny_lora(build / "xl.safetensors", "xl", Family.SDXL)
     (root / "loras").mkdir()
     kohya = tiny.kohya_lora(load_file(str(build / "xl.safetensors")))
@@ -104,6 +109,10 @@ def test_sd_sdxl_and_flux_folders_run_under_one_system(
         "prompt": "xl-emb barn, " * 30,  # past 77 tokens on both encoders
     }
     flux = {"model_id": "acme/my-flux", "scheduler": None, "tomesd": "no", "guidance_scale": 3.5}
+    # 104x72: multiples of 8, not of 16; a Flux job without width and height rounds it.
+    image_server.files["/odd.png"] = (png(104, 72, (90, 140, 200)), "image/png")
+    odd_flux = {**body(image_server, **flux), "init_image": image_server.url("/odd.png")}
+    del odd_flux["width"], odd_flux["height"]
     with darkroom_up(env, tmp_path) as system:
         key = system.create_key()["key"]
         refused = system.post(
@@ -123,6 +132,9 @@ def test_sd_sdxl_and_flux_folders_run_under_one_system(
                 body(image_server, **flux, height="96"),
                 body(image_server, model_id="my-sd-file"),
                 body(image_server, model_id="my-sdxl-file"),
+                body(image_server, model_id="my-sd2-v"),
+                body(image_server, model_id="my-sd2-v-file"),
+                odd_flux,
             ],
         )
         families = [answer["meta"]["model_family"] for answer in done]
@@ -135,16 +147,21 @@ def test_sd_sdxl_and_flux_folders_run_under_one_system(
             Family.FLUX,
             Family.SD,
             Family.SDXL,
+            Family.SD,
+            Family.SD,
+            Family.FLUX,
         ]
+        assert (done[-1]["meta"]["W"], done[-1]["meta"]["H"]) == (96, 64)  # the size used
         links = [
             answer["output"] if isinstance(answer["output"], str) else answer["output"][0]
             for answer in done
         ]
         sizes = [png_size(system, link) for link in links]
-        assert sizes == [(64, 64)] * 5 + [(64, 96)] + [(64, 64)] * 2
+        assert sizes == [(64, 64)] * 5 + [(64, 96)] + [(64, 64)] * 4 + [(96, 64)]
         pngs = [png_bytes(link) for link in links]
         assert pngs[1] == pngs[2]
         assert (pngs[6], pngs[7]) == (pngs[0], pngs[1])  # a single file runs as its folder
+        assert pngs[9] == pngs[8]  # the SD 2.x .ckpt too, as v-prediction
         assert pngs[3] != pngs[1]  # LoRA, embedding, VAE and prompt all took effect
-        assert len(set(pngs)) == 5  # 8 images: the SDXL repeat and the 2 single files match
+        assert len(set(pngs)) == 7  # 11 images: the SDXL repeat and the 3 single files match
     assert system.process.returncode == 0, system.log_tail()
