@@ -464,6 +464,90 @@ def test_a_lora_that_adapts_nothing_is_refused_not_ignored(
     assert _pixels(_request(FLUX_MODEL), cache, installed).any()  # nothing left loaded
 
 
+@pytest.mark.parametrize(
+    ("family", "image", "asked", "size"),
+    [
+        (Family.FLUX, (104, 72), (None, None), (96, 64)),  # the image's size, rounded down
+        (Family.FLUX, (64, 64), (None, None), (64, 64)),
+        # 992x432 would be nearer in area, 976x432 is nearer the image's 2.27 aspect.
+        (Family.FLUX, (1000, 440), (None, None), (976, 432)),
+        (Family.FLUX, (100, 70), (128, None), (128, 80)),  # the client's side is kept
+        (Family.FLUX, (2000, 1300), (None, None), (1008, 656)),  # scaled into 1024 first
+        (Family.SD, (104, 72), (None, None), (104, 72)),  # multiples of 8 suffice
+    ],
+)
+def test_a_flux_size_taken_from_the_image_is_rounded_to_16_keeping_its_aspect(
+    family: Family,
+    image: tuple[int, int],
+    asked: tuple[int | None, int | None],
+    size: tuple[int, int],
+) -> None:
+    from worker.families import output_size
+
+    assert output_size(family, *asked, Image.new("RGB", image)) == size
+
+
+def test_the_sdxl_refiner_runs_as_an_img2img_model(tmp_path: Path, cache: ModelCache) -> None:
+    """The refiner's shape (bigG encoder only, aesthetic-score conditioning) is SDXL img2img."""
+    models = tmp_path / "models"
+    tiny.ensure_tiny_variant(models / "my-refiner", "sdxl-refiner")
+    settings = Settings(data_dir=tmp_path, models_dir=models)
+    spec = model_ids.resolve_model(Operation.IMG2IMG, "my-refiner", settings)
+    assert (spec.family, spec.sources[0].class_name) == (
+        Family.SDXL,
+        "StableDiffusionXLImg2ImgPipeline",
+    )
+    refined = _request("my-refiner", prompt=LONG_PROMPT, negative_prompt="fog")
+    first = _pixels(refined, cache, settings)
+    assert np.array_equal(first, _pixels(refined, cache, settings))
+    assert np.abs(_pixels(_request("my-refiner"), cache, settings) - first).max() > 0
+
+
+def test_a_schnell_shaped_flux_runs_without_a_guidance_input(
+    tmp_path: Path, cache: ModelCache
+) -> None:
+    """Schnell's transformer has no guidance embedding: guidance_scale changes nothing."""
+    models = tmp_path / "models"
+    tiny.ensure_tiny_variant(models / "my-schnell", "flux-schnell")
+    settings = Settings(data_dir=tmp_path, models_dir=models)
+    assert model_ids.model_family("my-schnell", settings) == Family.FLUX
+    low = _pixels(_request("my-schnell", guidance_scale=1.0), cache, settings)
+    assert np.array_equal(low, _pixels(_request("my-schnell", guidance_scale=9.0), cache, settings))
+
+
+class _CanceledError(Exception):
+    """What a job's step hook raises when its cancel is seen."""
+
+
+@pytest.mark.parametrize("model_id", ["tiny-sdxl", "tiny-flux", "tiny-sd2-v"])
+def test_each_family_makes_four_samples_reports_progress_checks_safety_and_cancels(
+    tiny_settings: Settings, cache: ModelCache, model_id: str
+) -> None:
+    steps: list[tuple[int, int]] = []
+    four = _request(
+        model_id,
+        steps=4,
+        seeds=(1, 2, 3, 4),
+        safety_checker=True,
+        on_step=lambda done, total: steps.append((done, total)),
+    )
+    result = generate(four, cache, tiny_settings)
+    assert len({image.tobytes() for image in result.images}) == 4  # one image per seed
+    assert result.nsfw == [False] * 4
+    assert steps[-1][0] == steps[-1][1] > 1  # step k of n, up to the last
+    flagged = _request(model_id, prompt=f"{model_ids.TINY_NSFW_MARKER} a barn", safety_checker=True)
+    assert generate(flagged, cache, tiny_settings).nsfw == [True]
+
+    def cancel(done: int, _total: int) -> None:
+        raise _CanceledError
+
+    with pytest.raises(_CanceledError):
+        generate(_request(model_id, steps=4, on_step=cancel), cache, tiny_settings)
+    again = generate(_request(model_id, steps=4, seeds=(1,)), cache, tiny_settings).images[0]
+    alone_vs_batched = np.asarray(again, np.int16) - np.asarray(result.images[0], np.int16)
+    assert np.abs(alone_vs_batched).max() <= PIXEL_TOLERANCE  # nothing of the canceled run left
+
+
 def test_flux_sizes_must_be_multiples_of_16(tiny_settings: Settings, cache: ModelCache) -> None:
     with pytest.raises(ValueError, match="multiple of 16"):
         generate(_flux(width=72), cache, tiny_settings)

@@ -324,9 +324,10 @@ def _t5_encoder() -> Any:
     return T5EncoderModel(config)
 
 
-def _flux_transformer() -> Any:
+def _flux_transformer(guidance_embeds: bool = True) -> Any:
     """Flux.1-dev's transformer shape at toy size (diffusers' own Flux tests): 2x2 latent
-    patches packed into 16 channels, one double and one single block, embedded guidance."""
+    patches packed into 16 channels, one double and one single block, embedded guidance
+    (schnell's shape has none)."""
     return _diffusers.FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,
@@ -336,7 +337,7 @@ def _flux_transformer() -> Any:
         num_attention_heads=2,
         joint_attention_dim=_HIDDEN,
         pooled_projection_dim=_HIDDEN,
-        guidance_embeds=True,
+        guidance_embeds=guidance_embeds,
         axes_dims_rope=[4, 4, 8],
     )
 
@@ -351,10 +352,11 @@ def _flux_vae() -> Any:
     )
 
 
-def _flux_img2img(workdir: Path) -> Any:
-    """Flux.1 (dev-shaped) as img2img, with its flow-matching scheduler config."""
+def _flux_img2img(workdir: Path, schnell: bool = False) -> Any:
+    """Flux.1 (dev-shaped, or schnell-shaped: no guidance input) as img2img, with its
+    flow-matching scheduler config."""
     return _diffusers.FluxImg2ImgPipeline(
-        transformer=_seeded(_flux_transformer),
+        transformer=_seeded(lambda: _flux_transformer(guidance_embeds=not schnell)),
         vae=_seeded(_flux_vae),
         text_encoder=_seeded(lambda: CLIPTextModel(_text_config())),
         tokenizer=_tokenizer(workdir),
@@ -673,3 +675,41 @@ def write_sd_checkpoint(folder: Path, target: Path) -> None:
     staging = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}")
     torch.save({"state_dict": state}, staging)
     os.replace(staging, target)
+
+
+def _sdxl_refiner_img2img(workdir: Path) -> Any:
+    """The SDXL refiner's shape: only the bigG encoder, a UNet conditioned on its hidden states
+    and on five numbers (sizes and the aesthetic score) beside its pooled embedding."""
+    unet = _seeded(
+        lambda: _toy_unet(
+            in_channels=4,
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=_SDXL_TIME_EMBED,
+            transformer_layers_per_block=(1, 2),
+            projection_class_embeddings_input_dim=5 * _SDXL_TIME_EMBED + _SDXL_G_HIDDEN,
+            cross_attention_dim=_SDXL_G_HIDDEN,
+        ),
+        seed=3,
+    )
+    components = _sdxl_components(workdir) | {"text_encoder": None, "tokenizer": None}
+    return _diffusers.StableDiffusionXLImg2ImgPipeline(
+        **(components | {"unet": unet}),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+
+
+#: Tiny model shapes that no preset id names; tests install them as an operator would.
+TINY_VARIANTS: dict[str, Callable[[Path], Any]] = {
+    "sdxl-refiner": _sdxl_refiner_img2img,
+    "flux-schnell": lambda workdir: _flux_img2img(workdir, schnell=True),
+}
+
+
+def ensure_tiny_variant(target: Path, variant: str) -> None:
+    """Build the tiny `variant` (a key of `TINY_VARIANTS`) into the folder `target`."""
+    if variant not in TINY_VARIANTS:
+        raise ValueError(f"No tiny variant {variant!r}; expected one of {sorted(TINY_VARIANTS)}.")
+    _build_once(target, TINY_VARIANTS[variant])
