@@ -72,6 +72,7 @@ def test_create_delivery(db: Session, api_key: IssuedKey) -> None:
     assert row.payload == '{"id":1}'
     assert row.url == URL
     assert row.next_attempt_at <= utcnow()
+    assert row.job_id is not None  # a job's delivery (install deliveries have none)
     found = webhooks.get_delivery_for_job(db, row.job_id)
     assert found is not None
     assert found.id == first.id
