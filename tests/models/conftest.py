@@ -126,3 +126,25 @@ def models_folder(root: Path, files: TinyFiles) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     shutil.copytree(files.sd_folder, root / "configs" / Family.SD)
     return root
+
+
+@dataclass(frozen=True)
+class TinySdxl:
+    """The tiny SDXL model as a folder and as an original-layout single file, an SDXL embedding."""
+
+    folder: Path
+    checkpoint: bytes
+    embedding: bytes
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> TinySdxl:
+    build = tmp_path_factory.mktemp("tiny-sdxl")
+    tiny.ensure_tiny_family_model(build, "sdxl-img2img")
+    tiny.write_sd_checkpoint(build / "sdxl-img2img", build / "xl.safetensors")
+    tiny.ensure_tiny_embedding(build / "xl-emb.safetensors", "xl-emb", Family.SDXL)
+    return TinySdxl(
+        build / "sdxl-img2img",
+        (build / "xl.safetensors").read_bytes(),
+        (build / "xl-emb.safetensors").read_bytes(),
+    )

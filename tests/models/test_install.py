@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from db.models import ModelInstall, WebhookDelivery
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
 from services import models
-from tests.models.conftest import FileServer, Served, TinyFiles, models_folder
+from tests.models.conftest import FileServer, Served, TinyFiles, TinySdxl, models_folder
 from worker.installer import Installer
 
 
@@ -187,3 +188,37 @@ def test_refusals_at_load_time(install_settings: Settings, file_server: FileServ
             install_settings, {"url": file_server.url("/b.safetensors"), "model_id": model_id}, None
         )
     assert refused.value.status == 409
+
+
+def test_sdxl_single_file_and_embedding_with_load_model_v2(
+    install_settings: Settings, file_server: FileServer, tiny_files: TinyFiles, tiny_sdxl: TinySdxl
+) -> None:
+    assert install_settings.models_dir is not None
+    shutil.copytree(tiny_sdxl.folder, install_settings.models_dir / "configs" / "sdxl")
+    file_server.files |= {
+        "/xl.safetensors": Served(tiny_sdxl.checkpoint),
+        "/sd.safetensors": Served(tiny_files.sd_checkpoint),
+        "/xl-emb.safetensors": Served(tiny_sdxl.embedding),
+    }
+    xl = {"model_category": "stable_diffusion_xl", "model_format": "safetensors"}
+    cases = [
+        ({"url": file_server.url("/xl.safetensors"), **xl}, "ready", "sdxl"),
+        ({"url": file_server.url("/sd.safetensors"), **xl}, "failed", None),
+        (
+            {"url": file_server.url("/xl-emb.safetensors"), "model_category": "embeddings"},
+            "ready",
+            "sdxl",
+        ),
+    ]
+    for body, state, family in cases:
+        model_id = _id("xl")
+        request = models.parse_load_model_v2({**body, "model_id": model_id})
+        with session_scope(install_settings.resolved_database_url) as session:
+            started = models.request_install(session, install_settings, request, None)
+        found = _run(install_settings, started)
+        assert found["model_status"] == state, found
+        if state == "ready":
+            assert found["family"] == family
+        else:
+            assert "model_category names Stable Diffusion XL" in str(found["error"])
+    assert _leftovers(install_settings) == []
