@@ -548,6 +548,38 @@ def test_each_family_makes_four_samples_reports_progress_checks_safety_and_cance
     assert np.abs(alone_vs_batched).max() <= PIXEL_TOLERANCE  # nothing of the canceled run left
 
 
+@pytest.mark.slow  # about 10 s each on a CPU: the VAE runs at full resolution
+@pytest.mark.parametrize("model_id", ["tiny-sdxl", "tiny-flux", "tiny-sd2-v"])
+def test_each_family_makes_the_pages_largest_size(
+    tiny_settings: Settings, cache: ModelCache, model_id: str
+) -> None:
+    request = _request(model_id, width=1024, height=1024, steps=1, strength=1.0)
+    [image] = generate(request, cache, tiny_settings).images
+    assert image.size == (1024, 1024)
+
+
+def test_a_hub_repos_family_comes_from_its_cached_model_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listed Hub id in the local Hugging Face cache is detected like a folder; one not cached
+    yet is taken as SD 1.x (documented: pre-download SDXL and Flux repos)."""
+    import huggingface_hub.constants
+
+    revision = "0" * 40
+    repo = tmp_path / "hub" / "models--acme--xl-model"
+    _index(repo / "snapshots" / revision, {"_class_name": "StableDiffusionXLPipeline"})
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    settings = Settings(data_dir=tmp_path, hub_models=["acme/xl-model", "acme/not-cached"])
+    spec = model_ids.resolve_model(Operation.IMG2IMG, "acme/xl-model", settings)
+    assert (spec.family, spec.sources[0].class_name) == (
+        Family.SDXL,
+        "StableDiffusionXLImg2ImgPipeline",
+    )
+    assert model_ids.model_family("acme/not-cached", settings) == Family.SD
+
+
 def test_flux_sizes_must_be_multiples_of_16(tiny_settings: Settings, cache: ModelCache) -> None:
     with pytest.raises(ValueError, match="multiple of 16"):
         generate(_flux(width=72), cache, tiny_settings)
