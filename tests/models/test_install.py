@@ -12,6 +12,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -222,3 +223,30 @@ def test_sdxl_single_file_and_embedding_with_load_model_v2(
         else:
             assert "model_category names Stable Diffusion XL" in str(found["error"])
     assert _leftovers(install_settings) == []
+
+
+def test_load_vae_converts_an_original_layout_file(
+    install_settings: Settings, file_server: FileServer, tiny_files: TinyFiles, tmp_path: Path
+) -> None:
+    import diffusers
+
+    from worker.models.checkpoints import _vae_state
+
+    vae_class: Any = diffusers.AutoencoderKL
+    vae = vae_class.from_pretrained(str(tiny_files.sd_folder / "vae"))
+    state = {
+        k.removeprefix("first_stage_model."): v.contiguous() for k, v in _vae_state(vae).items()
+    }
+    save_file(state, str(tmp_path / "vae.safetensors"))
+    file_server.files["/vae.safetensors"] = Served((tmp_path / "vae.safetensors").read_bytes())
+    vae_id = _id("vae")
+    request = models.parse_load_vae({"url": file_server.url("/vae.safetensors"), "vae_id": vae_id})
+    with session_scope(install_settings.resolved_database_url) as session:
+        started = models.request_install(session, install_settings, request, None)
+    found = _run(install_settings, started)
+    assert found["model_status"] == "ready", found
+    assert install_settings.models_dir is not None
+    installed = vae_class.from_pretrained(str(install_settings.models_dir / "vae" / vae_id))
+    assert all(
+        torch.equal(value, installed.state_dict()[k]) for k, value in vae.state_dict().items()
+    )
