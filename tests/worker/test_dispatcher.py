@@ -144,6 +144,7 @@ def test_delivered_signed_on_first_attempt(
     with session_scope(settings.resolved_database_url) as session:
         row = session.get(WebhookDelivery, delivery_id)
         assert row is not None
+        assert row.job is not None
         prefix = row.job.file_prefix
     assert payload["output"] == [f"{settings.public_url}/outputs/{prefix}-0.png"]
     assert got.headers["user-agent"] == dispatcher.USER_AGENT
@@ -410,5 +411,6 @@ def test_payload_is_frozen_at_queue_time(settings: Settings, api_key: IssuedKey)
     with session_scope(settings.resolved_database_url) as session:
         row = session.get(WebhookDelivery, delivery_id)
         assert row is not None
+        assert row.job is not None
         assert row.job.state == JobState.FAILED
         assert payload["id"] == row.job_id
