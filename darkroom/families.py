@@ -281,7 +281,7 @@ class AskedFields:
     height: int | None = None
 
 
-def refusals(name: str, asked: AskedFields) -> dict[str, str]:
+def refusals(name: Family, asked: AskedFields) -> dict[str, str]:
     """Field name -> why the family `name` cannot apply it (empty: everything applies)."""
     fam = family(name)
     why: dict[str, str] = {}

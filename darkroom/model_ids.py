@@ -244,7 +244,7 @@ def _hub_family(repo_id: str) -> Family:
     return Family.SD
 
 
-def resolve_lora(name: str, settings: Settings, family: str = Family.SD) -> str:
+def resolve_lora(name: str, settings: Settings, family: Family = Family.SD) -> str:
     """A LoRA's `.safetensors` file, or its Hub repo id (tiny ones differ per `family`)."""
     _check_syntax("LoRA", name)
     if is_tiny(settings):
@@ -260,7 +260,7 @@ def resolve_vae(name: str, settings: Settings) -> str:
     return _locate_folder("VAE", name, settings, "vae")
 
 
-def resolve_embedding(name: str, settings: Settings, family: str = Family.SD) -> str:
+def resolve_embedding(name: str, settings: Settings, family: Family = Family.SD) -> str:
     """A textual-inversion embedding's `.safetensors` or `.pt` file, or its Hub repo id (tiny
     ones differ per `family`)."""
     _check_syntax("embedding", name)
@@ -413,7 +413,7 @@ def _hint(settings: Settings, subfolder: str) -> str:
     return f"{root}/{subfolder}/" if subfolder else f"{root}/"
 
 
-def _tiny_stem(name: str, family: str) -> str:
+def _tiny_stem(name: str, family: Family) -> str:
     """A tiny add-on's file name: SD 1.x's as before, other families' prefixed with theirs."""
     return _digest(name) if family == Family.SD else f"{family}-{_digest(name)}"
 

@@ -35,7 +35,7 @@ _IMG2IMG: dict[str, FamilyRunner] = {
 }
 
 
-def img2img_runner(family: str) -> FamilyRunner:
+def img2img_runner(family: Family) -> FamilyRunner:
     """The img2img runner of `family`."""
     try:
         return _IMG2IMG[family]
@@ -44,7 +44,7 @@ def img2img_runner(family: str) -> FamilyRunner:
 
 
 def output_size(
-    family: str | None, width: int | None, height: int | None, first: Image.Image
+    family: Family | None, width: int | None, height: int | None, first: Image.Image
 ) -> tuple[int, int]:
     """The size to generate on a model of `family`: `worker.images.output_size` (as asked, else
     from the first image, multiples of 8), then, where the family needs a larger multiple (Flux:

@@ -508,7 +508,7 @@ def ensure_tiny_vae(target: Path, name: str) -> None:
     _build_once(target, lambda _workdir: _seeded(_vae, id_seed("vae", name)))
 
 
-def ensure_tiny_embedding(target: Path, name: str, family: str = Family.SD) -> None:
+def ensure_tiny_embedding(target: Path, name: str, family: Family = Family.SD) -> None:
     """Write the one-vector textual-inversion embedding for id `name` to the file `target`:
     SD's `{name: vector}`, or SDXL's `clip_l` and `clip_g` vectors in one file."""
     if family == Family.SDXL:
@@ -526,7 +526,7 @@ def ensure_tiny_embedding(target: Path, name: str, family: str = Family.SD) -> N
 KOHYA_PREFIX = "kohya-"
 
 
-def ensure_tiny_lora(target: Path, name: str, family: str = Family.SD) -> None:
+def ensure_tiny_lora(target: Path, name: str, family: Family = Family.SD) -> None:
     """Write a rank-4 LoRA for the attention of the tiny img2img model of `family`, for id
     `name`, to `target`: diffusers (PEFT) format, or kohya format for ids with `KOHYA_PREFIX`
     (SD and SDXL: the UNet's part and, as model sites ship them, the text encoders')."""

@@ -38,7 +38,7 @@ def resolve_model(operation: str, model_id: str | None, settings: Settings) -> M
     return spec
 
 
-def resolve_lora(name: str, settings: Settings, family: str = Family.SD) -> str:
+def resolve_lora(name: str, settings: Settings, family: Family = Family.SD) -> str:
     """A LoRA file or repo id; under the tiny preset the file is built from the id, for the
     tiny model of `family`."""
     location = model_ids.resolve_lora(name, settings, family)
@@ -55,7 +55,7 @@ def resolve_vae(name: str, settings: Settings) -> str:
     return location
 
 
-def resolve_embedding(name: str, settings: Settings, family: str = Family.SD) -> str:
+def resolve_embedding(name: str, settings: Settings, family: Family = Family.SD) -> str:
     """An embedding file or repo id; under the tiny preset the file is built from the id, for
     the tiny model of `family`."""
     location = model_ids.resolve_embedding(name, settings, family)

@@ -16,7 +16,7 @@ from typing import Any
 from PIL import Image
 
 from darkroom.families import AskedFields, refusals
-from darkroom.identities import SAFETY_CHECKER_TYPES, Operation
+from darkroom.identities import SAFETY_CHECKER_TYPES, Family, Operation
 from darkroom.limits import MAX_CLIP_SKIP, MAX_IMAGES, MAX_SAMPLES, SIDE_MULTIPLE
 from darkroom.settings import Settings
 from worker.families import img2img_runner
@@ -223,7 +223,7 @@ def _check_options(request: GenerationRequest) -> None:
             raise ValueError(f"img_mixer does not support {', '.join(changed)}.")
 
 
-def check_family(family: str, request: GenerationRequest) -> None:
+def check_family(family: Family, request: GenerationRequest) -> None:
     """Refuse what the model's family cannot apply (the API refuses it before queueing; this is
     the second line). Token merging and the negative prompt are ignored where the family has
     none, as the page's defaults ask for them (tomesd "yes", enhance_prompt's negative text)."""
