@@ -47,8 +47,8 @@ SAFETY_CHECKER_REPO = "CompVis/stable-diffusion-safety-checker"
 
 # Local names and Hub repo ids: no leading dot, slash or dash, no "..", no backslash.
 _NAME = r"[A-Za-z0-9_][A-Za-z0-9_.\-]*"
-_VALID_ID = re.compile(rf"{_NAME}(/{_NAME})?")
-_HUB_ID = re.compile(rf"{_NAME}/{_NAME}")
+VALID_ID = re.compile(rf"{_NAME}(/{_NAME})?")
+HUB_ID = re.compile(rf"{_NAME}/{_NAME}")
 _EMBEDDING_SUFFIXES = (".safetensors", ".pt")
 #: At most this many installed names are listed in an unknown id's message.
 _LISTED = 20
@@ -96,6 +96,12 @@ _CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 #: Where the configuration of single-file checkpoints lives, per family: a diffusers pipeline
 #: folder under `models_dir` (its weights are not read), so that nothing is downloaded.
 SINGLE_FILE_CONFIGS = "configs"
+#: The folders of `models_dir` (and of `tiny_models_dir`) that hold other kinds than pipelines.
+LORAS_FOLDER, VAE_FOLDER, EMBEDDINGS_FOLDER = "loras", "vae", "embeddings"
+SAFETY_CHECKER_FOLDER = "safety-checker"
+RESERVED_FOLDERS = frozenset(
+    {LORAS_FOLDER, VAE_FOLDER, EMBEDDINGS_FOLDER, SAFETY_CHECKER_FOLDER, SINGLE_FILE_CONFIGS}
+)
 
 # Per operation, the pipelines it runs in order; a model_id replaces the last one.
 _DEFAULTS: dict[Operation, tuple[_Default, ...]] = {
@@ -248,16 +254,18 @@ def resolve_lora(name: str, settings: Settings, family: Family = Family.SD) -> s
     """A LoRA's `.safetensors` file, or its Hub repo id (tiny ones differ per `family`)."""
     _check_syntax("LoRA", name)
     if is_tiny(settings):
-        return str(settings.tiny_models_dir / "loras" / f"{_tiny_stem(name, family)}.safetensors")
-    return _locate_file("LoRA", name, settings, "loras", (".safetensors",))
+        return str(
+            settings.tiny_models_dir / LORAS_FOLDER / f"{_tiny_stem(name, family)}.safetensors"
+        )
+    return _locate_file("LoRA", name, settings, LORAS_FOLDER, (".safetensors",))
 
 
 def resolve_vae(name: str, settings: Settings) -> str:
     """A VAE's AutoencoderKL folder, or its Hub repo id."""
     _check_syntax("VAE", name)
     if is_tiny(settings):
-        return str(settings.tiny_models_dir / "vae" / _digest(name))
-    return _locate_folder("VAE", name, settings, "vae")
+        return str(settings.tiny_models_dir / VAE_FOLDER / _digest(name))
+    return _locate_folder("VAE", name, settings, VAE_FOLDER)
 
 
 def resolve_embedding(name: str, settings: Settings, family: Family = Family.SD) -> str:
@@ -266,8 +274,8 @@ def resolve_embedding(name: str, settings: Settings, family: Family = Family.SD)
     _check_syntax("embedding", name)
     if is_tiny(settings):
         stem = _tiny_stem(name, family)
-        return str(settings.tiny_models_dir / "embeddings" / f"{stem}.safetensors")
-    return _locate_file("embedding", name, settings, "embeddings", _EMBEDDING_SUFFIXES)
+        return str(settings.tiny_models_dir / EMBEDDINGS_FOLDER / f"{stem}.safetensors")
+    return _locate_file("embedding", name, settings, EMBEDDINGS_FOLDER, _EMBEDDING_SUFFIXES)
 
 
 def allowed_hub_ids(settings: Settings) -> frozenset[str]:
@@ -281,7 +289,7 @@ def may_download(location: str, settings: Settings) -> bool:
     """Whether a resolved location may be fetched from the Hub: an allowed repo id. The worker's
     model cache loads every other location with `local_files_only`, in case an id ever reaches
     it without passing the checks above."""
-    return bool(_HUB_ID.fullmatch(location)) and location in allowed_hub_ids(settings)
+    return bool(HUB_ID.fullmatch(location)) and location in allowed_hub_ids(settings)
 
 
 def resolve_safety_checker(settings: Settings, prompt: str) -> str:
@@ -295,7 +303,7 @@ def resolve_safety_checker(settings: Settings, prompt: str) -> str:
         always = TINY_NSFW_MARKER in prompt
         name = TinyModel.SAFETY_CHECKER_ALWAYS if always else TinyModel.SAFETY_CHECKER
         return str(settings.tiny_models_dir / name)
-    local = settings.models_dir / "safety-checker" if settings.models_dir else None
+    local = settings.models_dir / SAFETY_CHECKER_FOLDER if settings.models_dir else None
     if local is not None and local.is_dir():
         return str(local.resolve())
     return SAFETY_CHECKER_REPO
@@ -323,7 +331,7 @@ def _check_syntax(kind: str, name: str) -> None:
     """Refuse ids that could escape a folder or cannot be a repo id."""
     if len(name) > MAX_ID_CHARS:
         raise UnknownModelError(f"A {kind} id must be at most {MAX_ID_CHARS} characters.")
-    if not _VALID_ID.fullmatch(name):
+    if not VALID_ID.fullmatch(name):
         raise UnknownModelError(
             f"{name!r} is not a valid {kind} id: use letters, digits, '_', '-' and '.', "
             "optionally as owner/name."
@@ -362,7 +370,7 @@ def _hub_or_refuse(
 ) -> str:
     """`name` when it is a Hub repo id this server may download; else say what is installed
     and how to add it (`installed` lists the folder only then: accepted ids cost no listing)."""
-    if _HUB_ID.fullmatch(name) and name in allowed_hub_ids(settings):
+    if HUB_ID.fullmatch(name) and name in allowed_hub_ids(settings):
         return name
     names = installed()
     shown = ", ".join(names[:_LISTED]) + (", ..." if len(names) > _LISTED else "")
@@ -374,10 +382,6 @@ def _hub_or_refuse(
     )
 
 
-#: Folders of `models_dir` that hold other kinds than pipelines.
-_RESERVED_FOLDERS = {"loras", "vae", "embeddings", "safety-checker", SINGLE_FILE_CONFIGS}
-
-
 def _installed_folders(folder: Path | None) -> list[str]:
     """The ids of the folders in `folder`, sorted: `name`, or `owner/name` for the models that
     an owner's folder holds."""
@@ -385,13 +389,13 @@ def _installed_folders(folder: Path | None) -> list[str]:
         return []
     names = []
     for entry in sorted(folder.iterdir()):
-        if not entry.is_dir() or entry.name in _RESERVED_FOLDERS:
+        if not entry.is_dir() or entry.name in RESERVED_FOLDERS:
             continue
         inner = (
             [] if _is_model_folder(entry) else [d for d in entry.iterdir() if _is_model_folder(d)]
         )
         names.extend(sorted(f"{entry.name}/{d.name}" for d in inner) or [entry.name])
-    return [name for name in names if _VALID_ID.fullmatch(name)]
+    return [name for name in names if VALID_ID.fullmatch(name)]
 
 
 def _is_model_folder(folder: Path) -> bool:
@@ -404,7 +408,7 @@ def _installed_files(folder: Path | None, suffixes: tuple[str, ...]) -> list[str
     if folder is None or not folder.is_dir():
         return []
     stems = {p.name.removesuffix(p.suffix) for p in folder.iterdir() if p.suffix in suffixes}
-    return sorted(stem for stem in stems if _VALID_ID.fullmatch(stem))
+    return sorted(stem for stem in stems if VALID_ID.fullmatch(stem))
 
 
 def _hint(settings: Settings, subfolder: str) -> str:

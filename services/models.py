@@ -15,7 +15,6 @@ and is renamed into place only once verified, so nothing is ever half installed.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -30,7 +29,14 @@ from darkroom import families
 from darkroom.families import UnrecognisedModelError
 from darkroom.identities import Family
 from darkroom.limits import MAX_ID_CHARS
-from darkroom.model_ids import SINGLE_FILE_CONFIGS
+from darkroom.model_ids import (
+    EMBEDDINGS_FOLDER,
+    HUB_ID,
+    LORAS_FOLDER,
+    RESERVED_FOLDERS,
+    VAE_FOLDER,
+    VALID_ID,
+)
 from darkroom.settings import Settings
 from db.models import InstallState, ModelInstall
 from db.repositories import models as repo
@@ -51,11 +57,7 @@ CATEGORIES = {
 FORMATS = ("safetensors", "ckpt", "diffusers")
 #: Folder under the models folder where installs are assembled before the atomic rename.
 STAGING = ".installing"
-_SUBFOLDERS = {LORA: "loras", EMBEDDING: "embeddings", VAE: "vae"}
-_RESERVED = {"loras", "vae", "embeddings", "safety-checker", SINGLE_FILE_CONFIGS}
-_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.\-]*"
-_VALID_ID = re.compile(rf"{_NAME}(/{_NAME})?")
-_HUB_ID = re.compile(rf"{_NAME}/{_NAME}")
+_SUBFOLDERS = {LORA: LORAS_FOLDER, EMBEDDING: EMBEDDINGS_FOLDER, VAE: VAE_FOLDER}
 _LISTED_MAX = 1000
 
 
@@ -189,12 +191,12 @@ def check_model_id(model_id: str, kind: str = MODEL) -> None:
     """Refuse ids that could escape the models folder or collide with its own folders."""
     if len(model_id) > MAX_ID_CHARS:
         raise InstallRefusedError(f"A model_id must be at most {MAX_ID_CHARS} characters.")
-    if not _VALID_ID.fullmatch(model_id) or ".." in model_id:
+    if not VALID_ID.fullmatch(model_id) or ".." in model_id:
         raise InstallRefusedError(
             f"{model_id!r} is not a valid model_id: use letters, digits, '_', '-' and '.', "
             "optionally as owner/name (no leading dot, no '..', no other slash)."
         )
-    if kind == MODEL and model_id.split("/")[0] in _RESERVED:
+    if kind == MODEL and model_id.split("/")[0] in RESERVED_FOLDERS:
         raise InstallRefusedError(
             f"{model_id!r} names a folder the models folder keeps for itself; choose another id."
         )
@@ -205,7 +207,7 @@ def check_source(source: str, kind: str) -> None:
     parts = urlsplit(source)
     if parts.scheme in ("http", "https") and parts.hostname:
         return
-    if parts.scheme == "" and _HUB_ID.fullmatch(source) and kind in (MODEL, VAE):
+    if parts.scheme == "" and HUB_ID.fullmatch(source) and kind in (MODEL, VAE):
         return
     raise InstallRefusedError(
         "The url must be an http(s) link to a .safetensors or .ckpt file, or a Hugging Face "
@@ -215,7 +217,7 @@ def check_source(source: str, kind: str) -> None:
 
 def is_hub_id(source: str) -> bool:
     """Whether an install's source is a Hub repo id rather than a URL."""
-    return urlsplit(source).scheme == "" and bool(_HUB_ID.fullmatch(source))
+    return urlsplit(source).scheme == "" and bool(HUB_ID.fullmatch(source))
 
 
 # --- load -----------------------------------------------------------------------------------
@@ -238,7 +240,7 @@ def target_path(settings: Settings, kind: str, model_id: str) -> Path:
     if kind == MODEL:
         return root / model_id
     if kind == VAE:
-        return root / "vae" / model_id
+        return root / VAE_FOLDER / model_id
     return root / _SUBFOLDERS[kind] / f"{model_id}.safetensors"
 
 
@@ -445,7 +447,7 @@ def _model_entries(root: Path) -> list[tuple[Path, str]]:
     """(path, id) of the pipeline folders and single files, owners' folders included."""
     entries: list[tuple[Path, str]] = []
     for entry in sorted(root.iterdir())[:_LISTED_MAX]:
-        if entry.name.startswith(".") or entry.name in _RESERVED:
+        if entry.name.startswith(".") or entry.name in RESERVED_FOLDERS:
             continue
         if entry.is_file() and entry.suffix in (".safetensors", ".ckpt"):
             entries.append((entry, entry.stem))
