@@ -38,6 +38,7 @@ from services.routing import (
 )
 from worker.models import weights as worker_registry
 from worker.models.cache import CacheKey, ModelCache, ResidentModel
+from worker.models.lora_cache import shared_cache
 from worker.models.weights import ModelSpec
 from worker.server_control import gpu_details, library_versions, release_memory
 
@@ -132,6 +133,7 @@ class WorkerAffinity:
         """Drop every resident model, withdrawing their advertisements; how many were held.
         Called between jobs (a control command, see worker.server_control)."""
         dropped = self.cache.clear()
+        shared_cache().clear()  # the LoRAs held in memory go too
         self._drop_evicted()
         return dropped
 

@@ -62,3 +62,22 @@ def test_a_replaced_file_is_read_anew(tmp_path: Path) -> None:
     os.utime(path, ns=(1, 1))  # another modification time, whatever the clock's resolution
     assert float(cache.get(path, loader)["lora_unet_x.lora_down.weight"][0]) == 2.0
     assert len(loader.reads) == 2
+
+
+def test_the_worker_reads_a_warm_lora_from_the_cache(tmp_path: Path) -> None:
+    from worker.models import tiny
+    from worker.models.lora_cache import shared_cache
+    from worker.pipelines import options
+
+    path = tmp_path / "kohya-warm.safetensors"
+    tiny.ensure_tiny_lora(path, "kohya-warm")
+    cache = shared_cache()
+    cache.clear()
+    hits, misses = cache.hits, cache.misses
+    first = options._lora_weights(str(path))
+    second = options._lora_weights(str(path))
+    assert (cache.hits - hits, cache.misses - misses) == (1, 1)
+    assert isinstance(first, dict)
+    assert isinstance(second, dict)
+    assert first.keys() == second.keys()
+    assert first is not second
