@@ -5,8 +5,10 @@ folder, and the SD 1.x, SD 2.x (a `.ckpt`) and SDXL models as single original-la
 installed under DARKROOM_MODELS_DIR (the tiny models, built in code and saved as an operator
 would install real ones), each with the enterprise page's example body: PNG sizes checked,
 `meta` names the family that ran, and the same seed gives the same bytes. SDXL also gets a
-kohya-format LoRA, an SDXL embedding (clip_l + clip_g) and a custom VAE; Flux's refusals are
-checked at submit, and a Flux job sized by an init image that is no multiple of 16 is rounded.
+kohya-format LoRA, an SDXL embedding (clip_l + clip_g) and a custom VAE, SD 1.x a kohya LoRA
+with its text-encoder part, an embedding, the VAE and another scheduler, Flux a kohya LoRA;
+Flux's refusals are checked at submit, and a Flux job sized by an init image that is no multiple
+of 16 is rounded.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ def install_models(root: Path, build: Path) -> Path:
     kohya = tiny.kohya_lora(load_file(str(build / "xl.safetensors")))
     save_file(kohya, str(root / "loras" / "xl-kohya.safetensors"))
     tiny.ensure_tiny_embedding(root / "embeddings" / "xl-emb.safetensors", "xl-emb", Family.SDXL)
+    # kohya files as model sites ship them: SD's with its text-encoder part, Flux's (sd-scripts).
+    tiny.ensure_tiny_lora(root / "loras" / "sd-kohya.safetensors", "kohya-sd", Family.SD)
+    tiny.ensure_tiny_lora(root / "loras" / "flux-kohya.safetensors", "kohya-flux", Family.FLUX)
+    tiny.ensure_tiny_embedding(root / "embeddings" / "sd-emb.safetensors", "sd-emb", Family.SD)
     tiny.ensure_tiny_vae(root / "vae" / "my-vae", "my-vae")
     return root
 
@@ -108,6 +114,13 @@ def test_sd_sdxl_and_flux_folders_run_under_one_system(
         "scheduler": "EulerDiscreteScheduler",
         "prompt": "xl-emb barn, " * 30,  # past 77 tokens on both encoders
     }
+    sd_extras = {
+        "lora_model": "sd-kohya",
+        "embeddings_model": "sd-emb",
+        "vae": "my-vae",
+        "scheduler": "DPMSolverMultistepScheduler",
+        "prompt": "sd-emb barn",
+    }
     flux = {"model_id": "acme/my-flux", "scheduler": None, "tomesd": "no", "guidance_scale": 3.5}
     # 104x72: multiples of 8, not of 16; a Flux job without width and height rounds it.
     image_server.files["/odd.png"] = (png(104, 72, (90, 140, 200)), "image/png")
@@ -134,6 +147,8 @@ def test_sd_sdxl_and_flux_folders_run_under_one_system(
                 body(image_server, model_id="my-sdxl-file"),
                 body(image_server, model_id="my-sd2-v"),
                 body(image_server, model_id="my-sd2-v-file"),
+                body(image_server, model_id="my-sd", **sd_extras),
+                body(image_server, **flux, lora_model="flux-kohya"),
                 odd_flux,
             ],
         )
@@ -149,6 +164,8 @@ def test_sd_sdxl_and_flux_folders_run_under_one_system(
             Family.SDXL,
             Family.SD,
             Family.SD,
+            Family.SD,
+            Family.FLUX,
             Family.FLUX,
         ]
         assert (done[-1]["meta"]["W"], done[-1]["meta"]["H"]) == (96, 64)  # the size used
@@ -157,11 +174,13 @@ def test_sd_sdxl_and_flux_folders_run_under_one_system(
             for answer in done
         ]
         sizes = [png_size(system, link) for link in links]
-        assert sizes == [(64, 64)] * 5 + [(64, 96)] + [(64, 64)] * 4 + [(96, 64)]
+        assert sizes == [(64, 64)] * 5 + [(64, 96)] + [(64, 64)] * 6 + [(96, 64)]
         pngs = [png_bytes(link) for link in links]
         assert pngs[1] == pngs[2]
         assert (pngs[6], pngs[7]) == (pngs[0], pngs[1])  # a single file runs as its folder
         assert pngs[9] == pngs[8]  # the SD 2.x .ckpt too, as v-prediction
         assert pngs[3] != pngs[1]  # LoRA, embedding, VAE and prompt all took effect
-        assert len(set(pngs)) == 7  # 11 images: the SDXL repeat and the 3 single files match
+        assert pngs[10] != pngs[0]  # the same on SD 1.x, with another scheduler
+        assert pngs[11] != pngs[4]  # a kohya Flux LoRA
+        assert len(set(pngs)) == 9  # 13 images: the SDXL repeat and the 3 single files match
     assert system.process.returncode == 0, system.log_tail()
