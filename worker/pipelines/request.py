@@ -36,10 +36,10 @@ class GenerationRequest:
     negative_prompt: str  # "" when none
     images: tuple[Image.Image, ...]  # decoded RGB init images
     image_weights: tuple[float, ...]  # img_mixer only: one per image, each >= 0
-    width: int  # output size, a multiple of 8, at most 1024
+    width: int  # output size, a multiple of SIDE_MULTIPLE, at most MAX_SIDE (darkroom.limits)
     height: int
-    steps: int  # denoising steps, 1..50
-    guidance_scale: float  # 1..20
+    steps: int  # denoising steps, 1..MAX_STEPS
+    guidance_scale: float  # MIN_GUIDANCE_SCALE..MAX_GUIDANCE_SCALE
     strength: float = 0.7  # img2img: how far from the init image to go
     image_guidance_scale: float = 1.5  # pix2pix: how closely to follow the init image
     seeds: tuple[int, ...] = (0,)  # one per sample
@@ -50,7 +50,7 @@ class GenerationRequest:
     loras: tuple[LoraSpec, ...] = ()
     vae: str | None = None  # a VAE id
     embeddings: tuple[str, ...] = ()  # textual-inversion ids; each id is also its prompt token
-    clip_skip: int | None = None  # 1..8, A1111's convention: 1 (like None) uses the last layer
+    clip_skip: int | None = None  # 1..MAX_CLIP_SKIP, A1111's: 1 (like None) is the last layer
     tomesd: bool = False  # token merging in the highest-resolution attention layers
     # Every operation.
     safety_checker: bool = False
