@@ -23,7 +23,7 @@ from darkroom.jobspec import JobSpec, describe
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
 from db.models import Job, JobRequeue, JobState, WebhookDelivery, utcnow
-from db.repositories import jobs, keys, webhooks
+from db.repositories import jobs, keys, routing, webhooks
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
 from services import outcomes
@@ -163,7 +163,7 @@ def test_show_gives_params_timeline_outputs_and_webhook_attempts(
         settings, api_key.row.id, webhook=receiver.url, init_images=[url_input, INLINE_IMAGE]
     )
     with session_scope(settings.resolved_database_url) as session:
-        jobs.mark_enqueued(session, job_id)
+        routing.mark_published(session, [job_id], settings.job_queue)
     claim(settings, job_id)
     with session_scope(settings.resolved_database_url) as session:
         job = jobs.get_job(session, job_id)

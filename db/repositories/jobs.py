@@ -114,11 +114,6 @@ def get_job_for_key(session: Session, job_id: int, api_key_id: int) -> Job | Non
     return session.scalar(select(Job).where(Job.id == job_id, Job.api_key_id == api_key_id))
 
 
-def mark_enqueued(session: Session, job_id: int) -> None:
-    """Record that the job's id reached the broker (the outbox is drained for it)."""
-    session.execute(update(Job).where(Job.id == job_id).values(enqueued_at=DbNow()))
-
-
 def _claimed(now: datetime, lease_s: float) -> dict[Any, Any]:
     """What a claim writes: running, one more attempt, a fresh lease, no progress yet."""
     return {

@@ -25,7 +25,7 @@ from darkroom.identities import FailureReason, Operation
 from darkroom.jobspec import JobSpec, describe
 from darkroom.settings import Settings
 from darkroom.storage import make_storage
-from db.repositories import jobs
+from db.repositories import jobs, routing
 from db.repositories.keys import create_key
 from db.session import session_scope
 from services import outcomes
@@ -69,7 +69,7 @@ def _job(
         row = jobs.NewJob(key_id, operation, "v5", spec.to_row(), {}, "t-1", hook)
         job = jobs.create_job(session, row)
         job.meta = describe(spec, job.file_prefix, [])
-        jobs.mark_enqueued(session, job.id)
+        routing.mark_published(session, [job.id], settings.job_queue)
         return job.id
 
 

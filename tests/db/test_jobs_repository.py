@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from darkroom.identities import Operation
 from db.models import Job, JobState, utcnow
-from db.repositories import jobs
+from db.repositories import jobs, routing
 from db.repositories.jobs import ClaimOutcome, NewJob, OutputRecord
 from db.repositories.keys import IssuedKey, create_key
 from tests.conftest import count_rows
@@ -225,7 +225,7 @@ def test_never_published_and_long_queued_jobs(db: Session, api_key: IssuedKey) -
     assert stale.id in picked()
     assert not picked() & {fresh.id, recent.id, running.id, done.id}
 
-    jobs.mark_enqueued(db, never_old.id)
+    routing.mark_published(db, [never_old.id], "jobs")
     db.commit()
     assert never_old.id not in picked()
     assert _reload(db, never_old.id).enqueued_at is not None
@@ -244,7 +244,7 @@ def test_requeue_only_expired_processing_jobs(db: Session, api_key: IssuedKey) -
 
     orphan = _new(db, api_key)
     assert _claim(db, orphan.id) == ClaimOutcome.CLAIMED
-    jobs.mark_enqueued(db, orphan.id)
+    routing.mark_published(db, [orphan.id], "jobs")
     _expire_lease(db, orphan.id)
     assert orphan.id in {j.id for j in jobs.jobs_with_expired_lease(db, limit=100_000)}
     assert jobs.requeue_job(db, orphan.id)
