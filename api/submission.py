@@ -39,6 +39,7 @@ from db.repositories.keys import active_keys_by_digest, hash_key
 from db.session import session_factory
 from services.eta import DEFAULT_ETA_S, group_etas
 from services.jobs import publish
+from services.progress_events import events_meta
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def prepare_job(
         spec=spec,
         key_digest=hash_key(presented_key),
         endpoint=endpoint,
-        meta=describe(spec, file_prefix, request.warnings()),
+        meta=describe(spec, file_prefix, request.warnings()) | events_meta(request),
         webhook_url=request.webhook,
         file_prefix=file_prefix,
         idempotency=idempotency,

@@ -101,6 +101,7 @@ def cmd_dispatcher(args: argparse.Namespace, settings: Settings) -> int:
     loop with Postgres and Redis (unless DARKROOM_WEBHOOK_LOOP=false), else Celery tasks."""
     from worker.dispatcher_app import create_dispatcher_app
     from worker.sweeper import run_sweeper
+    from worker.webhooks.progress import run_progress_sender
 
     dispatcher = create_dispatcher_app(settings)
     stop = threading.Event()
@@ -108,6 +109,14 @@ def cmd_dispatcher(args: argparse.Namespace, settings: Settings) -> int:
         target=run_sweeper, args=(settings, dispatcher.app, stop), name="sweeper", daemon=True
     )
     sweeper.start()
+    # Progress webhooks (start, progress) have a thread and rows of their own: never retried,
+    # they never wait in the terminal deliveries' queue nor hold its threads.
+    threading.Thread(
+        target=run_progress_sender,
+        args=(settings, dispatcher.client, stop),
+        name="progress-webhooks",
+        daemon=True,
+    ).start()
     try:
         if _dispatcher_loop(settings):
             _run_delivery_loop(args, settings, dispatcher.client, stop)

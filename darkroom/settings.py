@@ -200,6 +200,13 @@ class Settings(BaseSettings):
     events_poll_s: float = Field(default=0.5, ge=0.1)
     # A comment line this often keeps proxies from closing a quiet stream.
     events_heartbeat_s: float = Field(default=15.0, gt=0)
+    # A running job's preview (latents projected to a small JPEG, no VAE pass) every this many
+    # denoising steps, shown by its `progress` events; 0: no previews (worker/previews.py).
+    preview_every_steps: int = Field(default=5, ge=0, le=10_000)
+    # Opt-in `progress` webhooks (webhook_events_filter): at most one per job this often, and
+    # at most this many per job; attempted once, never retried (services/progress_events.py).
+    progress_webhook_every_s: float = Field(default=5.0, ge=0.5, le=3600)
+    progress_webhook_max: int = Field(default=20, ge=0, le=1000)
 
     # --- recovery: lost messages and database outages (docs/RELIABILITY.md) ---
     # Every sweep compares the broker's messages with the jobs and deliveries waiting in the

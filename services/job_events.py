@@ -19,6 +19,7 @@ from db.models import TERMINAL_STATES, Job, JobState
 from db.repositories import jobs
 from services.eta import estimated_eta
 from services.links import OutputLinks
+from services.progress_events import preview_fields
 from services.responses import webhook_body
 
 
@@ -66,11 +67,13 @@ def job_event(session: Session, settings: Settings, job: Job) -> JobEvent:
         return JobEvent(
             "queued", {"status": "queued", "id": job.id, "position": position, "eta": eta}
         )
-    return JobEvent("progress", _progress(job, eta))
+    return JobEvent("progress", _progress(job, eta) | preview_fields(session, job.id))
 
 
 def _progress(job: Job, eta: float) -> dict[str, Any]:
-    """Step k of n of a running job (n: the steps it asked for; its worker writes the fraction)."""
+    """Step k of n of a running job (n: the steps it asked for; its worker writes the fraction).
+    Its latest preview, when it has one, is added as `preview` (a JPEG data URL of at most
+    128 px a side) and `preview_step`."""
     fraction = min(max(job.progress or 0.0, 0.0), 1.0)
     steps = int(job.params.get("steps") or 0)
     return {

@@ -61,12 +61,13 @@ from services import webhooks as webhook_service
 from services.outcomes import exhausted_message, storage_failed_message
 from services.responses import run_output_filename
 from worker.batching import BatchStepHook, Outcome, StopBatch, generate_batch
-from worker.fastpath import fast_path_for
 from worker.families import output_size as family_output_size
+from worker.fastpath import fast_path_for
 from worker.images import ImageInputError, fetch_images, png_bytes
 from worker.memory import device_budget
 from worker.models.cache import ModelCache
 from worker.pipelines.request import GenerationRequest, GenerationResult, LoraSpec, StepHook
+from worker.progress_hooks import BatchProgress
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +223,9 @@ def _run_batch(runtime: WorkerRuntime, batch: list[tuple[Job, JobSpec]]) -> None
             return
         ids = [item.job.id for item in ready]
         canceled: set[int] = set()
-        hook = _step_hook(ids, settings, canceled)
-        with job_context(batch_job_ids=ids):
+        extras = BatchProgress(settings, [(item.job, item.request) for item in ready])
+        hook = _step_hook(ids, settings, canceled, extras)
+        with job_context(batch_job_ids=ids), extras:
             requests = [item.request for item in ready]
             results = generate_batch(requests, runtime.cache, settings, hook)
         canceled.update(_cancel_requests(settings, ids))
@@ -276,8 +278,14 @@ class JobCanceledError(StopBatch):
     """Raised between denoising steps when every job of the running call was canceled."""
 
 
-def _step_hook(job_ids: list[int], settings: Settings, canceled: set[int]) -> BatchStepHook:
-    """A batch step hook that records the running jobs' progress and collects the cancel
+def _step_hook(
+    job_ids: list[int],
+    settings: Settings,
+    canceled: set[int],
+    extras: BatchProgress | None = None,
+) -> BatchStepHook:
+    """A batch step hook that records the running jobs' progress (with `extras`, their
+    previews and due progress webhooks too) and collects the cancel
     requests of the whole batch into `canceled`, raising JobCanceledError once every job of
     the running call is canceled. It touches the database at most twice a second, so a fast
     model is not slowed, and a database error only skips one check."""
@@ -289,10 +297,14 @@ def _step_hook(job_ids: list[int], settings: Settings, canceled: set[int]) -> Ba
             return
         last_write = time.monotonic()
         ids = [job_ids[index] for index in running]
+        fraction = min(done / max(total, 1), 1.0)
+        made = extras.previews(running, done) if extras is not None else {}
         try:
             with session_scope(settings.resolved_database_url) as session:
-                jobs.record_progress(session, ids, min(done / max(total, 1), 1.0))
+                jobs.record_progress(session, ids, fraction)
                 canceled.update(jobs.any_cancel_requested(session, job_ids))
+                if extras is not None:
+                    extras.record(session, ids, made, fraction)
         except SQLAlchemyError:
             log.warning("progress of jobs %s not recorded; will retry", ids, exc_info=True)
         if all(job_id in canceled for job_id in ids):

@@ -32,7 +32,7 @@ from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, HeldIds, held_ids
 from darkroom.settings import Settings
 from darkroom.storage import make_storage
 from db.clock import db_now
-from db.repositories import idempotency, jobs, routing, webhooks
+from db.repositories import idempotency, jobs, progress, routing, webhooks
 from db.session import session_scope
 from services import jobs as job_service
 from services import outcomes
@@ -62,6 +62,7 @@ class SweepReport:
     expired_outputs: int = 0
     rescued_jobs: int = 0
     expired_idempotency_keys: int = 0
+    pruned_progress: int = 0
 
 
 def sweep_once(settings: Settings, broker: Celery) -> SweepReport:
@@ -75,6 +76,7 @@ def sweep_once(settings: Settings, broker: Celery) -> SweepReport:
         sent_deliveries=_send_due_deliveries(settings, broker),
         expired_outputs=expire_temporary_outputs(settings),
         expired_idempotency_keys=expire_idempotency_keys(settings),
+        pruned_progress=prune_progress(settings),
     )
 
 
@@ -241,6 +243,13 @@ def expire_idempotency_keys(settings: Settings) -> int:
     """Forget `Idempotency-Key`s older than their 24 hours, a bounded number per sweep."""
     with session_scope(settings.resolved_database_url) as session:
         return idempotency.delete_expired(session)
+
+
+def prune_progress(settings: Settings) -> int:
+    """Drop the previews of jobs no longer running, and give up the progress webhooks still
+    due for ended jobs (services/progress_events.py): both stay bounded by the running jobs."""
+    with session_scope(settings.resolved_database_url) as session:
+        return progress.delete_ended_previews(session) + progress.drop_unsent_of_ended(session)
 
 
 def remove_partial_writes(settings: Settings) -> int:

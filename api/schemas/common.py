@@ -21,6 +21,7 @@ from api.fields import (
 )
 from darkroom.limits import MAX_PROMPT_CHARS
 from darkroom.settings import Settings
+from services.progress_events import parse_filter
 
 
 def _prompt(value: Any) -> str:
@@ -35,6 +36,7 @@ def _prompt(value: Any) -> str:
 
 Prompt = Annotated[str, BeforeValidator(_prompt)]
 SingleUrl = Annotated[str, BeforeValidator(to_single_url)]
+WebhookEvents = Annotated[list[str] | None, BeforeValidator(parse_filter)]
 
 
 class SubmitBase(BaseModel):
@@ -50,6 +52,8 @@ class SubmitBase(BaseModel):
     seed: Seed = None
     samples: Samples = 1
     webhook: WebhookUrl = None
+    # Which webhook events to send (start, progress, completed); None: completed only.
+    webhook_events_filter: WebhookEvents = None
     track_id: TrackId = None
 
     def model_errors(self, settings: Settings) -> dict[str, list[str]]:

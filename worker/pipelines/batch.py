@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from worker import previews
 from worker.pipelines.request import GenerationRequest, StepHook
 
 #: A request's embedding arguments to the pipeline, by name, each of batch size 1.
@@ -75,6 +76,7 @@ def step_callback(
 
     def callback(pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
         total = int(getattr(pipe, "num_timesteps", 0) or step + 1)
+        previews.offer(pipe, tensors)  # before the hook, which may make a preview of them
         on_step(part * total + step + 1, parts * total)
         return tensors
 

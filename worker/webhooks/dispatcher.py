@@ -46,6 +46,8 @@ class Ticket:
     track_id: str | None = None
     #: Attempts made before this one.
     attempt_count: int = 0
+    #: A progress webhook's event (`start`, `progress`), sent as `webhook-event`; None: terminal.
+    event: str | None = None
 
     @classmethod
     def of(cls, claimed: ClaimedDelivery) -> Ticket:
@@ -145,6 +147,8 @@ def attempt(ticket: Ticket, settings: Settings, client: httpx.Client) -> Attempt
             target = check_url(ticket.url, settings.url_allowlist).pinned()
             headers = signed_headers(ticket.secrets, ticket.message_id, utcnow(), ticket.payload)
             headers |= {"content-type": "application/json", "user-agent": USER_AGENT}
+            if ticket.event is not None:
+                headers["webhook-event"] = ticket.event
             with outbound.stream(
                 client, "POST", target, headers=headers, content=ticket.payload
             ) as response:
