@@ -345,3 +345,20 @@ class ProgressDelivery(Base):
     duration_ms: Mapped[float | None] = mapped_column(Float, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     attempted_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Upload(Base):
+    """An image stored by base64_to_url / upload_image: its link works until `expires_at`
+    (the life of a `temp: yes` output), then the sweeper deletes the file."""
+
+    __tablename__ = "uploads"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    filename: Mapped[str] = mapped_column(String(64), unique=True)
+    api_key_id: Mapped[int | None] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="SET NULL"), default=None
+    )
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+    deleted_at: Mapped[datetime | None] = mapped_column(default=None)

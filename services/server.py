@@ -10,7 +10,8 @@ The routes (api/routes/enterprise_server.py) are thin shells around these functi
   the live workers of this deployment only (the pidbox exchange is shared by every Celery app on
   the broker, so a broadcast without destinations would reach other deployments' workers);
 - `scheduler_names`: the scheduler names that work, per model family;
-- `store_upload`: a base64 image kept in output storage, its link usable as `init_image`.
+- `store_upload`: a base64 image kept in output storage, its link usable as `init_image` for
+  UPLOAD_LIFETIME (as temporary outputs), then deleted by the sweeper.
 
 Torch-free: the API imports it.
 """
@@ -24,6 +25,7 @@ import platform
 import re
 import uuid
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from importlib import metadata
 from typing import Any
 
@@ -36,7 +38,7 @@ from darkroom import families, scheduler_names
 from darkroom.limits import MAX_PIXELS
 from darkroom.queue import queue_lengths
 from darkroom.settings import Settings
-from db.repositories import operator
+from db.repositories import operator, uploads
 from services import jobs
 from services.routing import WorkerPresence, live_workers, model_queue_prefix, routing_enabled
 
@@ -57,6 +59,8 @@ UPLOAD_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
 UPLOAD_NAME = re.compile(r"^upload-[0-9a-f]{32}\.(?:png|jpg|webp)$")
 UPLOAD_MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 _DATA_URI = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
+#: How long an upload's link works: the life of a `temp: yes` output (worker.jobs.TEMP_LIFETIME).
+UPLOAD_LIFETIME = timedelta(hours=24)
 
 
 class UnavailableError(Exception):
@@ -263,11 +267,21 @@ def _checked_format(data: bytes) -> str:
     return UPLOAD_FORMATS[str(image.format)]
 
 
-def store_upload(settings: Settings, text: str) -> str:
-    """Store a base64 image under an unguessable name; the link that serves it."""
+def store_upload(session: Session, settings: Settings, text: str, api_key_id: int | None) -> str:
+    """Store a base64 image under an unguessable name, recorded to expire after
+    UPLOAD_LIFETIME (the sweeper deletes the file then); the link that serves it until then."""
     from darkroom.storage import make_storage  # the S3 client is built only when used
 
     data, extension = decode_upload(text, settings.image_max_bytes)
     name = f"upload-{uuid.uuid4().hex}.{extension}"
+    # The row first: a file whose row cannot be written would never expire.
+    uploads.record_upload(session, name, api_key_id, len(data), UPLOAD_LIFETIME)
     make_storage(settings).save(name, data)
     return f"{settings.public_url.rstrip('/')}/uploads/{name}"
+
+
+def upload_expired(session: Session, filename: str) -> bool:
+    """Whether the upload stored as `filename` has outlived UPLOAD_LIFETIME (an upload stored
+    before uploads were recorded has no row and never expires)."""
+    upload = uploads.get_upload(session, filename)
+    return upload is not None and uploads.is_expired(upload)

@@ -5,8 +5,8 @@ those out of attempts, (2) publishes job ids that were committed but never reach
 or whose message the broker lost, to the queue model-affinity routing picks now, (3) moves jobs
 out of model queues that no live worker consumes to the general queue, (4) publishes webhook
 deliveries whose retry time has come or whose message was lost, and (5) deletes the files of
-temporary outputs that have expired. Publishing twice is harmless: workers and the dispatcher
-claim rows with conditional updates.
+temporary outputs and uploads (base64_to_url) that have expired. Publishing twice is harmless:
+workers and the dispatcher claim rows with conditional updates.
 
 Lost messages are found by comparison, on every sweep: the ids the broker holds (its queues and
 kombu's unacked hash, `darkroom.queue.held_ids`) against the rows waiting in the database. A
@@ -32,7 +32,7 @@ from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, HeldIds, held_ids
 from darkroom.settings import Settings
 from darkroom.storage import make_storage
 from db.clock import db_now
-from db.repositories import idempotency, jobs, progress, routing, webhooks
+from db.repositories import idempotency, jobs, progress, routing, uploads, webhooks
 from db.session import session_scope
 from services import jobs as job_service
 from services import outcomes
@@ -63,6 +63,7 @@ class SweepReport:
     rescued_jobs: int = 0
     expired_idempotency_keys: int = 0
     pruned_progress: int = 0
+    expired_uploads: int = 0
 
 
 def sweep_once(settings: Settings, broker: Celery) -> SweepReport:
@@ -77,6 +78,7 @@ def sweep_once(settings: Settings, broker: Celery) -> SweepReport:
         expired_outputs=expire_temporary_outputs(settings),
         expired_idempotency_keys=expire_idempotency_keys(settings),
         pruned_progress=prune_progress(settings),
+        expired_uploads=expire_uploads(settings),
     )
 
 
@@ -236,6 +238,17 @@ def expire_temporary_outputs(settings: Settings) -> int:
         for output in expired:
             storage.delete(output.filename)
         jobs.mark_outputs_deleted(session, expired)
+    return len(expired)
+
+
+def expire_uploads(settings: Settings) -> int:
+    """Delete the files of base64_to_url uploads whose 24 hours are over (as temp outputs)."""
+    storage = make_storage(settings)
+    with session_scope(settings.resolved_database_url) as session:
+        expired = uploads.expired_uploads(session)
+        for upload in expired:
+            storage.delete(upload.filename)
+        uploads.mark_uploads_deleted(session, expired)
     return len(expired)
 
 

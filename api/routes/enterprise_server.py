@@ -22,6 +22,7 @@ from api.deps import BodyDep, BrokerDep, SettingsDep, presented_key
 from api.errors import ApiError
 from darkroom.settings import Settings
 from db.models import ApiKey
+from db.session import session_scope
 from services import server
 
 router = APIRouter(tags=["server management"])
@@ -142,18 +143,21 @@ async def nsfw_image_check(
 
 async def base64_to_url(request: Request, body: BodyDep, settings: SettingsDep) -> Answer:
     """Body `{key, base64_string}` (also `image` or `init_image`): store a PNG, JPEG or WebP
-    image and answer its link, usable as `init_image`."""
-    await _as_key(request, body)
+    image and answer its link, usable as `init_image` for 24 hours (as temporary outputs)."""
     text = next(
         (body[f] for f in ("base64_string", "image", "init_image") if isinstance(body.get(f), str)),
         None,
     )
-    if not text:
-        raise ApiError(422, {"base64_string": ["The base64_string field is required."]})
-    try:
-        link = await run_in_threadpool(server.store_upload, settings, text)
-    except server.UploadError as refused:
-        raise ApiError(422, {"base64_string": [str(refused)]}) from None
+
+    def store(session: Session, key: ApiKey) -> str:
+        if not text:
+            raise ApiError(422, {"base64_string": ["The base64_string field is required."]})
+        try:
+            return server.store_upload(session, settings, text, key.id)
+        except server.UploadError as refused:
+            raise ApiError(422, {"base64_string": [str(refused)]}) from None
+
+    link = await keyed(request, presented_key(request, body), store)
     return {"status": "success", "message": "image stored", "output": [link], "link": link}
 
 
@@ -183,6 +187,9 @@ async def download_upload(filename: str, settings: SettingsDep) -> Response:
 def _upload_response(settings: Settings, filename: str) -> Response:
     from darkroom.storage import make_storage
 
+    with session_scope(settings.resolved_database_url) as session:
+        if server.upload_expired(session, filename):  # the sweeper may not have deleted it yet
+            raise ApiError(404, "No such upload.")
     storage = make_storage(settings)
     media_type = server.UPLOAD_MEDIA_TYPES[filename.rsplit(".", 1)[1]]
     path = storage.path(filename)

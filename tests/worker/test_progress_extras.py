@@ -82,7 +82,9 @@ def test_flux_packed_latents_unpack_as_diffusers_packs_them() -> None:
 
     latents = torch.randn(1, 16, 12, 8)  # a 96x64 image's latents (h=12, w=8)
     packed = FluxImg2ImgPipeline._pack_latents(latents, 1, 16, 12, 8)
-    assert torch.equal(previews.unpack(packed[0], width=64, height=96), latents[0])
+    unpacked = previews.unpack(packed[0], width=64, height=96)
+    assert unpacked is not None
+    assert torch.equal(unpacked, latents[0])
     image = previews.preview_of(packed[0], "FluxImg2ImgPipeline", 64, 96)
     assert image is not None
     with Image.open(io.BytesIO(image)) as shown:
