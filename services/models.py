@@ -136,6 +136,7 @@ def parse_load_model(body: dict[str, Any]) -> InstallRequest:
         "revision": _text(body, "revision"),
         "upcast_attention": _yes(body, "upcast_attention"),
         "from_safetensors": _yes(body, "from_safetensors"),
+        "prediction_type": _prediction_type(body),
     }
     return _request(body, MODEL_TYPES[model_type], "model_id", options)
 
@@ -161,8 +162,21 @@ def parse_load_model_v2(body: dict[str, Any]) -> InstallRequest:
         "family": CATEGORIES.get(category),
         "model_format": model_format or None,
         "revision": _text(body, "revision"),
+        "prediction_type": _prediction_type(body),
     }
     return _request(body, MODEL, "model_id", options)
+
+
+def _prediction_type(body: dict[str, Any]) -> str | None:
+    """Darkroom's optional `prediction_type` for a single file (v-prediction and epsilon SD 2.x
+    files have the same tensors): what its `<name>.json` sidecar would say; None: the
+    configuration folder decides."""
+    value = _text(body, "prediction_type")
+    if value is not None and value not in families.PREDICTION_TYPES:
+        raise InstallRefusedError(
+            f"prediction_type must be one of {', '.join(families.PREDICTION_TYPES)}, not {value!r}."
+        )
+    return value
 
 
 def parse_load_vae(body: dict[str, Any]) -> InstallRequest:

@@ -17,8 +17,11 @@ is one atomic rename):
    `weights_only=True`, which refuses any pickled code), the family read from the tensor names,
    a LoRA's or embedding's keys recognised;
 3. convert a single-file checkpoint once to a diffusers folder (`from_single_file` with the
-   local `configs/<family>/`, then `save_pretrained`), so that workers' cold starts read the
-   fast format;
+   local configuration folder `darkroom.families.probe_file` names: `configs/<family>/`, or
+   `configs/sd2/` for SD 2.x's OpenCLIP files; the scheduler given the prediction type that
+   the request's `prediction_type` or the file's sidecar declares; then `save_pretrained`), so
+   the folder runs exactly as the single file would and workers' cold starts read the fast
+   format;
 4. rename into place, record the outcome and queue the key's webhook in one transaction, then
    ring the dispatcher.
 """
@@ -65,6 +68,8 @@ CHUNK = 1 << 20
 #: Seconds between lease renewals while downloading or converting.
 RENEW_EVERY_S = 2.0
 PART = "download.part"
+#: A prediction-type sidecar larger than this is no configuration file.
+_MAX_SIDECAR_BYTES = 1024 * 1024
 
 
 class InstallError(Exception):
@@ -230,6 +235,7 @@ class Installer:
         total = source.stat().st_size
         if total > self.settings.model_max_bytes:
             raise InstallError(f"The file is larger than {self.settings.model_max_bytes} bytes.")
+        _copy_sidecars(source, part.parent)
         done = 0
         with source.open("rb") as reader, part.open("wb") as writer:
             while chunk := reader.read(CHUNK):
@@ -330,37 +336,45 @@ class Installer:
             return (check_embedding(named), file_format), _as_safetensors(named)
         if claim.kind == VAE:
             return (None, file_format), self._convert_vae(named, staging)
-        family = self._family(claim, named)
+        probed = self._probe(claim, named)
         progress(0, None, "convert")
-        folder = self._convert(claim, named, family, staging)
-        return (family, file_format), folder
+        folder = self._convert(claim, named, probed, staging)
+        return (probed.family, file_format), folder
 
-    def _family(self, claim: Claim, path: Path) -> str:
-        """The checkpoint's family, which must be the one load_model_v2 named (if any)."""
+    def _probe(self, claim: Claim, path: Path) -> families.SingleFile:
+        """The checkpoint's family (which must be the one load_model_v2 named, if any), its
+        configuration folder and its declared prediction type, as a worker loading the single
+        file would find them (`darkroom.families.probe_file`)."""
         try:
-            family = families.detect_file(path)
+            probed = families.probe_file(path)
         except UnrecognisedModelError as exc:
             raise InstallError(f"Unknown model family: {exc}") from None
         wanted = claim.options.get("family")
-        if wanted and wanted != family:
-            title = families.family(family).title
+        if wanted and wanted != probed.family:
+            title = families.family(probed.family).title
             raise InstallError(
                 f"model_category names {families.family(wanted).title}, but the file is a "
                 f"{title} checkpoint."
             )
-        return family
+        declared = claim.options.get("prediction_type")  # the request's word beats a sidecar's
+        if declared:
+            probed = families.SingleFile(probed.family, probed.config, str(declared))
+        return probed
 
-    def _convert(self, claim: Claim, path: Path, family: str, staging: Path) -> Path:
-        """The single file as a diffusers folder, built with the family's local configuration."""
+    def _convert(
+        self, claim: Claim, path: Path, probed: families.SingleFile, staging: Path
+    ) -> Path:
+        """The single file as a diffusers folder, built with its local configuration folder."""
         import diffusers
 
+        family = probed.family
         root = service.models_root(self.settings)
-        config = root / SINGLE_FILE_CONFIGS / family
+        config = root / SINGLE_FILE_CONFIGS / probed.config
         if not (config / "model_index.json").is_file():
             raise InstallError(
                 f"The file is a {families.family(family).title} checkpoint, but its "
-                f"configuration folder {SINGLE_FILE_CONFIGS}/{family}/ is missing from the models "
-                "folder (nothing is downloaded at load time)."
+                f"configuration folder {SINGLE_FILE_CONFIGS}/{probed.config}/ is missing from "
+                "the models folder (nothing is downloaded at load time)."
             )
         pipeline_class = getattr(diffusers, families.family(family).img2img_pipeline)
         options: dict[str, Any] = {"local_files_only": True}
@@ -373,6 +387,7 @@ class Installer:
                 f"The checkpoint does not load as a {families.family(family).title} model: "
                 f"{type(exc).__name__}: {str(exc)[:300]}"
             ) from None
+        _declare_prediction_type(pipe, probed.prediction_type)
         self.renew(claim, path.stat().st_size, path.stat().st_size, force=True)
         folder = staging / "diffusers"
         pipe.save_pretrained(str(folder), safe_serialization=True)
@@ -544,6 +559,24 @@ def _as_safetensors(path: Path) -> Path:
     out = path.with_suffix(".safetensors")
     save_file(tensors, str(out))
     return out
+
+
+def _copy_sidecars(source: Path, staging: Path) -> None:
+    """A local checkpoint's prediction-type sidecars (`<name>.json`, A1111's `<name>.yaml`),
+    copied beside the staged file (`file.<format>`), where `probe_file` reads them."""
+    for suffix in (".json", ".yaml"):
+        sidecar = source.with_suffix(suffix)
+        if sidecar.is_file() and sidecar.stat().st_size <= _MAX_SIDECAR_BYTES:
+            shutil.copyfile(sidecar, staging / f"file{suffix}")
+
+
+def _declare_prediction_type(pipe: Any, declared: str | None) -> None:
+    """Give the converted pipeline's scheduler the declared prediction type (as the worker's
+    cache does for a single file): saved in its scheduler config, the folder then runs as the
+    file does. None: the configuration folder's scheduler config stands."""
+    scheduler = pipe.scheduler
+    if declared is not None and scheduler.config.get("prediction_type") != declared:
+        pipe.scheduler = type(scheduler).from_config(scheduler.config, prediction_type=declared)
 
 
 def _expected_total(response: httpx.Response, offset: int) -> int | None:
