@@ -8,20 +8,22 @@ import logging
 from typing import Any
 
 import pytest
-from sqlalchemy import event
+import redis
+from sqlalchemy import event, update
 from sqlalchemy.orm import Session
 
 from darkroom.identities import Operation
 from darkroom.jobspec import JobSpec
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
-from db.models import Job, WebhookDelivery
+from db.models import Job, JobState, WebhookDelivery
 from db.repositories import webhooks
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_factory, session_scope
 from services import jobs as job_service
 from services import outbox
 from services.outbox import DeliveryMessage
+from services.routing import Presence, WorkerPresence, model_key, model_queue
 from tests.support.broker import published_ids
 from tests.support.jobs import store_job
 from tests.support.system import free_port
@@ -181,3 +183,35 @@ def test_with_the_broker_down_the_commit_succeeds_and_the_sweeper_sends_the_row_
     assert report.enqueued_jobs == 2
     assert sorted(waiting(settings, settings.job_queue)) == [first, second]
     assert row(settings, first).queue_name == settings.job_queue
+
+
+def test_a_requeue_is_published_through_model_affinity_routing(
+    settings: Settings, api_key: IssuedKey
+) -> None:
+    """The operator's requeue publishes as every publisher does: to the holder's model queue."""
+    held = model_key(Operation.IMG2IMG.value, "tiny-a")
+    Presence(settings, "w1@test").renew(WorkerPresence("w1@test", [held.name]))
+    spec = JobSpec(
+        operation=Operation.IMG2IMG,
+        prompt="requeue",
+        init_images=["http://127.0.0.1:9/x.png"],
+        steps=2,
+        guidance_scale=7.0,
+        seed=1,
+        model_id="tiny-a",
+    )
+    job_id = store_job(settings, api_key.row.id, spec)
+    with session_scope(settings.resolved_database_url) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(state=JobState.FAILED))
+
+    with session_scope(settings.resolved_database_url) as session:
+        _record, receipt = job_service.requeue(session, make_celery(settings), settings, job_id)
+
+    queue = model_queue(settings, held)
+    try:
+        assert (receipt.sent, receipt.queue) == (True, queue)
+        assert waiting(settings, queue) == [job_id]
+        assert row(settings, job_id).queue_name == queue
+    finally:
+        Presence(settings, "w1@test").leave([held.name])
+        redis.Redis.from_url(settings.resolved_broker_url).delete(queue)
