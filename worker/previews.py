@@ -184,8 +184,11 @@ class PreviewMaker:
     last_done: int = field(default=-1)
 
     def due(self, done: int) -> bool:
-        """Whether `done` steps call for a new preview."""
-        return self.every > 0 and (self.last_done < 0 or done - self.last_done >= self.every)
+        """Whether `done` steps call for a new preview (a new call of the batch counts its
+        steps from 1 again: its first step makes one)."""
+        if self.every <= 0:
+            return False
+        return self.last_done < 0 or done < self.last_done or done - self.last_done >= self.every
 
     def previews(self, running: Sequence[int], done: int) -> dict[int, bytes]:
         """A preview per running job (by batch index) when one is due and the latents' layout

@@ -68,6 +68,7 @@ class BatchProgress:
         if self._token is not None:
             previews.close_tap(self._token)
             self._token = None
+        self.tap.latents = None  # let the last call's latents go (device memory)
 
     def previews(self, running: Sequence[int], done: int) -> dict[int, bytes]:
         """The running jobs' new previews by job id (none unless one is due); never raises: a

@@ -104,6 +104,20 @@ def test_a_preview_is_a_small_jpeg_whatever_the_size() -> None:
     assert 0 <= float(odd.min()) <= float(odd.max()) <= 1
 
 
+def test_each_job_of_a_batch_gets_its_first_samples_preview_every_k_steps() -> None:
+    tap = previews.LatentTap(torch.randn(3, 4, 8, 8), "StableDiffusionImg2ImgPipeline")
+    # job 0 has two samples, job 1 one: job 1's first sample is the batch's third
+    maker = previews.PreviewMaker(tap, every=3, samples=[2, 1], sizes=[(64, 64), (64, 64)])
+    made = maker.previews([0, 1], done=1)
+    assert made[1] == previews.preview_of(tap.latents[2], tap.pipeline, 64, 64)  # type: ignore[index]
+    assert made[0] == previews.preview_of(tap.latents[0], tap.pipeline, 64, 64)  # type: ignore[index]
+    assert maker.previews([0, 1], done=2) == {}  # not due: every 3 steps
+    assert set(maker.previews([0, 1], done=4)) == {0, 1}
+    assert set(maker.previews([1], done=1)) == set()  # 3 latents, 1 sample: layout unknown
+    tap.latents = torch.randn(1, 4, 8, 8)
+    assert set(maker.previews([1], done=1)) == {1}  # the batch's next call starts again
+
+
 def test_events_filter_reads_lists_and_comma_strings() -> None:
     assert parse_filter("progress, start") == ["start", "progress"]
     assert parse_filter(["completed"]) == ["completed"]
