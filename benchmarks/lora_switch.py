@@ -7,7 +7,9 @@ On the tiny SD 1.x model (CPU, or CUDA when present), with kohya-format LoRAs wr
 - `switch_cold`: applying a LoRA whose state dict is not cached (the worker reads the file and
   converts kohya's layout, then `load_lora_weights`, `set_adapters`, and the unload after);
 - `switch_warm`: the same with the state dict in the worker's LoRA cache (no file read);
-- `read_cold` / `read_warm`: the state dict alone, from the file or from the cache.
+- `read_cold` / `read_warm`: the state dict alone, from the file or from the cache;
+- `embedding_cold` / `embedding_warm`: adding a textual-inversion embedding's token to the
+  tokenizer and text encoder and removing it again, its file read or from the same cache.
 Each figure is the median of `--repeats` rounds, in milliseconds; rounds alternate between
 four LoRAs, so every switch changes the adapter as a stream of requests would.
 """
@@ -64,6 +66,9 @@ def measure(repeats: int, workdir: Path) -> dict[str, Any]:
     paths = [workdir / "loras" / f"kohya-{n}.safetensors" for n in range(LORAS)]
     for n, path in enumerate(paths):
         tiny.ensure_tiny_lora(path, f"kohya-{n}")
+    embeddings = [workdir / "embeddings" / f"emb-{n}.safetensors" for n in range(LORAS)]
+    for n, path in enumerate(embeddings):
+        tiny.ensure_tiny_embedding(path, f"emb-{n}")
     image = Image.new("RGB", (64, 64), (200, 30, 30))
     cache = shared_cache()
 
@@ -81,8 +86,17 @@ def measure(repeats: int, workdir: Path) -> dict[str, Any]:
             cache.clear()
         cache.get(str(paths[round_ % LORAS]), lambda p: lora_in_convertible_layout(load_file(p)))
 
+    def embed(round_: int, cold: bool) -> None:
+        if cold:
+            cache.clear()
+        with options._embeddings(
+            pipe, ((f"<emb-{round_ % LORAS}>", str(embeddings[round_ % LORAS])),)
+        ):
+            pass
+
     generate(0)  # warm-up: first calls allocate
     switch(0, cold=False)
+    embed(0, cold=False)
     for path in paths:
         cache.get(str(path), lambda p: lora_in_convertible_layout(load_file(p)))
     return {
@@ -94,6 +108,8 @@ def measure(repeats: int, workdir: Path) -> dict[str, Any]:
         "switch_warm_ms": _median_ms(repeats, lambda r: switch(r, cold=False)),
         "read_cold_ms": _median_ms(repeats, lambda r: read(r, cold=True)),
         "read_warm_ms": _median_ms(repeats, lambda r: read(r, cold=False)),
+        "embedding_cold_ms": _median_ms(repeats, lambda r: embed(r, cold=True)),
+        "embedding_warm_ms": _median_ms(repeats, lambda r: embed(r, cold=False)),
         "cache_hits": cache.hits,
         "cache_misses": cache.misses,
     }

@@ -1,11 +1,14 @@
-"""Recently used LoRA (and embedding) state dicts, kept in memory: bounded by bytes, LRU.
+"""Recently used LoRA and embedding state dicts, kept in memory: bounded by bytes, LRU.
 
-A request names its LoRAs by id; without this cache every request reads each file again and
-converts its layout (kohya / A1111 to diffusers), which costs more than applying it. Entries
+A request names its LoRAs and textual-inversion embeddings by id; without this cache every
+request reads each file again and converts a LoRA's layout (kohya / A1111 to diffusers), which
+costs more than applying it. LoRAs and `.safetensors` embeddings share one cache and one byte
+budget (worker/pipelines/options.py: `_lora_weights`, `_embedding_vectors`). Entries
 are keyed by the file's path, size and modification time, so a LoRA installed again under the
 same id (delete_model, then load_model) is read anew. Tensors live on the CPU, as read; a
-request's adapters are built from them by `load_lora_weights` and dropped after the request,
-so the cache never holds GPU memory.
+request's adapters are built from them by `load_lora_weights` (an embedding's vectors are
+copied into the text encoder by `load_textual_inversion`) and dropped after the request, so
+the cache never holds GPU memory.
 
 One per worker process (`shared_cache`); the worker runs one job at a time, but the lock keeps
 the structure sound should a thread (a metrics probe, say) look at it meanwhile.

@@ -166,11 +166,13 @@ def _embedding_targets(pipe: Any) -> list[tuple[Any, Any, str]]:
 
 
 def _embedding_vectors(location: str, pairs: list[tuple[Any, Any, str]]) -> list[Any]:
-    """What `load_textual_inversion` takes for each target: the file itself for one encoder,
-    the file's `clip_l` / `clip_g` tensors for SDXL's two."""
+    """What `load_textual_inversion` takes for each target: the file's tensors for one encoder,
+    its `clip_l` / `clip_g` tensors for SDXL's two. A warm `.safetensors` embedding is not read
+    again (the LoRA cache holds it too); a `.pt` file or a Hub id goes to diffusers as it is."""
+    local = location.endswith(".safetensors") and Path(location).is_file()
+    tensors = shared_cache().get(location, load_file) if local else {}
     if len(pairs) == 1 and not pairs[0][2]:
-        return [location]
-    tensors = load_file(location) if location.endswith(".safetensors") else {}
+        return [tensors if tensors else location]
     missing = [key for _tok, _enc, key in pairs if key not in tensors]
     if missing:
         raise ValueError(
