@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from celery import Celery
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -41,6 +42,7 @@ from darkroom.settings import Settings
 from db.models import InstallState, ModelInstall
 from db.repositories import models as repo
 from db.repositories import webhooks
+from services import webhooks as webhook_service
 
 MODEL, LORA, EMBEDDING, VAE = "model", "lora", "embedding", "vae"
 KINDS = (MODEL, LORA, EMBEDDING, VAE)
@@ -508,14 +510,19 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def delete(session: Session, settings: Settings, model_id: str) -> list[str]:
+def delete(
+    session: Session, settings: Settings, model_id: str, broker: Celery | None = None
+) -> list[str]:
     """Remove `model_id` (every kind with that id): its files and its install row. Refused
     (409) while queued or running jobs name it, so that none of them fails for want of it.
-    The kinds removed; a running install notices at its next lease renewal and stops."""
+    The kinds removed. A queued or running install ends as deleted: its webhook (if asked)
+    says so, published through `broker` once the caller commits (without one, the sweeper
+    sends it), and its installer notices at its next lease renewal, stops and clears its
+    staging folder (or takes away what it placed meanwhile)."""
     check_model_id(model_id, kind=LORA)
     removed = []
     for kind in KINDS:
-        install = repo.get_install(session, kind, model_id)
+        install = repo.lock_install(session, kind, model_id)
         paths = _paths_of(settings, kind, model_id)
         if install is None and not paths:
             continue
@@ -523,11 +530,42 @@ def delete(session: Session, settings: Settings, model_id: str) -> list[str]:
         for path in paths:
             _remove(settings, path)
         if install is not None:
+            delivery_id = _deleted_while_loading(session, install)
             repo.delete_install(session, install)
+            if broker is not None:
+                webhook_service.publish(session, broker, settings, delivery_id)
         removed.append(kind)
     if not removed:
         raise InstallRefusedError(f"No model, LoRA, embedding or VAE {model_id!r}.", status=404)
     return removed
+
+
+#: What a load's webhook says when delete_model ended it before it was ready.
+DELETED_WHILE_LOADING = "The model was deleted (delete_model) while it was being loaded."
+
+
+def _deleted_while_loading(session: Session, install: ModelInstall) -> int | None:
+    """The webhook of an install deleted before it ended (None: it had ended, or asked for
+    none), its payload frozen now: the row, and deliveries that name it, go with the delete,
+    so the delivery names no install (as a job's names its job)."""
+    if install.state not in (InstallState.QUEUED, InstallState.DOWNLOADING):
+        return None
+    if not install.webhook_url or install.api_key_id is None:
+        return None
+    body = {
+        "status": "error",
+        "message": DELETED_WHILE_LOADING,
+        **describe(install),
+        "model_status": "deleted",
+        "error": DELETED_WHILE_LOADING,
+    }
+    delivery = webhooks.create_delivery(
+        session,
+        url=install.webhook_url,
+        payload=json.dumps(body, separators=(",", ":")),
+        api_key_id=install.api_key_id,
+    )
+    return delivery.id
 
 
 _JOB_FIELDS = {MODEL: "model_id", LORA: "lora_model", EMBEDDING: "embeddings_model", VAE: "vae"}

@@ -160,10 +160,26 @@ class Installer:
             message = f"The model could not be installed ({type(exc).__name__})."
         shutil.rmtree(staging, ignore_errors=True)
         if message is None:
-            self._finish(lambda s: service.complete(s, self.settings, claim.install_id, found))
+            self._complete(claim, found, staging)
         else:
             failure = message
             self._finish(lambda s: service.fail(s, self.settings, claim.install_id, failure))
+
+    def _complete(self, claim: Claim, found: Found, staging: Path) -> None:
+        """Record a placed install as ready; if delete_model removed its row between the last
+        lease renewal and the rename, what was placed is no install's: it goes too."""
+        gone = False
+
+        def record(session: Any) -> int | None:
+            nonlocal gone
+            install = repo.get_install_by_id(session, claim.install_id)
+            gone = install is None
+            return service.complete(session, self.settings, claim.install_id, found)
+
+        self._finish(record)
+        if gone:
+            log.info("install %s was deleted as it finished; removing it", claim.install_id)
+            _take_away(service.target_path(self.settings, claim.kind, claim.model_id), staging)
 
     def _finish(self, record: Callable[[Any], int | None]) -> None:
         """Record the outcome (and its webhook) in one transaction; the outbox rings the
@@ -602,6 +618,19 @@ def _place(built: Path, target: Path) -> None:
     if target.exists():
         raise InstallError(f"{target.name} appeared in the models folder meanwhile.")
     os.rename(built, target)
+
+
+def _take_away(target: Path, staging: Path) -> None:
+    """Move `target` out of the models folder in one rename, then delete it."""
+    trash = staging.with_name(f"{staging.name}-deleted")
+    try:
+        os.rename(target, trash)
+    except FileNotFoundError:
+        return
+    if trash.is_dir():
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        trash.unlink(missing_ok=True)
 
 
 def _quiet(_done: int, _total: int | None, _stage: str) -> None:

@@ -107,7 +107,7 @@ async def delete_model(
     id is read anew."""
     model_id = _model_id(body)
     removed = await _admin_work(
-        request, body, lambda session, _key: models.delete(session, settings, model_id)
+        request, body, lambda session, _key: models.delete(session, settings, model_id, broker)
     )
     with contextlib.suppress(server.UnavailableError):  # no live worker: nothing is resident
         await run_in_threadpool(server.clear_cache, broker, settings)
