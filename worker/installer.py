@@ -349,7 +349,7 @@ class Installer:
         if claim.kind == LORA:
             return (check_lora(named), file_format), _as_safetensors(named)
         if claim.kind == EMBEDDING:
-            return (check_embedding(named), file_format), _as_safetensors(named)
+            return (check_embedding(named), file_format), _as_safetensors(named, embedding=True)
         if claim.kind == VAE:
             return (None, file_format), self._convert_vae(named, staging)
         probed = self._probe(claim, named)
@@ -563,8 +563,12 @@ def check_embedding(path: Path) -> str:
     )
 
 
-def _as_safetensors(path: Path) -> Path:
-    """A LoRA or embedding as a safetensors file (a `.ckpt`/`.pt` is re-saved, weights only)."""
+def _as_safetensors(path: Path, embedding: bool = False) -> Path:
+    """A LoRA or embedding as a safetensors file (a `.ckpt`/`.pt` is re-saved, weights only).
+
+    An A1111 / textual-inversion `.pt` embedding keeps only its vectors, as A1111's own
+    safetensors embeddings do (`emb_params`): its `string_to_token` (a tensor in the original
+    textual-inversion code) would otherwise be a second tensor that no loader expects."""
     if path.suffix == ".safetensors":
         return path
     import torch
@@ -572,6 +576,9 @@ def _as_safetensors(path: Path) -> Path:
 
     state = _flatten(torch.load(str(path), map_location="cpu", weights_only=True))
     tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    vectors = [v for k, v in tensors.items() if k.startswith("string_to_param.")]
+    if embedding and len(vectors) == 1:
+        tensors = {"emb_params": vectors[0]}
     out = path.with_suffix(".safetensors")
     save_file(tensors, str(out))
     return out

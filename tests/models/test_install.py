@@ -250,3 +250,41 @@ def test_load_vae_converts_an_original_layout_file(
     assert all(
         torch.equal(value, installed.state_dict()[k]) for k, value in vae.state_dict().items()
     )
+
+
+def test_an_a1111_pt_embedding_installs_and_loads_its_vectors(
+    install_settings: Settings, file_server: FileServer, tiny_files: TinyFiles, tmp_path: Path
+) -> None:
+    """The original textual-inversion `.pt` layout (`string_to_token` a tensor, the vectors in
+    `string_to_param["*"]`, as A1111 reads it) is installed as a safetensors file holding the
+    vectors alone, which the worker loads: the token gets the file's vectors."""
+    import diffusers
+
+    from worker.pipelines import options
+
+    vectors = torch.randn(2, 32)  # two vectors of the tiny text encoder's width
+    original = {
+        "string_to_token": {"*": torch.tensor(265)},
+        "string_to_param": {"*": vectors},
+        "name": "old-style",
+        "step": 3000,
+    }
+    torch.save(original, tmp_path / "old.pt")
+    file_server.files["/old.pt"] = Served((tmp_path / "old.pt").read_bytes())
+    emb = _id("old-emb")
+    body = {"url": file_server.url("/old.pt"), "model_id": emb, "model_type": "embeddings"}
+    found = _run(install_settings, _load(install_settings, body, None))
+    assert found["model_status"] == "ready", found
+    assert (found["family"], found["format"]) == ("sd", "ckpt")
+    assert install_settings.models_dir is not None
+    installed = install_settings.models_dir / "embeddings" / f"{emb}.safetensors"
+    pipeline_class: Any = diffusers.StableDiffusionImg2ImgPipeline
+    pipe = pipeline_class.from_pretrained(
+        str(tiny_files.sd_folder), safety_checker=None, requires_safety_checker=False
+    )
+    with options._embeddings(pipe, (("<old>", str(installed)),)):
+        prompt = pipe.maybe_convert_prompt("<old>", pipe.tokenizer)  # "<old> <old>_1"
+        ids = pipe.tokenizer(prompt, add_special_tokens=False).input_ids
+        assert len(ids) == 2  # one token per vector
+        rows = pipe.text_encoder.get_input_embeddings().weight[ids]
+        assert torch.equal(rows, vectors)
