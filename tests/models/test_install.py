@@ -288,3 +288,23 @@ def test_an_a1111_pt_embedding_installs_and_loads_its_vectors(
         assert len(ids) == 2  # one token per vector
         rows = pipe.text_encoder.get_input_embeddings().weight[ids]
         assert torch.equal(rows, vectors)
+
+
+def test_the_size_limit_and_the_ssrf_guard_apply_to_downloads(
+    install_settings: Settings, file_server: FileServer, tiny_files: TinyFiles
+) -> None:
+    """A file over DARKROOM_MODEL_MAX_BYTES fails before its body is kept; a loopback URL that
+    the allow-list does not open is refused by the same guard as images, and nothing is fetched."""
+    file_server.files["/m.safetensors"] = Served(tiny_files.sd_checkpoint)
+    url = file_server.url("/m.safetensors")
+    small = install_settings.model_copy(update={"model_max_bytes": 1000})
+    found = _run(small, _load(small, {"url": url, "model_id": _id("big")}, None))
+    assert found["model_status"] == "failed"
+    assert "the limit is 1000 (DARKROOM_MODEL_MAX_BYTES)" in str(found["error"])
+    guarded = install_settings.model_copy(update={"url_allowlist": []})
+    before = len(file_server.ranges)
+    found = _run(guarded, _load(guarded, {"url": url, "model_id": _id("ssrf")}, None))
+    assert found["model_status"] == "failed"
+    assert "non-public address" in str(found["error"])
+    assert len(file_server.ranges) == before  # no request reached the server
+    assert _leftovers(install_settings) == []
