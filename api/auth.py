@@ -25,7 +25,7 @@ from api.errors import INVALID_KEY, ApiError
 from darkroom.settings import Settings
 from db.models import ApiKey
 from db.repositories.keys import active_keys_by_digest, hash_key
-from db.session import session_scope
+from db.session import read_scope, session_scope
 
 T = TypeVar("T")
 #: The route's work: given the request's session and the caller's key, its answer.
@@ -76,16 +76,28 @@ def authenticate(session: Session, cache: KeyCache, presented: str | None) -> Ap
     return key
 
 
-def run_keyed(settings: Settings, cache: KeyCache, presented: str | None, work: Work[T]) -> T:
-    """In one short session: authenticate, then do the work; commits on success."""
-    with session_scope(settings.resolved_database_url) as session:
+def run_keyed(
+    settings: Settings,
+    cache: KeyCache,
+    presented: str | None,
+    work: Work[T],
+    read_only: bool = False,
+) -> T:
+    """In one short session: authenticate, then do the work; commits on success. With
+    `read_only` (work that only reads, such as a poll) nothing is committed and each
+    statement runs on its own (`db.session.read_scope`): no BEGIN or COMMIT round trips."""
+    scope = read_scope if read_only else session_scope
+    with scope(settings.resolved_database_url) as session:
         return work(session, authenticate(session, cache, presented))
 
 
-async def keyed(request: Request, presented: str | None, work: Work[T]) -> T:
+async def keyed(
+    request: Request, presented: str | None, work: Work[T], *, read_only: bool = False
+) -> T:
     """`run_keyed` in one hop to the thread pool, with the app's settings and key cache."""
     settings: Settings = request.app.state.settings
-    return await run_in_threadpool(run_keyed, settings, get_key_cache(request), presented, work)
+    cache = get_key_cache(request)
+    return await run_in_threadpool(run_keyed, settings, cache, presented, work, read_only)
 
 
 def get_key_cache(request: Request) -> KeyCache:

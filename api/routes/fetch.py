@@ -29,7 +29,7 @@ from darkroom.settings import Settings
 from db.models import ApiKey, JobState
 from db.repositories import jobs
 from db.repositories.jobs import QueueView
-from db.session import session_scope
+from db.session import read_scope
 from services import eta
 from services.links import OutputLinks
 from services.responses import failed_body, processing_body, success_body
@@ -70,7 +70,7 @@ WAIT_HELP = (
 
 def fetch_job(session: Session, settings: Settings, key: ApiKey, job_id: int) -> Answer:
     """The current shape of job `job_id`; another key's job answers exactly like a missing one."""
-    job = jobs.get_job_for_key(session, job_id, key.id)
+    job = jobs.poll_job_for_key(session, job_id, key.id)
     if job is None:
         raise ApiError(404, f"No request with id {job_id}.")
     if job.state == JobState.SUCCESS:
@@ -113,7 +113,7 @@ def job_reader(settings: Settings, key: ApiKey, job_id: int) -> ReadAnswer:
     """Reads the job's current answer in a session of its own, closed at once."""
 
     def read() -> Answer:
-        with session_scope(settings.resolved_database_url) as session:
+        with read_scope(settings.resolved_database_url) as session:
             return fetch_job(session, settings, key, job_id)
 
     return read
@@ -153,7 +153,7 @@ async def _fetch(
     """Authenticate and read in one thread-pool hop and one short session, then maybe wait
     (holding no connection and no thread)."""
     presented = presented_key(request, body)
-    answer, key = await keyed(request, presented, _fetch_as(settings, job_id))
+    answer, key = await keyed(request, presented, _fetch_as(settings, job_id), read_only=True)
     wait_s = requested_wait(request, body, settings)  # after the key: a 401 comes first
     return await answer_or_wait(request, response, answer, wait_s=wait_s, key=key)
 

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, lazyload
 
 from darkroom.identities import Operation
 from db.clock import DbNow, db_now
@@ -112,6 +112,15 @@ def get_job_for_key(session: Session, job_id: int, api_key_id: int) -> Job | Non
     if not 1 <= job_id <= MAX_JOB_ID:
         return None
     return session.scalar(select(Job).where(Job.id == job_id, Job.api_key_id == api_key_id))
+
+
+def poll_job_for_key(session: Session, job_id: int, api_key_id: int) -> Job | None:
+    """`get_job_for_key` for a poll: one indexed read. The outputs are loaded only when read
+    (a finished job's answer), not by a second query for every queued or running job."""
+    if not 1 <= job_id <= MAX_JOB_ID:
+        return None
+    query = select(Job).where(Job.id == job_id, Job.api_key_id == api_key_id)
+    return session.scalar(query.options(lazyload(Job.outputs)))
 
 
 def _claimed(now: datetime, lease_s: float) -> dict[Any, Any]:

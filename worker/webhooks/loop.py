@@ -1,10 +1,11 @@
 """The dispatcher's delivery loop: the database says what is due, not one broker message each.
 
 One thread claims due deliveries in batches (one UPDATE ... RETURNING that also reads the
-signing secrets), hands them to a pool of DARKROOM_WEBHOOK_CONCURRENCY threads that POST them
-(`dispatcher.attempt`: the same deadline, decoding bounds and SSRF guard as every attempt), and
-records finished attempts in batches, in the same transaction as the next claim. A Celery task
-per delivery cost more CPU than the POST itself; here a delivery costs a share of a statement.
+signing secrets) and queues them for DARKROOM_WEBHOOK_CONCURRENCY sender threads that POST them
+(`dispatcher.attempt`: the same deadline, decoding bounds and SSRF guard as every attempt); it
+records the finished attempts in batches, in the same transaction as the next claim, without
+waiting for the attempts under way. A Celery task per delivery cost more CPU than the POST
+itself; here a delivery costs a share of a statement.
 
 Broker messages on the webhook queue (published by workers and the sweeper) are only a doorbell:
 the loop waits on the queue when it has nothing to do, wakes at the first message, and drops
@@ -16,10 +17,9 @@ delivery's lease still allows one attempt at a time, on the database's clock.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections.abc import Iterable
-from concurrent import futures
-from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
 import redis
@@ -34,10 +34,9 @@ from worker.webhooks.dispatcher import Ticket, attempt_logged, lease_seconds, no
 
 log = logging.getLogger(__name__)
 
-#: Deliveries claimed ahead of the pool, per thread: work waits for a thread, never the reverse.
-CLAIM_AHEAD = 2
-#: Once an attempt ends, how long to let others end too, so one transaction records several.
-GATHER_S = 0.002
+#: Deliveries claimed ahead, per sender thread: enough that the senders still have work while
+#: the claiming thread's transaction runs (work waits for a thread, never the reverse).
+CLAIM_AHEAD = 8
 #: After a database error, the wait before trying again.
 ERROR_BACKOFF_S = 1.0
 
@@ -65,7 +64,14 @@ class Doorbell:
 
 
 class DeliveryLoop:
-    """Claims, attempts and records deliveries until `stop` is set (see the module doc)."""
+    """Claims, attempts and records deliveries until `stop` is set (see the module doc).
+
+    The claiming thread never waits for the attempts: DARKROOM_WEBHOOK_CONCURRENCY sender
+    threads take tickets from a queue and hand back outcomes on another, and each pass of
+    the claiming thread records every outcome that has arrived since the last and tops the
+    queue up in one transaction. While that transaction runs, the senders work through the
+    tickets claimed ahead, so neither side idles waiting for the other.
+    """
 
     def __init__(self, settings: Settings, client: httpx.Client, doorbell: Doorbell) -> None:
         self.settings = settings
@@ -73,26 +79,68 @@ class DeliveryLoop:
         self.doorbell = doorbell
         self.capacity = settings.webhook_concurrency * CLAIM_AHEAD
         self.unrecorded: list[Finished] = []
+        self._todo: queue.SimpleQueue[Ticket | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[Finished | None] = queue.SimpleQueue()
+        #: Tickets handed to the senders whose attempt has not come back yet.
+        self._in_flight = 0
 
     def run(self, stop: threading.Event) -> None:
         """Deliver until `stop`; then finish and record the attempts under way."""
-        threads = self.settings.webhook_concurrency
-        with ThreadPoolExecutor(threads, thread_name_prefix="deliver") as pool:
-            running: set[Future[Finished]] = set()
-            while not stop.is_set() or running:
-                room = 0 if stop.is_set() else self.capacity - len(running)
-                tickets = self._exchange(_take_done(running), room)
-                running |= {pool.submit(self._attempt, ticket) for ticket in tickets}
-                if running:
-                    futures.wait(running, timeout=1.0, return_when=futures.FIRST_COMPLETED)
-                    stop.wait(GATHER_S)
-                elif not tickets and not stop.is_set():
-                    self.doorbell.wait(self.settings.webhook_poll_s)
+        senders = [
+            threading.Thread(target=self._send, name=f"deliver-{n}", daemon=True)
+            for n in range(self.settings.webhook_concurrency)
+        ]
+        for sender in senders:
+            sender.start()
+        try:
+            self._coordinate(stop)
+        finally:
+            for _ in senders:
+                self._todo.put(None)
+            for sender in senders:
+                sender.join()
         if self.unrecorded:  # one last try; unrecorded attempts are made again after the lease
             self._exchange([], 0)
 
-    def _attempt(self, ticket: Ticket) -> Finished:
-        return ticket, attempt_logged(ticket, self.settings, self.client)
+    def _coordinate(self, stop: threading.Event) -> None:
+        """Record what came back and claim more, until `stop` and nothing is under way."""
+        while not stop.is_set() or self._in_flight:
+            finished = self._collect(block=self._in_flight > 0)
+            room = 0 if stop.is_set() else self.capacity - self._in_flight
+            tickets = self._exchange(finished, room)
+            for ticket in tickets:
+                self._todo.put(ticket)
+            self._in_flight += len(tickets)
+            if not self._in_flight and not tickets and not stop.is_set():
+                self.doorbell.wait(self.settings.webhook_poll_s)
+
+    def _collect(self, *, block: bool) -> list[Finished]:
+        """The outcomes that came back, waiting up to a second for the first when `block`."""
+        arrived: list[Finished | None] = []
+        if block:
+            try:
+                arrived.append(self._done.get(timeout=1.0))
+            except queue.Empty:
+                return []
+        while True:
+            try:
+                arrived.append(self._done.get_nowait())
+            except queue.Empty:
+                break
+        self._in_flight -= len(arrived)
+        # None: an attempt that raised (a bug: network trouble is an outcome), left to its lease.
+        return [item for item in arrived if item is not None]
+
+    def _send(self) -> None:
+        """A sender thread: attempt each ticket from the queue until a None."""
+        while (ticket := self._todo.get()) is not None:
+            try:
+                outcome = attempt_logged(ticket, self.settings, self.client)
+            except Exception:
+                log.exception("dispatcher: an attempt failed")
+                self._done.put(None)
+            else:
+                self._done.put((ticket, outcome))
 
     def _exchange(self, finished: Iterable[Finished], room: int) -> list[Ticket]:
         """Record `finished` and claim up to `room` more in one transaction; on a database
@@ -121,21 +169,6 @@ def pause(seconds: float) -> None:
     """Sleep, as a timed lock wait: under libfaketime (the clock tests), `time.sleep` of a few
     milliseconds fails with EINVAL, while lock waits keep working."""
     threading.Event().wait(seconds)
-
-
-def _take_done(running: set[Future[Finished]]) -> list[Finished]:
-    """Remove the finished attempts from `running`; their results. An attempt that raised (a
-    bug: network trouble is an outcome) is logged and left to its lease, as a crash would be."""
-    done = [future for future in running if future.done()]
-    running.difference_update(done)
-    results = []
-    for future in done:
-        error = future.exception()
-        if error is None:
-            results.append(future.result())
-        else:
-            log.error("dispatcher: an attempt failed", exc_info=error)
-    return results
 
 
 def run_loop(settings: Settings, client: httpx.Client, stop: threading.Event) -> None:
