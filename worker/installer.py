@@ -36,7 +36,8 @@ import struct
 import threading
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,32 @@ class Installer:
         if not alive:
             raise InstallGoneError()
 
+    @contextmanager
+    def leased(self, claim: Claim, done: int) -> Iterator[None]:
+        """Keep the claim's lease renewed from a thread while the block runs a step that reports
+        no progress (a conversion, a Hub snapshot): otherwise a step longer than the lease lets
+        another installer claim the install meanwhile. A deletion seen here stops the thread;
+        the block's next renewal raises InstallGoneError."""
+        stop = threading.Event()
+        every_s = min(RENEW_EVERY_S, self.settings.install_lease_s / 3)
+
+        def beat() -> None:
+            while not stop.wait(every_s):
+                try:
+                    self.renew(claim, done, done or None, force=True)
+                except InstallGoneError:
+                    return
+                except Exception:  # the database blinked: the next beat tries again
+                    log.exception("install %s: could not renew the lease", claim.install_id)
+
+        thread = threading.Thread(target=beat, name=f"lease-{claim.install_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
     # --- the steps ------------------------------------------------------------------------
 
     def _install(self, claim: Claim, staging: Path, progress: Progress) -> Found:
@@ -219,7 +246,8 @@ class Installer:
             return self._install_hub(claim, staging, target, progress)
         part = staging / PART
         digest, size = self._download(claim, part, progress)
-        found, built = self._verify_and_build(claim, part, staging, progress)
+        with self.leased(claim, size):  # converting a large checkpoint takes minutes
+            found, built = self._verify_and_build(claim, part, staging, progress)
         self.renew(claim, size, size, force=True)  # still ours, just before the rename
         _place(built, target)
         return Found(found[0], found[1], size, digest)
@@ -437,19 +465,15 @@ class Installer:
 
         folder = staging / "hub"
         progress(0, None, "download")
+        revision = claim.options.get("revision")
         try:
-            snapshot_download(
-                claim.source,
-                revision=claim.options.get("revision")
-                if claim.options.get("revision")
-                not in (
-                    "fp16",
-                    "fp32",
+            with self.leased(claim, 0):  # a snapshot reports no progress of its own
+                snapshot_download(
+                    claim.source,
+                    revision=revision if revision not in ("fp16", "fp32") else None,
+                    local_dir=str(folder),
+                    allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
                 )
-                else None,
-                local_dir=str(folder),
-                allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
-            )
         except Exception as exc:
             raise InstallError(
                 f"The Hub repo {claim.source!r} could not be downloaded: {type(exc).__name__}"
