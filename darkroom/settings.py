@@ -90,6 +90,15 @@ class Settings(BaseSettings):
     batch_window_ms: int = Field(default=0, ge=0)
     # CUDA: the share of GPU memory that models and activations may use together.
     gpu_memory_fraction: float = Field(default=0.9, gt=0, le=1)
+    # Overlap a batch's CPU work with the next batch's pipeline call (worker.overlap); false:
+    # each batch is stored and recorded before the next one is claimed (benchmark baseline).
+    worker_pipeline: bool = True
+    # benchmarks/saturation.py only: a generator that returns ready images after this many ms
+    # per call instead of running diffusion. Honoured only with bench_fake_generator also true;
+    # set in the worker's environment, never reachable from a request.
+    bench_fake_generator_ms: int = Field(default=0, ge=0)
+    bench_fake_generator: bool = False
+    bench_generator_log: Path | None = None  # where the fake generator appends its busy spans
 
     # --- storage backends ---
     # "local": files under data_dir/outputs; "s3": an S3-compatible bucket (credentials come

@@ -35,6 +35,7 @@ from darkroom.settings import Settings, get_settings
 from services.server import CLEAR_CACHE_COMMAND, NSFW_CHECK_COMMAND
 from worker.jobs import WorkerRuntime, run_job
 from worker.models.tiny import ensure_tiny_models
+from worker.overlap import Overlap
 from worker.residency import TrackedCache, WorkerAffinity
 from worker.server_control import check_image
 
@@ -79,7 +80,13 @@ def create_worker_app(settings: Settings) -> WorkerApp:
     cache = TrackedCache()
     worker = WorkerApp(
         app=app,
-        runtime=WorkerRuntime(settings=settings, broker=app, cache=cache),
+        runtime=WorkerRuntime(
+            settings=settings,
+            broker=app,
+            cache=cache,
+            # A batch's storing and recording overlap the next one's call (worker.overlap).
+            overlap=Overlap() if settings.worker_pipeline else None,
+        ),
         affinity=WorkerAffinity(settings, cache),
     )
     _register_task(worker)
@@ -143,8 +150,11 @@ def _connect_lifecycle(worker: WorkerApp) -> None:
         affinity.start(sender)
 
     def withdraw(**_kwargs: Any) -> None:
-        """Stop advertising models as soon as shutdown begins, so new jobs go elsewhere."""
+        """Stop advertising models as soon as shutdown begins, so new jobs go elsewhere; record
+        the batch still being stored in the background (pipelining)."""
         affinity.stop()
+        if worker.runtime.overlap is not None:
+            worker.runtime.overlap.drain()
 
     connect_replacing(worker_ready, prepare_models, READY_HOOK)
     connect_replacing(worker_shutting_down, withdraw, SHUTTING_DOWN_HOOK)

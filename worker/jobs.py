@@ -29,6 +29,15 @@ Cancel within a batch: the step hook reads the cancel requests of every job of t
 canceled job keeps computing with its batch mates (its samples cannot leave a running call) and
 fails as canceled when the batch ends, without outputs; when every job of a running call is
 canceled, the call stops at its next step.
+
+Pipelining (`worker.overlap`, issue 15): with `runtime.overlap` set (`darkroom worker` sets it
+unless `worker_pipeline` is false), a batch's init images are fetched in a thread pool, and once
+its pipeline call ends, its conclusion (the last cancel check, PNG encoding in the pool, storage
+writes, the terminal transactions) runs in a background thread while the task returns and the
+next message's batch is claimed, fetched and generated. One conclusion at a time: the next one
+waits for it. Without `overlap` (the tests' runtimes, or `DARKROOM_WORKER_PIPELINE=false`),
+`run_job` returns only once every job of the batch is recorded. The guarantees are the same
+either way: see worker/overlap.py.
 """
 
 from __future__ import annotations
@@ -61,11 +70,13 @@ from services import webhooks as webhook_service
 from services.outcomes import exhausted_message, storage_failed_message
 from services.responses import run_output_filename
 from worker.batching import BatchStepHook, Outcome, StopBatch, generate_batch
+from worker.bench_generator import fake_generate_batch, fake_generator_enabled
 from worker.families import output_size as family_output_size
 from worker.fastpath import fast_path_for
 from worker.images import ImageInputError, fetch_images, png_bytes
 from worker.memory import device_budget
 from worker.models.cache import ModelCache
+from worker.overlap import Overlap
 from worker.pipelines.request import GenerationRequest, GenerationResult, LoraSpec, StepHook
 from worker.progress_hooks import BatchProgress
 
@@ -95,6 +106,8 @@ class WorkerRuntime:
     settings: Settings
     broker: Celery
     cache: ModelCache = field(default_factory=ModelCache)
+    # Set: batches are pipelined (worker.overlap); None: each batch is recorded before return.
+    overlap: Overlap | None = None
     storage: Storage = field(init=False)
 
     def __post_init__(self) -> None:
@@ -218,7 +231,7 @@ def _run_batch(runtime: WorkerRuntime, batch: list[tuple[Job, JobSpec]]) -> None
     """Fetch each job's images, generate them together, and conclude each job on its own."""
     settings = runtime.settings
     with _heartbeat({job.id: job.attempts for job, _spec in batch}, settings):
-        ready = [item for job, spec in batch if (item := _prepare(runtime, job, spec))]
+        ready = _prepare_all(runtime, batch)
         if not ready:
             return
         ids = [item.job.id for item in ready]
@@ -226,17 +239,69 @@ def _run_batch(runtime: WorkerRuntime, batch: list[tuple[Job, JobSpec]]) -> None
         extras = BatchProgress(settings, [(item.job, item.request) for item in ready])
         hook = _step_hook(ids, settings, canceled, extras)
         with job_context(batch_job_ids=ids), extras:
-            requests = [item.request for item in ready]
-            results = generate_batch(requests, runtime.cache, settings, hook)
-        canceled.update(_cancel_requests(settings, ids))
-        for item, result in zip(ready, results, strict=True):
-            with job_context(job_id=item.job.id, track_id=item.job.track_id):
-                try:
-                    _conclude(runtime, item, result, canceled=item.job.id in canceled)
-                except Exception:
-                    # Not recorded (database trouble; storage faults end the job themselves):
-                    # its lease runs out and the sweeper queues it again; the others go on.
-                    log.exception("job %s could not be recorded", item.job.id)
+            results = _generate(runtime, [item.request for item in ready], hook)
+        if runtime.overlap is None:
+            _conclude_batch(runtime, ready, results, canceled)
+            return
+    # The next message is taken while this batch is stored, its leases renewed meanwhile.
+    claims = {item.job.id: item.job.attempts for item in ready}
+
+    def conclude() -> None:
+        with _heartbeat(claims, settings):
+            _conclude_batch(runtime, ready, results, canceled)
+
+    runtime.overlap.behind(conclude)
+
+
+def _prepare_all(runtime: WorkerRuntime, batch: list[tuple[Job, JobSpec]]) -> list[_Ready]:
+    """Each job's request with its init images (fetched in the pool when pipelining); the jobs
+    that cannot be prepared are failed and left out."""
+    if runtime.overlap is None or len(batch) < 2:
+        prepared = [_prepare(runtime, job, spec) for job, spec in batch]
+    else:
+        prepared = runtime.overlap.map(lambda pair: _prepare(runtime, *pair), batch)
+    return [item for item in prepared if item is not None]
+
+
+def _generate(
+    runtime: WorkerRuntime, requests: list[GenerationRequest], hook: BatchStepHook
+) -> list[Outcome]:
+    """The batch's pipeline calls (the benchmark's fake generator when both its settings ask)."""
+    settings = runtime.settings
+    if fake_generator_enabled(settings):
+        return fake_generate_batch(requests, settings, hook)
+    return generate_batch(requests, runtime.cache, settings, hook)
+
+
+def _conclude_batch(
+    runtime: WorkerRuntime, ready: list[_Ready], results: list[Outcome], canceled: set[int]
+) -> None:
+    """Check the cancel requests once more, then record each job of the batch on its own."""
+    ids = [item.job.id for item in ready]
+    canceled.update(_cancel_requests(runtime.settings, ids))
+    encoded = _encode_all(runtime, results)
+    for item, result, pngs in zip(ready, results, encoded, strict=True):
+        with job_context(job_id=item.job.id, track_id=item.job.track_id):
+            try:
+                _conclude(runtime, item, result, pngs, canceled=item.job.id in canceled)
+            except Exception:
+                # Not recorded (database trouble; storage faults end the job themselves):
+                # its lease runs out and the sweeper queues it again; the others go on.
+                log.exception("job %s could not be recorded", item.job.id)
+
+
+def _encode_all(runtime: WorkerRuntime, results: list[Outcome]) -> list[list[bytes] | None]:
+    """The PNGs of each successful result, encoded in the pool when pipelining (zlib releases
+    the GIL); None for the others, and for all without the pool (encoded while stored)."""
+    if runtime.overlap is None:
+        return [None] * len(results)
+    images = [r.images if isinstance(r, GenerationResult) else [] for r in results]
+    flat = runtime.overlap.map(png_bytes, [image for group in images for image in group])
+    encoded: list[list[bytes] | None] = []
+    for group, result in zip(images, results, strict=True):
+        encoded.append(flat[: len(group)] if isinstance(result, GenerationResult) else None)
+        flat = flat[len(group) :]
+    return encoded
 
 
 def _prepare(runtime: WorkerRuntime, job: Job, spec: JobSpec) -> _Ready | None:
@@ -254,7 +319,14 @@ def _prepare(runtime: WorkerRuntime, job: Job, spec: JobSpec) -> _Ready | None:
     return None
 
 
-def _conclude(runtime: WorkerRuntime, item: _Ready, result: Outcome, *, canceled: bool) -> None:
+def _conclude(
+    runtime: WorkerRuntime,
+    item: _Ready,
+    result: Outcome,
+    pngs: list[bytes] | None = None,
+    *,
+    canceled: bool,
+) -> None:
     """Record the job's outcome: its images, a cancel, or the reason it failed."""
     job_id, attempt = item.job.id, item.job.attempts
     if canceled or isinstance(result, StopBatch):
@@ -271,7 +343,7 @@ def _conclude(runtime: WorkerRuntime, item: _Ready, result: Outcome, *, canceled
         log.error("job %s failed", job_id, exc_info=result)
         _finish(runtime, job_id, INTERNAL_ERROR, attempt=attempt, reason=FailureReason.INTERNAL)
     else:
-        _store_and_finish(runtime, item.job, item.spec, item.request, result)
+        _store_and_finish(runtime, item.job, item.spec, item.request, result, pngs)
 
 
 class JobCanceledError(StopBatch):
@@ -366,9 +438,11 @@ def _store_and_finish(
     spec: JobSpec,
     request: GenerationRequest,
     result: GenerationResult,
+    pngs: list[bytes] | None = None,
 ) -> None:
-    """Write the images under this run's names, then record success with them; if they cannot
-    be stored, fail the job saying so. A run that finds another one won deletes its files."""
+    """Write the images (`pngs`: already encoded) under this run's names, then record success
+    with them; if they cannot be stored, fail the job saying so. A run that finds another one
+    won deletes its files."""
     expires_at = utcnow() + TEMP_LIFETIME if spec.temp else None
     run_id = f"{job.attempts}-{secrets.token_hex(4)}"
     records: list[OutputRecord] = []
@@ -376,7 +450,7 @@ def _store_and_finish(
     try:
         for index, (image, seed, nsfw) in enumerate(samples):
             name = run_output_filename(job, index, run_id)
-            _save(runtime, name, png_bytes(image))
+            _save(runtime, name, pngs[index] if pngs is not None else png_bytes(image))
             records.append(
                 OutputRecord(index, name, image.width, image.height, seed, nsfw, expires_at)
             )

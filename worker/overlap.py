@@ -1,0 +1,86 @@
+"""Pipelining: a batch's CPU work overlaps the next batch's pipeline call (issue 15).
+
+The worker consumes one Celery message at a time (solo pool). Without pipelining, one task
+claims a batch, fetches its init images, runs the pipeline call, then encodes, stores and
+records every job before the next message is taken: the generator idles for all of that.
+
+With `worker_pipeline` (the default in `darkroom worker`), a task returns as soon as its
+pipeline call has ended, handing the batch's conclusion (cancel check, PNG encoding, storage
+writes, the success or failure transactions, webhook publishing) to `Overlap`'s one background
+thread; the next message is then claimed, its images fetched (in a small thread pool) and its
+pipeline call run while the previous batch is stored. So:
+
+- at most one batch is being concluded in the background: before handing over batch N, the
+  task waits for batch N-1's conclusion (memory stays bounded to one batch of outputs behind
+  and one batch being generated, whose images are fetched right before its call);
+- each job is still recorded as success only after its files are stored (the conclusion runs
+  the same `_store_and_finish`), fenced by its claim's attempt token, with the same retries;
+- the background conclusion renews its jobs' leases while it runs; a process that dies with
+  a conclusion pending leaves those jobs processing with leases that run out, so the sweeper
+  queues them again and exactly one run records each (as for a batch's companions, whose own
+  messages were refused as busy: the message that started the batch is acknowledged when the
+  task returns, which no longer means its jobs are recorded);
+- a stopping worker drains the pending conclusion (`Overlap.drain`, on `worker_shutdown`).
+
+PNG encoding runs in the thread pool (zlib releases the GIL); so do init image fetches.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: Threads that fetch and decode init images and encode PNGs.
+POOL_THREADS = 4
+
+
+class Overlap:
+    """One background conclusion at a time, and a small pool for fetching and encoding."""
+
+    def __init__(self, threads: int = POOL_THREADS) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="overlap-pool")
+        self._behind = ThreadPoolExecutor(max_workers=1, thread_name_prefix="overlap-conclude")
+        self._pending: Future[None] | None = None
+        self._lock = threading.Lock()
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        """`fn` over `items` in the pool, results in order (an exception is raised here)."""
+        return list(self._pool.map(fn, items))
+
+    def behind(self, conclude: Callable[[], None]) -> None:
+        """Run `conclude` in the background once the previous conclusion has ended."""
+        with self._lock:
+            self._wait()
+            self._pending = self._behind.submit(self._guarded, conclude)
+
+    def drain(self) -> None:
+        """Wait for the pending conclusion, if any."""
+        with self._lock:
+            self._wait()
+
+    def close(self) -> None:
+        """Drain, then stop the threads."""
+        self.drain()
+        self._behind.shutdown(wait=True)
+        self._pool.shutdown(wait=True)
+
+    def _wait(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    @staticmethod
+    def _guarded(conclude: Callable[[], None]) -> None:
+        """A conclusion's own errors are logged: the jobs it left are the sweeper's."""
+        try:
+            conclude()
+        except Exception:
+            log.exception("a batch could not be concluded; its jobs are left to their leases")
