@@ -417,11 +417,60 @@ def verify(session: Session, settings: Settings, model_id: str) -> dict[str, Any
     for kind in KINDS:
         install = repo.get_install(session, kind, model_id)
         if install is not None:
-            return describe(install)
+            return describe(install) | {"dtype": weights_dtype(settings, kind, model_id)}
     for entry in installed_on_disk(settings):
         if entry["model_id"] == model_id:
-            return entry
+            return entry | {"dtype": weights_dtype(settings, entry["model_type"], model_id)}
     raise InstallRefusedError(f"No model, LoRA, embedding or VAE {model_id!r}.", status=404)
+
+
+#: safetensors dtype names as torch spells them.
+_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+#: Folders whose weights say a pipeline's dtype (its denoiser), before any other component's.
+_MAIN_WEIGHTS = ("unet", "transformer")
+#: A safetensors header larger than this is not read (real ones are well under 10 MB).
+_MAX_HEADER_BYTES = 100 * 1024**2
+
+
+def weights_dtype(settings: Settings, kind: str, model_id: str) -> str | None:
+    """The dtype most of the installed weights are stored in (its denoiser's, for a pipeline
+    folder), read from a safetensors header without loading anything; None for a `.ckpt` or
+    files that cannot tell."""
+    paths = _paths_of(settings, kind, model_id)
+    if not paths:
+        return None
+    path = paths[0]
+    if path.is_dir():
+        candidates = [
+            f for name in _MAIN_WEIGHTS for f in sorted((path / name).glob("*.safetensors"))
+        ]
+        candidates += sorted(path.rglob("*.safetensors"))[:1]
+        if not candidates:
+            return None
+        path = candidates[0]
+    if path.suffix != ".safetensors":
+        return None
+    return _header_dtype(path)
+
+
+def _header_dtype(path: Path) -> str | None:
+    """The most common tensor dtype in a safetensors file's JSON header."""
+    try:
+        with path.open("rb") as file:
+            length = int.from_bytes(file.read(8), "little")
+            if not 2 <= length <= _MAX_HEADER_BYTES:
+                return None
+            header = json.loads(file.read(length))
+    except (OSError, ValueError):
+        return None
+    counts: dict[str, int] = {}
+    for name, entry in header.items() if isinstance(header, dict) else ():
+        if name != "__metadata__" and isinstance(entry, dict) and "dtype" in entry:
+            counts[str(entry["dtype"])] = counts.get(str(entry["dtype"]), 0) + 1
+    if not counts:
+        return None
+    found = max(counts, key=lambda dtype: counts[dtype])
+    return _DTYPES.get(found, found.lower())
 
 
 def list_all(session: Session, settings: Settings) -> list[dict[str, Any]]:

@@ -46,6 +46,7 @@ def test_models_add_list_inspect_remove(
     inspected = json.loads(darkroom(env, "models", "inspect", model_id))
     assert inspected["files"] == [str(root / model_id)]
     assert inspected["workers"] == []
+    assert inspected["dtype"] == "float32"  # the tiny model's UNet, read from its header
     text = tmp_path / "notes.txt"
     text.write_text("not a model")
     refused = subprocess.run(

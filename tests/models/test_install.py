@@ -308,3 +308,22 @@ def test_the_size_limit_and_the_ssrf_guard_apply_to_downloads(
     assert "non-public address" in str(found["error"])
     assert len(file_server.ranges) == before  # no request reached the server
     assert _leftovers(install_settings) == []
+
+
+def test_verify_model_tells_the_weights_dtype(
+    install_settings: Settings, tiny_files: TinyFiles, tmp_path: Path
+) -> None:
+    """Read from a safetensors header (the denoiser's, for a folder); None for a `.ckpt`."""
+    root = install_settings.models_dir
+    assert root is not None
+    shutil.copytree(tiny_files.sd_folder, root / "by-hand")  # float32
+    (root / "loras").mkdir()
+    save_file(
+        {"x.lora_down.weight": torch.zeros(2, dtype=torch.float16)},
+        str(root / "loras" / "half.safetensors"),
+    )
+    torch.save({"state_dict": {}}, root / "old.ckpt")
+    with session_scope(install_settings.resolved_database_url) as session:
+        assert models.verify(session, install_settings, "by-hand")["dtype"] == "float32"
+        assert models.verify(session, install_settings, "half")["dtype"] == "float16"
+        assert models.verify(session, install_settings, "old")["dtype"] is None
