@@ -235,4 +235,3 @@ class Presence:
         pipe.zrem(_workers_key(self.settings), self.worker)
         pipe.delete(_record_key(self.settings, self.worker))
         pipe.execute()
-
