@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import shutil
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -60,6 +61,8 @@ SUBMIT_THREADS = 8
 #: machine, plus running every job.
 CASE_TIMEOUT_S = 600.0
 CASES = ("pipelined", "serial")
+#: Options that are not parameters of the measurement.
+SKIPPED = ("out", "keep_logs")
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     if args.quick:
         args.jobs, args.rounds = 24, 1
-    report = Report("saturation", {k: str(v) if k == "out" else v for k, v in vars(args).items()})
-    report.parameters.pop("out")
+    report = Report("saturation", {k: v for k, v in vars(args).items() if k not in SKIPPED})
     load_before = os.getloadavg()
     with production_settings(max_batch=args.batch) as settings, log_folder() as logs:
         results = _measure(settings, logs, args)
@@ -112,6 +114,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=8, help="DARKROOM_MAX_BATCH")
     parser.add_argument("--generator-ms", type=int, default=50, help="one pipeline call, ms")
     parser.add_argument("--rounds", type=int, default=2, help="rounds of both cases")
+    parser.add_argument("--keep-logs", type=Path, help="copy the processes' logs here")
     return parser
 
 
@@ -165,6 +168,10 @@ def _case(
     )
     with started(darkroom_argv("worker"), env, logs / f"worker-{name}.log"):
         arrivals = loopback.wait_for_count(delivered_before + len(ids), CASE_TIMEOUT_S)
+    if args.keep_logs is not None:
+        args.keep_logs.mkdir(parents=True, exist_ok=True)
+        for log in (logs / f"worker-{name}.log", spans_log):
+            shutil.copy(log, args.keep_logs / log.name)
     finished = _finished_at(settings, ids)
     spans = _spans(spans_log)
     first = spans[0][0]

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import api_tier, dispatcher, queue_overhead
+from benchmarks import api_tier, dispatcher, queue_overhead, saturation
 
 pytestmark = pytest.mark.slow
 
@@ -90,3 +90,23 @@ def test_dispatcher_quick_delivers_each_webhook_once_and_beside_plain_posts(
     checks = record["checks"]
     assert checks["delivered"] == checks["deliveries_created"] == checks["attempts"]
     assert record["parameters"]["concurrency"] >= 1
+
+
+def test_saturation_quick_runs_a_full_queue_pipelined_and_serial(tmp_path: Path) -> None:
+    record = _run(saturation.main, tmp_path)
+
+    rows = _rows_by(record, "case")
+    assert list(rows) == ["pipelined", "serial"]
+    for row in rows.values():
+        assert row["jobs_per_s"] > 0
+        assert 0 < row["busy"] <= 1
+        assert row["overhead_ms_per_job"] >= 0
+        assert 1 <= row["batch_mean"] <= record["parameters"]["batch"]
+    assert rows["serial"]["ratio"] == 1.0
+    assert rows["pipelined"]["ratio"] == pytest.approx(
+        rows["pipelined"]["jobs_per_s"] / rows["serial"]["jobs_per_s"]
+    )
+    checks = record["checks"]
+    assert checks["jobs_succeeded"] == 2 * checks["jobs_per_case"]
+    assert checks["goal_busy"]["goal"] == ">= 0.9"
+    assert any("load average" in note for note in record["notes"])

@@ -4,7 +4,8 @@
 `DARKROOM_BENCH_FAKE_GENERATOR=true` in the worker's environment, so that the system's own cost
 around the pipeline call shows. Both must be set; nothing a client sends reaches them. Each
 call sleeps the set time (as a GPU call leaves the CPU free), and appends
-`start end requests` (monotonic-free wall clock, seconds) to `bench_generator_log` when set.
+`start end requests` (wall clock, seconds; the step hook's database writes come before
+`start`) to `bench_generator_log` when set.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ def fake_generate_batch(
     on_step: BatchStepHook | None = None,
 ) -> list[Outcome]:
     """One outcome per request after `bench_fake_generator_ms`: its init image resized."""
+    if on_step is not None:  # progress and cancel checks, as a real call's first step makes
+        on_step(list(range(len(requests))), 1, 1)
     start = time.time()
     seconds = settings.bench_fake_generator_ms / 1000
     time.sleep(seconds)
-    if on_step is not None:
-        on_step(list(range(len(requests))), 1, 1)
     outcomes: list[Outcome] = [_result(request, seconds) for request in requests]
     if settings.bench_generator_log is not None:
         _append(settings.bench_generator_log, start, time.time(), len(requests))

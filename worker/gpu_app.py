@@ -150,9 +150,15 @@ def _connect_lifecycle(worker: WorkerApp) -> None:
         affinity.start(sender)
 
     def withdraw(**_kwargs: Any) -> None:
-        """Stop advertising models as soon as shutdown begins, so new jobs go elsewhere; record
-        the batch still being stored in the background (pipelining)."""
+        """Stop advertising models as soon as shutdown begins, so new jobs go elsewhere, and
+        claim no batch ahead (pipelining). No waiting here: this may interrupt a task."""
         affinity.stop()
+        if worker.runtime.overlap is not None:
+            worker.runtime.overlap.stopping.set()
+
+    def finish(**_kwargs: Any) -> None:
+        """Withdraw, then record the batch still being stored in the background."""
+        withdraw()
         if worker.runtime.overlap is not None:
             worker.runtime.overlap.drain()
 
@@ -160,7 +166,7 @@ def _connect_lifecycle(worker: WorkerApp) -> None:
     connect_replacing(worker_shutting_down, withdraw, SHUTTING_DOWN_HOOK)
     # A shutdown control command (restart_server) sends no `worker_shutting_down`: withdraw
     # on `worker_shutdown` too (withdrawing twice is harmless).
-    connect_replacing(worker_shutdown, withdraw, SHUTDOWN_HOOK)
+    connect_replacing(worker_shutdown, finish, SHUTDOWN_HOOK)
 
 
 @functools.cache

@@ -47,6 +47,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -96,6 +97,10 @@ STORAGE_RETRY_MAX_DELAY_S = 10.0
 FINISH_RETRY_FIRST_DELAY_S, FINISH_RETRY_MAX_DELAY_S = 0.25, 5.0
 
 T = TypeVar("T")
+#: A batch claimed ahead: its jobs, and their requests once prepared.
+_Ahead = tuple[list[tuple[Job, JobSpec]], list["_Ready"]]
+#: Batches one task runs at most when pipelining (it claims the next ahead while one runs).
+MAX_BATCHES_PER_TASK = 32
 INTERNAL_ERROR = "The image could not be generated because of an internal error."
 
 
@@ -228,21 +233,42 @@ def _claim_companions(
 
 
 def _run_batch(runtime: WorkerRuntime, batch: list[tuple[Job, JobSpec]]) -> None:
-    """Fetch each job's images, generate them together, and conclude each job on its own."""
-    settings = runtime.settings
-    with _heartbeat({job.id: job.attempts for job, _spec in batch}, settings):
-        ready = _prepare_all(runtime, batch)
-        if not ready:
+    """Run the batch; when pipelining, then the batches claimed ahead meanwhile, in turn."""
+    prepared: list[_Ready] | None = None
+    for _turn in range(MAX_BATCHES_PER_TASK):
+        ahead = _run_one_batch(runtime, batch, prepared)
+        if ahead is None:
             return
+        batch, prepared = ahead.result()
+        if not batch:
+            return
+    log.info("%d batches in one task: the next is left to its message", MAX_BATCHES_PER_TASK)
+
+
+def _run_one_batch(
+    runtime: WorkerRuntime, batch: list[tuple[Job, JobSpec]], prepared: list[_Ready] | None
+) -> Future[_Ahead] | None:
+    """Fetch each job's images (unless `prepared`), generate them together, and conclude each
+    job on its own; when pipelining, the next batch claimed ahead during the call."""
+    settings = runtime.settings
+    ahead: Future[_Ahead] | None = None
+    with _heartbeat({job.id: job.attempts for job, _spec in batch}, settings):
+        ready = prepared if prepared is not None else _prepare_all(runtime, batch)
+        if not ready:
+            return None
+        overlap = runtime.overlap
+        if overlap is not None and not overlap.stopping.is_set():
+            leader, spec = batch[0]
+            ahead = overlap.ahead(lambda: _claim_ahead(runtime, leader, spec))
         ids = [item.job.id for item in ready]
         canceled: set[int] = set()
         extras = BatchProgress(settings, [(item.job, item.request) for item in ready])
         hook = _step_hook(ids, settings, canceled, extras)
         with job_context(batch_job_ids=ids), extras:
             results = _generate(runtime, [item.request for item in ready], hook)
-        if runtime.overlap is None:
+        if overlap is None:
             _conclude_batch(runtime, ready, results, canceled)
-            return
+            return None
     # The next message is taken while this batch is stored, its leases renewed meanwhile.
     claims = {item.job.id: item.job.attempts for item in ready}
 
@@ -250,7 +276,36 @@ def _run_batch(runtime: WorkerRuntime, batch: list[tuple[Job, JobSpec]]) -> None
         with _heartbeat(claims, settings):
             _conclude_batch(runtime, ready, results, canceled)
 
-    runtime.overlap.behind(conclude)
+    overlap.behind(conclude)
+    return ahead
+
+
+def _claim_ahead(runtime: WorkerRuntime, leader: Job, spec: JobSpec) -> _Ahead:
+    """The next batch, claimed and prepared while the current one generates: up to `max_batch`
+    queued jobs that share the leader's batch key (none without one)."""
+    key = batch_key(spec)
+    if key is None:
+        return [], []
+    settings = runtime.settings
+    with session_scope(settings.resolved_database_url) as session:
+        claimed = jobs.claim_batch_companions(
+            session,
+            leader_id=leader.id,
+            batch_key=key,
+            limit=runtime.max_batch,
+            lease_s=settings.job_lease_s,
+            max_attempts=settings.job_max_attempts,
+        )
+    if not claimed:
+        return [], []
+    log.info("job %s's batch claims jobs %s ahead", leader.id, [job.id for job in claimed])
+    batch = []
+    for job in claimed:
+        with job_context(job_id=job.id, track_id=job.track_id):
+            job_spec = _read_spec(runtime, job)
+        if job_spec is not None:
+            batch.append((job, job_spec))
+    return batch, _prepare_all(runtime, batch)
 
 
 def _prepare_all(runtime: WorkerRuntime, batch: list[tuple[Job, JobSpec]]) -> list[_Ready]:

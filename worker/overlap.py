@@ -8,11 +8,16 @@ With `worker_pipeline` (the default in `darkroom worker`), a task returns as soo
 pipeline call has ended, handing the batch's conclusion (cancel check, PNG encoding, storage
 writes, the success or failure transactions, webhook publishing) to `Overlap`'s one background
 thread; the next message is then claimed, its images fetched (in a small thread pool) and its
-pipeline call run while the previous batch is stored. So:
+pipeline call run while the previous batch is stored. And while a batch's call runs, the next
+batch is claimed ahead (`Overlap.ahead`: up to `max_batch` queued jobs with the same batch key,
+`jobs.claim_batch_companions`) and its init images fetched and decoded; when the call ends the
+same task runs that batch at once, up to `MAX_BATCHES_PER_TASK` batches (so that other models'
+queues get their turn). The messages of jobs claimed ahead are refused later as busy or ended,
+as a batch's companions' are. So:
 
 - at most one batch is being concluded in the background: before handing over batch N, the
-  task waits for batch N-1's conclusion (memory stays bounded to one batch of outputs behind
-  and one batch being generated, whose images are fetched right before its call);
+  task waits for batch N-1's conclusion; at most one batch is claimed ahead. Memory holds
+  three batches at most: one ahead (its init images), one generating, one being stored;
 - each job is still recorded as success only after its files are stored (the conclusion runs
   the same `_store_and_finish`), fenced by its claim's attempt token, with the same retries;
 - the background conclusion renews its jobs' leases while it runs; a process that dies with
@@ -20,7 +25,9 @@ pipeline call run while the previous batch is stored. So:
   queues them again and exactly one run records each (as for a batch's companions, whose own
   messages were refused as busy: the message that started the batch is acknowledged when the
   task returns, which no longer means its jobs are recorded);
-- a stopping worker drains the pending conclusion (`Overlap.drain`, on `worker_shutdown`).
+- jobs claimed ahead hold leases like any claimed job: a crash leaves them to the sweeper;
+- a stopping worker claims nothing more ahead (`stopping`) and drains the pending conclusion
+  (`Overlap.drain`, on `worker_shutdown`, once the running task has returned).
 
 PNG encoding runs in the thread pool (zlib releases the GIL); so do init image fetches.
 """
@@ -48,12 +55,19 @@ class Overlap:
     def __init__(self, threads: int = POOL_THREADS) -> None:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="overlap-pool")
         self._behind = ThreadPoolExecutor(max_workers=1, thread_name_prefix="overlap-conclude")
+        self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="overlap-prefetch")
+        #: Set when the worker begins to stop: no further batch is claimed ahead.
+        self.stopping = threading.Event()
         self._pending: Future[None] | None = None
         self._lock = threading.Lock()
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
         """`fn` over `items` in the pool, results in order (an exception is raised here)."""
         return list(self._pool.map(fn, items))
+
+    def ahead(self, prefetch: Callable[[], T]) -> Future[T]:
+        """Start claiming and preparing the next batch while the current one generates."""
+        return self._ahead.submit(prefetch)
 
     def behind(self, conclude: Callable[[], None]) -> None:
         """Run `conclude` in the background once the previous conclusion has ended."""
@@ -70,6 +84,7 @@ class Overlap:
         """Drain, then stop the threads."""
         self.drain()
         self._behind.shutdown(wait=True)
+        self._ahead.shutdown(wait=True)
         self._pool.shutdown(wait=True)
 
     def _wait(self) -> None:
