@@ -252,6 +252,11 @@ def _fill(report: Report, results: list[CaseResult], args: argparse.Namespace) -
             case: [result.row()["jobs_per_s"] for result in results if result.case == case]
             for case in CASES
         },
+        # Paired by round (the two cases ran back to back): less exposed to the load's drift.
+        "ratio_per_round": [
+            pipelined.row()["jobs_per_s"] / serial.row()["jobs_per_s"]
+            for pipelined, serial in zip(results[::2], results[1::2], strict=True)
+        ],
         "goal_busy": {"value": busy, "goal": ">= 0.9", "met": busy >= 0.9},
     }
     report.notes.append(
