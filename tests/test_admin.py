@@ -10,12 +10,11 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from darkroom.identities import FailureReason, Operation
 from darkroom.settings import Settings
 from db.models import DeliveryState, WebhookDelivery
-from db.repositories import jobs, keys
+from db.repositories import keys
 from db.session import session_scope
-from services import outcomes
+from tests.support.rows import failed_with_delivery
 from tests.support.servers import WebhookReceiver
 from tests.support.system import darkroom
 from worker.webhooks.dispatcher import deliver
@@ -43,17 +42,6 @@ def test_keys_create_list_revoke(settings: Settings) -> None:
         assert keys.find_active_key(session, created["key"]) is None
 
 
-def _failed_delivery(settings: Settings, key_id: int, url: str) -> int:
-    with session_scope(settings.resolved_database_url) as session:
-        job = jobs.create_job(
-            session,
-            jobs.NewJob(key_id, Operation.PIX2PIX, "v5", {"samples": 1}, {}, None, url),
-        )
-        delivery_id = outcomes.fail(session, settings, job, "nope", reason=FailureReason.REJECTED)
-        assert delivery_id is not None
-        return delivery_id
-
-
 def test_rotated_secret_co_signs_during_the_grace_period(
     settings: Settings, receiver: WebhookReceiver
 ) -> None:
@@ -65,7 +53,7 @@ def test_rotated_secret_co_signs_during_the_grace_period(
     [rotated] = run(settings, "keys", "rotate-secret", str(key_id), "--grace-hours", "1")
     assert rotated["webhook_secret"] != created["webhook_secret"]
 
-    delivery_id = _failed_delivery(settings, key_id, receiver.url)
+    delivery_id = failed_with_delivery(settings, key_id, receiver.url)
     with httpx.Client(timeout=5) as client:
         deliver(delivery_id, settings, client)
 
@@ -85,7 +73,7 @@ def test_failed_deliveries_are_listed_and_replayed_with_the_same_id(
         assert key is not None
         key_id = key.id
     receiver.respond = lambda _r: (410, {})
-    delivery_id = _failed_delivery(settings, key_id, receiver.url)
+    delivery_id = failed_with_delivery(settings, key_id, receiver.url)
     with httpx.Client(timeout=5) as client:
         deliver(delivery_id, settings, client)
         failed = [row for row in run(settings, "webhooks", "failed") if row["id"] == delivery_id]

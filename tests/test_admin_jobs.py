@@ -19,7 +19,7 @@ from standardwebhooks.webhooks import Webhook
 
 from cli import admin
 from darkroom.identities import FailureReason, Operation
-from darkroom.jobspec import JobSpec, describe
+from darkroom.jobspec import JobSpec
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
 from db.models import Job, JobRequeue, JobState, WebhookDelivery, utcnow
@@ -28,6 +28,7 @@ from db.repositories.keys import IssuedKey
 from db.session import session_scope
 from services import outcomes
 from tests.support.broker import published_ids
+from tests.support.rows import queued_job
 from tests.support.servers import ImageServer, WebhookReceiver
 from worker.jobs import WorkerRuntime, run_job
 from worker.models.cache import ModelCache
@@ -79,11 +80,7 @@ def seed(
         width=64,
         height=64,
     )
-    with session_scope(settings.resolved_database_url) as session:
-        new = jobs.NewJob(key_id, operation, "v5", spec.to_row(), {}, "t-9", webhook)
-        job = jobs.create_job(session, new)
-        job.meta = describe(spec, job.file_prefix, [])
-        return job.id
+    return queued_job(settings, key_id, spec=spec, track_id="t-9", webhook=webhook)
 
 
 def claim(settings: Settings, job_id: int, lease_s: float = 60) -> None:

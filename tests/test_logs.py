@@ -18,14 +18,15 @@ from typing import Any
 
 import pytest
 
-from darkroom.identities import FailureReason, Operation
+from darkroom.identities import FailureReason
 from darkroom.logs import JsonFormatter, RedactKeysInAccessLog, job_context, resolve_format
 from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, make_celery, send
 from darkroom.settings import Settings
 from db.models import Job, JobState
-from db.repositories import jobs, keys
+from db.repositories import keys
 from db.session import session_scope
 from services import outcomes
+from tests.support.rows import job_row
 from tests.support.servers import WebhookReceiver
 from tests.support.system import settings_env
 
@@ -129,22 +130,15 @@ def tier_env(settings: Settings, tmp_path: Path) -> dict[str, str]:
     }
 
 
-def new_job(settings: Settings, track_id: str, params: dict[str, Any], webhook: str | None) -> int:
-    with session_scope(settings.resolved_database_url) as session:
-        key = keys.create_key(session, "logs")
-        new = jobs.NewJob(key.row.id, Operation.PIX2PIX, "v5", params, {}, track_id, webhook)
-        return jobs.create_job(session, new).id
-
-
 @pytest.mark.slow
 def test_the_dispatcher_writes_json_lines_with_job_track_and_delivery_ids(
     tmp_path: Path, settings: Settings, own_pg_url: str, receiver: WebhookReceiver
 ) -> None:
     settings = settings.model_copy(update={"database_url": own_pg_url})  # the sweeper runs
-    job_id = new_job(settings, "track-d", {}, receiver.url)
     with session_scope(own_pg_url) as session:
-        job = session.get(Job, job_id)
-        assert job is not None
+        key_id = keys.create_key(session, "logs").row.id
+        job = job_row(session, key_id, track_id="track-d", webhook=receiver.url)
+        job_id = job.id
         delivery_id = outcomes.fail(
             session, settings, job, "The image could not be read.", reason=FailureReason.REJECTED
         )
@@ -168,7 +162,9 @@ def test_the_dispatcher_writes_json_lines_with_job_track_and_delivery_ids(
 def test_the_worker_writes_json_lines_with_job_and_track_ids(
     tmp_path: Path, settings: Settings
 ) -> None:
-    job_id = new_job(settings, "track-w", {"not": "a job spec"}, None)
+    with session_scope(settings.resolved_database_url) as session:
+        key_id = keys.create_key(session, "logs").row.id
+        job_id = job_row(session, key_id, track_id="track-w", params={"not": "a job spec"}).id
     log_path = tmp_path / "worker.log"
 
     def failed() -> bool:

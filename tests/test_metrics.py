@@ -35,7 +35,7 @@ from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
 from services import jobs as job_service
 from services import server
-from tests.support.jobs import store_job
+from tests.support import rows
 from tests.support.servers import ImageServer, Received, WebhookReceiver
 from tests.support.system import darkroom_up, free_port, production_env
 from worker.sweeper import sweep_once
@@ -103,7 +103,7 @@ def queued_job(settings: Settings, key: IssuedKey) -> int:
         guidance_scale=7.0,
         seed=1,
     )
-    return store_job(settings, key.row.id, spec)
+    return rows.queued_job(settings, key.row.id, spec=spec)
 
 
 def claimed(settings: Settings, job_id: int) -> Job:

@@ -24,8 +24,8 @@ from services import jobs as job_service
 from services import outbox
 from services.outbox import DeliveryMessage
 from services.routing import Presence, WorkerPresence, model_key, model_queue
+from tests.support import rows
 from tests.support.broker import published_ids
-from tests.support.jobs import store_job
 from tests.support.system import free_port
 from worker.sweeper import sweep_once
 
@@ -40,7 +40,7 @@ def queued_job(settings: Settings, key: IssuedKey) -> int:
         guidance_scale=7.0,
         seed=1,
     )
-    return store_job(settings, key.row.id, spec)
+    return rows.queued_job(settings, key.row.id, spec=spec)
 
 
 def waiting(settings: Settings, queue: str) -> list[int]:
@@ -200,7 +200,7 @@ def test_a_requeue_is_published_through_model_affinity_routing(
         seed=1,
         model_id="tiny-a",
     )
-    job_id = store_job(settings, api_key.row.id, spec)
+    job_id = rows.queued_job(settings, api_key.row.id, spec=spec)
     with session_scope(settings.resolved_database_url) as session:
         session.execute(update(Job).where(Job.id == job_id).values(state=JobState.FAILED))
 

@@ -15,7 +15,6 @@ import pytest
 import redis
 from celery import Celery
 from fastapi.testclient import TestClient
-from sqlalchemy import update
 
 from api.app import create_app
 from cli.main import cmd_workers
@@ -23,7 +22,6 @@ from darkroom.identities import Operation
 from darkroom.queue import RUN_JOB_TASK, make_celery, send
 from darkroom.settings import Settings
 from db.models import Job, utcnow
-from db.repositories import jobs
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
 from services.routing import (
@@ -37,6 +35,7 @@ from services.routing import (
     parse_model_key,
 )
 from tests.support.broker import published_ids
+from tests.support.rows import queued_job
 from worker.sweeper import sweep_once
 
 TINY_A = model_key("img2img", "tiny-a")
@@ -216,21 +215,9 @@ def _ago(seconds: float) -> datetime:
 
 def _job(settings: Settings, key: IssuedKey, model_id: str | None, **values: object) -> int:
     """A queued img2img job for `model_id`, with column values set as given."""
-    with session_scope(settings.resolved_database_url) as session:
-        job = jobs.create_job(
-            session,
-            jobs.NewJob(
-                api_key_id=key.row.id,
-                operation=Operation.IMG2IMG,
-                endpoint="enterprise",
-                params={"operation": "img2img", "model_id": model_id},
-                meta={},
-                track_id=None,
-                webhook_url=None,
-            ),
-        )
-        session.execute(update(Job).where(Job.id == job.id).values(**values))
-        return job.id
+    row = {"operation": Operation.IMG2IMG, "endpoint": "enterprise", **values}
+    params = {"operation": "img2img", "model_id": model_id}
+    return queued_job(settings, key.row.id, params=params, **row)
 
 
 def test_the_sweeper_routes_what_it_publishes(

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from api.app import create_app
 from darkroom.identities import FailureReason, Operation
-from darkroom.jobspec import JobSpec, describe
+from darkroom.jobspec import JobSpec
 from darkroom.settings import Settings
 from darkroom.storage import make_storage
 from db.models import Job
@@ -19,6 +19,7 @@ from db.repositories import jobs
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
 from services import outcomes
+from tests.support.rows import queued_job
 from tests.support.servers import ImageServer, WebhookReceiver, png
 from worker.webhooks.dispatcher import deliver
 
@@ -53,11 +54,7 @@ def new_job(
             **fields,
         }
     )
-    with session_scope(board.resolved_database_url) as session:
-        row = jobs.NewJob(key_id, operation, "v5", spec.to_row(), {}, None, hook)
-        job = jobs.create_job(session, row)
-        job.meta = describe(spec, job.file_prefix, [])
-        return job.id
+    return queued_job(board, key_id, spec=spec, webhook=hook)
 
 
 def owner(board: Settings) -> IssuedKey:

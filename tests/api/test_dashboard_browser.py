@@ -22,13 +22,14 @@ import pytest
 from PIL import Image, ImageStat
 
 from darkroom.identities import FailureReason, Operation
-from darkroom.jobspec import JobSpec, describe
+from darkroom.jobspec import JobSpec
 from darkroom.settings import Settings
 from darkroom.storage import make_storage
 from db.repositories import jobs, routing
 from db.repositories.keys import create_key
 from db.session import session_scope
 from services import outcomes
+from tests.support.rows import job_row
 from tests.support.servers import ImageServer, WebhookReceiver, png
 from tests.support.system import free_port
 from worker.webhooks.dispatcher import deliver
@@ -66,9 +67,7 @@ def _job(
         seed=42,
     )
     with session_scope(settings.resolved_database_url) as session:
-        row = jobs.NewJob(key_id, operation, "v5", spec.to_row(), {}, "t-1", hook)
-        job = jobs.create_job(session, row)
-        job.meta = describe(spec, job.file_prefix, [])
+        job = job_row(session, key_id, spec=spec, track_id="t-1", webhook=hook)
         routing.mark_published(session, [job.id], settings.job_queue)
         return job.id
 

@@ -27,6 +27,7 @@ from db.session import session_scope
 from services.eta import DEFAULT_ETA_S
 from tests.api.test_submit import IMG2IMG, PIX2PIX
 from tests.api.test_sync_wait import running_worker
+from tests.support.rows import job_row
 from tests.support.servers import ImageServer
 
 
@@ -59,8 +60,9 @@ def add_job(
 ) -> int:
     """A job in `state`: succeeded after `seconds`, or running at `progress`, or queued."""
     params = {"samples": 1}
-    new = jobs.NewJob(key.row.id, operation, "v5", params, {}, None, None, batch_key)
-    job_id = jobs.create_job(session, new).id
+    job_id = job_row(
+        session, key.row.id, operation=operation, params=params, batch_key=batch_key
+    ).id
     if state == JobState.QUEUED:
         return job_id
     assert jobs.claim_job(session, job_id, lease_s=60, max_attempts=3)[0].value == "claimed"

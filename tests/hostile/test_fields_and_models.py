@@ -48,7 +48,7 @@ from db.repositories import jobs
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
 from tests.api.test_submit import IMG2IMG, MIXER_V5, PIX2PIX, post
-from tests.support.jobs import store_job
+from tests.support.rows import queued_job
 from tests.support.servers import ImageServer, png
 from tests.worker.conftest import model_cache, tiny_settings  # noqa: F401 - fixtures
 from worker.jobs import WorkerRuntime, run_job
@@ -246,7 +246,7 @@ def test_a_job_whose_prompt_has_too_many_windows_fails_with_a_clear_message(
             width=64,
             height=64,
         )
-        return store_job(shared, api_key.row.id, spec)
+        return queued_job(shared, api_key.row.id, spec=spec)
 
     fits, too_long = job("a " * most), job("a " * (most + 1))
     for job_id in (fits, too_long):

@@ -21,16 +21,16 @@ import pytest
 from PIL import Image
 
 from darkroom import outbound
-from darkroom.identities import FailureReason, Operation
+from darkroom.identities import Operation
 from darkroom.jobspec import JobSpec
 from darkroom.limits import MAX_PIXELS, MAX_REQUEST_PIXELS
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
 from db.models import DeliveryState, Job, WebhookDelivery, utcnow
-from db.repositories import jobs, webhooks
+from db.repositories import webhooks
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
-from tests.support.jobs import store_job
+from tests.support.rows import failed_with_delivery, queued_job
 from tests.support.servers import ImageServer, ScriptedServer, WebhookReceiver, response_head
 from worker.images import ImageInputError, decode_image, fetch_image, fetch_images
 from worker.webhooks.dispatcher import deliver, lease_seconds
@@ -189,7 +189,7 @@ def _new_job(settings: Settings, key: IssuedKey, init_image: str) -> int:
         samples=1,
         init_images=[init_image],
     )
-    return store_job(settings, key.row.id, spec)
+    return queued_job(settings, key.row.id, spec=spec)
 
 
 def _state(settings: Settings, job_id: int) -> tuple[str, str | None]:
@@ -332,30 +332,6 @@ def test_a_request_s_images_are_capped_together_before_any_is_decoded(settings: 
 # --- webhooks -------------------------------------------------------------------------------
 
 
-def _delivery(settings: Settings, key: IssuedKey, url: str) -> int:
-    """A failed job with `url` as its webhook, and the delivery its outcome queued."""
-    from services import outcomes
-
-    with session_scope(settings.resolved_database_url) as session:
-        job = jobs.create_job(
-            session,
-            jobs.NewJob(
-                api_key_id=key.row.id,
-                operation=Operation.IMG2IMG,
-                endpoint="v6",
-                params={"prompt": "fox"},
-                meta={},
-                track_id=None,
-                webhook_url=url,
-            ),
-        )
-        delivery_id = outcomes.fail(
-            session, settings, job, "The init image was unreadable.", reason=FailureReason.REJECTED
-        )
-    assert delivery_id is not None
-    return delivery_id
-
-
 def _attempts(settings: Settings, delivery_id: int) -> list[tuple[int | None, str | None, str]]:
     with session_scope(settings.resolved_database_url) as session:
         row = session.get(WebhookDelivery, delivery_id)
@@ -379,7 +355,7 @@ def test_a_receiver_dripping_its_headers_is_a_timeout_and_holds_one_slot(
     quick_hooks = settings.model_copy(update={"webhook_timeout_s": DEADLINE_S})
     head = response_head(200, {"content-length": "2", "x-padding": "p" * 40})
     server = serve(head, b"ok", drip_head=True, gap=0.2)  # a byte every 0.2 s, for ~13 s
-    delivery_id = _delivery(quick_hooks, api_key, server.url("/hook"))
+    delivery_id = failed_with_delivery(quick_hooks, api_key.row.id, server.url("/hook"))
 
     elapsed: list[float] = []
 
@@ -425,7 +401,7 @@ def test_a_bomb_reply_to_a_webhook_is_truncated_without_inflating(
     body = b"\0" * 16 if codings == ["br"] else bomb(codings)
     headers = {"content-encoding": ", ".join(codings), "content-length": str(len(body))}
     server = serve(response_head(200, headers), body)
-    delivery_id = _delivery(settings, api_key, server.url("/hook"))
+    delivery_id = failed_with_delivery(settings, api_key.row.id, server.url("/hook"))
 
     result, peak = peak_traced(lambda: deliver(delivery_id, settings, client))
     assert result is None
@@ -448,7 +424,7 @@ def test_a_bomb_reply_to_a_webhook_is_truncated_without_inflating(
 def test_webhooks_ask_for_identity_and_read_a_plain_answer(
     settings: Settings, api_key: IssuedKey, receiver: WebhookReceiver, client: httpx.Client
 ) -> None:
-    delivery_id = _delivery(settings, api_key, receiver.url)
+    delivery_id = failed_with_delivery(settings, api_key.row.id, receiver.url)
     deliver(delivery_id, settings, client)
 
     [got] = receiver.snapshot()

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
-from sqlalchemy import text, update
+from sqlalchemy import text
 
 from darkroom.identities import Operation
-from darkroom.jobspec import JobSpec, batch_key, describe
+from darkroom.jobspec import JobSpec, batch_key
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
 from db.models import Job, JobState, utcnow
@@ -27,6 +27,7 @@ from db.repositories import jobs
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_factory, session_scope
 from services.outcomes import CANCELED_MESSAGE
+from tests.support.rows import job_row, queued_job
 from tests.support.servers import ImageServer
 from worker.batching import StopBatch, generate_batch
 from worker.jobs import WorkerRuntime, run_job
@@ -119,13 +120,8 @@ def test_the_mixer_never_batches_and_keys_are_short_hex() -> None:
 
 
 def _row(session: Any, key_id: int, batch: str | None, **values: Any) -> int:
-    job = jobs.create_job(
-        session,
-        jobs.NewJob(key_id, Operation.IMG2IMG, "v1", {}, {}, None, None, batch_key=batch),
-    )
-    if values:
-        session.execute(update(Job).where(Job.id == job.id).values(**values))
-    return job.id
+    row = {"operation": Operation.IMG2IMG, "endpoint": "v1", "batch_key": batch, **values}
+    return job_row(session, key_id, **row).id
 
 
 def _claim(session: Any, leader: int, limit: int, key: str = "k") -> list[int]:
@@ -227,15 +223,9 @@ def alone(settings: Settings, tiny_settings: Settings, model_cache: ModelCache) 
 
 def _job(runtime: WorkerRuntime, key: IssuedKey, **fields: Any) -> int:
     spec = JobSpec(**fields)
-    with session_scope(runtime.settings.resolved_database_url) as session:
-        job = jobs.create_job(
-            session,
-            jobs.NewJob(
-                key.row.id, spec.operation, "v1", spec.to_row(), {}, None, None, batch_key(spec)
-            ),
-        )
-        job.meta = describe(spec, job.file_prefix, [])
-        return job.id
+    return queued_job(
+        runtime.settings, key.row.id, spec=spec, endpoint="v1", batch_key=batch_key(spec)
+    )
 
 
 def _load(runtime: WorkerRuntime, job_id: int) -> Job:

@@ -16,17 +16,17 @@ import pytest
 import redis
 from sqlalchemy import select, update
 
-from darkroom.identities import Operation
 from darkroom.queue import DELIVER_WEBHOOK_TASK, make_celery, send
 from darkroom.settings import Settings
 from db.clock import DbNow, db_now
 from db.migrate import upgrade_to_head
-from db.models import DeliveryState, Job, JobState, WebhookDelivery, utcnow
-from db.repositories import jobs, webhooks
+from db.models import DeliveryState, JobState, WebhookDelivery, utcnow
+from db.repositories import webhooks
 from db.repositories.keys import create_key
 from db.session import session_factory, session_scope
 from tests.chaos.harness import OwnedProcess
 from tests.support.broker import published_ids
+from tests.support.rows import job_row
 from tests.support.servers import WebhookReceiver
 from tests.support.system import settings_env
 from worker.sweeper import sweep_once
@@ -52,9 +52,7 @@ def _job_with_delivery(url: str, hook: str) -> int:
     """A failed job and its pending delivery, as a worker's outcome creates them."""
     with session_scope(url) as session:
         key_id = create_key(session, "clock").row.id
-        new = jobs.NewJob(key_id, Operation.IMG2IMG, "v6", {"prompt": "x"}, {}, None, hook)
-        job = jobs.create_job(session, new)
-        session.execute(update(Job).where(Job.id == job.id).values(state=JobState.FAILED))
+        job = job_row(session, key_id, webhook=hook, state=JobState.FAILED)
         return webhooks.create_delivery(session, job_id=job.id, url=hook, payload="{}").id
 
 

@@ -37,7 +37,7 @@ from db.repositories import jobs, webhooks
 from db.repositories.jobs import ClaimOutcome
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
-from tests.support.jobs import store_job
+from tests.support.rows import queued_job
 from tests.support.servers import WebhookReceiver, png
 from tests.support.system import settings_env
 from worker.jobs import WorkerRuntime, run_job
@@ -124,7 +124,7 @@ def new_job(settings: Settings, key: IssuedKey, image_url: str, webhook: str | N
         guidance_scale=7.0,
         seed=42,
     )
-    return store_job(settings, key.row.id, spec, webhook=webhook)
+    return queued_job(settings, key.row.id, spec=spec, webhook=webhook)
 
 
 def start_stale_run(runtime: WorkerRuntime, images: GatedImages, job_id: int) -> threading.Thread:

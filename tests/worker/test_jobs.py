@@ -14,7 +14,7 @@ from PIL import Image
 from sqlalchemy import update
 
 from darkroom.identities import Operation
-from darkroom.jobspec import JobSpec, describe
+from darkroom.jobspec import JobSpec
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
 from db.models import Job, JobOutput, JobState, utcnow
@@ -24,6 +24,7 @@ from db.session import session_scope
 from services.outcomes import CANCELED_MESSAGE, exhausted_message
 from tests.conftest import count_rows
 from tests.support.broker import published_ids
+from tests.support.rows import queued_job
 from tests.support.servers import ImageServer, WebhookReceiver, png
 from worker.jobs import INTERNAL_ERROR, WorkerRuntime, run_job
 from worker.models.cache import ModelCache
@@ -47,14 +48,7 @@ def new_job(runtime: WorkerRuntime, key: IssuedKey, webhook: str | None, **spec:
         "samples": 2,
         **spec,
     }
-    job_spec = JobSpec(**fields)
-    with session_scope(runtime.settings.resolved_database_url) as session:
-        job = jobs.create_job(
-            session,
-            jobs.NewJob(key.row.id, job_spec.operation, "v5", job_spec.to_row(), {}, None, webhook),
-        )
-        job.meta = describe(job_spec, job.file_prefix, [])
-        return job.id
+    return queued_job(runtime.settings, key.row.id, spec=JobSpec(**fields), webhook=webhook)
 
 
 def load(runtime: WorkerRuntime, job_id: int) -> Job:
@@ -331,11 +325,7 @@ def test_a_running_job_stops_between_steps_when_canceled(
 def test_a_job_whose_parameters_cannot_be_read_fails_instead_of_looping(
     runtime: WorkerRuntime, api_key: IssuedKey
 ) -> None:
-    with session_scope(runtime.settings.resolved_database_url) as session:
-        job_id = jobs.create_job(
-            session,
-            jobs.NewJob(api_key.row.id, Operation.PIX2PIX, "v5", {"samples": 1}, {}, None, None),
-        ).id
+    job_id = queued_job(runtime.settings, api_key.row.id, params={"samples": 1})
 
     run_job(job_id, runtime)
 

@@ -19,11 +19,12 @@ from darkroom.queue import RUN_JOB_TASK, held_ids, make_celery, send
 from darkroom.settings import Settings
 from db.migrate import upgrade_to_head
 from db.models import Job, JobState
-from db.repositories import jobs, routing
+from db.repositories import routing
 from db.repositories.keys import create_key
 from db.session import session_factory, session_scope
 from tests.chaos.harness import OwnedProcess, OwnedRedis, Tier
 from tests.support.instances import OwnedPostgres, owned_postgres
+from tests.support.rows import job_row
 from tests.support.servers import ImageServer
 from tests.support.system import free_port, settings_env
 from worker.sweeper import sweep_once
@@ -59,8 +60,7 @@ def _submit(
         key_id = create_key(session, "recovery").row.id
         for seed in range(count):
             spec = _spec(image_server, seed, size, steps)
-            new = jobs.NewJob(key_id, spec.operation, "enterprise", spec.to_row(), {}, None, None)
-            ids.append(jobs.create_job(session, new).id)
+            ids.append(job_row(session, key_id, spec=spec, endpoint="enterprise").id)
     for job_id in ids:
         assert send(broker, RUN_JOB_TASK, job_id, queue=settings.job_queue)
         with session_scope(settings.resolved_database_url) as session:
@@ -237,8 +237,7 @@ def _store_then_publish_while_down(
         ids = []
         for seed in range(count):
             spec = _spec(image_server, seed)
-            new = jobs.NewJob(key_id, spec.operation, "enterprise", spec.to_row(), {}, None, None)
-            ids.append(jobs.create_job(session, new).id)
+            ids.append(job_row(session, key_id, spec=spec, endpoint="enterprise").id)
     session_factory(settings.resolved_database_url).kw["bind"].dispose()
     cluster.stop()
     broker = make_celery(settings)
@@ -256,8 +255,7 @@ def test_the_embedded_profile_resends_a_lost_message(tmp_path: Path) -> None:
     broker = make_celery(embedded)
     with session_scope(embedded.resolved_database_url) as session:
         key_id = create_key(session, "embedded").row.id
-        new = jobs.NewJob(key_id, Operation.IMG2IMG, "v6", {"prompt": "x"}, {}, None, None)
-        job_id = jobs.create_job(session, new).id
+        job_id = job_row(session, key_id, operation=Operation.IMG2IMG, params={"prompt": "x"}).id
     assert send(broker, RUN_JOB_TASK, job_id, queue=embedded.job_queue)
     with session_scope(embedded.resolved_database_url) as session:
         routing.mark_published(session, [job_id], embedded.job_queue)

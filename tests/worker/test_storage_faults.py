@@ -27,7 +27,7 @@ from db.models import Job, JobState
 from db.repositories import jobs, webhooks
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
-from tests.support.jobs import store_job
+from tests.support.rows import queued_job
 from tests.support.s3 import moto_s3
 from tests.support.servers import ImageServer
 from worker.jobs import WorkerRuntime, run_job
@@ -62,7 +62,7 @@ def new_job(settings: Settings, key: IssuedKey, image_url: str) -> int:
         seed=7,
         samples=2,
     )
-    return store_job(settings, key.row.id, spec, webhook="http://127.0.0.1:9/")
+    return queued_job(settings, key.row.id, spec=spec, webhook="http://127.0.0.1:9/")
 
 
 def load(settings: Settings, job_id: int) -> tuple[Job, str]:

@@ -20,12 +20,13 @@ from darkroom.settings import Settings
 from darkroom.storage import LocalStorage
 from db.models import DeliveryState, IdempotencyKey, Job, JobState, WebhookDelivery, utcnow
 from db.repositories import idempotency, jobs, webhooks
-from db.repositories.jobs import ClaimOutcome, NewJob
+from db.repositories.jobs import ClaimOutcome
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
 from services import outcomes
 from services.outcomes import exhausted_message
 from tests.support.broker import published
+from tests.support.rows import queued_job
 from worker.sweeper import PARTIAL_WRITE_MAX_AGE_S, SweepReport, remove_partial_writes, sweep_once
 
 HOOK = "http://127.0.0.1:9/hook"
@@ -74,22 +75,16 @@ def _ago(seconds: float) -> datetime:
 def _job(
     settings: Settings, key: IssuedKey, webhook_url: str | None = None, **values: object
 ) -> int:
-    with session_scope(settings.resolved_database_url) as session:
-        job = jobs.create_job(
-            session,
-            NewJob(
-                api_key_id=key.row.id,
-                operation=Operation.IMG_MIXER,
-                endpoint="enterprise",
-                params={"track_id": 5},
-                meta={},
-                track_id="5",
-                webhook_url=webhook_url,
-            ),
-        )
-        if values:
-            session.execute(update(Job).where(Job.id == job.id).values(**values))
-        return job.id
+    return queued_job(
+        settings,
+        key.row.id,
+        operation=Operation.IMG_MIXER,
+        endpoint="enterprise",
+        params={"track_id": 5},
+        track_id="5",
+        webhook=webhook_url,
+        **values,
+    )
 
 
 def _orphan(

@@ -16,9 +16,9 @@ from darkroom.jobspec import JobSpec
 from darkroom.queue import RUN_JOB_TASK, make_celery, send
 from darkroom.settings import Settings
 from db.models import Job, JobState
-from db.repositories import jobs
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
+from tests.support.rows import queued_job
 from tests.support.servers import ImageServer
 from tests.support.system import settings_env
 
@@ -50,13 +50,7 @@ def test_sigterm_lets_the_running_job_finish(
         guidance_scale=7.0,
         seed=3,
     )
-    with session_scope(settings.resolved_database_url) as session:
-        job_id = jobs.create_job(
-            session,
-            jobs.NewJob(
-                api_key.row.id, spec.operation, "enterprise", spec.to_row(), {}, None, None
-            ),
-        ).id
+    job_id = queued_job(settings, api_key.row.id, spec=spec, endpoint="enterprise")
     env = settings_env(settings.model_copy(update={"job_queue": queue}), tmp_path / "data")
     log = (tmp_path / "worker.log").open("wb")
     worker = subprocess.Popen(
