@@ -31,13 +31,14 @@ fails as canceled when the batch ends, without outputs; when every job of a runn
 canceled, the call stops at its next step.
 
 Pipelining (`worker.overlap`, issue 15): with `runtime.overlap` set (`darkroom worker` sets it
-unless `worker_pipeline` is false), a batch's init images are fetched in a thread pool, and once
-its pipeline call ends, its conclusion (the last cancel check, PNG encoding in the pool, storage
-writes, the terminal transactions) runs in a background thread while the task returns and the
-next message's batch is claimed, fetched and generated. One conclusion at a time: the next one
-waits for it. Without `overlap` (the tests' runtimes, or `DARKROOM_WORKER_PIPELINE=false`),
-`run_job` returns only once every job of the batch is recorded. The guarantees are the same
-either way: see worker/overlap.py.
+unless `worker_pipeline` is false), a batch's init images are fetched in a thread pool; while its
+pipeline call runs, the next batch of the same key is claimed ahead and prepared, and runs next
+in the same task (`MAX_BATCHES_PER_TASK` at most); once its pipeline call ends, its conclusion
+(the last cancel check, PNG encoding in the pool, storage writes, the terminal transactions) runs
+in a background thread while the next batch (claimed ahead, or the next message's) generates.
+One conclusion at a time: the next one waits for it. Without `overlap` (the tests' runtimes,
+or `DARKROOM_WORKER_PIPELINE=false`), `run_job` returns only once every job of the batch is
+recorded. The guarantees are the same either way: see worker/overlap.py.
 """
 
 from __future__ import annotations
@@ -235,8 +236,11 @@ def _claim_companions(
 def _run_batch(runtime: WorkerRuntime, batch: list[tuple[Job, JobSpec]]) -> None:
     """Run the batch; when pipelining, then the batches claimed ahead meanwhile, in turn."""
     prepared: list[_Ready] | None = None
-    for _turn in range(MAX_BATCHES_PER_TASK):
-        ahead = _run_one_batch(runtime, batch, prepared)
+    for turn in range(MAX_BATCHES_PER_TASK):
+        # The last turn claims nothing ahead: a batch claimed and never run would wait for its
+        # leases to run out.
+        last = turn == MAX_BATCHES_PER_TASK - 1
+        ahead = _run_one_batch(runtime, batch, prepared, claim_ahead=not last)
         if ahead is None:
             return
         batch, prepared = ahead.result()
@@ -246,7 +250,11 @@ def _run_batch(runtime: WorkerRuntime, batch: list[tuple[Job, JobSpec]]) -> None
 
 
 def _run_one_batch(
-    runtime: WorkerRuntime, batch: list[tuple[Job, JobSpec]], prepared: list[_Ready] | None
+    runtime: WorkerRuntime,
+    batch: list[tuple[Job, JobSpec]],
+    prepared: list[_Ready] | None,
+    *,
+    claim_ahead: bool = True,
 ) -> Future[_Ahead] | None:
     """Fetch each job's images (unless `prepared`), generate them together, and conclude each
     job on its own; when pipelining, the next batch claimed ahead during the call."""
@@ -257,7 +265,7 @@ def _run_one_batch(
         if not ready:
             return None
         overlap = runtime.overlap
-        if overlap is not None and not overlap.stopping.is_set():
+        if overlap is not None and claim_ahead and not overlap.stopping.is_set():
             leader, spec = batch[0]
             ahead = overlap.ahead(lambda: _claim_ahead(runtime, leader, spec))
         ids = [item.job.id for item in ready]

@@ -206,3 +206,24 @@ def test_a_crash_between_generating_and_recording_ends_each_job_once(
 
     # Each job: success once, by the second claim, with its one output (none of the dead run's).
     assert states(runtime, ids) == {job_id: (JobState.SUCCESS, 2, 1) for job_id in ids}
+
+
+def test_a_task_runs_the_batches_claimed_ahead_and_leaves_the_rest_queued(
+    runtime: WorkerRuntime,
+    api_key: IssuedKey,
+    image_server: ImageServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(worker_jobs, "MAX_BATCHES_PER_TASK", 2)
+    ids = [new_job(runtime, api_key, image_server) for _ in range(6)]
+
+    run_job(ids[0], runtime)  # batch [1, 2], then [3, 4] claimed ahead; [5, 6] not claimed
+    assert runtime.overlap is not None
+    runtime.overlap.drain()
+
+    done = states(runtime, ids)
+    assert [done[job_id] for job_id in ids[:4]] == [(JobState.SUCCESS, 1, 1)] * 4
+    assert [done[job_id] for job_id in ids[4:]] == [(JobState.QUEUED, 0, 0)] * 2
+    run_job(ids[4], runtime)  # their own messages run them
+    runtime.overlap.drain()
+    assert states(runtime, ids)[ids[5]] == (JobState.SUCCESS, 1, 1)
