@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from cli import admin
+from cli import models as model_commands
 from darkroom.logs import configure_logging, resolve_format
 from darkroom.settings import Settings, get_settings
 
@@ -191,6 +192,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("workers", help=cmd_workers.__doc__).set_defaults(handler=cmd_workers)
     sub.add_parser("migrate", help=cmd_migrate.__doc__).set_defaults(handler=cmd_migrate)
     admin.add_parsers(sub)
+    model_commands.add_parsers(sub)
     return parser
 
 
