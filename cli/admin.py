@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from cli.output import print_row, text_table
 from darkroom.identities import Operation
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
@@ -30,10 +31,6 @@ from services.links import output_url
 
 #: Columns of `jobs list`: header and the summary field each shows.
 LIST_COLUMNS = ("ID", "STATE", "OPERATION", "KEY", "CREATED", "ATTEMPTS", "OUTPUTS", "WEBHOOK")
-
-
-def _print(row: dict[str, Any]) -> None:
-    print(json.dumps(row, default=str))
 
 
 def _key_row(key: ApiKey) -> dict[str, Any]:
@@ -53,7 +50,7 @@ def keys_create(args: argparse.Namespace, settings: Settings) -> int:
     with session_scope(settings.resolved_database_url) as session:
         issued = api_keys.create(session, args.name, admin=args.admin)
         secret = issued.row.webhook_secret
-    _print({"key": issued.plaintext, "webhook_secret": secret, "admin": args.admin})
+    print_row({"key": issued.plaintext, "webhook_secret": secret, "admin": args.admin})
     return 0
 
 
@@ -61,7 +58,7 @@ def keys_list(_args: argparse.Namespace, settings: Settings) -> int:
     """List keys (never their values: only a prefix is stored in clear)."""
     with session_scope(settings.resolved_database_url) as session:
         for key in keys.list_keys(session):
-            _print(_key_row(key))
+            print_row(_key_row(key))
     return 0
 
 
@@ -69,7 +66,7 @@ def _find_key(session: Session, ref: str) -> ApiKey | None:
     """The key named on the command line, or None after saying so."""
     key = keys.find_key(session, ref)
     if key is None:
-        _print({"error": f"no key {ref}"})
+        print_row({"error": f"no key {ref}"})
     return key
 
 
@@ -77,9 +74,9 @@ def keys_revoke(args: argparse.Namespace, settings: Settings) -> int:
     """Revoke a key by id or prefix."""
     try:
         with session_scope(settings.resolved_database_url) as session:
-            _print(_key_row(api_keys.revoke(session, args.key)))
+            print_row(_key_row(api_keys.revoke(session, args.key)))
     except api_keys.KeyNotFoundError as missing:
-        _print({"error": str(missing)})
+        print_row({"error": str(missing)})
         return 1
     return 0
 
@@ -96,9 +93,9 @@ def keys_rotate_secret(args: argparse.Namespace, settings: Settings) -> int:
                 "previous_valid_until": key.previous_secret_until,
             }
     except api_keys.KeyNotFoundError as missing:
-        _print({"error": str(missing)})
+        print_row({"error": str(missing)})
         return 1
-    _print(row)
+    print_row(row)
     return 0
 
 
@@ -106,7 +103,7 @@ def webhooks_failed(_args: argparse.Namespace, settings: Settings) -> int:
     """List deliveries that gave up."""
     with session_scope(settings.resolved_database_url) as session:
         for delivery in webhooks.failed_deliveries(session):
-            _print(
+            print_row(
                 {
                     "id": delivery.id,
                     "job_id": delivery.job_id,
@@ -128,9 +125,9 @@ def webhooks_replay(args: argparse.Namespace, settings: Settings) -> int:
         )
         replayed = [{"replayed": d.id, "webhook_id": d.message_id} for d in chosen]
     for row in replayed:
-        _print(row)
+        print_row(row)
     if not chosen:
-        _print({"error": "no failed delivery matched"})
+        print_row({"error": "no failed delivery matched"})
         return 1
     return 0
 
@@ -147,9 +144,9 @@ def jobs_list(args: argparse.Namespace, settings: Settings) -> int:
         rows = job_views.job_summaries(session, found, _link(settings))
     if args.json:
         for row in rows:
-            _print(row)
+            print_row(row)
     else:
-        print(_table([_list_cells(row) for row in rows]))
+        print(text_table(LIST_COLUMNS, [_list_cells(row) for row in rows]))
     return 0
 
 
@@ -159,10 +156,10 @@ def jobs_show(args: argparse.Namespace, settings: Settings) -> int:
         record = operator.job_record(session, args.id)
         view = None if record is None else job_views.job_detail(record, _link(settings))
     if view is None:
-        _print({"error": f"no job {args.id}"})
+        print_row({"error": f"no job {args.id}"})
         return 1
     if args.json:
-        _print(view)
+        print_row(view)
     else:
         print("\n".join(_detail_lines(view)))
     return 0
@@ -174,10 +171,10 @@ def jobs_cancel(args: argparse.Namespace, settings: Settings) -> int:
         with session_scope(settings.resolved_database_url) as session:
             canceled = job_service.cancel(session, make_celery(settings), settings, args.id)
     except job_service.RefusedError as refused:
-        _print({"error": str(refused)})
+        print_row({"error": str(refused)})
         return 1
     webhook = canceled.delivery_id
-    _print(
+    print_row(
         {"id": args.id, "state": canceled.state.value, "cancel_requested": True, "webhook": webhook}
     )
     return 0
@@ -192,13 +189,13 @@ def jobs_watch(args: argparse.Namespace, settings: Settings) -> int:
         with session_scope(settings.resolved_database_url) as session:
             event = job_events.read_event(session, settings, args.id, None)
         if event is None:
-            _print({"error": f"no job {args.id}"})
+            print_row({"error": f"no job {args.id}"})
             return 1
         if event != shown:
             shown = event
             if event.terminal:
                 print("\n" if tty else "", end="")
-                _print(event.data)
+                print_row(event.data)
                 return 0 if event.name == "success" else 1
             line = progress_line(event)
             print(f"\r{line:<72}" if tty else line, end="" if tty else "\n", flush=True)
@@ -228,9 +225,9 @@ def jobs_requeue(args: argparse.Namespace, settings: Settings) -> int:
             )
             replaced = _requeue_row(record)
     except job_service.RefusedError as refused:
-        _print({"error": str(refused)})
+        print_row({"error": str(refused)})
         return 1
-    _print({"id": args.id, "state": "queued", "published": bool(receipt.sent), **replaced})
+    print_row({"id": args.id, "state": "queued", "published": bool(receipt.sent), **replaced})
     return 0
 
 
@@ -263,16 +260,6 @@ def _list_cells(row: dict[str, Any]) -> list[str]:
         str(len(row["outputs"])),
         "-" if hook is None else f"{hook['state']}/{hook['attempts']}",
     ]
-
-
-def _table(rows: list[list[str]]) -> str:
-    """Left-aligned columns under LIST_COLUMNS."""
-    lines = [list(LIST_COLUMNS), *rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(LIST_COLUMNS))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-        for line in lines
-    )
 
 
 def _detail_lines(view: dict[str, Any]) -> list[str]:

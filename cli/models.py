@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cli.output import text_table
 from darkroom.settings import Settings
 from db.models import InstallState
 from db.session import session_scope
@@ -51,7 +52,7 @@ def models_list(_args: argparse.Namespace, settings: Settings) -> int:
     """Every model, LoRA, embedding and VAE, installed or installing."""
     with session_scope(settings.resolved_database_url) as session:
         rows = models.list_all(session, settings)
-    print(_table([_cells(row) for row in rows]))
+    print(text_table(LIST_COLUMNS, [_cells(row) for row in rows]))
     return 0
 
 
@@ -183,16 +184,6 @@ def _cells(row: dict[str, Any]) -> list[str]:
         str(row.get("format") or "-"),
         f"{size / 2**20:.1f} MiB" if size else "-",
     ]
-
-
-def _table(rows: list[list[str]]) -> str:
-    """Left-aligned columns under LIST_COLUMNS."""
-    lines = [list(LIST_COLUMNS), *rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(LIST_COLUMNS))]
-    return "\n".join(
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-        for line in lines
-    )
 
 
 def add_parsers(sub: Any) -> None:
