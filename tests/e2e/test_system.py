@@ -222,7 +222,8 @@ def test_up_restarts_a_tier_that_dies(
         [hook] = wait_for_webhooks(receiver, 1)
         assert verified_payload(hook, key["webhook_secret"])["id"] == answer["id"]
         restarted = {_tier(child) for child in psutil.Process(system.process.pid).children()}
-        assert restarted == {"api", "worker", "dispatcher"}
+        assert restarted == set(tiers)  # every tier runs again, the killed ones restarted
+        assert {"api", "worker", "dispatcher", "installer"} <= restarted
     assert system.process.returncode == 0, system.log_tail()
 
 
