@@ -41,7 +41,6 @@ from darkroom.model_ids import (
 from darkroom.settings import Settings
 from db.models import InstallState, ModelInstall
 from db.repositories import models as repo
-from db.repositories import webhooks
 from services import webhooks as webhook_service
 
 MODEL, LORA, EMBEDDING, VAE = "model", "lora", "embedding", "vae"
@@ -369,15 +368,13 @@ def _queue_webhook(session: Session, install: ModelInstall) -> int | None:
     """The install's webhook, frozen as a pending delivery signed with the asking key."""
     if not install.webhook_url or install.api_key_id is None:
         return None
-    payload = json.dumps(webhook_body(install), separators=(",", ":"))
-    delivery = webhooks.create_delivery(
+    return webhook_service.freeze(
         session,
-        url=install.webhook_url,
-        payload=payload,
+        install.webhook_url,
+        webhook_body(install),
         api_key_id=install.api_key_id,
         model_install_id=install.id,
     )
-    return delivery.id
 
 
 def webhook_body(install: ModelInstall) -> dict[str, Any]:
@@ -608,13 +605,7 @@ def _deleted_while_loading(session: Session, install: ModelInstall) -> int | Non
         "model_status": "deleted",
         "error": DELETED_WHILE_LOADING,
     }
-    delivery = webhooks.create_delivery(
-        session,
-        url=install.webhook_url,
-        payload=json.dumps(body, separators=(",", ":")),
-        api_key_id=install.api_key_id,
-    )
-    return delivery.id
+    return webhook_service.freeze(session, install.webhook_url, body, api_key_id=install.api_key_id)
 
 
 _JOB_FIELDS = {MODEL: "model_id", LORA: "lora_model", EMBEDDING: "embeddings_model", VAE: "vae"}

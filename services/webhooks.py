@@ -9,6 +9,7 @@ Functions flush; the caller commits.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from celery import Celery
 from sqlalchemy.orm import Session
@@ -32,9 +33,27 @@ def schedule(session: Session, settings: Settings, job: Job) -> int | None:
     jobs.refresh_job(session, job)
     links = OutputLinks.from_settings(settings)
     body = webhook_body(job, links, links.storage.read)
-    payload = json.dumps(body, separators=(",", ":"))
+    return freeze(session, job.webhook_url, body, job_id=job.id)
+
+
+def freeze(
+    session: Session,
+    url: str,
+    body: dict[str, Any],
+    *,
+    job_id: int | None = None,
+    api_key_id: int | None = None,
+    model_install_id: int | None = None,
+) -> int:
+    """Freeze `body` as a pending delivery to `url` (a job's, or a model install's signed with
+    `api_key_id`); its id. The compact JSON written here is the exact bytes every attempt signs."""
     delivery = webhooks.create_delivery(
-        session, job_id=job.id, url=job.webhook_url, payload=payload
+        session,
+        job_id=job_id,
+        url=url,
+        payload=json.dumps(body, separators=(",", ":")),
+        api_key_id=api_key_id,
+        model_install_id=model_install_id,
     )
     return delivery.id
 
