@@ -9,20 +9,34 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import (
     ColumnElement,
+    Integer,
     Interval,
     Table,
+    Text,
+    Update,
     and_,
-    bindparam,
+    case,
+    column,
     insert,
     literal,
     or_,
     select,
     update,
+    values,
 )
 from sqlalchemy.orm import Session
 
 from db.clock import DbNow, db_now
-from db.models import ApiKey, DeliveryState, Job, WebhookAttempt, WebhookDelivery, utcnow
+from db.models import (
+    ApiKey,
+    Base,
+    DeliveryState,
+    Job,
+    UTCDateTime,
+    WebhookAttempt,
+    WebhookDelivery,
+    utcnow,
+)
 
 
 @dataclass(frozen=True)
@@ -202,47 +216,66 @@ class AttemptOutcome:
     attempted_at: datetime = field(default_factory=utcnow)
 
 
+#: Outcomes recorded per pair of statements: each attempt row is 6 parameters and each delivery
+#: row 4, far under the parameter limits of Postgres (65,535) and SQLite (32,766).
+RECORD_CHUNK = 1000
+
+
 def record_outcomes(session: Session, outcomes: Sequence[AttemptOutcome]) -> None:
-    """Save a batch of attempts, one row each, and move each delivery on, in at most four
-    statements: what `record_attempt` then `mark_delivered`, `mark_failed` or
-    `schedule_retry_in` do for one delivery. The caller holds each delivery's lease."""
-    if not outcomes:
-        return
-    session.execute(insert(WebhookAttempt), [_attempt_row(outcome) for outcome in outcomes])
-    ended = [o for o in outcomes if o.state != DeliveryState.PENDING]
-    if ended:
-        finished = utcnow()
-        values: dict[str, object] = {
-            "state": bindparam("b_state"),
-            "finished_at": bindparam("b_finished"),
-        }
-        rows = [_delivery_row(o) | {"b_state": o.state, "b_finished": finished} for o in ended]
-        _move_on(session, values, rows)
-    retried = [o for o in outcomes if o.state == DeliveryState.PENDING]
-    if retried:
-        now = db_now(session)
-        values = {"next_attempt_at": bindparam("b_next"), "enqueued_at": None}
-        rows = [
-            _delivery_row(o) | {"b_next": now + timedelta(seconds=o.retry_in_s)} for o in retried
-        ]
-        _move_on(session, values, rows)
+    """Save a batch of attempts, one row each, and move each delivery on: what `record_attempt`
+    then `mark_delivered`, `mark_failed` or `schedule_retry_in` do for one delivery.
+
+    Two statements per RECORD_CHUNK outcomes, whatever their mix: one multi-row INSERT of the
+    attempts and one UPDATE of the deliveries joined with a VALUES list (an executemany ran
+    one statement per row in the server). A retry's due time is the database's clock, read once
+    when there is one. The caller holds each delivery's lease.
+    """
+    for start in range(0, len(outcomes), RECORD_CHUNK):
+        chunk = outcomes[start : start + RECORD_CHUNK]
+        session.execute(insert(_table(WebhookAttempt)).values([_attempt_row(o) for o in chunk]))
+        session.execute(_move_on(session, chunk))
 
 
-def _move_on(session: Session, values: dict[str, object], rows: list[dict[str, object]]) -> None:
-    """One UPDATE per row (executemany): the attempt counted, the lease released, `values`."""
-    table = WebhookDelivery.__table__
+def _table(model: type[Base]) -> Table:
+    table = model.__table__
     assert isinstance(table, Table)
-    statement = (
-        update(table)
-        .where(table.c.id == bindparam("b_id"))
+    return table
+
+
+def _move_on(session: Session, outcomes: Sequence[AttemptOutcome]) -> Update:
+    """One UPDATE of `outcomes`' deliveries: the attempt counted, the lease released,
+    `last_error` set; an ended one's state and `finished_at`; a retried one due again.
+
+    Every row carries a due time, never NULL (an ended one's is ignored): a VALUES column of
+    NULLs alone would be typed text by Postgres, and a cast would turn SQLite's datetimes into
+    numbers.
+    """
+    deliveries = _table(WebhookDelivery)
+    finished = utcnow()
+    retried = any(o.state == DeliveryState.PENDING for o in outcomes)
+    now = db_now(session) if retried else finished
+    moved = values(
+        column("id", Integer),
+        column("state", deliveries.c.state.type),
+        column("error", Text),
+        column("due", UTCDateTime()),
+        name="moved",
+    ).data([_delivery_row(o, now) for o in outcomes])
+    rows = moved.cte("moved")
+    again = rows.c.state == DeliveryState.PENDING
+    return (
+        update(deliveries)
+        .where(deliveries.c.id == rows.c.id)
         .values(
-            attempt_count=table.c.attempt_count + 1,
-            last_error=bindparam("b_error"),
+            attempt_count=deliveries.c.attempt_count + 1,
+            last_error=rows.c.error,
             lease_until=None,
-            **values,
+            state=rows.c.state,
+            finished_at=case((again, deliveries.c.finished_at), else_=finished),
+            next_attempt_at=case((again, rows.c.due), else_=deliveries.c.next_attempt_at),
+            enqueued_at=case((again, None), else_=deliveries.c.enqueued_at),
         )
     )
-    session.execute(statement, rows)
 
 
 def _attempt_row(outcome: AttemptOutcome) -> dict[str, object]:
@@ -257,13 +290,15 @@ def _attempt_row(outcome: AttemptOutcome) -> dict[str, object]:
     }
 
 
-def _delivery_row(outcome: AttemptOutcome) -> dict[str, object]:
-    """The delivery's `last_error` as `record_attempt` and `mark_delivered` leave it."""
+def _delivery_row(outcome: AttemptOutcome, now: datetime) -> tuple[object, ...]:
+    """(id, state, last_error, due) of a delivery: `last_error` as `record_attempt` and
+    `mark_delivered` leave it; due `retry_in_s` after `now` (read only for a retry)."""
     record = outcome.record
     error = record.error or (None if record.status_code is None else f"HTTP {record.status_code}")
     if outcome.state == DeliveryState.DELIVERED:
         error = None
-    return {"b_id": outcome.delivery_id, "b_error": error}
+    due = now + timedelta(seconds=outcome.retry_in_s)
+    return (outcome.delivery_id, outcome.state, error, due)
 
 
 def mark_delivered(session: Session, delivery: WebhookDelivery) -> None:

@@ -8,20 +8,25 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
 from darkroom.identities import FailureReason, Operation
 from darkroom.outbound import new_client
 from darkroom.settings import Settings
 from db.clock import db_now
-from db.models import DeliveryState, WebhookAttempt, WebhookDelivery
+from db.migrate import upgrade_to_head
+from db.models import DeliveryState, JobState, WebhookAttempt, WebhookDelivery
 from db.repositories import jobs, keys, webhooks
 from db.repositories.keys import IssuedKey
+from db.repositories.webhooks import AttemptOutcome, AttemptRecord
 from db.session import session_scope
 from services import outcomes
+from tests.support.rows import job_row
 from tests.support.servers import Received, WebhookReceiver
 from worker.webhooks.loop import DeliveryLoop, Doorbell
 
@@ -163,3 +168,73 @@ def test_a_live_lease_is_not_claimed_again(ours: Settings, key: IssuedKey) -> No
     assert claimed[0].track_id == "t-1"
     with session_scope(ours.resolved_database_url) as session:
         assert webhooks.claim_due_deliveries(session, limit=10, lease_s=60) == []
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def any_database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Both databases: the loop records on Postgres, `deliver` (embedded mode) on SQLite too."""
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("own_pg_url")
+        return url
+    url = f"sqlite:///{tmp_path / 'records.sqlite3'}"
+    upgrade_to_head(url)
+    return url
+
+
+def _rows(session: Session, ids: list[int]) -> dict[int, WebhookDelivery]:
+    query = select(WebhookDelivery).where(WebhookDelivery.id.in_(ids))
+    return {row.id: row for row in session.scalars(query)}
+
+
+def test_one_batch_records_each_attempt_and_moves_each_delivery_on(any_database: str) -> None:
+    hook = "http://127.0.0.1:9/hook"
+    with session_scope(any_database) as session:
+        key_id = keys.create_key(session, "records").row.id
+        ids = []
+        for _ in range(4):
+            job = job_row(session, key_id, webhook=hook, state=JobState.FAILED)
+            ids.append(webhooks.create_delivery(session, job_id=job.id, url=hook, payload="{}").id)
+    [delivered, failed, retried, unreachable] = ids
+    with session_scope(any_database) as session:
+        for delivery_id in ids:  # each held by a lease, as a claim leaves them
+            assert webhooks.claim_delivery(session, delivery_id, lease_s=60) is not None
+        before = {d: (r.next_attempt_at, r.enqueued_at) for d, r in _rows(session, ids).items()}
+    batch = [
+        AttemptOutcome(delivered, AttemptRecord(200, 1.5, "ok", None), DeliveryState.DELIVERED),
+        AttemptOutcome(failed, AttemptRecord(410, 2.5, "gone", None), DeliveryState.FAILED),
+        AttemptOutcome(retried, AttemptRecord(503, 3.5, "busy", None), DeliveryState.PENDING, 30),
+        AttemptOutcome(
+            unreachable, AttemptRecord(None, 4.5, None, "timeout"), DeliveryState.PENDING, 60
+        ),
+    ]
+    with session_scope(any_database) as session:
+        webhooks.record_outcomes(session, batch)
+        now = db_now(session)
+
+    with session_scope(any_database) as session:
+        rows = _rows(session, ids)
+        assert {
+            d: (r.state, r.attempt_count, r.last_error, r.lease_until) for d, r in rows.items()
+        } == {
+            delivered: (DeliveryState.DELIVERED, 1, None, None),
+            failed: (DeliveryState.FAILED, 1, "HTTP 410", None),
+            retried: (DeliveryState.PENDING, 1, "HTTP 503", None),
+            unreachable: (DeliveryState.PENDING, 1, "timeout", None),
+        }
+        for ended in (delivered, failed):  # finished; due time and publish time left alone
+            assert rows[ended].finished_at is not None
+            assert (rows[ended].next_attempt_at, rows[ended].enqueued_at) == before[ended]
+        for again, delay in ((retried, 30), (unreachable, 60)):  # due again, on the db's clock
+            assert (rows[again].finished_at, rows[again].enqueued_at) == (None, None)
+            due_in = (rows[again].next_attempt_at - now).total_seconds()
+            assert delay - 2 < due_in <= delay
+        attempts = session.scalars(select(WebhookAttempt).order_by(WebhookAttempt.delivery_id))
+        assert [
+            (a.delivery_id, a.status_code, a.latency_ms, a.response_excerpt, a.error)
+            for a in attempts
+        ] == [
+            (delivered, 200, 1.5, "ok", None),
+            (failed, 410, 2.5, "gone", None),
+            (retried, 503, 3.5, "busy", None),
+            (unreachable, None, 4.5, None, "timeout"),
+        ]
