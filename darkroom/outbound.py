@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import functools
 import ssl
+import threading
 import time
 import typing
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -200,6 +202,30 @@ def new_client(timeout: float, max_connections: int | None = None) -> httpx.Clie
         follow_redirects=False,
         trust_env=False,
     )
+
+
+#: Clients one thread keeps for `thread_client` (one per host); the least recently used goes.
+THREAD_CLIENTS = 8
+_threads = threading.local()
+
+
+def thread_client(target: PinnedRequest, timeout: float) -> httpx.Client:
+    """A `new_client` that this thread keeps for `target`'s host, so that its connections stay
+    open between requests (keep-alive: no TCP or TLS handshake per init image).
+
+    One client per host name, never one for all: httpcore pools connections by address, and a
+    connection whose TLS was verified for one host name must not carry a request for another
+    host that resolved to the same address. Clients are per thread (httpx clients may be shared,
+    but the deadline is per thread, and this keeps a busy host from queueing on one pool).
+    """
+    key = (target.url.partition(":")[0], target.host_header, timeout)
+    clients: OrderedDict[tuple[str, str, float], httpx.Client]
+    clients = _threads.__dict__.setdefault("clients", OrderedDict())
+    client = clients.pop(key, None) or new_client(timeout)
+    clients[key] = client
+    while len(clients) > THREAD_CLIENTS:
+        clients.popitem(last=False)[1].close()
+    return client
 
 
 # --- one request ----------------------------------------------------------------------------

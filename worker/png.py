@@ -1,0 +1,58 @@
+"""PNG encoding of output images: a numpy Sub filter and one zlib call, Pillow as the fallback.
+
+Encoding was the worker's largest CPU cost per job (docs/PERFORMANCE.md, "Saturation"):
+Pillow's default (level 6, a filter chosen per row) took ~90 ms for a 512x512 output. This
+encoder writes the same kind of file, 8-bit RGB, RGBA or grayscale, non-interlaced, every row
+with PNG's Sub filter (each byte minus the byte one pixel to its left), which on smooth images
+compresses as well as Pillow's choice at a low level, and costs one numpy subtraction plus
+`zlib.compress` (which releases the GIL, so the worker's encoding threads run in parallel).
+Measured on 512x512 images at level 1: 2x to 2.4x faster than Pillow at level 1, files 0-8%
+larger than Pillow's at level 1 (figures in docs/PERFORMANCE.md). Lossless: Pillow decodes
+the bytes to the same pixels (tests/worker/test_png.py). Deterministic for identical pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: Pillow mode -> PNG colour type, for the 8-bit modes written here; others go to Pillow.
+COLOUR_TYPES = {"L": 0, "RGB": 2, "RGBA": 6}
+SUB_FILTER = 1
+
+
+def encode(image: Image.Image, compress_level: int) -> bytes:
+    """The PNG encoding of `image` at zlib `compress_level` (0-9)."""
+    colour_type = COLOUR_TYPES.get(image.mode)
+    if colour_type is None:  # palette, 16-bit, 1-bit, ...: rare for outputs; Pillow does them
+        return _pillow(image, compress_level)
+    header = struct.pack(">IIBBBBB", image.width, image.height, 8, colour_type, 0, 0, 0)
+    pixels = zlib.compress(_sub_filtered(image), compress_level)
+    return SIGNATURE + _chunk(b"IHDR", header) + _chunk(b"IDAT", pixels) + _chunk(b"IEND", b"")
+
+
+def _sub_filtered(image: Image.Image) -> bytes:
+    """The image's rows, each as the filter byte then its bytes with the Sub filter applied."""
+    channels = len(image.getbands())
+    rows = np.asarray(image, dtype=np.uint8).reshape(image.height, image.width * channels)
+    out = np.empty((image.height, rows.shape[1] + 1), dtype=np.uint8)
+    out[:, 0] = SUB_FILTER
+    out[:, 1 : 1 + channels] = rows[:, :channels]  # the first pixel has no left neighbour
+    np.subtract(rows[:, channels:], rows[:, :-channels], out=out[:, 1 + channels :])
+    return out.tobytes()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(data, zlib.crc32(kind))
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+def _pillow(image: Image.Image, compress_level: int) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=compress_level)
+    return buffer.getvalue()
