@@ -328,7 +328,8 @@ class JobPreview(Base):
 
 class ProgressDelivery(Base):
     """One opt-in `start` or `progress` webhook of a job: signed like the terminal one,
-    attempted once by the dispatcher and recorded here, never retried."""
+    attempted once by the dispatcher and recorded here, never retried after an answer (only
+    a claim whose dispatcher died before recording one is taken again)."""
 
     __tablename__ = "progress_deliveries"
 
@@ -338,8 +339,10 @@ class ProgressDelivery(Base):
     message_id: Mapped[str] = mapped_column(String(64), unique=True)
     url: Mapped[str] = mapped_column(Text)
     payload: Mapped[str] = mapped_column(Text)
-    # pending (due), sending (claimed), delivered or failed (after its one attempt)
+    # pending (due), sending (claimed until lease_until), delivered or failed (attempted)
     state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    # While `sending`: when the claim ends (database clock); past it, the row is claimable again.
+    lease_until: Mapped[datetime | None] = mapped_column(default=None)
     status_code: Mapped[int | None] = mapped_column(Integer, default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     duration_ms: Mapped[float | None] = mapped_column(Float, default=None)

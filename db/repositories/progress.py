@@ -8,10 +8,12 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from db.clock import DbNow, db_now
 from db.models import (
     TERMINAL_STATES,
     ApiKey,
@@ -83,7 +85,8 @@ def create_delivery(session: Session, job_id: int, event: str, url: str, payload
 
 @dataclass(frozen=True)
 class ClaimedProgress:
-    """A claimed progress delivery and what signs it."""
+    """A claimed progress delivery, what signs it, and its claim (`lease_until` fences the
+    recording: a claimer that outlived its lease cannot overwrite the next one's outcome)."""
 
     id: int
     job_id: int
@@ -93,25 +96,54 @@ class ClaimedProgress:
     message_id: str
     secrets: list[str]
     track_id: str | None
+    lease_until: datetime
 
 
-def claim_due(session: Session, *, limit: int) -> list[ClaimedProgress]:
-    """Take up to `limit` due progress deliveries (oldest first) for this dispatcher; a
-    claimed one is never claimed again, whatever happens to its attempt (no retries)."""
+def _job_ended() -> ColumnElement[bool]:
+    """Whether the delivery's job has reached a terminal state."""
+    return exists().where(Job.id == ProgressDelivery.job_id, Job.state.in_(list(TERMINAL_STATES)))
+
+
+def _abandoned(now: ColumnElement[datetime] | datetime) -> ColumnElement[bool]:
+    """Claimed by a dispatcher whose lease ran out before it recorded the attempt: it died (or
+    stalled) mid-attempt. Rows claimed before leases existed (no lease) count as expired."""
+    return and_(
+        ProgressDelivery.state == SENDING,
+        or_(ProgressDelivery.lease_until.is_(None), ProgressDelivery.lease_until < now),
+    )
+
+
+def _claimable(now: datetime) -> ColumnElement[bool]:
+    """Due for the first time, or abandoned while its job still runs. An abandoned attempt
+    may have reached the receiver already, so it is repeated only while the news is current:
+    once the job has ended its terminal webhook supersedes it and the sweeper gives it up."""
+    return or_(ProgressDelivery.state == PENDING, and_(_abandoned(now), ~_job_ended()))
+
+
+def claim_due(session: Session, *, limit: int, lease_s: float) -> list[ClaimedProgress]:
+    """Take up to `limit` claimable progress deliveries (oldest first) for one attempt each,
+    held for `lease_s` seconds on the database's clock (longer than any attempt lasts).
+
+    One claim at a time: rows being claimed elsewhere are skipped (SKIP LOCKED), and Postgres
+    checks the condition again on a row another claim just committed, whose lease is live.
+    A delivery whose attempt was recorded is never claimed again (no retries after an answer).
+    """
+    now = db_now(session)
+    lease_until = now + timedelta(seconds=lease_s)
     rows = session.scalars(
         select(ProgressDelivery)
-        .where(ProgressDelivery.state == PENDING)
+        .where(_claimable(now))
         .order_by(ProgressDelivery.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
     ).all()
     claimed = []
     for row in rows:
-        row.state = SENDING
+        row.state, row.lease_until = SENDING, lease_until
         job = session.get(Job, row.job_id)
         key = session.get(ApiKey, job.api_key_id) if job is not None else None
         if job is None or key is None:
-            row.state = FAILED
+            row.state, row.lease_until = FAILED, None
             continue
         signing = key.signing_secrets(utcnow())
         claimed.append(
@@ -124,6 +156,7 @@ def claim_due(session: Session, *, limit: int) -> list[ClaimedProgress]:
                 row.message_id,
                 signing,
                 job.track_id,
+                lease_until,
             )
         )
     session.flush()
@@ -132,26 +165,34 @@ def claim_due(session: Session, *, limit: int) -> list[ClaimedProgress]:
 
 def record_attempt(
     session: Session,
-    delivery_id: int,
+    claimed: ClaimedProgress,
     *,
     status_code: int | None,
     error: str | None,
     duration_ms: float,
-) -> None:
-    """Record the one attempt of a progress delivery: delivered on a 2xx, else failed."""
+) -> bool:
+    """Record the attempt of a progress delivery: delivered on a 2xx, else failed. False (and
+    nothing written) when the claim is no longer this one's: its lease ran out and another
+    dispatcher took the delivery over, whose outcome is the one kept."""
     delivered = status_code is not None and 200 <= status_code < 300
-    session.execute(
+    result = session.execute(
         update(ProgressDelivery)
-        .where(ProgressDelivery.id == delivery_id)
+        .where(
+            ProgressDelivery.id == claimed.id,
+            ProgressDelivery.state == SENDING,
+            ProgressDelivery.lease_until == claimed.lease_until,
+        )
         .values(
             state=DELIVERED if delivered else FAILED,
             status_code=status_code,
             error=error,
             duration_ms=duration_ms,
             attempted_at=func.now(),
+            lease_until=None,
         )
         .execution_options(synchronize_session=False)
     )
+    return int(getattr(result, "rowcount", 0) or 0) == 1
 
 
 def deliveries_for_job(session: Session, job_id: int) -> Sequence[ProgressDelivery]:
@@ -161,13 +202,16 @@ def deliveries_for_job(session: Session, job_id: int) -> Sequence[ProgressDelive
 
 
 def drop_unsent_of_ended(session: Session) -> int:
-    """Mark failed the progress deliveries still due for jobs that have ended: news of a
-    running job is worthless once its terminal webhook is on its way."""
-    ended = select(Job.id).where(Job.state.in_(list(TERMINAL_STATES)))
+    """Mark failed the progress deliveries of ended jobs that are still due or whose claim was
+    abandoned (its dispatcher died mid-attempt): news of a running job is worthless once its
+    terminal webhook is on its way. A live claim is left to finish its attempt."""
     result = session.execute(
         update(ProgressDelivery)
-        .where(ProgressDelivery.state == PENDING, ProgressDelivery.job_id.in_(ended))
-        .values(state=FAILED, error="job ended before it was sent")
+        .where(
+            or_(ProgressDelivery.state == PENDING, _abandoned(DbNow())),
+            _job_ended(),
+        )
+        .values(state=FAILED, error="job ended before it was sent", lease_until=None)
         .execution_options(synchronize_session=False)
     )
     return int(getattr(result, "rowcount", 0) or 0)

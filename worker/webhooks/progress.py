@@ -7,6 +7,12 @@ secrets, the SSRF guard, the overall deadline) plus a `webhook-event` header, an
 outcome. It has its own thread and rows: the terminal deliveries' loop and pool never wait for
 it. A slow receiver only slows this job's (and others') progress news, which the sweeper gives
 up once their job has ended.
+
+A claim holds its delivery for a lease as long as a terminal delivery's (`lease_seconds`: longer
+than any attempt), on the database's clock. A dispatcher that dies mid-attempt leaves its rows
+`sending`; once the lease is over another claims them (one at a time) while their job still
+runs, or the sweeper gives them up once it has ended. The per-job cap counts rows, not attempts:
+taking an abandoned row over adds none, so the cap holds.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from darkroom.settings import Settings
 from db.repositories import progress
 from db.repositories.progress import ClaimedProgress
 from db.session import session_scope
-from worker.webhooks.dispatcher import Ticket, attempt
+from worker.webhooks.dispatcher import Ticket, attempt, lease_seconds
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +39,7 @@ POLL_S = 0.25
 def send_due(settings: Settings, client: httpx.Client) -> int:
     """Claim the due progress deliveries, attempt each once and record it; how many."""
     with session_scope(settings.resolved_database_url) as session:
-        claimed = progress.claim_due(session, limit=CLAIM_LIMIT)
+        claimed = progress.claim_due(session, limit=CLAIM_LIMIT, lease_s=lease_seconds(settings))
     for delivery in claimed:
         _send(settings, client, delivery)
     return len(claimed)
@@ -59,12 +65,19 @@ def _send(settings: Settings, client: httpx.Client, delivery: ClaimedProgress) -
         record.status_code or record.error,
     )
     with session_scope(settings.resolved_database_url) as session:
-        progress.record_attempt(
+        recorded = progress.record_attempt(
             session,
-            delivery.id,
+            delivery,
             status_code=record.status_code,
             error=record.error,
             duration_ms=record.latency_ms,
+        )
+    if not recorded:
+        log.warning(
+            "progress webhook %s of job %s: its claim expired mid-attempt; another dispatcher's"
+            " outcome is kept",
+            delivery.event,
+            delivery.job_id,
         )
 
 
