@@ -26,7 +26,7 @@ from tests.api.test_submit import IMG2IMG as EXAMPLE
 from tests.e2e.test_system import png_size
 from tests.support.servers import ImageServer, png
 from tests.support.system import RunningSystem, darkroom_up, production_env
-from worker.models import tiny
+from worker.models import tiny, tiny_addons
 
 pytestmark = pytest.mark.slow
 
@@ -48,21 +48,27 @@ def install_models(root: Path, build: Path) -> Path:
         shutil.move(str(build / source), root / target)
     # The same models as single files in the original (A1111) layout, configured locally.
     for folder, family in (("my-sd", Family.SD), ("my-sdxl", Family.SDXL)):
-        tiny.write_sd_checkpoint(root / folder, root / f"{folder}-file.safetensors")
+        tiny_addons.write_sd_checkpoint(root / folder, root / f"{folder}-file.safetensors")
         shutil.copytree(root / folder, root / "configs" / family)
     # SD 2.x v-prediction as a .ckpt (OpenCLIP keys), configured by configs/sd2/ (v_prediction).
-    tiny.write_sd_checkpoint(root / "my-sd2-v", root / "my-sd2-v-file.ckpt")
+    tiny_addons.write_sd_checkpoint(root / "my-sd2-v", root / "my-sd2-v-file.ckpt")
     shutil.copytree(root / "my-sd2-v", root / "configs" / "sd2")
-    tiny.ensure_tiny_lora(build / "xl.safetensors", "xl", Family.SDXL)
+    tiny_addons.ensure_tiny_lora(build / "xl.safetensors", "xl", Family.SDXL)
     (root / "loras").mkdir()
-    kohya = tiny.kohya_lora(load_file(str(build / "xl.safetensors")))
+    kohya = tiny_addons.kohya_lora(load_file(str(build / "xl.safetensors")))
     save_file(kohya, str(root / "loras" / "xl-kohya.safetensors"))
-    tiny.ensure_tiny_embedding(root / "embeddings" / "xl-emb.safetensors", "xl-emb", Family.SDXL)
+    tiny_addons.ensure_tiny_embedding(
+        root / "embeddings" / "xl-emb.safetensors", "xl-emb", Family.SDXL
+    )
     # kohya files as model sites ship them: SD's with its text-encoder part, Flux's (sd-scripts).
-    tiny.ensure_tiny_lora(root / "loras" / "sd-kohya.safetensors", "kohya-sd", Family.SD)
-    tiny.ensure_tiny_lora(root / "loras" / "flux-kohya.safetensors", "kohya-flux", Family.FLUX)
-    tiny.ensure_tiny_embedding(root / "embeddings" / "sd-emb.safetensors", "sd-emb", Family.SD)
-    tiny.ensure_tiny_vae(root / "vae" / "my-vae", "my-vae")
+    tiny_addons.ensure_tiny_lora(root / "loras" / "sd-kohya.safetensors", "kohya-sd", Family.SD)
+    tiny_addons.ensure_tiny_lora(
+        root / "loras" / "flux-kohya.safetensors", "kohya-flux", Family.FLUX
+    )
+    tiny_addons.ensure_tiny_embedding(
+        root / "embeddings" / "sd-emb.safetensors", "sd-emb", Family.SD
+    )
+    tiny_addons.ensure_tiny_vae(root / "vae" / "my-vae", "my-vae")
     return root
 
 

@@ -15,7 +15,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from darkroom.identities import Family
-from worker.models import tiny
+from worker.models import tiny, tiny_addons
 
 
 @dataclass
@@ -107,12 +107,13 @@ def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> TinyFiles:
     build = tmp_path_factory.mktemp("tiny-build")
     tiny.ensure_tiny_models(build)
     folder = build / "sd-img2img"  # the tiny SD 1.x img2img folder
-    tiny.write_sd_checkpoint(folder, build / "sd.safetensors")
-    tiny.ensure_tiny_lora(build / "lora.safetensors", "brought", Family.SD)
+    tiny_addons.write_sd_checkpoint(folder, build / "sd.safetensors")
+    tiny_addons.ensure_tiny_lora(build / "lora.safetensors", "brought", Family.SD)
     save_file(
-        tiny.kohya_lora(load_file(str(build / "lora.safetensors"))), str(build / "k.safetensors")
+        tiny_addons.kohya_lora(load_file(str(build / "lora.safetensors"))),
+        str(build / "k.safetensors"),
     )
-    tiny.ensure_tiny_embedding(build / "emb.safetensors", "brought-emb", Family.SD)
+    tiny_addons.ensure_tiny_embedding(build / "emb.safetensors", "brought-emb", Family.SD)
     return TinyFiles(
         folder,
         (build / "sd.safetensors").read_bytes(),
@@ -141,8 +142,8 @@ class TinySdxl:
 def tiny_sdxl(tmp_path_factory: pytest.TempPathFactory) -> TinySdxl:
     build = tmp_path_factory.mktemp("tiny-sdxl")
     tiny.ensure_tiny_family_model(build, "sdxl-img2img")
-    tiny.write_sd_checkpoint(build / "sdxl-img2img", build / "xl.safetensors")
-    tiny.ensure_tiny_embedding(build / "xl-emb.safetensors", "xl-emb", Family.SDXL)
+    tiny_addons.write_sd_checkpoint(build / "sdxl-img2img", build / "xl.safetensors")
+    tiny_addons.ensure_tiny_embedding(build / "xl-emb.safetensors", "xl-emb", Family.SDXL)
     return TinySdxl(
         build / "sdxl-img2img",
         (build / "xl.safetensors").read_bytes(),

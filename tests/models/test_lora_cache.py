@@ -70,12 +70,12 @@ def test_a_replaced_file_is_read_anew(tmp_path: Path) -> None:
 
 
 def test_the_worker_reads_a_warm_lora_from_the_cache(tmp_path: Path) -> None:
-    from worker.models import tiny
+    from worker.models import tiny_addons
     from worker.models.lora_cache import shared_cache
     from worker.pipelines import options
 
     path = tmp_path / "kohya-warm.safetensors"
-    tiny.ensure_tiny_lora(path, "kohya-warm")
+    tiny_addons.ensure_tiny_lora(path, "kohya-warm")
     cache = shared_cache()
     cache.clear()
     hits, misses = cache.hits, cache.misses
@@ -96,13 +96,13 @@ def test_a_warm_embedding_is_not_read_again_and_loads_the_same_vectors(
     token it adds has the file's vector."""
     import diffusers
 
-    from worker.models import tiny
+    from worker.models import tiny_addons
     from worker.models.lora_cache import shared_cache
     from worker.pipelines import options
 
     sd, xl = tmp_path / "emb-warm.safetensors", tmp_path / "xl-warm.safetensors"
-    tiny.ensure_tiny_embedding(sd, "emb-warm", Family.SD)
-    tiny.ensure_tiny_embedding(xl, "xl-warm", Family.SDXL)
+    tiny_addons.ensure_tiny_embedding(sd, "emb-warm", Family.SD)
+    tiny_addons.ensure_tiny_embedding(xl, "xl-warm", Family.SDXL)
     loader = CountingLoader()
     monkeypatch.setattr(options, "load_file", loader)  # safetensors' reader, counted
     cache = shared_cache()

@@ -28,7 +28,7 @@ from db.session import session_scope
 from services import models
 from tests.models.conftest import FileServer, Served, TinyFiles, models_folder
 from worker.installer import Installer
-from worker.models import tiny
+from worker.models import tiny, tiny_addons
 from worker.models.cache import ModelCache
 from worker.pipelines.generate import generate
 from worker.pipelines.request import GenerationRequest
@@ -52,7 +52,7 @@ def tiny_sd2(tmp_path_factory: pytest.TempPathFactory) -> TinySd2:
     files = {}
     for suffix in (".safetensors", ".ckpt"):
         files[suffix] = build / f"sd2{suffix}"
-        tiny.write_sd_checkpoint(folder, files[suffix])
+        tiny_addons.write_sd_checkpoint(folder, files[suffix])
     return TinySd2(folder, files)
 
 

@@ -29,7 +29,7 @@ from darkroom.jobspec import JobSpec, batch_key
 from darkroom.settings import Settings
 from db.repositories.keys import IssuedKey
 from tests.api.test_submit import IMG2IMG as EXAMPLE
-from worker.models import tiny
+from worker.models import tiny, tiny_addons
 from worker.models.cache import ModelCache
 from worker.pipelines.generate import check_family, generate, load_for, run_loaded
 from worker.pipelines.request import GenerationRequest, LoraSpec
@@ -154,23 +154,26 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (build / TinyModel.SD2_V_IMG2IMG).rename(root / SD2_MODEL)
     (build / TinyModel.FLUX_IMG2IMG).rename(root / FLUX_MODEL)
     (root / "loras").mkdir()
-    for layout in tiny.FLUX_LORA_LAYOUTS:  # the same weights in each layout
+    for layout in tiny_addons.FLUX_LORA_LAYOUTS:  # the same weights in each layout
         save_file(
-            tiny.flux_lora(layout, seed=3), str(root / "loras" / f"flux-{layout}.safetensors")
+            tiny_addons.flux_lora(layout, seed=3),
+            str(root / "loras" / f"flux-{layout}.safetensors"),
         )
     for family, stem in ((Family.SDXL, "xl"), (Family.SD, "sd")):
-        tiny.ensure_tiny_lora(root / "loras" / f"{stem}-peft.safetensors", "same", family)
+        tiny_addons.ensure_tiny_lora(root / "loras" / f"{stem}-peft.safetensors", "same", family)
         layers = load_file(str(root / "loras" / f"{stem}-peft.safetensors"))
-        save_file(tiny.kohya_lora(layers), str(root / "loras" / f"{stem}-kohya.safetensors"))
+        save_file(tiny_addons.kohya_lora(layers), str(root / "loras" / f"{stem}-kohya.safetensors"))
         # The same UNet part with the text encoders' parts, as model sites ship kohya LoRAs.
-        text = tiny.kohya_text_encoder_lora(family, seed=7)
-        with_text = tiny.kohya_lora(layers) | text
+        text = tiny_addons.kohya_text_encoder_lora(family, seed=7)
+        with_text = tiny_addons.kohya_lora(layers) | text
         save_file(with_text, str(root / "loras" / f"{stem}-kohya-te.safetensors"))
         first_encoder = {k: v for k, v in with_text.items() if not k.startswith("lora_te2_")}
         save_file(first_encoder, str(root / "loras" / f"{stem}-kohya-te1.safetensors"))
-    tiny.ensure_tiny_lora(root / "loras" / "xl-other.safetensors", "other", Family.SDXL)
-    tiny.ensure_tiny_embedding(root / "embeddings" / "xl-emb.safetensors", "xl-emb", Family.SDXL)
-    tiny.ensure_tiny_vae(root / "vae" / "my-vae", "my-vae")
+    tiny_addons.ensure_tiny_lora(root / "loras" / "xl-other.safetensors", "other", Family.SDXL)
+    tiny_addons.ensure_tiny_embedding(
+        root / "embeddings" / "xl-emb.safetensors", "xl-emb", Family.SDXL
+    )
+    tiny_addons.ensure_tiny_vae(root / "vae" / "my-vae", "my-vae")
     return root
 
 
@@ -629,7 +632,7 @@ def _install_single_file(tmp_path: Path, model: TinyModel, config: str, suffix: 
     built = _build_tiny(tmp_path / "build", model)
     shutil.copytree(built, models / "folder")
     shutil.copytree(built, models / "configs" / config)
-    tiny.write_sd_checkpoint(models / "folder", models / f"single{suffix}")
+    tiny_addons.write_sd_checkpoint(models / "folder", models / f"single{suffix}")
     return models
 
 

@@ -15,7 +15,8 @@ from PIL import Image
 from darkroom.identities import Operation, TinyModel
 from darkroom.settings import Settings
 from worker.models.cache import ModelCache
-from worker.models.tiny import _build_once, ensure_tiny_models
+from worker.models.tiny import ensure_tiny_models
+from worker.models.tiny_shapes import build_once
 from worker.models.weights import UnknownModelError, resolve_model
 from worker.pipelines.generate import generate
 from worker.pipelines.mixer import mixing_weights
@@ -302,6 +303,6 @@ class _PipelineBuiltMeanwhile:
 
 def test_building_a_tiny_model_tolerates_losing_a_race(tmp_path: Path) -> None:
     target = tmp_path / "sd-img2img"
-    _build_once(target, lambda _workdir: _PipelineBuiltMeanwhile(target))
+    build_once(target, lambda _workdir: _PipelineBuiltMeanwhile(target))
     assert [path.name for path in tmp_path.iterdir()] == ["sd-img2img"]  # no staging left
     assert [path.name for path in target.iterdir()] == ["theirs"]

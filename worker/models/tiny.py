@@ -5,34 +5,26 @@ Weights can never be downloaded in tests, so `ensure_tiny_models` builds each pi
 the worker then loads it through the same `from_pretrained` path as real weights. The VAE and the
 MoVQ downsample by 8 like the real ones, which keeps a 512x512 request to a few seconds on a CPU.
 
-Several processes may call `ensure_tiny_models` at once: each builds into its own temporary folder
-beside the target and renames it into place; the loser of the race deletes its copy.
+This module owns the pipelines (the preset's, the other families' and the variants that tests
+install), their tokenizers and text encoders; the UNets, transformers and VAEs that add-ons share
+with them are in `worker.models.tiny_shapes`, and the add-ons themselves (LoRAs, embeddings,
+VAEs by id, single-file checkpoints) in `worker.models.tiny_addons`.
 
-Add-ons named by the request (LoRAs, VAEs, textual-inversion embeddings) are built lazily, one per
-id, seeded from a hash of the id: the same id always gives the same weights, different ids give
-different weights. The two tiny safety checkers differ only in their concept thresholds: the
-checker flags an image when a cosine similarity (always within [-1, 1]) exceeds a threshold, so
-thresholds of +2 never flag and thresholds of -2 always do (see `darkroom.model_ids` for which one a
-request gets).
+The two tiny safety checkers differ only in their concept thresholds: the checker flags an image
+when a cosine similarity (always within [-1, 1]) exceeds a threshold, so thresholds of +2 never
+flag and thresholds of -2 always do (see `darkroom.model_ids` for which one a request gets).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import diffusers
 import torch
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers import models as tokenizer_models
 from transformers import (
@@ -49,22 +41,16 @@ from transformers import (
     T5Tokenizer,
 )
 
-from darkroom.identities import Family, TinyModel
-from darkroom.limits import MAX_CLIP_SKIP
-from worker.models.checkpoints import sd_checkpoint
+from darkroom.identities import TinyModel
+from worker.models import tiny_shapes as shapes
 
-#: SDXL's UNet takes the pooled text embedding and six size numbers, each embedded in this width.
-_SDXL_TIME_EMBED = 8
-#: The tiny SDXL's second (bigG stand-in) encoder is wider than the first, as the real one is:
-#: single-file loading tells the two apart by their widths.
-_SDXL_G_HIDDEN = 40
+# benchmarks/lora_switch.py still builds its add-ons through this module; their home is
+# `worker.models.tiny_addons` (drop these once that benchmark imports them from there).
+from worker.models.tiny_addons import ensure_tiny_embedding as ensure_tiny_embedding
+from worker.models.tiny_addons import ensure_tiny_lora as ensure_tiny_lora
 
 # Tiny safety checkers' concept thresholds: a cosine similarity is never above 2 nor below -2.
 _NEVER_FLAG, _ALWAYS_FLAG = 2.0, -2.0
-# Layers of the SD text encoders: clip_skip goes up to 8 and must pick a real layer.
-_SD_TEXT_LAYERS = MAX_CLIP_SKIP
-
-_HIDDEN = 32  # text/image embedding width shared by every tiny encoder
 _CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 _CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 # Stable Diffusion 1.5's noise schedule, shared by its img2img and InstructPix2Pix schedulers.
@@ -75,8 +61,6 @@ _SD_SCHEDULE: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "steps_offset": 1,
 }
-
-T = TypeVar("T")
 
 # diffusers wraps its constructors in an untyped decorator: treat the library as untyped here.
 _diffusers: Any = diffusers
@@ -94,7 +78,7 @@ def ensure_tiny_models(root: Path) -> None:
     }
     root.mkdir(parents=True, exist_ok=True)
     for name, build in builders.items():
-        _build_once(root / name, build)
+        shapes.build_once(root / name, build)
 
 
 def ensure_tiny_family_model(root: Path, name: str) -> None:
@@ -107,30 +91,7 @@ def ensure_tiny_family_model(root: Path, name: str) -> None:
     if name not in builders:
         raise ValueError(f"No tiny model called {name!r}.")
     root.mkdir(parents=True, exist_ok=True)
-    _build_once(root / name, builders[name])
-
-
-def _build_once(target: Path, build: Callable[[Path], Any]) -> None:
-    """Save `build(workdir)` to `target` atomically; do nothing if `target` already exists."""
-    if target.exists():
-        return
-    staging = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}")
-    try:
-        build(staging / "tokenizer-source").save_pretrained(staging / "pipeline")
-        os.rename(staging / "pipeline", target)
-    except OSError:
-        # Another process renamed its copy into place first: theirs is identical to ours.
-        if not target.exists():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _seeded(factory: Callable[[], T], seed: int = 0) -> T:
-    """Call `factory` under a fixed seed without disturbing the process's global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return factory()
+    shapes.build_once(root / name, builders[name])
 
 
 def _byte_chars() -> list[str]:
@@ -153,7 +114,7 @@ def _tokenizer(workdir: Path) -> Any:
     return CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
 
 
-def _text_config(layers: int = 2, hidden: int = _HIDDEN, **options: Any) -> Any:
+def _text_config(layers: int = 2, hidden: int = shapes.HIDDEN, **options: Any) -> Any:
     """A CLIP text encoder over the tokenizer's 514 tokens; `options` are an encoder's own
     departures (OpenCLIP's GELU)."""
     return CLIPTextConfig(
@@ -170,44 +131,12 @@ def _text_config(layers: int = 2, hidden: int = _HIDDEN, **options: Any) -> Any:
     )
 
 
-def _vae(**options: Any) -> Any:
-    """An AutoencoderKL with four blocks, so it downsamples by 8 like SD's real VAE; `options`
-    are a family's departures from SD's VAE config."""
-    return _diffusers.AutoencoderKL(
-        block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        **options,
-    )
-
-
-def _toy_unet(**options: Any) -> Any:
-    """The two-block toy UNet that SD's and SDXL's shapes share; `options` make it one of them."""
-    return _diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        **options,
-    )
-
-
-def _sd_unet(in_channels: int) -> Any:
-    """SD's UNet shape at toy size; InstructPix2Pix adds the image latents as 4 more channels."""
-    return _toy_unet(in_channels=in_channels, cross_attention_dim=_HIDDEN, attention_head_dim=8)
-
-
 def _sd_components(workdir: Path, unet_in_channels: int) -> dict[str, Any]:
     """The modules shared in shape by the img2img and InstructPix2Pix pipelines."""
     return {
-        "unet": _seeded(lambda: _sd_unet(unet_in_channels)),
-        "vae": _seeded(_vae),
-        "text_encoder": _seeded(lambda: CLIPTextModel(_text_config(_SD_TEXT_LAYERS))),
+        "unet": shapes.seeded(lambda: shapes.sd_unet(unet_in_channels)),
+        "vae": shapes.seeded(shapes.vae),
+        "text_encoder": shapes.seeded(lambda: CLIPTextModel(_text_config(shapes.SD_TEXT_LAYERS))),
         "tokenizer": _tokenizer(workdir),
         "safety_checker": None,
         "feature_extractor": None,
@@ -243,9 +172,9 @@ def _sd2_v_img2img(workdir: Path) -> Any:
         **_SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False, prediction_type="v_prediction"
     )
     components = _sd_components(workdir, unet_in_channels=4)
-    components["unet"] = _seeded(_sd2_unet, seed=2)
-    components["text_encoder"] = _seeded(
-        lambda: CLIPTextModel(_text_config(_SD_TEXT_LAYERS, hidden_act="gelu"))
+    components["unet"] = shapes.seeded(_sd2_unet, seed=2)
+    components["text_encoder"] = shapes.seeded(
+        lambda: CLIPTextModel(_text_config(shapes.SD_TEXT_LAYERS, hidden_act="gelu"))
     )
     return _diffusers.StableDiffusionImg2ImgPipeline(scheduler=scheduler, **components)
 
@@ -253,37 +182,24 @@ def _sd2_v_img2img(workdir: Path) -> Any:
 def _sd2_unet() -> Any:
     """SD 2.x's UNet shape at toy size: linear projections in and out of attention, the head
     count per level (SD 2.x: 5, 10, 20, 20), SD's cross-attention width."""
-    return _toy_unet(
+    return shapes.toy_unet(
         in_channels=4,
-        cross_attention_dim=_HIDDEN,
+        cross_attention_dim=shapes.HIDDEN,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
-    )
-
-
-def _sdxl_unet() -> Any:
-    """SDXL's UNet shape at toy size (diffusers' own SDXL tests): conditioned on both encoders'
-    joined hidden states and on "text_time", the pooled embedding beside the size numbers."""
-    return _toy_unet(
-        in_channels=4,
-        attention_head_dim=(2, 4),
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=_SDXL_TIME_EMBED,
-        transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=6 * _SDXL_TIME_EMBED + _SDXL_G_HIDDEN,
-        cross_attention_dim=_HIDDEN + _SDXL_G_HIDDEN,
     )
 
 
 def _sdxl_components(workdir: Path) -> dict[str, Any]:
     """The tiny SDXL modules: CLIP-L and bigG stand-ins over the same character tokenizer."""
     return {
-        "unet": _seeded(_sdxl_unet),
-        "vae": _seeded(_vae),
-        "text_encoder": _seeded(lambda: CLIPTextModel(_text_config(_SD_TEXT_LAYERS))),
-        "text_encoder_2": _seeded(
-            lambda: CLIPTextModelWithProjection(_text_config(_SD_TEXT_LAYERS, _SDXL_G_HIDDEN)),
+        "unet": shapes.seeded(shapes.sdxl_unet),
+        "vae": shapes.seeded(shapes.vae),
+        "text_encoder": shapes.seeded(lambda: CLIPTextModel(_text_config(shapes.SD_TEXT_LAYERS))),
+        "text_encoder_2": shapes.seeded(
+            lambda: CLIPTextModelWithProjection(
+                _text_config(shapes.SD_TEXT_LAYERS, shapes.SDXL_G_HIDDEN)
+            ),
             seed=1,
         ),
         "tokenizer": _tokenizer(workdir),
@@ -320,31 +236,15 @@ def _t5_tokenizer() -> Any:
 
 def _t5_encoder() -> Any:
     """A two-layer T5 encoder over the tiny tokenizer's 99 pieces."""
-    config = T5Config(vocab_size=99, d_model=_HIDDEN, d_kv=8, d_ff=37, num_layers=2, num_heads=4)
-    return T5EncoderModel(config)
-
-
-def _flux_transformer(guidance_embeds: bool = True) -> Any:
-    """Flux.1-dev's transformer shape at toy size (diffusers' own Flux tests): 2x2 latent
-    patches packed into 16 channels, one double and one single block, embedded guidance
-    (schnell's shape has none)."""
-    return _diffusers.FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=_HIDDEN,
-        pooled_projection_dim=_HIDDEN,
-        guidance_embeds=guidance_embeds,
-        axes_dims_rope=[4, 4, 8],
+    config = T5Config(
+        vocab_size=99, d_model=shapes.HIDDEN, d_kv=8, d_ff=37, num_layers=2, num_heads=4
     )
+    return T5EncoderModel(config)
 
 
 def _flux_vae() -> Any:
     """The four-block tiny VAE without quant convs and with a shift, as Flux's VAE is."""
-    return _vae(
+    return shapes.vae(
         use_quant_conv=False,
         use_post_quant_conv=False,
         shift_factor=0.1159,
@@ -356,11 +256,11 @@ def _flux_img2img(workdir: Path, schnell: bool = False) -> Any:
     """Flux.1 (dev-shaped, or schnell-shaped: no guidance input) as img2img, with its
     flow-matching scheduler config."""
     return _diffusers.FluxImg2ImgPipeline(
-        transformer=_seeded(lambda: _flux_transformer(guidance_embeds=not schnell)),
-        vae=_seeded(_flux_vae),
-        text_encoder=_seeded(lambda: CLIPTextModel(_text_config())),
+        transformer=shapes.seeded(lambda: shapes.flux_transformer(guidance_embeds=not schnell)),
+        vae=shapes.seeded(_flux_vae),
+        text_encoder=shapes.seeded(lambda: CLIPTextModel(_text_config())),
         tokenizer=_tokenizer(workdir),
-        text_encoder_2=_seeded(_t5_encoder),
+        text_encoder_2=shapes.seeded(_t5_encoder),
         tokenizer_2=_t5_tokenizer(),
         scheduler=_diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False),
     )
@@ -369,7 +269,7 @@ def _flux_img2img(workdir: Path, schnell: bool = False) -> Any:
 def _prior_transformer() -> Any:
     """A one-layer unCLIP prior; clip_std starts at 0, which would map every output to 0."""
     prior = _diffusers.PriorTransformer(
-        num_attention_heads=2, attention_head_dim=12, embedding_dim=_HIDDEN, num_layers=1
+        num_attention_heads=2, attention_head_dim=12, embedding_dim=shapes.HIDDEN, num_layers=1
     )
     with torch.no_grad():
         prior.clip_std.fill_(1.0)
@@ -379,8 +279,8 @@ def _prior_transformer() -> Any:
 def _vision_config() -> Any:
     """A CLIP vision tower on 32x32 inputs in 8x8 patches."""
     return CLIPVisionConfig(
-        hidden_size=_HIDDEN,
-        projection_dim=_HIDDEN,
+        hidden_size=shapes.HIDDEN,
+        projection_dim=shapes.HIDDEN,
         image_size=32,
         patch_size=8,
         intermediate_size=37,
@@ -404,9 +304,9 @@ def _image_processor() -> Any:
 def _kandinsky_prior(workdir: Path) -> Any:
     """Kandinsky 2.2's prior: text and images to CLIP image embeddings."""
     return _diffusers.KandinskyV22PriorPipeline(
-        prior=_seeded(_prior_transformer),
-        image_encoder=_seeded(_image_encoder),
-        text_encoder=_seeded(lambda: CLIPTextModelWithProjection(_text_config())),
+        prior=shapes.seeded(_prior_transformer),
+        image_encoder=shapes.seeded(_image_encoder),
+        text_encoder=shapes.seeded(lambda: CLIPTextModelWithProjection(_text_config())),
         tokenizer=_tokenizer(workdir),
         # Real prior settings (UnCLIP predicting the sample); the processor matches the encoder.
         scheduler=_diffusers.UnCLIPScheduler(
@@ -425,7 +325,7 @@ def _decoder_unet() -> Any:
         in_channels=4,
         out_channels=8,  # predicts mean and variance
         addition_embed_type="image",
-        encoder_hid_dim=_HIDDEN,
+        encoder_hid_dim=shapes.HIDDEN,
         encoder_hid_dim_type="image_proj",
         down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
         up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
@@ -434,7 +334,7 @@ def _decoder_unet() -> Any:
         block_out_channels=(16, 32),
         norm_num_groups=8,
         layers_per_block=1,
-        cross_attention_dim=_HIDDEN,
+        cross_attention_dim=shapes.HIDDEN,
         attention_head_dim=4,
         resnet_time_scale_shift="scale_shift",
     )
@@ -467,7 +367,7 @@ def _kandinsky_decoder(workdir: Path) -> Any:
         steps_offset=1,
     )
     return _diffusers.KandinskyV22Pipeline(
-        unet=_seeded(_decoder_unet), scheduler=scheduler, movq=_seeded(_movq)
+        unet=shapes.seeded(_decoder_unet), scheduler=scheduler, movq=shapes.seeded(_movq)
     )
 
 
@@ -478,7 +378,7 @@ class _SafetyCheckerFolder:
         self.threshold = threshold
 
     def save_pretrained(self, folder: Path) -> None:
-        checker = _seeded(self._checker)
+        checker = shapes.seeded(self._checker)
         checker.save_pretrained(folder)
         _image_processor().save_pretrained(folder)
 
@@ -486,7 +386,7 @@ class _SafetyCheckerFolder:
         config = CLIPConfig(
             text_config=_text_config().to_dict(),
             vision_config=_vision_config().to_dict(),
-            projection_dim=_HIDDEN,
+            projection_dim=shapes.HIDDEN,
         )
         checker = StableDiffusionSafetyChecker(config)
         with torch.no_grad():
@@ -497,199 +397,19 @@ class _SafetyCheckerFolder:
         return checker
 
 
-def id_seed(kind: str, name: str) -> int:
-    """A seed that depends only on the kind of add-on and its id."""
-    digest = hashlib.sha256(f"{kind}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % 2**63
-
-
-def ensure_tiny_vae(target: Path, name: str) -> None:
-    """Build the tiny VAE for id `name` into the folder `target` unless it is there."""
-    _build_once(target, lambda _workdir: _seeded(_vae, id_seed("vae", name)))
-
-
-def ensure_tiny_embedding(target: Path, name: str, family: Family = Family.SD) -> None:
-    """Write the one-vector textual-inversion embedding for id `name` to the file `target`:
-    SD's `{name: vector}`, or SDXL's `clip_l` and `clip_g` vectors in one file."""
-    if family == Family.SDXL:
-        vectors = _seeded(
-            lambda: torch.randn(1, _HIDDEN + _SDXL_G_HIDDEN), id_seed("embedding", name)
-        )
-        clip_l, clip_g = vectors[:, :_HIDDEN].clone(), vectors[:, _HIDDEN:].clone()
-        _write_once(target, {"clip_l": clip_l, "clip_g": clip_g})
-        return
-    vector = _seeded(lambda: torch.randn(1, _HIDDEN), id_seed("embedding", name))
-    _write_once(target, {name: vector})
-
-
-#: Tiny LoRA ids starting with this are written in kohya / A1111 format, as model sites ship them.
-KOHYA_PREFIX = "kohya-"
-
-
-def ensure_tiny_lora(target: Path, name: str, family: Family = Family.SD) -> None:
-    """Write a rank-4 LoRA for the attention of the tiny img2img model of `family`, for id
-    `name`, to `target`: diffusers (PEFT) format, or kohya format for ids with `KOHYA_PREFIX`
-    (SD and SDXL: the UNet's part and, as model sites ship them, the text encoders')."""
-    if target.exists():
-        return
-    if family == Family.FLUX and name.startswith(KOHYA_PREFIX):
-        _write_once(target, flux_lora("kohya", id_seed("lora", name)))
-        return
-    if family == Family.FLUX:
-        layers = _seeded(
-            lambda: _lora_state_dict(_flux_transformer(), "transformer"), id_seed("lora", name)
-        )
-        _write_once(target, layers)
-        return
-    unet = _sdxl_unet if family == Family.SDXL else lambda: _sd_unet(4)
-    layers = _seeded(lambda: _lora_state_dict(unet(), "unet"), id_seed("lora", name))
-    if name.startswith(KOHYA_PREFIX):
-        text = kohya_text_encoder_lora(family, id_seed("lora-te", name))
-        layers = kohya_lora(layers) | text
-    _write_once(target, layers)
-
-
-def _lora_state_dict(model: Any, prefix: str) -> dict[str, torch.Tensor]:
-    """The diffusers-format state dict of a random (not zero-initialised) attention LoRA of
-    `model`, its keys under `prefix` as `load_lora_weights` expects."""
-    targets = ["to_q", "to_k", "to_v", "to_out.0"]
-    model.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, target_modules=targets, init_lora_weights=False)
-    )
-    layers = get_peft_model_state_dict(model)
-    return {f"{prefix}.{key}": value.contiguous() for key, value in layers.items()}
-
-
-def kohya_lora(layers: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A diffusers-format UNet LoRA in kohya's layout: `lora_unet_<module path with _>` with
-    `.lora_down.weight` (A), `.lora_up.weight` (B) and `.alpha` (the rank: scale 1)."""
-    kohya: dict[str, torch.Tensor] = {}
-    for key, value in layers.items():
-        module, _, matrix = key.removeprefix("unet.").rpartition(".lora_")
-        stem = "lora_unet_" + module.replace(".", "_")
-        kohya[f"{stem}.{'lora_down' if matrix.startswith('A') else 'lora_up'}.weight"] = value
-        if matrix.startswith("A"):
-            kohya[f"{stem}.alpha"] = torch.tensor(float(value.shape[0]))
-    return kohya
-
-
-#: The tiny Flux transformer's layers a Flux LoRA adapts, in Black Forest Labs' naming, with
-#: (inputs, outputs) and the diffusers modules they are: a fused q/k/v layer is three modules.
-_FLUX_INNER = 32  # attention heads x head width of `_flux_transformer`
-_FLUX_LORA_LAYERS: dict[str, tuple[int, int, tuple[str, ...]]] = {
-    "double_blocks.0.img_attn.qkv": (
-        _FLUX_INNER, 3 * _FLUX_INNER,
-        tuple(f"transformer_blocks.0.attn.to_{x}" for x in "qkv"),
-    ),
-    "double_blocks.0.img_attn.proj": (
-        _FLUX_INNER, _FLUX_INNER, ("transformer_blocks.0.attn.to_out.0",),
-    ),
-    "double_blocks.0.txt_attn.qkv": (
-        _FLUX_INNER, 3 * _FLUX_INNER,
-        tuple(f"transformer_blocks.0.attn.add_{x}_proj" for x in "qkv"),
-    ),
-    # The single block's output layer reads the attention and the 4x wider MLP side by side.
-    "single_blocks.0.linear2": (
-        5 * _FLUX_INNER, _FLUX_INNER, ("single_transformer_blocks.0.proj_out",),
-    ),
-}  # fmt: skip
-#: The layouts Flux LoRAs are distributed in (`flux_lora`).
-FLUX_LORA_LAYOUTS = ("diffusers", "kohya", "comfyui", "bfl")
-
-
-def flux_lora(layout: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random rank-4 LoRA of the tiny Flux transformer, the same weights in any `layout`:
-    `diffusers` (`transformer.<module>.lora_A/B.weight`), `kohya` (sd-scripts:
-    `lora_unet_double_blocks_0_img_attn_qkv.lora_down/up.weight` + `.alpha`), `comfyui`
-    (`diffusion_model.double_blocks.0.img_attn.qkv.lora_down/up.weight` + `.alpha`) or `bfl`
-    (Black Forest Labs': `diffusion_model.<layer>.lora_A/B.weight`). A fused q/k/v layer has one
-    down matrix and q, k and v's up matrices stacked, as kohya's and BFL's files have."""
-    if layout not in FLUX_LORA_LAYOUTS:
-        raise ValueError(f"No Flux LoRA layout {layout!r}; expected one of {FLUX_LORA_LAYOUTS}.")
-    generator = torch.Generator().manual_seed(seed)
-    lora: dict[str, torch.Tensor] = {}
-    for layer, (inputs, outputs, modules) in _FLUX_LORA_LAYERS.items():
-        down = 0.3 * torch.randn(4, inputs, generator=generator)
-        up = 0.3 * torch.randn(outputs, 4, generator=generator)
-        if layout == "diffusers":
-            for module, part in zip(modules, up.chunk(len(modules)), strict=True):
-                lora[f"transformer.{module}.lora_A.weight"] = down.clone()  # saved once each
-                lora[f"transformer.{module}.lora_B.weight"] = part.contiguous()
-            continue
-        stem = {
-            "kohya": "lora_unet_" + layer.replace(".", "_"),
-            "comfyui": f"diffusion_model.{layer}",
-            "bfl": f"diffusion_model.{layer}",
-        }[layout]
-        names = ("lora_A", "lora_B") if layout == "bfl" else ("lora_down", "lora_up")
-        lora |= {f"{stem}.{names[0]}.weight": down, f"{stem}.{names[1]}.weight": up}
-        if layout != "bfl":
-            lora[f"{stem}.alpha"] = torch.tensor(4.0)
-    return lora
-
-
-#: kohya's prefix of each text encoder's LoRA layers, per family: SD's one encoder, SDXL's two.
-_KOHYA_TEXT_ENCODERS: dict[str, tuple[tuple[str, int], ...]] = {
-    Family.SD: (("lora_te_", _HIDDEN),),
-    Family.SDXL: (("lora_te1_", _HIDDEN), ("lora_te2_", _SDXL_G_HIDDEN)),
-}
-
-
-def kohya_text_encoder_lora(family: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random rank-4 LoRA of the attention projections of the tiny `family` model's CLIP text
-    encoders, in kohya's layout as A1111 LoRAs ship it: `lora_te_text_model_encoder_layers_N_
-    self_attn_q_proj.lora_down.weight` (SDXL: `lora_te1_` for CLIP-L, `lora_te2_` for bigG)."""
-    generator = torch.Generator().manual_seed(seed)
-    lora: dict[str, torch.Tensor] = {}
-    for prefix, width in _KOHYA_TEXT_ENCODERS[family]:
-        for layer in range(_SD_TEXT_LAYERS):
-            for projection in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                stem = f"{prefix}text_model_encoder_layers_{layer}_self_attn_{projection}"
-                lora[f"{stem}.lora_down.weight"] = 0.1 * torch.randn(4, width, generator=generator)
-                lora[f"{stem}.lora_up.weight"] = 0.1 * torch.randn(width, 4, generator=generator)
-                lora[f"{stem}.alpha"] = torch.tensor(4.0)
-    return lora
-
-
-def _write_once(target: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Save `tensors` to the safetensors file `target` atomically, unless it exists."""
-    if target.exists():
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}")
-    save_file(tensors, str(staging))
-    os.replace(staging, target)
-
-
-def write_sd_checkpoint(folder: Path, target: Path) -> None:
-    """Write the SD 1.x, SD 2.x or SDXL pipeline folder `folder` as one original-layout file, as
-    model sites distribute checkpoints (`worker.models.checkpoints`): `.safetensors`, or a
-    `.ckpt` (a torch zip archive holding `{"state_dict": ...}`, as the original code saved)."""
-    pipe = _diffusers.DiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    state = sd_checkpoint(pipe)
-    if target.suffix != ".ckpt":
-        _write_once(target, state)
-        return
-    if target.exists():
-        return
-    staging = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex}")
-    torch.save({"state_dict": state}, staging)
-    os.replace(staging, target)
-
-
 def _sdxl_refiner_img2img(workdir: Path) -> Any:
     """The SDXL refiner's shape: only the bigG encoder, a UNet conditioned on its hidden states
     and on five numbers (sizes and the aesthetic score) beside its pooled embedding."""
-    unet = _seeded(
-        lambda: _toy_unet(
+    unet = shapes.seeded(
+        lambda: shapes.toy_unet(
             in_channels=4,
             attention_head_dim=(2, 4),
             use_linear_projection=True,
             addition_embed_type="text_time",
-            addition_time_embed_dim=_SDXL_TIME_EMBED,
+            addition_time_embed_dim=shapes.SDXL_TIME_EMBED,
             transformer_layers_per_block=(1, 2),
-            projection_class_embeddings_input_dim=5 * _SDXL_TIME_EMBED + _SDXL_G_HIDDEN,
-            cross_attention_dim=_SDXL_G_HIDDEN,
+            projection_class_embeddings_input_dim=5 * shapes.SDXL_TIME_EMBED + shapes.SDXL_G_HIDDEN,
+            cross_attention_dim=shapes.SDXL_G_HIDDEN,
         ),
         seed=3,
     )
@@ -712,4 +432,4 @@ def ensure_tiny_variant(target: Path, variant: str) -> None:
     """Build the tiny `variant` (a key of `TINY_VARIANTS`) into the folder `target`."""
     if variant not in TINY_VARIANTS:
         raise ValueError(f"No tiny variant {variant!r}; expected one of {sorted(TINY_VARIANTS)}.")
-    _build_once(target, TINY_VARIANTS[variant])
+    shapes.build_once(target, TINY_VARIANTS[variant])

@@ -13,7 +13,7 @@ from darkroom import model_ids
 from darkroom.identities import Family
 from darkroom.model_ids import ModelSpec, PipelineSource, UnknownModelError, is_tiny
 from darkroom.settings import Settings
-from worker.models import tiny
+from worker.models import tiny, tiny_addons
 
 __all__ = [
     "ModelSpec",
@@ -43,7 +43,7 @@ def resolve_lora(name: str, settings: Settings, family: Family = Family.SD) -> s
     tiny model of `family`."""
     location = model_ids.resolve_lora(name, settings, family)
     if is_tiny(settings):
-        tiny.ensure_tiny_lora(Path(location), name, family)
+        tiny_addons.ensure_tiny_lora(Path(location), name, family)
     return location
 
 
@@ -51,7 +51,7 @@ def resolve_vae(name: str, settings: Settings) -> str:
     """A VAE folder or repo id; under the tiny preset the folder is built from the id."""
     location = model_ids.resolve_vae(name, settings)
     if is_tiny(settings):
-        tiny.ensure_tiny_vae(Path(location), name)
+        tiny_addons.ensure_tiny_vae(Path(location), name)
     return location
 
 
@@ -60,7 +60,7 @@ def resolve_embedding(name: str, settings: Settings, family: Family = Family.SD)
     the tiny model of `family`."""
     location = model_ids.resolve_embedding(name, settings, family)
     if is_tiny(settings):
-        tiny.ensure_tiny_embedding(Path(location), name, family)
+        tiny_addons.ensure_tiny_embedding(Path(location), name, family)
     return location
 
 
