@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.output import text_table
+from darkroom.identities import ModelKind
 from darkroom.settings import Settings
 from db.models import InstallState
 from db.session import session_scope
@@ -25,13 +26,13 @@ from services import models
 
 #: `--type` values and the install kinds they name (the hosted API's model_type spellings too).
 TYPES = {
-    "model": models.MODEL,
-    "custom_ckpt": models.MODEL,
-    "huggingface": models.MODEL,
-    "lora": models.LORA,
-    "embedding": models.EMBEDDING,
-    "embeddings": models.EMBEDDING,
-    "vae": models.VAE,
+    "model": ModelKind.MODEL,
+    "custom_ckpt": ModelKind.MODEL,
+    "huggingface": ModelKind.MODEL,
+    "lora": ModelKind.LORA,
+    "embedding": ModelKind.EMBEDDING,
+    "embeddings": ModelKind.EMBEDDING,
+    "vae": ModelKind.VAE,
 }
 LIST_COLUMNS = ("MODEL_ID", "TYPE", "STATE", "FAMILY", "FORMAT", "SIZE")
 BAR_WIDTH = 30

@@ -27,6 +27,16 @@ class Family(enum.StrEnum):
     FLUX = "flux"
 
 
+class ModelKind(enum.StrEnum):
+    """What an install brings (`model_installs.kind`, `model_type` in the model endpoints'
+    answers): a pipeline, or an add-on that a request names."""
+
+    MODEL = "model"
+    LORA = "lora"
+    EMBEDDING = "embedding"
+    VAE = "vae"
+
+
 class TinyModel(enum.StrEnum):
     """The tiny test models (`model_preset == "tiny"`): folders under `tiny_models_dir` that the
     worker builds in code (`worker.models.tiny`) and the API resolves ids to."""

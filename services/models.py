@@ -1,22 +1,18 @@
 """Bringing models: install, verify, list and delete models, LoRAs, embeddings and VAEs.
 
 The one home of the hosted API's enterprise model endpoints (api/routes/enterprise_models.py)
-and of `darkroom models` (cli/models.py). A load only records a queued install here; the
-installer process (worker/installer.py, `darkroom installer`) downloads, verifies, converts and
-places it, and then calls `complete` or `fail`, which queue the key's webhook in the same
-transaction (the same delivery rows, signing, retries and records as a job's webhook).
+and of `darkroom models` (cli/models.py): the load requests parsed and checked, an install
+queued, an install described, verified, listed and deleted. A load only records a queued
+install here; the installer process (worker/installer.py, `darkroom installer`) downloads,
+verifies, converts and places it, and records its outcome through `services.install_outcomes`.
+Where each kind lives in the models folder, and what the folder holds, is
+`services.model_folder`'s.
 
-Torch-free: the API imports it. Where things go under DARKROOM_MODELS_DIR:
-`<id>/` (a diffusers folder: single files are converted once, at install), `loras/<id>.safetensors`,
-`embeddings/<id>.safetensors`, `vae/<id>/`. Work in progress lives under `.installing/<n>/`
-and is renamed into place only once verified, so nothing is ever half installed.
+Torch-free: the API imports it.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,26 +23,22 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from darkroom import families
-from darkroom.families import UnrecognisedModelError
-from darkroom.identities import Family
+from darkroom.identities import Family, ModelKind
 from darkroom.limits import MAX_ID_CHARS
-from darkroom.model_ids import (
-    EMBEDDINGS_FOLDER,
-    HUB_ID,
-    LORAS_FOLDER,
-    RESERVED_FOLDERS,
-    VAE_FOLDER,
-    VALID_ID,
-)
+from darkroom.model_ids import HUB_ID, RESERVED_FOLDERS, VALID_ID
 from darkroom.settings import Settings
 from db.models import InstallState, ModelInstall
 from db.repositories import models as repo
+from services import model_folder
 from services import webhooks as webhook_service
 
-MODEL, LORA, EMBEDDING, VAE = "model", "lora", "embedding", "vae"
-KINDS = (MODEL, LORA, EMBEDDING, VAE)
 #: The hosted API's `model_type` values and the kind each installs.
-MODEL_TYPES = {"huggingface": MODEL, "custom_ckpt": MODEL, "lora": LORA, "embeddings": EMBEDDING}
+MODEL_TYPES = {
+    "huggingface": ModelKind.MODEL,
+    "custom_ckpt": ModelKind.MODEL,
+    "lora": ModelKind.LORA,
+    "embeddings": ModelKind.EMBEDDING,
+}
 #: load_model_v2's `model_category` values and the family the model must be.
 CATEGORIES = {
     "stable_diffusion": Family.SD,
@@ -56,10 +48,6 @@ CATEGORIES = {
     "flux": Family.FLUX,
 }
 FORMATS = ("safetensors", "ckpt", "diffusers")
-#: Folder under the models folder where installs are assembled before the atomic rename.
-STAGING = ".installing"
-_SUBFOLDERS = {LORA: LORAS_FOLDER, EMBEDDING: EMBEDDINGS_FOLDER, VAE: VAE_FOLDER}
-_LISTED_MAX = 1000
 
 
 class InstallRefusedError(ValueError):
@@ -87,16 +75,6 @@ class Started:
 
     install_id: int
     message: str
-
-
-@dataclass(frozen=True)
-class Found:
-    """What the installer found and installed."""
-
-    family: str | None
-    format: str
-    size_bytes: int
-    sha256: str | None
 
 
 # --- requests -------------------------------------------------------------------------------
@@ -147,7 +125,7 @@ def parse_load_model_v2(body: dict[str, Any]) -> InstallRequest:
     category = (_text(body, "model_category") or "").lower()
     model_format = (_text(body, "model_format") or "").lower()
     if category in ("lora", "embeddings"):
-        kind = LORA if category == "lora" else EMBEDDING
+        kind = ModelKind.LORA if category == "lora" else ModelKind.EMBEDDING
         return _request(body, kind, "model_id", {"model_category": category})
     if category and category not in CATEGORIES:
         raise InstallRefusedError(
@@ -165,7 +143,7 @@ def parse_load_model_v2(body: dict[str, Any]) -> InstallRequest:
         "revision": _text(body, "revision"),
         "prediction_type": _prediction_type(body),
     }
-    return _request(body, MODEL, "model_id", options)
+    return _request(body, ModelKind.MODEL, "model_id", options)
 
 
 def _prediction_type(body: dict[str, Any]) -> str | None:
@@ -183,7 +161,7 @@ def _prediction_type(body: dict[str, Any]) -> str | None:
 def parse_load_vae(body: dict[str, Any]) -> InstallRequest:
     """load_vae's `{url, vae_id, webhook}` (`model_id` is accepted for `vae_id`)."""
     id_field = "vae_id" if body.get("vae_id") else "model_id"
-    return _request(body, VAE, id_field, {})
+    return _request(body, ModelKind.VAE, id_field, {})
 
 
 def _request(
@@ -202,7 +180,7 @@ def _request(
     return InstallRequest(kind, model_id, source, options, webhook)
 
 
-def check_model_id(model_id: str, kind: str = MODEL) -> None:
+def check_model_id(model_id: str, kind: str = ModelKind.MODEL) -> None:
     """Refuse ids that could escape the models folder or collide with its own folders."""
     if len(model_id) > MAX_ID_CHARS:
         raise InstallRefusedError(f"A model_id must be at most {MAX_ID_CHARS} characters.")
@@ -211,7 +189,7 @@ def check_model_id(model_id: str, kind: str = MODEL) -> None:
             f"{model_id!r} is not a valid model_id: use letters, digits, '_', '-' and '.', "
             "optionally as owner/name (no leading dot, no '..', no other slash)."
         )
-    if kind == MODEL and model_id.split("/")[0] in RESERVED_FOLDERS:
+    if kind == ModelKind.MODEL and model_id.split("/")[0] in RESERVED_FOLDERS:
         raise InstallRefusedError(
             f"{model_id!r} names a folder the models folder keeps for itself; choose another id."
         )
@@ -222,7 +200,7 @@ def check_source(source: str, kind: str) -> None:
     parts = urlsplit(source)
     if parts.scheme in ("http", "https") and parts.hostname:
         return
-    if parts.scheme == "" and HUB_ID.fullmatch(source) and kind in (MODEL, VAE):
+    if parts.scheme == "" and HUB_ID.fullmatch(source) and kind in (ModelKind.MODEL, ModelKind.VAE):
         return
     raise InstallRefusedError(
         "The url must be an http(s) link to a .safetensors or .ckpt file, or a Hugging Face "
@@ -251,12 +229,7 @@ def models_root(settings: Settings) -> Path:
 
 def target_path(settings: Settings, kind: str, model_id: str) -> Path:
     """Where an installed model of `kind` lives (a folder, or a LoRA's/embedding's file)."""
-    root = models_root(settings)
-    if kind == MODEL:
-        return root / model_id
-    if kind == VAE:
-        return root / VAE_FOLDER / model_id
-    return root / _SUBFOLDERS[kind] / f"{model_id}.safetensors"
+    return model_folder.target_path(models_root(settings), kind, model_id)
 
 
 def request_install(
@@ -268,11 +241,11 @@ def request_install(
     says so and nothing new starts; a failed one starts over. Another URL for an id that is
     installing or installed is refused (delete_model first).
     """
-    models_root(settings)
+    root = models_root(settings)
     existing = repo.lock_install(session, request.kind, request.model_id)
     if existing is not None:
         return _again(session, existing, request, api_key_id)
-    if _on_disk(settings, request.kind, request.model_id):
+    if model_folder.on_disk(root, request.kind, request.model_id):
         raise InstallRefusedError(
             f"{request.model_id!r} is already installed (its files are in the models folder); "
             "delete_model it first to load another.",
@@ -324,69 +297,6 @@ def _again(
     return Started(install.id, "model load already in progress")
 
 
-def _on_disk(settings: Settings, kind: str, model_id: str) -> bool:
-    """Files for `model_id` already in the models folder (installed by hand, say)."""
-    target = target_path(settings, kind, model_id)
-    if target.exists():
-        return True
-    if kind == MODEL:
-        return any(target.with_name(target.name + s).exists() for s in (".safetensors", ".ckpt"))
-    return False
-
-
-# --- the installer's outcome ---------------------------------------------------------------
-
-
-def complete(session: Session, settings: Settings, install_id: int, found: Found) -> int | None:
-    """Record a finished install and queue its webhook; the delivery id (None: no webhook, or
-    the install is gone or no longer this installer's)."""
-    install = repo.get_install_by_id(session, install_id)
-    if install is None or install.state != InstallState.DOWNLOADING:
-        return None
-    repo.finish_install(
-        session,
-        install,
-        family=found.family,
-        format=found.format,
-        size_bytes=found.size_bytes,
-        bytes_done=found.size_bytes,
-        sha256=found.sha256,
-    )
-    return _queue_webhook(session, install)
-
-
-def fail(session: Session, settings: Settings, install_id: int, message: str) -> int | None:
-    """Record a failed install with its client-safe reason and queue its webhook."""
-    install = repo.get_install_by_id(session, install_id)
-    if install is None or install.state in (InstallState.READY, InstallState.FAILED):
-        return None
-    repo.fail_install(session, install, message)
-    return _queue_webhook(session, install)
-
-
-def _queue_webhook(session: Session, install: ModelInstall) -> int | None:
-    """The install's webhook, frozen as a pending delivery signed with the asking key."""
-    if not install.webhook_url or install.api_key_id is None:
-        return None
-    return webhook_service.freeze(
-        session,
-        install.webhook_url,
-        webhook_body(install),
-        api_key_id=install.api_key_id,
-        model_install_id=install.id,
-    )
-
-
-def webhook_body(install: ModelInstall) -> dict[str, Any]:
-    """What a load's webhook says: the hosted API's status and message, and what was found."""
-    ready = install.state == InstallState.READY
-    return {
-        "status": "success" if ready else "error",
-        "message": "model loaded" if ready else (install.error or "model load failed"),
-        **describe(install),
-    }
-
-
 # --- verify, list, delete ---------------------------------------------------------------------
 
 
@@ -410,64 +320,21 @@ def describe(install: ModelInstall) -> dict[str, Any]:
 def verify(session: Session, settings: Settings, model_id: str) -> dict[str, Any]:
     """The state of `model_id`: an install's (queued, downloading, ready, failed with the
     reason), or `ready` for files an operator put in the models folder."""
-    check_model_id(model_id, kind=LORA)  # any kind: reserved names are fine to ask about
-    for kind in KINDS:
+    check_model_id(model_id, kind=ModelKind.LORA)  # any kind: reserved names are fine to ask about
+    for kind in ModelKind:
         install = repo.get_install(session, kind, model_id)
         if install is not None:
-            return describe(install) | {"dtype": weights_dtype(settings, kind, model_id)}
-    for entry in installed_on_disk(settings):
+            return describe(install) | {
+                "dtype": model_folder.weights_dtype(settings.models_dir, kind, model_id)
+            }
+    for entry in model_folder.installed_on_disk(settings.models_dir):
         if entry["model_id"] == model_id:
-            return entry | {"dtype": weights_dtype(settings, entry["model_type"], model_id)}
+            return entry | {
+                "dtype": model_folder.weights_dtype(
+                    settings.models_dir, entry["model_type"], model_id
+                )
+            }
     raise InstallRefusedError(f"No model, LoRA, embedding or VAE {model_id!r}.", status=404)
-
-
-#: safetensors dtype names as torch spells them.
-_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-#: Folders whose weights say a pipeline's dtype (its denoiser), before any other component's.
-_MAIN_WEIGHTS = ("unet", "transformer")
-#: A safetensors header larger than this is not read (real ones are well under 10 MB).
-_MAX_HEADER_BYTES = 100 * 1024**2
-
-
-def weights_dtype(settings: Settings, kind: str, model_id: str) -> str | None:
-    """The dtype most of the installed weights are stored in (its denoiser's, for a pipeline
-    folder), read from a safetensors header without loading anything; None for a `.ckpt` or
-    files that cannot tell."""
-    paths = _paths_of(settings, kind, model_id)
-    if not paths:
-        return None
-    path = paths[0]
-    if path.is_dir():
-        candidates = [
-            f for name in _MAIN_WEIGHTS for f in sorted((path / name).glob("*.safetensors"))
-        ]
-        candidates += sorted(path.rglob("*.safetensors"))[:1]
-        if not candidates:
-            return None
-        path = candidates[0]
-    if path.suffix != ".safetensors":
-        return None
-    return _header_dtype(path)
-
-
-def _header_dtype(path: Path) -> str | None:
-    """The most common tensor dtype in a safetensors file's JSON header."""
-    try:
-        with path.open("rb") as file:
-            length = int.from_bytes(file.read(8), "little")
-            if not 2 <= length <= _MAX_HEADER_BYTES:
-                return None
-            header = json.loads(file.read(length))
-    except (OSError, ValueError):
-        return None
-    counts: dict[str, int] = {}
-    for name, entry in header.items() if isinstance(header, dict) else ():
-        if name != "__metadata__" and isinstance(entry, dict) and "dtype" in entry:
-            counts[str(entry["dtype"])] = counts.get(str(entry["dtype"]), 0) + 1
-    if not counts:
-        return None
-    found = max(counts, key=lambda dtype: counts[dtype])
-    return _DTYPES.get(found, found.lower())
 
 
 def list_all(session: Session, settings: Settings) -> list[dict[str, Any]]:
@@ -476,84 +343,10 @@ def list_all(session: Session, settings: Settings) -> list[dict[str, Any]]:
     rows = [describe(install) for install in repo.list_installs(session)]
     known = {(row["model_type"], row["model_id"]) for row in rows}
     if settings.models_dir is not None:
-        for entry in installed_on_disk(settings):
+        for entry in model_folder.installed_on_disk(settings.models_dir):
             if (entry["model_type"], entry["model_id"]) not in known:
                 rows.append(entry)
     return rows
-
-
-def installed_on_disk(settings: Settings) -> list[dict[str, Any]]:
-    """What the models folder holds, each with its kind, family (read from its files) and size."""
-    root = settings.models_dir
-    if root is None or not root.is_dir():
-        return []
-    found: list[dict[str, Any]] = []
-    for path, model_id in _model_entries(root):
-        found.append(_disk_entry(MODEL, model_id, path))
-    for kind, folder in _SUBFOLDERS.items():
-        base = root / folder
-        if not base.is_dir():
-            continue
-        for path in sorted(base.rglob("*"))[:_LISTED_MAX]:
-            relative = path.relative_to(base)
-            if relative.parts[0].startswith("."):
-                continue
-            if kind == VAE and (path / "config.json").is_file():
-                found.append(_disk_entry(kind, relative.as_posix(), path))
-            elif kind != VAE and path.suffix in (".safetensors", ".pt") and path.is_file():
-                found.append(_disk_entry(kind, relative.with_suffix("").as_posix(), path))
-    return found
-
-
-def _model_entries(root: Path) -> list[tuple[Path, str]]:
-    """(path, id) of the pipeline folders and single files, owners' folders included."""
-    entries: list[tuple[Path, str]] = []
-    for entry in sorted(root.iterdir())[:_LISTED_MAX]:
-        if entry.name.startswith(".") or entry.name in RESERVED_FOLDERS:
-            continue
-        if entry.is_file() and entry.suffix in (".safetensors", ".ckpt"):
-            entries.append((entry, entry.stem))
-        elif (entry / "model_index.json").is_file():
-            entries.append((entry, entry.name))
-        elif entry.is_dir():
-            entries += [
-                (inner, f"{entry.name}/{inner.name}")
-                for inner in sorted(entry.iterdir())
-                if (inner / "model_index.json").is_file()
-            ]
-    return entries
-
-
-def _disk_entry(kind: str, model_id: str, path: Path) -> dict[str, Any]:
-    """A file or folder found in the models folder, described as an install."""
-    family: str | None = None
-    if kind == MODEL:
-        try:
-            family = families.detect_folder(path) if path.is_dir() else families.detect_file(path)
-        except UnrecognisedModelError:
-            family = None
-    size = _size(path)
-    return {
-        "model_id": model_id,
-        "model_type": kind,
-        "model_status": InstallState.READY.value,
-        "family": family,
-        "format": "diffusers" if path.is_dir() else path.suffix.lstrip("."),
-        "size_bytes": size,
-        "bytes_done": size,
-        "sha256": None,
-        "source": "models folder",
-        "error": None,
-        "attempts": 0,
-        "path": str(path),
-    }
-
-
-def _size(path: Path) -> int:
-    """Bytes of a file, or of every file in a folder."""
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def delete(
@@ -565,16 +358,16 @@ def delete(
     says so, published through `broker` once the caller commits (without one, the sweeper
     sends it), and its installer notices at its next lease renewal, stops and clears its
     staging folder (or takes away what it placed meanwhile)."""
-    check_model_id(model_id, kind=LORA)
-    removed = []
-    for kind in KINDS:
+    check_model_id(model_id, kind=ModelKind.LORA)
+    removed: list[str] = []
+    for kind in ModelKind:
         install = repo.lock_install(session, kind, model_id)
-        paths = _paths_of(settings, kind, model_id)
+        paths = model_folder.paths_of(settings.models_dir, kind, model_id)
         if install is None and not paths:
             continue
         _refuse_in_use(session, kind, model_id)
         for path in paths:
-            _remove(settings, path)
+            model_folder.remove(models_root(settings), path)
         if install is not None:
             delivery_id = _deleted_while_loading(session, install)
             repo.delete_install(session, install)
@@ -608,7 +401,12 @@ def _deleted_while_loading(session: Session, install: ModelInstall) -> int | Non
     return webhook_service.freeze(session, install.webhook_url, body, api_key_id=install.api_key_id)
 
 
-_JOB_FIELDS = {MODEL: "model_id", LORA: "lora_model", EMBEDDING: "embeddings_model", VAE: "vae"}
+_JOB_FIELDS: dict[str, str] = {
+    ModelKind.MODEL: "model_id",
+    ModelKind.LORA: "lora_model",
+    ModelKind.EMBEDDING: "embeddings_model",
+    ModelKind.VAE: "vae",
+}
 
 
 def _refuse_in_use(session: Session, kind: str, model_id: str) -> None:
@@ -621,33 +419,3 @@ def _refuse_in_use(session: Session, kind: str, model_id: str) -> None:
             "delete it once they end (or cancel them).",
             status=409,
         )
-
-
-def _paths_of(settings: Settings, kind: str, model_id: str) -> list[Path]:
-    """The files and folders that hold `model_id` of `kind`."""
-    if settings.models_dir is None:
-        return []
-    target = target_path(settings, kind, model_id)
-    paths = [target] if target.exists() else []
-    if kind == MODEL:
-        paths += [
-            p
-            for s in (".safetensors", ".ckpt")
-            if (p := target.with_name(target.name + s)).exists()
-        ]
-    if kind == EMBEDDING:
-        pt = target.with_suffix(".pt")
-        paths += [pt] if pt.exists() else []
-    return paths
-
-
-def _remove(settings: Settings, path: Path) -> None:
-    """Take a file or folder out of the models folder at once (one rename), then delete it:
-    a worker resolving the id meanwhile finds it gone, never half there."""
-    trash = models_root(settings) / STAGING / f"deleted-{uuid.uuid4().hex}"
-    trash.parent.mkdir(parents=True, exist_ok=True)
-    path.rename(trash)
-    if trash.is_dir():
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        trash.unlink(missing_ok=True)

@@ -48,7 +48,7 @@ from celery import Celery
 
 from darkroom import families, outbound
 from darkroom.families import UnrecognisedModelError
-from darkroom.identities import Family
+from darkroom.identities import Family, ModelKind
 from darkroom.model_ids import SINGLE_FILE_CONFIGS
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
@@ -56,9 +56,10 @@ from darkroom.urlguard import UnsafeURLError, check_url
 from db.models import InstallState
 from db.repositories import models as repo
 from db.session import session_scope
+from services import install_outcomes, model_folder
 from services import models as service
 from services import webhooks as webhook_service
-from services.models import EMBEDDING, LORA, VAE, Found
+from services.install_outcomes import Found
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +142,7 @@ class Installer:
 
     def install(self, claim: Claim, progress: Progress | None = None) -> None:
         """Run one claimed install to its outcome (ready or failed), webhook queued."""
-        staging = service.models_root(self.settings) / service.STAGING / str(claim.install_id)
+        staging = service.models_root(self.settings) / model_folder.STAGING / str(claim.install_id)
         message: str | None = None
         try:
             if claim.attempts > self.settings.install_max_attempts:
@@ -164,7 +165,9 @@ class Installer:
             self._complete(claim, found, staging)
         else:
             failure = message
-            self._finish(lambda s: service.fail(s, self.settings, claim.install_id, failure))
+            self._finish(
+                lambda s: install_outcomes.fail(s, self.settings, claim.install_id, failure)
+            )
 
     def _complete(self, claim: Claim, found: Found, staging: Path) -> None:
         """Record a placed install as ready; if delete_model removed its row between the last
@@ -175,7 +178,7 @@ class Installer:
             nonlocal gone
             install = repo.get_install_by_id(session, claim.install_id)
             gone = install is None
-            return service.complete(session, self.settings, claim.install_id, found)
+            return install_outcomes.complete(session, self.settings, claim.install_id, found)
 
         self._finish(record)
         if gone:
@@ -374,11 +377,11 @@ class Installer:
         part.rename(named)
         if file_format == "ckpt":
             check_pickle(named)
-        if claim.kind == LORA:
+        if claim.kind == ModelKind.LORA:
             return (check_lora(named), file_format), _as_safetensors(named)
-        if claim.kind == EMBEDDING:
+        if claim.kind == ModelKind.EMBEDDING:
             return (check_embedding(named), file_format), _as_safetensors(named, embedding=True)
-        if claim.kind == VAE:
+        if claim.kind == ModelKind.VAE:
             return (None, file_format), self._convert_vae(named, staging)
         probed = self._probe(claim, named)
         progress(0, None, "convert")
@@ -479,7 +482,7 @@ class Installer:
                 f"The Hub repo {claim.source!r} could not be downloaded: {type(exc).__name__}"
             ) from None
         shutil.rmtree(folder / ".cache", ignore_errors=True)
-        if claim.kind == VAE:
+        if claim.kind == ModelKind.VAE:
             if not (folder / "config.json").is_file():
                 raise InstallError(f"{claim.source} is no VAE folder (no config.json).")
             family = None

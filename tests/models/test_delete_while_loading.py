@@ -17,7 +17,7 @@ from darkroom.settings import Settings
 from db.models import InstallState, ModelInstall, WebhookDelivery
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
-from services import models
+from services import model_folder, models
 from tests.models.conftest import FileServer, Served, TinyFiles, models_folder
 from worker.installer import Installer
 
@@ -66,7 +66,7 @@ def _nothing_left(settings: Settings, model_id: str) -> None:
     root = settings.models_dir
     assert root is not None
     assert not (root / model_id).exists()
-    staging = root / models.STAGING
+    staging = root / model_folder.STAGING
     assert not staging.exists() or list(staging.iterdir()) == []
 
 

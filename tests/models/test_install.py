@@ -23,7 +23,7 @@ from darkroom.settings import Settings
 from db.models import ModelInstall, WebhookDelivery
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
-from services import models
+from services import model_folder, models
 from tests.models.conftest import FileServer, Served, TinyFiles, TinySdxl, models_folder
 from worker.installer import Installer
 
@@ -55,7 +55,7 @@ def _run(settings: Settings, started: models.Started) -> dict[str, object]:
 def _leftovers(settings: Settings) -> list[str]:
     """Anything in the staging folder after an install ended."""
     assert settings.models_dir is not None
-    staging = settings.models_dir / models.STAGING
+    staging = settings.models_dir / model_folder.STAGING
     return [p.name for p in staging.iterdir()] if staging.exists() else []
 
 

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from darkroom.families import SD2_CONFIG
-from darkroom.identities import Family, Operation, TinyModel
+from darkroom.identities import Family, ModelKind, Operation, TinyModel
 from darkroom.settings import Settings
 from db.models import ModelInstall
 from db.session import session_scope
@@ -154,7 +154,7 @@ def test_a_declared_prediction_type_is_saved_in_the_converted_folder(
     local.with_suffix(".json").write_text('{"prediction_type": "epsilon"}')
     by_sidecar = f"eps-{uuid.uuid4().hex[:8]}"
     source = local.resolve().as_uri()
-    found = _install(sd2_settings, models.InstallRequest(models.MODEL, by_sidecar, source))
+    found = _install(sd2_settings, models.InstallRequest(ModelKind.MODEL, by_sidecar, source))
     assert found["model_status"] == "ready", found
     assert _prediction_type(root / by_sidecar) == "epsilon"
 
