@@ -9,13 +9,15 @@ it is sent once the caller commits, to the queue model-affinity routing picks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 
 from celery import Celery
 from sqlalchemy.orm import Session
 
 from darkroom.identities import FailureReason
 from darkroom.settings import Settings
-from db.models import TERMINAL_STATES, Job, JobRequeue, JobState, utcnow
+from db.clock import db_now
+from db.models import TERMINAL_STATES, Job, JobRequeue, JobState
 from db.repositories import jobs, operator
 from services import job_views, outbox, outcomes, webhooks
 from services.outbox import JobMessage, Receipt
@@ -102,13 +104,17 @@ def requeue(
 ) -> tuple[JobRequeue, Receipt]:
     """Requeue job `job_id`: attempts start again from 0, its webhook delivery moves into the
     returned requeue record (so that its next outcome gets a new webhook of its own), and its id
-    is published once the caller commits (the receipt says whether it reached the broker)."""
+    is published once the caller commits (the receipt says whether it reached the broker).
+
+    Leases are read on the database's clock, as workers and dispatchers write them: an operator's
+    host whose clock runs ahead must not see a live worker's lease as expired."""
     job = operator.lock_job(session, job_id)
     if job is None:
         raise JobNotFoundError(f"no job {job_id}")
-    _check_requeueable(job, force)
+    now = db_now(session)
+    _check_requeueable(job, force, now)
     delivery = operator.lock_delivery(session, job_id)
-    sending = delivery is not None and delivery.lease_until and delivery.lease_until > utcnow()
+    sending = delivery is not None and delivery.lease_until and delivery.lease_until > now
     if sending:  # the dispatcher holds it for one attempt: a short wait
         raise RefusedError(f"job {job_id}'s webhook is being sent right now: try again")
     superseded = job_views.superseded_webhook(delivery)
@@ -119,13 +125,13 @@ def requeue(
     return record, publish(session, broker, settings, job.id, job.operation.value, model_id)
 
 
-def _check_requeueable(job: Job, force: bool) -> None:
+def _check_requeueable(job: Job, force: bool, now: datetime) -> None:
     """Only failed jobs, and processing ones whose worker is gone or (with force) stuck."""
     if job.state == JobState.SUCCESS:
         raise RefusedError(f"job {job.id} succeeded: only failed or stuck jobs can be requeued")
     if job.state == JobState.QUEUED:
         raise RefusedError(f"job {job.id} is already queued")
-    live = job.lease_until is not None and job.lease_until >= utcnow()
+    live = job.lease_until is not None and job.lease_until >= now
     if job.state == JobState.PROCESSING and live and not force:
         raise RefusedError(
             f"job {job.id} is running and its worker renews its lease (until "

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import Interval, literal, select, update
 from standardwebhooks.webhooks import Webhook
 
 from cli import admin
@@ -22,6 +22,7 @@ from darkroom.identities import FailureReason, Operation
 from darkroom.jobspec import JobSpec
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
+from db.clock import DbNow
 from db.models import Job, JobRequeue, JobState, WebhookDelivery, utcnow
 from db.repositories import jobs, keys, routing, webhooks
 from db.repositories.keys import IssuedKey
@@ -30,6 +31,7 @@ from services import outcomes
 from tests.support.broker import published_ids
 from tests.support.rows import queued_job
 from tests.support.servers import ImageServer, WebhookReceiver
+from tests.worker.test_clock import FAKETIME_LIBS
 from worker.jobs import WorkerRuntime, run_job
 from worker.models.cache import ModelCache
 from worker.models.tiny import ensure_tiny_models
@@ -38,10 +40,13 @@ from worker.webhooks.dispatcher import deliver
 INLINE_IMAGE = "data:image/png;base64," + "A" * 400
 
 
-def cli(settings: Settings, *args: str) -> tuple[int, list[dict[str, Any]], str]:
+def cli(
+    settings: Settings, *args: str, env_extra: dict[str, str] | None = None
+) -> tuple[int, list[dict[str, Any]], str]:
     """Run `darkroom ...` on the test database and queues: exit code, JSON lines, stdout."""
     env = {
         **os.environ,
+        **(env_extra or {}),
         "DARKROOM_DATABASE_URL": settings.resolved_database_url,
         "DARKROOM_BROKER_URL": settings.resolved_broker_url,
         "DARKROOM_JOB_QUEUE": settings.job_queue,
@@ -345,3 +350,32 @@ def test_requeue_refuses_what_it_must_not_touch(settings: Settings, api_key: Iss
     assert (code, answer["previous_state"]) == (0, "processing")
     requeued = load(settings, alive)
     assert (requeued.state, requeued.cancel_requested_at) == (JobState.QUEUED, None)
+
+
+def test_requeue_reads_leases_on_the_database_clock(settings: Settings, api_key: IssuedKey) -> None:
+    """An operator's host whose clock runs 10 minutes ahead (libfaketime) still sees a live
+    worker's lease, and a dispatcher's, as live: the database's clock decides, as for workers."""
+    if not FAKETIME_LIBS:
+        pytest.fail("libfaketime is missing: run scripts/system-deps.sh (Debian's faketime)")
+    ahead = {
+        "LD_PRELOAD": str(FAKETIME_LIBS[0]),
+        "FAKETIME": "+600",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }
+    alive = seed(settings, api_key.row.id)
+    claim(settings, alive, lease_s=60)
+    sending = seed(settings, api_key.row.id, webhook="http://127.0.0.1:9/hook")
+    fail(settings, sending, "boom")
+    with session_scope(settings.resolved_database_url) as session:  # a dispatcher holds it
+        session.execute(
+            update(WebhookDelivery)
+            .where(WebhookDelivery.job_id == sending)
+            .values(lease_until=DbNow() + literal(timedelta(seconds=60), Interval()))
+        )
+
+    for job_id, says in ((alive, "--force"), (sending, "being sent")):
+        code, rows, out = cli(settings, "jobs", "requeue", str(job_id), env_extra=ahead)
+        assert code == 1, out
+        assert says in rows[0]["error"]
+    assert load(settings, alive).state == JobState.PROCESSING
+    assert load(settings, sending).state == JobState.FAILED
