@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.broker = make_celery(settings)
     app.state.waiter = JobWaiter.from_settings(settings)
     app.state.key_cache = key_cache_for(settings)
+    app.state.poll_reads = None  # opened by `lifespan`, on the event loop that uses it
     app.state.intake = GroupCommit(partial(store_jobs, settings, app.state.broker))
     install_error_handlers(app)
     # The last added runs first: a request over the in-flight limit is refused at once.
@@ -72,8 +73,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Set the thread limiter explicitly (anyio's default of 40 is per event loop, and the pool
-    is sized against it), then listen for job ends until shutdown."""
+    is sized against it), open the polls' async reads, then listen for job ends until
+    shutdown."""
     settings: Settings = app.state.settings
     anyio.to_thread.current_default_thread_limiter().total_tokens = settings.api_threads
-    async with listening(app):
-        yield
+    reads = fetch.PollReads.for_settings(settings)
+    app.state.poll_reads = reads
+    try:
+        async with listening(app):
+            yield
+    finally:
+        app.state.poll_reads = None
+        if reads is not None:
+            await reads.pool.close()

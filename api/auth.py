@@ -59,6 +59,12 @@ class KeyCache:
             self._entries[digest] = (time.monotonic() + self.ttl_s, key)
 
 
+def cached_key(cache: KeyCache, presented: str | None) -> ApiKey | None:
+    """The key for `presented` when the cache vouches for it; None means "ask the database"
+    (`authenticate`), not "invalid". Needs no thread: the event loop may call it."""
+    return cache.get(hash_key(presented)) if presented else None
+
+
 def authenticate(session: Session, cache: KeyCache, presented: str | None) -> ApiKey:
     """The active key for `presented`, from the cache or one query; 401 otherwise."""
     if not presented:

@@ -188,6 +188,9 @@ class Settings(BaseSettings):
     db_pool_overflow: int = Field(default=30, ge=0)
     # A request that finds every connection busy this long answers 503 with Retry-After.
     db_pool_timeout_s: float = Field(default=2.0, gt=0)
+    # Postgres connections per API process for polls answered on the event loop (api/routes/
+    # fetch.py: PollReads), on top of the pool; 0 sends every poll through the thread pool.
+    db_poll_pool_size: int = Field(default=4, ge=0, le=100)
     # How long a valid key is trusted without a lookup: also how late a revocation takes effect.
     api_key_cache_s: float = Field(default=5.0, ge=0)
     # Requests in progress per process (not /health, not sync waits); past it 503 with

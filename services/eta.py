@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from darkroom.identities import Operation
 from db.models import Job, JobState
 from db.repositories import jobs
-from db.repositories.jobs import QueueSnapshot, QueueView
+from db.repositories.jobs import PolledJob, QueueSnapshot, QueueView
 
 #: The eta quoted before any job of an operation has finished, in seconds.
 DEFAULT_ETA_S = 10.0
@@ -48,7 +48,7 @@ def group_etas(
     return etas
 
 
-def snapshot_for(view: QueueView, job: Job) -> QueueSnapshot:
+def snapshot_for(view: QueueView, job: PolledJob) -> QueueSnapshot:
     """What `queue_snapshot` reads for a queued `job`, or `estimated_eta` for a running one,
     taken from a shared view of the whole queue without another query."""
     if job.state == JobState.PROCESSING:
@@ -58,7 +58,7 @@ def snapshot_for(view: QueueView, job: Job) -> QueueSnapshot:
     return QueueSnapshot(queued_ahead, view.running_progress, view.durations)
 
 
-def eta_from(snapshot: QueueSnapshot, job: Job, *, default_s: float = DEFAULT_ETA_S) -> float:
+def eta_from(snapshot: QueueSnapshot, job: PolledJob, *, default_s: float = DEFAULT_ETA_S) -> float:
     """A running job: the rest of its typical duration. A queued one: the work ahead of it
     spread over the jobs running now (a proxy for live workers), then its own duration."""
     typical = _typical_seconds(snapshot.durations, default_s)

@@ -12,6 +12,7 @@ from typing import Any
 
 from darkroom.identities import Operation
 from db.models import Job, JobOutput, JobState, utcnow
+from db.repositories.jobs import PolledJob
 from services.links import OutputLinks, output_url
 
 #: Reads a stored output file by name (for `base64: yes` answers).
@@ -38,7 +39,7 @@ FETCH_PATHS = {
 }
 
 
-def output_filename(job: Job, index: int) -> str:
+def output_filename(job: PolledJob, index: int) -> str:
     """The public name of a job's `index`-th image: unguessable, the same whichever run wins.
     `future_links` and API links use it; the API route serves the winning run's file."""
     return f"{job.file_prefix}-{index}.png"
@@ -51,7 +52,7 @@ def run_output_filename(job: Job, index: int, run_id: str) -> str:
     return f"{job.file_prefix}-{index}-{run_id}.png"
 
 
-def processing_body(job: Job, public_url: str, eta: float) -> dict[str, Any]:
+def processing_body(job: PolledJob, public_url: str, eta: float) -> dict[str, Any]:
     """The answer for an accepted or running job (queued work is reported as processing too).
 
     `progress` is the denoising progress, 0 to 1 (0 while queued); `eta` is in seconds.

@@ -1,6 +1,11 @@
 """Fetch by id: the processing, success or failed shape of one of the caller's jobs.
 
 Like a submit, a fetch may wait for the job to end (`Prefer: wait=N`): a long poll.
+
+Most fetches are polls of a queued or running job by a key seen in the last few seconds: those
+are answered on the event loop (`PollReads`: the key from the cache, one async read, the queue
+view from its cache), with no thread-pool hop. Everything else (a key to look up, a finished
+or missing job, a stale queue view, SQLite, a failed read) takes the threaded path.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from sqlalchemy.orm import Session
 
-from api.auth import Work, keyed
+from api.auth import Work, cached_key, get_key_cache, keyed
 from api.deps import BodyDep, SettingsDep, presented_key
 from api.errors import ApiError
 from api.schemas import FetchRequest
@@ -26,9 +31,10 @@ from api.waiting import (
     wait_for_outcome,
 )
 from darkroom.settings import Settings
+from db.async_read import AsyncReadPool
 from db.models import ApiKey, JobState
 from db.repositories import jobs
-from db.repositories.jobs import QueueView
+from db.repositories.jobs import JobPoll, PolledJob, QueueView
 from db.session import read_scope
 from services import eta
 from services.links import OutputLinks
@@ -78,7 +84,11 @@ def fetch_job(session: Session, settings: Settings, key: ApiKey, job_id: int) ->
         return success_body(job, links, links.storage.read)
     if job.state == JobState.FAILED:
         return failed_body(job)
-    view = QUEUE_VIEWS.get(session, settings, job.id)
+    return _processing_answer(settings, QUEUE_VIEWS.get(session, settings, job.id), job)
+
+
+def _processing_answer(settings: Settings, view: QueueView, job: PolledJob) -> Answer:
+    """A queued or running job's answer, its eta from `view`."""
     seconds = eta.eta_from(eta.snapshot_for(view, job), job)
     return processing_body(job, settings.public_url, seconds)
 
@@ -92,13 +102,18 @@ class QueueViews:
         self._views: dict[str, tuple[float, QueueView]] = {}
         self._lock = threading.Lock()
 
+    def fresh(self, settings: Settings) -> QueueView | None:
+        """The view if it is at most `eta_cache_s` old; needs no session (nor a thread)."""
+        with self._lock:
+            entry = self._views.get(settings.resolved_database_url)
+        return entry[1] if entry is not None and entry[0] > time.monotonic() else None
+
     def get(self, session: Session, settings: Settings, anchor_id: int) -> QueueView:
         """A view at most `eta_cache_s` old, read in `session` when there is none."""
         url = settings.resolved_database_url
-        with self._lock:
-            entry = self._views.get(url)
-        if entry is not None and entry[0] > time.monotonic():
-            return entry[1]
+        view = self.fresh(settings)
+        if view is not None:
+            return view
         view = jobs.queue_view(session, anchor_id)
         if settings.eta_cache_s > 0:
             with self._lock:
@@ -107,6 +122,45 @@ class QueueViews:
 
 
 QUEUE_VIEWS = QueueViews()
+
+
+class PollReads:
+    """Polls of queued and running jobs answered on the event loop (module docstring).
+
+    Only what the threaded path would answer the same way is answered here: a key the cache
+    vouches for (so a revoked key stops within DARKROOM_API_KEY_CACHE_S, as on the threaded
+    path), the job read with `api_key_id` in its WHERE (another key's job is never read), a
+    fresh shared queue view. None sends the request down the threaded path, which decides."""
+
+    def __init__(self, pool: AsyncReadPool) -> None:
+        self.pool = pool
+        self._sql = pool.compile(jobs.POLL_QUERY)
+        #: Polls answered here, not on the threaded path: for tests and operators.
+        self.answered = 0
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> PollReads | None:
+        """Reads over their own small pool, on Postgres when DARKROOM_DB_POLL_POOL_SIZE > 0."""
+        url = settings.resolved_database_url
+        if settings.db_poll_pool_size <= 0 or not AsyncReadPool.usable_for(url):
+            return None
+        return cls(AsyncReadPool(url, settings.db_poll_pool_size, settings.db_pool_timeout_s))
+
+    async def answer(
+        self, settings: Settings, key: ApiKey | None, job_id: int
+    ) -> tuple[Answer, ApiKey] | None:
+        """The answer to `key`'s poll of `job_id`, or None: take the threaded path."""
+        view = QUEUE_VIEWS.fresh(settings)
+        if key is None or view is None or not 1 <= job_id <= jobs.MAX_JOB_ID:
+            return None
+        row = await self.pool.fetch_one(self._sql, {"job_id": job_id, "api_key_id": key.id})
+        if row is None:  # not this key's job (the threaded path answers the 404), or no read
+            return None
+        job = JobPoll.from_row(row)
+        if job.state not in (JobState.QUEUED, JobState.PROCESSING):
+            return None  # a finished job's answer needs its outputs or its error
+        self.answered += 1
+        return _processing_answer(settings, view, job), key
 
 
 def job_reader(settings: Settings, key: ApiKey, job_id: int) -> ReadAnswer:
@@ -150,10 +204,16 @@ def _fetch_as(settings: Settings, job_id: int) -> Work[tuple[Answer, ApiKey]]:
 async def _fetch(
     request: Request, response: Response, body: dict[str, Any], settings: Settings, job_id: int
 ) -> Answer:
-    """Authenticate and read in one thread-pool hop and one short session, then maybe wait
-    (holding no connection and no thread)."""
+    """Answer on the event loop (`PollReads`) or authenticate and read in one thread-pool hop
+    and one short session; then maybe wait (holding no connection and no thread)."""
     presented = presented_key(request, body)
-    answer, key = await keyed(request, presented, _fetch_as(settings, job_id), read_only=True)
+    reads: PollReads | None = request.app.state.poll_reads
+    polled = None
+    if reads is not None:
+        polled = await reads.answer(settings, cached_key(get_key_cache(request), presented), job_id)
+    if polled is None:
+        polled = await keyed(request, presented, _fetch_as(settings, job_id), read_only=True)
+    answer, key = polled
     wait_s = requested_wait(request, body, settings)  # after the key: a 401 comes first
     return await answer_or_wait(request, response, answer, wait_s=wait_s, key=key)
 

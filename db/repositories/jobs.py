@@ -19,9 +19,9 @@ import secrets
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session, lazyload
 
 from darkroom.identities import Operation
@@ -121,6 +121,73 @@ def poll_job_for_key(session: Session, job_id: int, api_key_id: int) -> Job | No
         return None
     query = select(Job).where(Job.id == job_id, Job.api_key_id == api_key_id)
     return session.scalar(query.options(lazyload(Job.outputs)))
+
+
+class PolledJob(Protocol):
+    """What a queued or running job's answer and its eta read from the job: a `Job`, or the
+    `JobPoll` of a poll that read only these columns."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def state(self) -> JobState: ...
+    @property
+    def operation(self) -> Operation: ...
+    @property
+    def endpoint(self) -> str: ...
+    @property
+    def progress(self) -> float | None: ...
+    @property
+    def params(self) -> dict[str, Any]: ...
+    @property
+    def meta(self) -> dict[str, Any]: ...
+    @property
+    def file_prefix(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class JobPoll:
+    """One row of `POLL_QUERY`: a job's `PolledJob` columns, without the ORM."""
+
+    id: int
+    state: JobState
+    operation: Operation
+    endpoint: str
+    progress: float | None
+    params: dict[str, Any]
+    meta: dict[str, Any]
+    file_prefix: str
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> JobPoll:
+        """From the row's values in `POLL_QUERY`'s column order (the enums are stored as their
+        values, so the raw strings convert as they are)."""
+        job_id, state, operation, endpoint, progress, params, meta, file_prefix = row
+        return cls(
+            job_id,
+            JobState(state),
+            Operation(operation),
+            endpoint,
+            progress,
+            params,
+            meta or {},
+            file_prefix,
+        )
+
+
+#: A poll's read of one of a key's jobs, by the bound `job_id` and `api_key_id` (one indexed
+#: read of the columns a queued or running job's answer needs): for drivers that run it
+#: without the ORM (api/fast_poll.py). An id outside 1..MAX_JOB_ID must not be bound.
+POLL_QUERY = select(
+    Job.id,
+    Job.state,
+    Job.operation,
+    Job.endpoint,
+    Job.progress,
+    Job.params,
+    Job.meta,
+    Job.file_prefix,
+).where(Job.id == bindparam("job_id"), Job.api_key_id == bindparam("api_key_id"))
 
 
 def _claimed(now: datetime, lease_s: float) -> dict[Any, Any]:
