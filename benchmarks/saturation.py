@@ -1,6 +1,6 @@
 """Saturation: can the system keep a generator busy? A full queue through every tier.
 
-    python -m benchmarks.saturation [--quick] [--out results/saturation.json]
+    python -m benchmarks.saturation [--quick] [--generator-ms 50,200] [--out FILE.json]
 
 The production profile for real: `darkroom api`, `darkroom worker` and `darkroom dispatcher`,
 Postgres and Redis on 127.0.0.1, a loopback server that serves a 512x512 init image and receives
@@ -13,14 +13,26 @@ recording, publishing webhooks.
 Each case: `--jobs` (256) img2img jobs are submitted through the API (the queue is full before
 the worker starts), then a worker with `DARKROOM_MAX_BATCH=--batch` (8) runs them all, and the
 dispatcher delivers their webhooks. Cases, interleaved over `--rounds` (2): `pipelined` (the
-default worker) and `serial` (`DARKROOM_WORKER_PIPELINE=false`, the worker before issue 15).
+default worker) and `serial` (`DARKROOM_WORKER_PIPELINE=false`, the worker before issue 15),
+at each generator time in `--generator-ms` (a comma-separated sweep, e.g. `50,200`: at which
+time per call does the system keep the generator busy 0.9 on this machine?).
 
 The window is from the first generator call's start to the last job's `finished_at`. Columns:
 `jobs_per_s` (jobs / window), `busy` (the generator's busy time / window; goal >= 0.9 at 50 ms
 and batch 8), `overhead_ms_per_job` (the window's idle time / jobs: the per-job cost on the
 critical path), `gap_ms_p50` (the median pause between two generator calls), `batch_mean`
-(jobs per call), `to_webhooks_s` (first call to the last webhook's arrival). Figures are
-medians over rounds; `ratio` is pipelined / serial jobs per second in the same run.
+(jobs per call), `to_webhooks_s` (first call to the last webhook's arrival), `cpu_ms_per_job`
+(the CPU time of the system's own processes in the window, per job) against
+`budget_ms_per_job` (what busy 0.9 allows: all cores for T / (0.9 x batch) per job). Figures
+are medians over rounds; `ratio` is pipelined / serial jobs per second at the same time.
+
+The CPU budget table then splits `cpu_ms_per_job` by process (benchmarks/_cpu.py samples /proc
+through the run): the worker, the API, the dispatcher, this database's Postgres backends (from
+`pg_stat_activity`), the loopback server, this process, and the rest of the machine (other
+users; the shared Redis server's work for the run is in there too). Its last rows are stage
+costs measured here, in this process, one thread: fetching and decoding the init image from the
+loopback server as the worker does, and encoding one 512x512 output at the run's
+DARKROOM_PNG_COMPRESS_LEVEL.
 """
 
 from __future__ import annotations
@@ -29,8 +41,10 @@ import argparse
 import io
 import os
 import shutil
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -38,7 +52,9 @@ from typing import Any
 
 import httpx
 from PIL import Image
+from sqlalchemy import create_engine, text
 
+from benchmarks._cpu import MACHINE, OTHERS, CpuSampler, children_by_marker
 from benchmarks._loopback import Loopback
 from benchmarks._services import (
     child_env,
@@ -53,6 +69,7 @@ from benchmarks.report import Report, median
 from darkroom.settings import Settings
 from db.models import Job, JobState
 from db.session import session_scope
+from worker.images import fetch_image, png_bytes
 
 IMAGE_PATH = "/input.png"
 SIDE = 512
@@ -63,6 +80,20 @@ CASE_TIMEOUT_S = 600.0
 CASES = ("pipelined", "serial")
 #: Options that are not parameters of the measurement.
 SKIPPED = ("out", "keep_logs")
+#: The busy fraction the goal asks for; the CPU budget per job follows from it.
+GOAL_BUSY = 0.9
+#: The run's own processes, found among this process's children by their command lines.
+MARKERS = {
+    "worker": "cli.main worker",
+    "api": "cli.main api",
+    "dispatcher": "cli.main dispatcher",
+    "loopback server": "benchmarks._loopback",
+}
+POSTGRES = "postgres backends"
+SELF = "this benchmark"
+PROCESSES = (*MARKERS, POSTGRES, SELF)
+#: Repetitions of each in-process stage measurement (fetch + decode, encode).
+STAGE_REPEATS = 15
 
 
 @dataclass(frozen=True)
@@ -70,12 +101,18 @@ class CaseResult:
     """One case's figures."""
 
     case: str
+    generator_ms: int
     jobs: int
     window_s: float
     busy_s: float
     calls: int
     gaps_s: list[float]
     to_webhooks_s: float
+    cpu_s: dict[str, float]
+
+    @property
+    def label(self) -> str:
+        return f"{self.case} {self.generator_ms} ms"
 
     def row(self) -> dict[str, float]:
         """The figures reported for this case."""
@@ -86,7 +123,14 @@ class CaseResult:
             "gap_ms_p50": median(self.gaps_s) * 1000 if self.gaps_s else 0.0,
             "batch_mean": self.jobs / self.calls,
             "to_webhooks_s": self.to_webhooks_s,
+            "cpu_ms_per_job": sum(self.cpu_s.get(name, 0.0) for name in PROCESSES)
+            / self.jobs
+            * 1000,
         }
+
+    def cpu_ms_per_job(self) -> dict[str, float]:
+        """Each process group's CPU in the window, per job (ms)."""
+        return {name: seconds / self.jobs * 1000 for name, seconds in self.cpu_s.items()}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -97,8 +141,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report = Report("saturation", {k: v for k, v in vars(args).items() if k not in SKIPPED})
     load_before = os.getloadavg()
     with production_settings(max_batch=args.batch) as settings, log_folder() as logs:
-        results = _measure(settings, logs, args)
+        results, stages = _measure(settings, logs, args)
     _fill(report, results, args)
+    _budget(report, results, stages, args)
     report.notes.append(
         f"load average before {_load(load_before)}, after {_load(os.getloadavg())} "
         "(1, 5, 15 min): compare the ratio of one run, not absolute figures"
@@ -112,14 +157,29 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("results/saturation.json"))
     parser.add_argument("--jobs", type=int, default=256, help="jobs per case")
     parser.add_argument("--batch", type=int, default=8, help="DARKROOM_MAX_BATCH")
-    parser.add_argument("--generator-ms", type=int, default=50, help="one pipeline call, ms")
+    parser.add_argument(
+        "--generator-ms",
+        type=_milliseconds,
+        default=[50],
+        help="one pipeline call, ms; several (50,200) sweep them",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="rounds of both cases")
     parser.add_argument("--keep-logs", type=Path, help="copy the processes' logs here")
     return parser
 
 
-def _measure(settings: Settings, logs: Path, args: argparse.Namespace) -> list[CaseResult]:
-    """Start the API, the dispatcher and the loopback server; run each case in each round."""
+def _milliseconds(value: str) -> list[int]:
+    times = [int(part) for part in value.split(",") if part.strip()]
+    if not times or min(times) <= 0:
+        raise argparse.ArgumentTypeError("positive milliseconds, comma-separated")
+    return times
+
+
+def _measure(
+    settings: Settings, logs: Path, args: argparse.Namespace
+) -> tuple[list[CaseResult], dict[str, float]]:
+    """Start the API, the dispatcher and the loopback server; run each case in each round.
+    Also the in-process stage costs (ms)."""
     image = logs / "input.png"
     image.write_bytes(_png())
     results = []
@@ -127,6 +187,7 @@ def _measure(settings: Settings, logs: Path, args: argparse.Namespace) -> list[C
         Loopback(files={IMAGE_PATH: image}) as loopback,
         started(darkroom_argv("dispatcher"), child_env(settings), logs / "dispatcher.log"),
         running_api(settings, logs) as base_url,
+        _sampler(settings) as sampler,
     ):
         body = {
             "key": new_key(settings).plaintext,
@@ -139,51 +200,103 @@ def _measure(settings: Settings, logs: Path, args: argparse.Namespace) -> list[C
             "safety_checker": "no",
             "webhook": loopback.url("/hook"),
         }
+        stages = _stages(settings, loopback.url(IMAGE_PATH))
         for round_index in range(args.rounds):
-            for case in CASES:
-                name = f"{case}-{round_index}"
-                results.append(_case(settings, logs, args, loopback, base_url, body, name))
-    return results
+            for generator_ms in args.generator_ms:
+                for case in CASES:
+                    name = f"{case}-{generator_ms}-{round_index}"
+                    run = _Run(settings, logs, args, loopback, base_url, body, sampler)
+                    results.append(_case(run, case, generator_ms, name))
+    return results, stages
 
 
-def _case(
-    settings: Settings,
-    logs: Path,
-    args: argparse.Namespace,
-    loopback: Loopback,
-    base_url: str,
-    body: dict[str, Any],
-    name: str,
-) -> CaseResult:
+@contextmanager
+def _sampler(settings: Settings) -> Iterator[CpuSampler]:
+    """CPU sampling of the run's processes and of this database's Postgres backends."""
+    engine = create_engine(settings.resolved_database_url, pool_size=1, max_overflow=0)
+    query = text(
+        "SELECT pid FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+
+    def groups() -> dict[str, list[int]]:
+        found = children_by_marker(os.getpid(), MARKERS)
+        with engine.connect() as connection:
+            found[POSTGRES] = [int(pid) for pid in connection.execute(query).scalars()]
+        found[SELF] = [os.getpid()]
+        return found
+
+    try:
+        with CpuSampler(list(PROCESSES), groups) as sampler:
+            yield sampler
+    finally:
+        engine.dispose()
+
+
+def _stages(settings: Settings, url: str) -> dict[str, float]:
+    """CPU ms (one thread, median) of the worker's image stages, run here on the same image."""
+    fetched = fetch_image(url, settings)  # the first fetch opens the kept connection
+    output = fetched.resize((SIDE, SIDE))
+
+    def cpu_ms(call: Any) -> float:
+        times = []
+        for _ in range(STAGE_REPEATS):
+            start = time.process_time()
+            call()
+            times.append(time.process_time() - start)
+        return median(times) * 1000
+
+    return {
+        "stage: fetch + decode init image": cpu_ms(lambda: fetch_image(url, settings)),
+        "stage: encode output PNG": cpu_ms(lambda: png_bytes(output, settings.png_compress_level)),
+    }
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every case of a run shares."""
+
+    settings: Settings
+    logs: Path
+    args: argparse.Namespace
+    loopback: Loopback
+    base_url: str
+    body: dict[str, Any]
+    sampler: CpuSampler
+
+
+def _case(run: _Run, case: str, generator_ms: int, name: str) -> CaseResult:
     """Fill the queue, run a worker until every job's webhook has arrived, read the figures."""
-    ids = _submit(base_url, body, args.jobs)
-    delivered_before = loopback.count()
-    spans_log = logs / f"generator-{name}.log"
+    ids = _submit(run.base_url, run.body, run.args.jobs)
+    delivered_before = run.loopback.count()
+    spans_log = run.logs / f"generator-{name}.log"
     env = child_env(
-        settings,
-        DARKROOM_WORKER_PIPELINE=str(name.startswith("pipelined")).lower(),
+        run.settings,
+        DARKROOM_WORKER_PIPELINE=str(case == "pipelined").lower(),
         DARKROOM_BENCH_FAKE_GENERATOR="true",
-        DARKROOM_BENCH_FAKE_GENERATOR_MS=str(args.generator_ms),
+        DARKROOM_BENCH_FAKE_GENERATOR_MS=str(generator_ms),
         DARKROOM_BENCH_GENERATOR_LOG=str(spans_log),
     )
-    with started(darkroom_argv("worker"), env, logs / f"worker-{name}.log"):
-        arrivals = loopback.wait_for_count(delivered_before + len(ids), CASE_TIMEOUT_S)
-    if args.keep_logs is not None:
-        args.keep_logs.mkdir(parents=True, exist_ok=True)
-        for log in (logs / f"worker-{name}.log", spans_log):
-            shutil.copy(log, args.keep_logs / log.name)
-    finished = _finished_at(settings, ids)
+    with started(darkroom_argv("worker"), env, run.logs / f"worker-{name}.log"):
+        arrivals = run.loopback.wait_for_count(delivered_before + len(ids), CASE_TIMEOUT_S)
+    if run.args.keep_logs is not None:
+        run.args.keep_logs.mkdir(parents=True, exist_ok=True)
+        for log in (run.logs / f"worker-{name}.log", spans_log):
+            shutil.copy(log, run.args.keep_logs / log.name)
+    finished = _finished_at(run.settings, ids)
     spans = _spans(spans_log)
     first = spans[0][0]
     gaps = [later[0] - earlier[1] for earlier, later in pairwise(spans)]
     return CaseResult(
-        case=name.rsplit("-", 1)[0],
+        case=case,
+        generator_ms=generator_ms,
         jobs=len(ids),
         window_s=max(finished) - first,
         busy_s=sum(end - start for start, end, _count in spans),
         calls=len(spans),
         gaps_s=gaps,
         to_webhooks_s=max(arrival.at for arrival in arrivals[delivered_before:]) - first,
+        cpu_s=run.sampler.spent(first, max(finished)),
     )
 
 
@@ -234,16 +347,26 @@ def _png() -> bytes:
 
 
 def _fill(report: Report, results: list[CaseResult], args: argparse.Namespace) -> None:
-    """One row per case: the medians of its rounds; pipelined / serial in `ratio`."""
-    medians: dict[str, dict[str, float]] = {}
-    for case in CASES:
-        rows = [result.row() for result in results if result.case == case]
-        medians[case] = {key: median([row[key] for row in rows]) for key in rows[0]}
-    serial_rate = medians["serial"]["jobs_per_s"]
-    for case in CASES:
-        figures = medians[case]
-        report.add(case=case, **figures, ratio=figures["jobs_per_s"] / serial_rate)
-    busy = medians["pipelined"]["busy"]
+    """One row per case and generator time: the medians of its rounds; `ratio` is pipelined /
+    serial at the same time."""
+    busy_by_ms: dict[int, float] = {}
+    for generator_ms in args.generator_ms:
+        medians = {case: _medians(results, case, generator_ms) for case in CASES}
+        serial_rate = medians["serial"]["jobs_per_s"]
+        for case in CASES:
+            figures = medians[case]
+            ratio = figures["jobs_per_s"] / serial_rate
+            budget = _budget_ms(generator_ms, args.batch)
+            report.add(
+                case=case,
+                generator_ms=generator_ms,
+                **figures,
+                budget_ms_per_job=budget,
+                ratio=ratio,
+            )
+        busy_by_ms[generator_ms] = medians["pipelined"]["busy"]
+    busy = busy_by_ms[args.generator_ms[0]]
+    reached = [ms for ms, value in sorted(busy_by_ms.items()) if value >= GOAL_BUSY]
     report.checks = {
         "jobs_per_case": args.jobs,
         "cases_run": len(results),
@@ -257,11 +380,52 @@ def _fill(report: Report, results: list[CaseResult], args: argparse.Namespace) -
             pipelined.row()["jobs_per_s"] / serial.row()["jobs_per_s"]
             for pipelined, serial in zip(results[::2], results[1::2], strict=True)
         ],
-        "goal_busy": {"value": busy, "goal": ">= 0.9", "met": busy >= 0.9},
+        "goal_busy": {"value": busy, "goal": f">= {GOAL_BUSY}", "met": busy >= GOAL_BUSY},
+        "busy_by_generator_ms": busy_by_ms,
+        "goal_reached_at_ms": reached[0] if reached else None,
     }
     report.notes.append(
         f"generator {args.generator_ms} ms per call, batch {args.batch}, {args.jobs} jobs per "
-        f"case, {args.rounds} rounds; busy goal >= 0.9: {'met' if busy >= 0.9 else 'not met'}"
+        f"case, {args.rounds} rounds; busy goal >= {GOAL_BUSY} at {args.generator_ms[0]} ms: "
+        f"{'met' if busy >= GOAL_BUSY else 'not met'}; first time that meets it: "
+        f"{f'{reached[0]} ms' if reached else 'none of those run'}"
+    )
+
+
+def _medians(results: list[CaseResult], case: str, generator_ms: int) -> dict[str, float]:
+    rows = [r.row() for r in results if r.case == case and r.generator_ms == generator_ms]
+    return {key: median([row[key] for row in rows]) for key in rows[0]}
+
+
+def _budget_ms(generator_ms: int, batch: int) -> float:
+    """CPU ms per job that busy 0.9 leaves, all cores counted, overlap assumed perfect."""
+    return (os.cpu_count() or 1) * generator_ms / (GOAL_BUSY * batch)
+
+
+def _budget(
+    report: Report, results: list[CaseResult], stages: dict[str, float], args: argparse.Namespace
+) -> None:
+    """The CPU budget table: ms per job by process (medians over rounds) for each case and time,
+    against the budget; kept in `checks` and printed as a second table in a note."""
+    table = Report("cpu", {})
+    columns: dict[str, dict[str, float]] = {}
+    for generator_ms in args.generator_ms:
+        for case in CASES:
+            ours = [r for r in results if r.case == case and r.generator_ms == generator_ms]
+            per_job = [r.cpu_ms_per_job() for r in ours]
+            names = [*PROCESSES, OTHERS, MACHINE]
+            column = {n: median([p.get(n, 0.0) for p in per_job]) for n in names}
+            column["the run's processes"] = median([r.row()["cpu_ms_per_job"] for r in ours])
+            column["budget at busy 0.9"] = _budget_ms(generator_ms, args.batch)
+            columns[f"{case} {generator_ms} ms"] = column
+    for name in [*PROCESSES, "the run's processes", "budget at busy 0.9", OTHERS, MACHINE]:
+        table.add(ms_per_job=name, **{label: column[name] for label, column in columns.items()})
+    report.checks["cpu_ms_per_job"] = columns
+    report.checks["stages_ms"] = stages
+    report.notes.append("CPU time per job in the window, by process (ms):\n" + table.table())
+    report.notes.append(
+        "stage costs measured in this process (CPU ms, one thread, median): "
+        + "; ".join(f"{name.removeprefix('stage: ')} {value:.1f}" for name, value in stages.items())
     )
 
 

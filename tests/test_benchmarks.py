@@ -110,3 +110,18 @@ def test_saturation_quick_runs_a_full_queue_pipelined_and_serial(tmp_path: Path)
     assert checks["jobs_succeeded"] == 2 * checks["jobs_per_case"]
     assert checks["goal_busy"]["goal"] == ">= 0.9"
     assert any("load average" in note for note in record["notes"])
+    # The CPU budget: every process of the run was found and used CPU in the window.
+    budget = record["machine"]["cpus"] * 50 / (0.9 * record["parameters"]["batch"])
+    for row in rows.values():
+        assert row["generator_ms"] == 50
+        assert row["budget_ms_per_job"] == pytest.approx(budget)
+        assert row["cpu_ms_per_job"] > 0
+    cpu = checks["cpu_ms_per_job"]["pipelined 50 ms"]
+    for process in ("worker", "dispatcher", "postgres backends"):
+        assert cpu[process] > 0, process
+    assert cpu["machine (all)"] >= 0.9 * cpu["the run's processes"]  # ticks, sample times
+    assert set(checks["stages_ms"]) == {
+        "stage: fetch + decode init image",
+        "stage: encode output PNG",
+    }
+    assert any("CPU time per job" in note for note in record["notes"])
