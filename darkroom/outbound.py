@@ -189,13 +189,20 @@ class _DeadlineTransport(httpx.HTTPTransport):
         )
 
 
-def new_client(timeout: float, max_connections: int | None = None) -> httpx.Client:
+def new_client(
+    timeout: float, max_connections: int | None = None, keepalive_s: float = 5.0
+) -> httpx.Client:
     """A client whose requests honour `deadline`; redirects are never followed by httpx.
 
     `timeout` bounds each operation as usual; inside `deadline` the time left bounds it too.
     Environment proxies are not used: a request must reach the address the guard checked.
+    Idle connections are kept `keepalive_s` (httpx's default: 5 s).
     """
-    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=None)
+    limits = httpx.Limits(
+        max_connections=max_connections,
+        max_keepalive_connections=None,
+        keepalive_expiry=keepalive_s,
+    )
     return httpx.Client(
         transport=_DeadlineTransport(limits),
         timeout=timeout,
@@ -206,6 +213,10 @@ def new_client(timeout: float, max_connections: int | None = None) -> httpx.Clie
 
 #: Clients one thread keeps for `thread_client` (one per host); the least recently used goes.
 THREAD_CLIENTS = 8
+#: How long a kept connection may idle before it is closed instead of reused: below the shortest
+#: common server keep-alive timeouts (Apache's 5 s), so that a server rarely closes one just as
+#: a request goes out on it (httpx does not retry that request).
+KEEPALIVE_S = 2.0
 _threads = threading.local()
 
 
@@ -221,7 +232,9 @@ def thread_client(target: PinnedRequest, timeout: float) -> httpx.Client:
     key = (target.url.partition(":")[0], target.host_header, timeout)
     clients: OrderedDict[tuple[str, str, float], httpx.Client]
     clients = _threads.__dict__.setdefault("clients", OrderedDict())
-    client = clients.pop(key, None) or new_client(timeout)
+    client = clients.pop(key, None)
+    if client is None:
+        client = new_client(timeout, keepalive_s=KEEPALIVE_S)
     clients[key] = client
     while len(clients) > THREAD_CLIENTS:
         clients.popitem(last=False)[1].close()
