@@ -1,0 +1,152 @@
+"""Turning a verified download into what is renamed into place: a LoRA or an embedding as a
+safetensors file, a VAE single file as an AutoencoderKL folder, and a model single file converted
+once to a diffusers folder (`from_single_file` with the local configuration folder that
+`darkroom.families.probe_file` names: `configs/<family>/`, or `configs/sd2/` for SD 2.x's
+OpenCLIP files; the scheduler given the prediction type that the request's `prediction_type` or
+the file's sidecar declares; then `save_pretrained`), so the folder runs exactly as the single
+file would and workers' cold starts read the fast format. Nothing is downloaded at load time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from darkroom import families
+from darkroom.families import UnrecognisedModelError
+from darkroom.identities import Family, ModelKind
+from darkroom.model_ids import SINGLE_FILE_CONFIGS
+from darkroom.settings import Settings
+from services import models as service
+from worker.install_checks import (
+    InstallError,
+    as_safetensors,
+    check_embedding,
+    check_lora,
+    check_pickle,
+    sniff_format,
+)
+from worker.install_download import Progress
+
+
+def verify_and_build(
+    settings: Settings,
+    kind: str,
+    options: dict[str, Any],
+    part: Path,
+    staging: Path,
+    progress: Progress,
+    renew_now: Callable[[int], None],
+) -> tuple[tuple[str | None, str], Path]:
+    """((family, format), the file or folder to rename into place). `renew_now(bytes)` renews
+    the install's lease at once: a conversion checks the install is still ours before saving."""
+    file_format = sniff_format(part)
+    wanted = options.get("model_format")
+    if wanted in ("safetensors", "ckpt") and wanted != file_format:
+        raise InstallError(f"model_format says {wanted}, but the file is a {file_format}.")
+    named = staging / f"file.{file_format}"
+    part.rename(named)
+    if file_format == "ckpt":
+        check_pickle(named)
+    if kind == ModelKind.LORA:
+        return (check_lora(named), file_format), as_safetensors(named)
+    if kind == ModelKind.EMBEDDING:
+        return (check_embedding(named), file_format), as_safetensors(named, embedding=True)
+    if kind == ModelKind.VAE:
+        return (None, file_format), _convert_vae(settings, named, staging)
+    probed = _probe(options, named)
+    progress(0, None, "convert")
+    folder = _convert(settings, options, named, probed, staging, renew_now)
+    return (probed.family, file_format), folder
+
+
+def _probe(options: dict[str, Any], path: Path) -> families.SingleFile:
+    """The checkpoint's family (which must be the one load_model_v2 named, if any), its
+    configuration folder and its declared prediction type, as a worker loading the single
+    file would find them (`darkroom.families.probe_file`)."""
+    try:
+        probed = families.probe_file(path)
+    except UnrecognisedModelError as exc:
+        raise InstallError(f"Unknown model family: {exc}") from None
+    wanted = options.get("family")
+    if wanted and wanted != probed.family:
+        title = families.family(probed.family).title
+        raise InstallError(
+            f"model_category names {families.family(wanted).title}, but the file is a "
+            f"{title} checkpoint."
+        )
+    declared = options.get("prediction_type")  # the request's word beats a sidecar's
+    if declared:
+        probed = families.SingleFile(probed.family, probed.config, str(declared))
+    return probed
+
+
+def _convert(
+    settings: Settings,
+    options: dict[str, Any],
+    path: Path,
+    probed: families.SingleFile,
+    staging: Path,
+    renew_now: Callable[[int], None],
+) -> Path:
+    """The single file as a diffusers folder, built with its local configuration folder."""
+    import diffusers
+
+    family = probed.family
+    root = service.models_root(settings)
+    config = root / SINGLE_FILE_CONFIGS / probed.config
+    if not (config / "model_index.json").is_file():
+        raise InstallError(
+            f"The file is a {families.family(family).title} checkpoint, but its "
+            f"configuration folder {SINGLE_FILE_CONFIGS}/{probed.config}/ is missing from "
+            "the models folder (nothing is downloaded at load time)."
+        )
+    pipeline_class = getattr(diffusers, families.family(family).img2img_pipeline)
+    loading: dict[str, Any] = {"local_files_only": True}
+    if options.get("upcast_attention"):
+        loading["upcast_attention"] = True
+    try:
+        pipe = pipeline_class.from_single_file(str(path), config=str(config), **loading)
+    except Exception as exc:
+        raise InstallError(
+            f"The checkpoint does not load as a {families.family(family).title} model: "
+            f"{type(exc).__name__}: {str(exc)[:300]}"
+        ) from None
+    _declare_prediction_type(pipe, probed.prediction_type)
+    renew_now(path.stat().st_size)
+    folder = staging / "diffusers"
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def _convert_vae(settings: Settings, path: Path, staging: Path) -> Path:
+    """A VAE single file (original or diffusers naming) as an AutoencoderKL folder."""
+    import diffusers
+
+    config = service.models_root(settings) / SINGLE_FILE_CONFIGS / Family.SD / "vae"
+    if not (config / "config.json").is_file():
+        raise InstallError(
+            f"Loading a VAE needs {SINGLE_FILE_CONFIGS}/sd/vae/config.json in the models "
+            "folder (its configuration; nothing is downloaded at load time)."
+        )
+    try:
+        vae = diffusers.AutoencoderKL.from_single_file(
+            str(path), config=str(config), local_files_only=True
+        )
+    except Exception as exc:
+        raise InstallError(
+            f"The file does not load as a VAE: {type(exc).__name__}: {str(exc)[:300]}"
+        ) from None
+    folder = staging / "vae"
+    vae.save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def _declare_prediction_type(pipe: Any, declared: str | None) -> None:
+    """Give the converted pipeline's scheduler the declared prediction type (as the worker's
+    cache does for a single file): saved in its scheduler config, the folder then runs as the
+    file does. None: the configuration folder's scheduler config stands."""
+    scheduler = pipe.scheduler
+    if declared is not None and scheduler.config.get("prediction_type") != declared:
+        pipe.scheduler = type(scheduler).from_config(scheduler.config, prediction_type=declared)
