@@ -9,27 +9,22 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import (
     ColumnElement,
-    Integer,
     Interval,
     Table,
-    Text,
-    Update,
     and_,
-    case,
-    column,
+    bindparam,
     insert,
     literal,
     or_,
     select,
+    text,
     update,
-    values,
 )
 from sqlalchemy.orm import Session
 
 from db.clock import DbNow, db_now
 from db.models import (
     ApiKey,
-    Base,
     DeliveryState,
     Job,
     UTCDateTime,
@@ -216,66 +211,93 @@ class AttemptOutcome:
     attempted_at: datetime = field(default_factory=utcnow)
 
 
-#: Outcomes recorded per pair of statements: each attempt row is 6 parameters and each delivery
-#: row 4, far under the parameter limits of Postgres (65,535) and SQLite (32,766).
-RECORD_CHUNK = 1000
+#: Postgres: a batch's attempt rows, each column one array parameter, in one statement.
+_INSERT_ATTEMPTS = text(
+    "INSERT INTO webhook_attempts"
+    " (delivery_id, attempted_at, status_code, latency_ms, response_excerpt, error)"
+    " SELECT * FROM unnest(CAST(:delivery_id AS integer[]), CAST(:attempted_at AS timestamptz[]),"
+    " CAST(:status_code AS integer[]), CAST(:latency_ms AS float8[]),"
+    " CAST(:response_excerpt AS text[]), CAST(:error AS text[]))"
+)
+#: Postgres: every delivery of a batch moved on in one statement, as `_move_on` does one by one.
+#: A retry is due `retry_in_s` after now(), the transaction's start on the database's clock.
+_MOVE_ON = text(
+    "UPDATE webhook_deliveries AS d SET attempt_count = d.attempt_count + 1,"
+    " last_error = m.error, lease_until = NULL, state = m.state,"
+    " finished_at = CASE WHEN m.state = :pending THEN d.finished_at ELSE :finished END,"
+    " next_attempt_at = CASE WHEN m.state = :pending"
+    " THEN now() + m.retry_in_s * interval '1 second' ELSE d.next_attempt_at END,"
+    " enqueued_at = CASE WHEN m.state = :pending THEN NULL ELSE d.enqueued_at END"
+    " FROM unnest(CAST(:id AS integer[]), CAST(:state AS text[]), CAST(:last_error AS text[]),"
+    " CAST(:retry_in_s AS float8[])) AS m (id, state, error, retry_in_s)"
+    " WHERE d.id = m.id"
+).bindparams(bindparam("finished", type_=UTCDateTime()))
 
 
 def record_outcomes(session: Session, outcomes: Sequence[AttemptOutcome]) -> None:
     """Save a batch of attempts, one row each, and move each delivery on: what `record_attempt`
-    then `mark_delivered`, `mark_failed` or `schedule_retry_in` do for one delivery.
+    then `mark_delivered`, `mark_failed` or `schedule_retry_in` do for one delivery. The caller
+    holds each delivery's lease.
 
-    Two statements per RECORD_CHUNK outcomes, whatever their mix: one multi-row INSERT of the
-    attempts and one UPDATE of the deliveries joined with a VALUES list (an executemany ran
-    one statement per row in the server). A retry's due time is the database's clock, read once
-    when there is one. The caller holds each delivery's lease.
+    On Postgres (the loop's database) two statements whatever the batch's size and mix, each
+    column of the batch one array parameter: an executemany ran one statement per row in the
+    server, and a VALUES list built with SQLAlchemy cost more CPU to compile than that saved.
+    Elsewhere (SQLite, one outcome at a time) an executemany per statement.
     """
-    for start in range(0, len(outcomes), RECORD_CHUNK):
-        chunk = outcomes[start : start + RECORD_CHUNK]
-        session.execute(insert(_table(WebhookAttempt)).values([_attempt_row(o) for o in chunk]))
-        session.execute(_move_on(session, chunk))
+    if not outcomes:
+        return
+    if session.get_bind().dialect.name != "postgresql":
+        _record_row_by_row(session, outcomes)
+        return
+    attempts = [_attempt_row(outcome) for outcome in outcomes]
+    session.execute(
+        _INSERT_ATTEMPTS, {name: [row[name] for row in attempts] for name in attempts[0]}
+    )
+    moved = [_delivery_row(outcome) for outcome in outcomes]
+    columns = {name: [row[name] for row in moved] for name in moved[0]}
+    session.execute(
+        _MOVE_ON, columns | {"pending": DeliveryState.PENDING.value, "finished": utcnow()}
+    )
 
 
-def _table(model: type[Base]) -> Table:
-    table = model.__table__
+def _record_row_by_row(session: Session, outcomes: Sequence[AttemptOutcome]) -> None:
+    """`record_outcomes` in at most three executemany statements (any database)."""
+    session.execute(insert(WebhookAttempt), [_attempt_row(outcome) for outcome in outcomes])
+    ended = [o for o in outcomes if o.state != DeliveryState.PENDING]
+    if ended:
+        finished = utcnow()
+        values: dict[str, object] = {"state": bindparam("b_state"), "finished_at": finished}
+        _move_on(session, values, [_bound(_delivery_row(o)) for o in ended])
+    retried = [o for o in outcomes if o.state == DeliveryState.PENDING]
+    if retried:
+        now = db_now(session)
+        values = {"next_attempt_at": bindparam("b_next"), "enqueued_at": None}
+        rows = [_bound(_delivery_row(o)) for o in retried]
+        for row, outcome in zip(rows, retried, strict=True):
+            row["b_next"] = now + timedelta(seconds=outcome.retry_in_s)
+        _move_on(session, values, rows)
+
+
+def _move_on(session: Session, values: dict[str, object], rows: list[dict[str, object]]) -> None:
+    """One UPDATE per row (executemany): the attempt counted, the lease released, `values`."""
+    table = WebhookDelivery.__table__
     assert isinstance(table, Table)
-    return table
-
-
-def _move_on(session: Session, outcomes: Sequence[AttemptOutcome]) -> Update:
-    """One UPDATE of `outcomes`' deliveries: the attempt counted, the lease released,
-    `last_error` set; an ended one's state and `finished_at`; a retried one due again.
-
-    Every row carries a due time, never NULL (an ended one's is ignored): a VALUES column of
-    NULLs alone would be typed text by Postgres, and a cast would turn SQLite's datetimes into
-    numbers.
-    """
-    deliveries = _table(WebhookDelivery)
-    finished = utcnow()
-    retried = any(o.state == DeliveryState.PENDING for o in outcomes)
-    now = db_now(session) if retried else finished
-    moved = values(
-        column("id", Integer),
-        column("state", deliveries.c.state.type),
-        column("error", Text),
-        column("due", UTCDateTime()),
-        name="moved",
-    ).data([_delivery_row(o, now) for o in outcomes])
-    rows = moved.cte("moved")
-    again = rows.c.state == DeliveryState.PENDING
-    return (
-        update(deliveries)
-        .where(deliveries.c.id == rows.c.id)
+    statement = (
+        update(table)
+        .where(table.c.id == bindparam("b_id"))
         .values(
-            attempt_count=deliveries.c.attempt_count + 1,
-            last_error=rows.c.error,
+            attempt_count=table.c.attempt_count + 1,
+            last_error=bindparam("b_error"),
             lease_until=None,
-            state=rows.c.state,
-            finished_at=case((again, deliveries.c.finished_at), else_=finished),
-            next_attempt_at=case((again, rows.c.due), else_=deliveries.c.next_attempt_at),
-            enqueued_at=case((again, None), else_=deliveries.c.enqueued_at),
+            **values,
         )
     )
+    session.execute(statement, rows)
+
+
+def _bound(row: dict[str, object]) -> dict[str, object]:
+    """A `_delivery_row` as `_move_on`'s parameters (named apart from the table's columns)."""
+    return {"b_id": row["id"], "b_error": row["last_error"], "b_state": row["state"]}
 
 
 def _attempt_row(outcome: AttemptOutcome) -> dict[str, object]:
@@ -284,21 +306,25 @@ def _attempt_row(outcome: AttemptOutcome) -> dict[str, object]:
         "delivery_id": outcome.delivery_id,
         "attempted_at": outcome.attempted_at,
         "status_code": record.status_code,
-        "latency_ms": record.latency_ms,
+        "latency_ms": float(record.latency_ms),
         "response_excerpt": record.response_excerpt,
         "error": record.error,
     }
 
 
-def _delivery_row(outcome: AttemptOutcome, now: datetime) -> tuple[object, ...]:
-    """(id, state, last_error, due) of a delivery: `last_error` as `record_attempt` and
-    `mark_delivered` leave it; due `retry_in_s` after `now` (read only for a retry)."""
+def _delivery_row(outcome: AttemptOutcome) -> dict[str, object]:
+    """The delivery's new state and `last_error` (as `record_attempt` and `mark_delivered`
+    leave it), and the delay before a retry."""
     record = outcome.record
     error = record.error or (None if record.status_code is None else f"HTTP {record.status_code}")
     if outcome.state == DeliveryState.DELIVERED:
         error = None
-    due = now + timedelta(seconds=outcome.retry_in_s)
-    return (outcome.delivery_id, outcome.state, error, due)
+    return {
+        "id": outcome.delivery_id,
+        "state": outcome.state.value,
+        "last_error": error,
+        "retry_in_s": float(outcome.retry_in_s),  # one array type: psycopg refuses int and float
+    }
 
 
 def mark_delivered(session: Session, delivery: WebhookDelivery) -> None:
