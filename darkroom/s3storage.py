@@ -8,6 +8,8 @@ naming the service's error code, never the bucket or the key.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from datetime import UTC
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +21,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from darkroom.settings import Settings
-from darkroom.storage import StorageError
+from darkroom.storage import StorageError, StoredFile
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -116,6 +118,16 @@ class S3Storage:
     def remove_partial_writes(self, older_than_s: float) -> int:
         """Nothing to remove: a PUT stores the whole object or nothing."""
         return 0
+
+    def listing(self, prefix: str) -> Iterator[StoredFile]:
+        """The objects named `{self.prefix}{prefix}...`, a page of 1,000 at a time."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.key(prefix)
+        )
+        for page in pages:
+            for item in page.get("Contents", []):
+                name = item["Key"][len(self.prefix) :]
+                yield StoredFile(name, item["Size"], item["LastModified"].astimezone(UTC))
 
     def public_link(self, filename: str) -> str:
         """The object's plain URL: under DARKROOM_S3_PUBLIC_URL, or the bucket's own URL."""

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -36,6 +40,15 @@ def local_write_error(exc: OSError) -> StorageError:
     if code in (errno.EACCES, errno.EPERM):
         reason = "permission denied"
     return StorageError(reason)
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A stored file as a listing shows it: its name, size and when it was written (UTC)."""
+
+    name: str
+    size_bytes: int
+    modified: datetime
 
 
 class Storage(Protocol):
@@ -63,6 +76,10 @@ class Storage(Protocol):
     def remove_partial_writes(self, older_than_s: float) -> int:
         """Delete what writes interrupted by a crash left behind, older than `older_than_s`
         (so no write in progress is touched); how many were removed."""
+
+    def listing(self, prefix: str) -> Iterator[StoredFile]:
+        """The complete files whose names start with `prefix` (no write in progress), read
+        lazily: for sweeps over files the database may not know."""
 
 
 def make_storage(settings: Settings) -> Storage:
@@ -129,6 +146,15 @@ class LocalStorage:
     def presigned_link(self, filename: str, ttl_s: int) -> str | None:
         """None: local files are reachable only through the API."""
         return None
+
+    def listing(self, prefix: str) -> Iterator[StoredFile]:
+        """The files named `prefix...` in the folder (temporary files of writes start with a
+        dot, so no prefix of a real name matches them)."""
+        for path in self.root.glob(f"{glob.escape(prefix)}*"):
+            with contextlib.suppress(FileNotFoundError):  # deleted while listed
+                stat = path.stat()
+                modified = datetime.fromtimestamp(stat.st_mtime, UTC)
+                yield StoredFile(path.name, stat.st_size, modified)
 
     def remove_partial_writes(self, older_than_s: float) -> int:
         """Delete temporary files of writes a killed worker never renamed into place."""

@@ -24,9 +24,11 @@ import io
 import platform
 import re
 import uuid
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from importlib import metadata
+from itertools import islice
 from typing import Any
 
 import redis
@@ -38,6 +40,7 @@ from darkroom import families, scheduler_names
 from darkroom.limits import MAX_PIXELS
 from darkroom.queue import queue_lengths
 from darkroom.settings import Settings
+from darkroom.storage import StoredFile
 from db.repositories import operator, uploads
 from services import jobs
 from services.routing import WorkerPresence, live_workers, model_queue_prefix, routing_enabled
@@ -56,11 +59,14 @@ REDIS_TIMEOUT_S = 2.0
 
 #: Uploaded images: what the hosted API's base64_to_url accepts, kept under output storage.
 UPLOAD_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}
-UPLOAD_NAME = re.compile(r"^upload-[0-9a-f]{32}\.(?:png|jpg|webp)$")
+UPLOAD_PREFIX = "upload-"
+UPLOAD_NAME = re.compile(rf"^{UPLOAD_PREFIX}[0-9a-f]{{32}}\.(?:png|jpg|webp)$")
 UPLOAD_MEDIA_TYPES = {"png": "image/png", "jpg": "image/jpeg", "webp": "image/webp"}
 _DATA_URI = re.compile(r"^data:image/[a-z0-9.+-]+;base64,", re.IGNORECASE)
 #: How long an upload's link works: the life of a `temp: yes` output (worker.jobs.TEMP_LIFETIME).
 UPLOAD_LIFETIME = timedelta(hours=24)
+#: Upload names looked up in the database at a time when adopting unrecorded files.
+ADOPT_CHUNK = 500
 
 
 class UnavailableError(Exception):
@@ -273,7 +279,7 @@ def store_upload(session: Session, settings: Settings, text: str, api_key_id: in
     from darkroom.storage import make_storage  # the S3 client is built only when used
 
     data, extension = decode_upload(text, settings.image_max_bytes)
-    name = f"upload-{uuid.uuid4().hex}.{extension}"
+    name = f"{UPLOAD_PREFIX}{uuid.uuid4().hex}.{extension}"
     # The row first: a file whose row cannot be written would never expire.
     uploads.record_upload(session, name, api_key_id, len(data), UPLOAD_LIFETIME)
     make_storage(settings).save(name, data)
@@ -281,7 +287,30 @@ def store_upload(session: Session, settings: Settings, text: str, api_key_id: in
 
 
 def upload_expired(session: Session, filename: str) -> bool:
-    """Whether the upload stored as `filename` has outlived UPLOAD_LIFETIME (an upload stored
-    before uploads were recorded has no row and never expires)."""
+    """Whether the upload stored as `filename` has outlived UPLOAD_LIFETIME (a file with no
+    row yet is served until the sweeper adopts it: see `adopt_unrecorded_uploads`)."""
     upload = uploads.get_upload(session, filename)
     return upload is not None and uploads.is_expired(upload)
+
+
+def adopt_unrecorded_uploads(session: Session, files: Iterable[StoredFile]) -> int:
+    """Record the upload files that have no row, expiring UPLOAD_LIFETIME after they were
+    written, as a recorded upload would; how many. Such files were stored before uploads
+    were recorded (migration 0011 added the rows, not the files' history) or by a request
+    whose transaction failed after its write; without a row they would never expire.
+
+    The caller leaves out files young enough that their request may still be committing its
+    row. Files whose name is no upload's are ignored."""
+    named = (file for file in files if UPLOAD_NAME.match(file.name))
+    adopted = 0
+    while chunk := list(islice(named, ADOPT_CHUNK)):
+        known = uploads.recorded_names(session, [file.name for file in chunk])
+        for file in chunk:
+            if file.name in known:
+                continue
+            life, written = UPLOAD_LIFETIME, file.modified
+            uploads.record_upload(
+                session, file.name, None, file.size_bytes, life, created_at=written
+            )
+            adopted += 1
+    return adopted

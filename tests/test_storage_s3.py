@@ -20,16 +20,19 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from api.app import create_app
 from darkroom.s3storage import S3Storage, s3_client
 from darkroom.settings import Settings
 from darkroom.storage import make_storage
-from db.models import utcnow
+from db.models import Upload, utcnow
+from db.repositories import uploads
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
 from services.links import OutputLinks
+from services.server import UPLOAD_LIFETIME
 from tests.api.test_fetch import submit_pix2pix
 from tests.api.test_submit import IMG2IMG, PIX2PIX, post
 from tests.conftest import fresh_database
@@ -37,7 +40,7 @@ from tests.support.s3 import AWS_ENV, moto_s3
 from tests.support.servers import ImageServer, WebhookReceiver
 from tests.support.system import darkroom_up, production_env
 from tests.test_storage import PNG, finish_job
-from worker.sweeper import expire_temporary_outputs
+from worker.sweeper import adopt_unrecorded_uploads, expire_temporary_outputs, expire_uploads
 
 
 @pytest.fixture(scope="session")
@@ -252,6 +255,46 @@ def test_the_sweeper_deletes_expired_objects_from_the_bucket(
 
     assert expired != kept
     assert keys_in(s3_endpoint, bucket) == [kept]
+
+
+def test_the_listing_names_objects_under_the_prefix_with_size_and_time(
+    s3_endpoint: str, bucket: str
+) -> None:
+    storage = S3Storage(bucket, prefix="out/", endpoint_url=s3_endpoint, region="us-east-1")
+    other = S3Storage(bucket, prefix="elsewhere/", endpoint_url=s3_endpoint, region="us-east-1")
+    before = utcnow() - timedelta(seconds=5)
+    for name in ("upload-a.png", "upload-b.png", "job-0.png"):
+        storage.save(name, PNG)
+    other.save("upload-c.png", PNG)
+
+    listed = sorted(storage.listing("upload-"), key=lambda file: file.name)
+    assert [(file.name, file.size_bytes) for file in listed] == [
+        ("upload-a.png", len(PNG)),
+        ("upload-b.png", len(PNG)),
+    ]
+    assert all(before <= file.modified <= utcnow() + timedelta(seconds=5) for file in listed)
+
+
+def test_uploads_without_rows_in_the_bucket_are_given_their_expiry(
+    settings: Settings, s3_endpoint: str, bucket: str
+) -> None:
+    with fresh_database("darkroom_own") as url:
+        own = s3_settings(settings, s3_endpoint, bucket, database_url=url)
+        name = f"upload-{uuid.uuid4().hex}.png"
+        make_storage(own).save(name, PNG)  # as base64_to_url stored them before rows existed
+        assert adopt_unrecorded_uploads(own) == 0  # too young: its request may be committing
+        assert adopt_unrecorded_uploads(own, min_age_s=0) == 1
+        with session_scope(url) as session:
+            row = uploads.get_upload(session, name)
+            assert row is not None
+            assert abs((row.expires_at - utcnow() - UPLOAD_LIFETIME).total_seconds()) < 60
+            session.execute(  # its 24 hours pass
+                update(Upload)
+                .where(Upload.filename == name)
+                .values(expires_at=utcnow() - timedelta(seconds=1))
+            )
+        assert expire_uploads(own) == 1
+    assert keys_in(s3_endpoint, bucket) == []
 
 
 @pytest.mark.slow

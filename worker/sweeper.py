@@ -32,10 +32,11 @@ from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, HeldIds, held_ids
 from darkroom.settings import Settings
 from darkroom.storage import make_storage
 from db.clock import db_now
+from db.models import utcnow
 from db.repositories import idempotency, jobs, progress, routing, uploads, webhooks
 from db.session import session_scope
 from services import jobs as job_service
-from services import outcomes
+from services import outcomes, server
 from services import webhooks as webhook_service
 from services.outbox import Receipt
 from services.outcomes import exhausted_message
@@ -271,9 +272,22 @@ def remove_partial_writes(settings: Settings) -> int:
     return make_storage(settings).remove_partial_writes(PARTIAL_WRITE_MAX_AGE_S)
 
 
+def adopt_unrecorded_uploads(
+    settings: Settings, *, min_age_s: float = PARTIAL_WRITE_MAX_AGE_S
+) -> int:
+    """Give upload files that have no row the expiry they would have had (see
+    `services.server.adopt_unrecorded_uploads`); files younger than `min_age_s` are left, as
+    their request may still be committing its row. Lists the uploads (a day's worth)."""
+    cutoff = utcnow() - timedelta(seconds=min_age_s)
+    files = make_storage(settings).listing(server.UPLOAD_PREFIX)
+    with session_scope(settings.resolved_database_url) as session:
+        return server.adopt_unrecorded_uploads(session, (f for f in files if f.modified < cutoff))
+
+
 def run_sweeper(settings: Settings, broker: Celery, stop: threading.Event) -> None:
     """Sweep every `sweep_interval_s` until `stop` is set; a failing sweep is logged and retried.
-    Partial writes are looked for at start and hourly: that lists the outputs folder."""
+    Partial writes and unrecorded uploads are looked for at start and hourly: that lists the
+    outputs folder (or bucket)."""
     next_partials_check = 0.0
     while not stop.wait(settings.sweep_interval_s):
         try:
@@ -281,6 +295,8 @@ def run_sweeper(settings: Settings, broker: Celery, stop: threading.Event) -> No
                 next_partials_check = time.monotonic() + PARTIAL_WRITE_MAX_AGE_S
                 if removed := remove_partial_writes(settings):
                     log.info("removed %d partial output writes", removed)
+                if adopted := adopt_unrecorded_uploads(settings):
+                    log.info("%d unrecorded uploads now expire as recorded ones", adopted)
             report = sweep_once(settings, broker)
         except Exception:
             log.exception("sweep failed; retrying next interval")

@@ -5,8 +5,8 @@ Functions flush; the caller commits.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import timedelta
+from collections.abc import Collection, Sequence
+from datetime import datetime, timedelta
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -15,14 +15,22 @@ from db.models import Upload, utcnow
 
 
 def record_upload(
-    session: Session, filename: str, api_key_id: int | None, size_bytes: int, life: timedelta
+    session: Session,
+    filename: str,
+    api_key_id: int | None,
+    size_bytes: int,
+    life: timedelta,
+    *,
+    created_at: datetime | None = None,
 ) -> Upload:
-    """Record a stored upload that expires `life` from now."""
+    """Record a stored upload that expires `life` after `created_at` (by default now)."""
+    created = created_at or utcnow()
     upload = Upload(
         filename=filename,
         api_key_id=api_key_id,
         size_bytes=size_bytes,
-        expires_at=utcnow() + life,
+        created_at=created,
+        expires_at=created + life,
     )
     session.add(upload)
     session.flush()
@@ -32,6 +40,12 @@ def record_upload(
 def get_upload(session: Session, filename: str) -> Upload | None:
     """The upload stored under `filename`, if one was recorded."""
     return session.scalar(select(Upload).where(Upload.filename == filename))
+
+
+def recorded_names(session: Session, filenames: Collection[str]) -> set[str]:
+    """Those of `filenames` that have an upload row (deleted or not)."""
+    rows = session.scalars(select(Upload.filename).where(Upload.filename.in_(list(filenames))))
+    return set(rows)
 
 
 def is_expired(upload: Upload) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -22,7 +24,7 @@ from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
 from services.server import UPLOAD_LIFETIME
 from worker.jobs import TEMP_LIFETIME
-from worker.sweeper import expire_uploads, sweep_once
+from worker.sweeper import adopt_unrecorded_uploads, expire_uploads, sweep_once
 
 E = "/api/v1/enterprise"
 
@@ -107,3 +109,47 @@ def test_an_expired_upload_is_refused_then_deleted_by_the_sweeper(
     assert (settings.outputs_dir / kept).exists()
     assert client.get(f"/uploads/{kept}").status_code == 200
     assert expire_uploads(settings) == 0  # each expired file is deleted once
+
+
+def _legacy_upload(settings: Settings, age: timedelta) -> str:
+    """An upload file as base64_to_url stored them before uploads had rows, `age` old."""
+    name = f"upload-{uuid.uuid4().hex}.png"
+    path = settings.outputs_dir / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG legacy")
+    written = (utcnow() - age).timestamp()
+    os.utime(path, (written, written))
+    return name
+
+
+def test_uploads_stored_before_they_had_rows_expire_from_when_they_were_written(
+    client: TestClient, settings: Settings, api_key: IssuedKey
+) -> None:
+    stale = _legacy_upload(settings, timedelta(hours=30))
+    recent = _legacy_upload(settings, timedelta(hours=2))
+    fresh = _legacy_upload(settings, timedelta(seconds=5))  # its request may be committing
+    recorded = _upload(client, api_key)
+    aged = (utcnow() - timedelta(hours=2)).timestamp()
+    os.utime(settings.outputs_dir / recorded, (aged, aged))
+    other = settings.outputs_dir / "not-an-upload.png"
+    other.write_bytes(b"x")
+    assert client.get(f"/uploads/{stale}").status_code == 200  # no row: it never expired
+
+    assert adopt_unrecorded_uploads(settings) == 2  # stale and recent; the rest left alone
+    assert adopt_unrecorded_uploads(settings) == 0  # once each
+    with session_scope(settings.resolved_database_url) as session:
+        for name, age in ((stale, timedelta(hours=30)), (recent, timedelta(hours=2))):
+            row = uploads.get_upload(session, name)
+            assert row is not None
+            expected = utcnow() - age + UPLOAD_LIFETIME
+            assert abs((row.expires_at - expected).total_seconds()) < 60
+            assert (row.api_key_id, row.size_bytes) == (None, len(b"\x89PNG legacy"))
+        assert uploads.get_upload(session, fresh) is None
+        assert len(uploads.recorded_names(session, [recorded])) == 1
+    assert client.get(f"/uploads/{stale}").status_code == 404  # its 24 hours are over
+
+    sweep_once(settings, make_celery(settings))
+    assert not (settings.outputs_dir / stale).exists()
+    for kept in (recent, fresh, recorded):
+        assert (settings.outputs_dir / kept).exists()
+    assert other.exists()
