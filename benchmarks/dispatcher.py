@@ -153,10 +153,13 @@ def _create_deliveries(settings: Settings, key_id: int, url: str, count: int) ->
 
 
 def _due_at(session: Session, ids: list[int], when: ColumnElement[datetime]) -> None:
+    """Make `ids` due at `when`, stamped as published then, as a worker's success stamps a
+    delivery it publishes: the sweeper sends again only those left unclaimed past
+    DARKROOM_LOST_MESSAGE_GRACE_S (it would otherwise resend every one, stamped at creation)."""
     session.execute(
         update(WebhookDelivery)
         .where(WebhookDelivery.id.in_(ids))
-        .values(next_attempt_at=when)
+        .values(next_attempt_at=when, enqueued_at=when)
         .execution_options(synchronize_session=False)
     )
 

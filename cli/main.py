@@ -14,15 +14,11 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 from cli import admin
 from cli import models as model_commands
 from darkroom.logs import configure_logging, resolve_format
 from darkroom.settings import Settings, get_settings
-
-if TYPE_CHECKING:
-    import httpx
 
 Command = Callable[[argparse.Namespace, Settings], int]
 
@@ -120,7 +116,7 @@ def cmd_dispatcher(args: argparse.Namespace, settings: Settings) -> int:
     ).start()
     try:
         if _dispatcher_loop(settings):
-            _run_delivery_loop(args, settings, dispatcher.client, stop)
+            _run_delivery_loop(args, settings, stop)
         else:
             concurrency = str(settings.webhook_concurrency)
             argv = ["-P", "threads", "-c", concurrency, "-Q", settings.webhook_queue]
@@ -138,9 +134,7 @@ def _dispatcher_loop(settings: Settings) -> bool:
     return settings.webhook_loop and postgres and not settings.is_embedded_broker
 
 
-def _run_delivery_loop(
-    args: argparse.Namespace, settings: Settings, client: httpx.Client, stop: threading.Event
-) -> None:
+def _run_delivery_loop(args: argparse.Namespace, settings: Settings, stop: threading.Event) -> None:
     """The loop in this thread until SIGTERM or SIGINT; attempts under way are recorded."""
     from darkroom.metrics import serve_metrics
     from worker.webhooks.loop import run_loop
@@ -155,7 +149,7 @@ def _run_delivery_loop(
         signal.signal(signum, lambda *_: stop.set())
     node = _node(args, "dispatcher").replace("%h", socket.gethostname())
     logging.getLogger("darkroom.dispatcher").info("%s ready.", node)
-    run_loop(settings, client, stop)
+    run_loop(settings, stop)
 
 
 def cmd_up(args: argparse.Namespace, settings: Settings) -> int:

@@ -16,7 +16,6 @@ from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
 from darkroom.identities import FailureReason, Operation
-from darkroom.outbound import new_client
 from darkroom.settings import Settings
 from db.clock import db_now
 from db.migrate import upgrade_to_head
@@ -68,7 +67,7 @@ def dispatchers(settings: Settings, count: int) -> Iterator[None]:
     stop = threading.Event()
     threads = []
     for _ in range(count):
-        loop = DeliveryLoop(settings, new_client(settings.webhook_timeout_s), Doorbell(settings))
+        loop = DeliveryLoop(settings, Doorbell(settings))
         threads.append(threading.Thread(target=loop.run, args=(stop,), daemon=True))
     for thread in threads:
         thread.start()
