@@ -1,14 +1,16 @@
-"""PNG encoding of output images: a numpy Sub filter and one zlib call, Pillow as the fallback.
+"""PNG encoding of output images: at the fast levels a numpy Sub filter and one zlib call.
 
 Encoding was the worker's largest CPU cost per job (docs/PERFORMANCE.md, "Saturation"):
-Pillow's default (level 6, a filter chosen per row) took ~90 ms for a 512x512 output. This
-encoder writes the same kind of file, 8-bit RGB, RGBA or grayscale, non-interlaced, every row
-with PNG's Sub filter (each byte minus the byte one pixel to its left), which on smooth images
-compresses as well as Pillow's choice at a low level, and costs one numpy subtraction plus
-`zlib.compress` (which releases the GIL, so the worker's encoding threads run in parallel).
-Measured on 512x512 images at level 1: 2x to 2.4x faster than Pillow at level 1, files 0-8%
-larger than Pillow's at level 1 (figures in docs/PERFORMANCE.md). Lossless: Pillow decodes
-the bytes to the same pixels (tests/worker/test_png.py). Deterministic for identical pixels.
+Pillow's default (level 6, a filter chosen per row) took ~90 ms for a 512x512 output. At
+levels up to FAST_LEVEL this encoder writes the same kind of file, 8-bit RGB, RGBA or
+grayscale, non-interlaced, every row with PNG's Sub filter (each byte minus the byte one pixel
+to its left), which costs one numpy subtraction plus `zlib.compress` (which releases the GIL, so
+the worker's encoding threads run in parallel). Measured on 512x512 images at level 1: 1.6x to
+2.1x less CPU than Pillow at level 1 and 5x to 10x less than Pillow's default, files 0-8%
+larger than Pillow's at level 1 (figures in docs/PERFORMANCE.md). Above FAST_LEVEL, where the
+point is small files, Pillow encodes (its per-row filter choice compresses better): level 6
+writes exactly what Darkroom wrote before. Lossless at every level: Pillow decodes the bytes to
+the same pixels (tests/worker/test_png.py). Deterministic for identical pixels.
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: Pillow mode -> PNG colour type, for the 8-bit modes written here; others go to Pillow.
 COLOUR_TYPES = {"L": 0, "RGB": 2, "RGBA": 6}
 SUB_FILTER = 1
+#: The highest level the fast encoder takes; above it Pillow's smaller files are worth its time.
+FAST_LEVEL = 1
 
 
 def encode(image: Image.Image, compress_level: int) -> bytes:
     """The PNG encoding of `image` at zlib `compress_level` (0-9)."""
     colour_type = COLOUR_TYPES.get(image.mode)
-    if colour_type is None:  # palette, 16-bit, 1-bit, ...: rare for outputs; Pillow does them
+    # Palette, 16-bit, 1-bit, ... images are rare outputs: Pillow does them at any level.
+    if colour_type is None or compress_level > FAST_LEVEL:
         return _pillow(image, compress_level)
     header = struct.pack(">IIBBBBB", image.width, image.height, 8, colour_type, 0, 0, 0)
     pixels = zlib.compress(_sub_filtered(image), compress_level)
