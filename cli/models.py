@@ -153,7 +153,7 @@ def _error(message: str) -> int:
     return 1
 
 
-def _files(settings: Settings, kind: str, model_id: str) -> list[str]:
+def _files(settings: Settings, kind: ModelKind, model_id: str) -> list[str]:
     """The files and folders that hold the model."""
     if settings.models_dir is None:
         return []

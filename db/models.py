@@ -23,7 +23,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-from darkroom.identities import Operation
+from darkroom.identities import Family, ModelKind, Operation
 
 
 def utcnow() -> datetime:
@@ -288,7 +288,7 @@ class ModelInstall(Base):
     __table_args__ = (UniqueConstraint("kind", "model_id", name="uq_model_installs_kind_id"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    kind: Mapped[str] = mapped_column(String(20))  # model, lora, embedding, vae
+    kind: Mapped[ModelKind] = mapped_column(_enum_column(ModelKind))
     model_id: Mapped[str] = mapped_column(String(200))
     source: Mapped[str] = mapped_column(Text)  # an http(s) URL or a Hub repo id
     options: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -300,7 +300,7 @@ class ModelInstall(Base):
         _enum_column(InstallState), default=InstallState.QUEUED, index=True
     )
     error: Mapped[str | None] = mapped_column(Text, default=None)
-    family: Mapped[str | None] = mapped_column(String(20), default=None)
+    family: Mapped[Family | None] = mapped_column(_enum_column(Family), default=None)
     format: Mapped[str | None] = mapped_column(String(20), default=None)
     size_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
     bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)

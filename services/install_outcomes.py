@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from darkroom.identities import Family
 from darkroom.settings import Settings
 from db.models import InstallState, ModelInstall
 from db.repositories import models as repo
@@ -22,7 +23,7 @@ from services.models import describe
 class Found:
     """What the installer found and installed."""
 
-    family: str | None
+    family: Family | None
     format: str
     size_bytes: int
     sha256: str | None

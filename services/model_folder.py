@@ -20,13 +20,13 @@ from typing import Any
 
 from darkroom import families
 from darkroom.families import UnrecognisedModelError
-from darkroom.identities import ModelKind
+from darkroom.identities import Family, ModelKind
 from darkroom.model_ids import EMBEDDINGS_FOLDER, LORAS_FOLDER, RESERVED_FOLDERS, VAE_FOLDER
 from db.models import InstallState
 
 #: Folder under the models folder where installs are assembled before the atomic rename.
 STAGING = ".installing"
-_SUBFOLDERS: dict[str, str] = {
+_SUBFOLDERS: dict[ModelKind, str] = {
     ModelKind.LORA: LORAS_FOLDER,
     ModelKind.EMBEDDING: EMBEDDINGS_FOLDER,
     ModelKind.VAE: VAE_FOLDER,
@@ -34,7 +34,7 @@ _SUBFOLDERS: dict[str, str] = {
 _LISTED_MAX = 1000
 
 
-def target_path(root: Path, kind: str, model_id: str) -> Path:
+def target_path(root: Path, kind: ModelKind, model_id: str) -> Path:
     """Where an installed model of `kind` lives (a folder, or a LoRA's/embedding's file)."""
     if kind == ModelKind.MODEL:
         return root / model_id
@@ -43,7 +43,7 @@ def target_path(root: Path, kind: str, model_id: str) -> Path:
     return root / _SUBFOLDERS[kind] / f"{model_id}.safetensors"
 
 
-def on_disk(root: Path, kind: str, model_id: str) -> bool:
+def on_disk(root: Path, kind: ModelKind, model_id: str) -> bool:
     """Files for `model_id` already in the models folder (installed by hand, say)."""
     target = target_path(root, kind, model_id)
     if target.exists():
@@ -53,7 +53,7 @@ def on_disk(root: Path, kind: str, model_id: str) -> bool:
     return False
 
 
-def paths_of(root: Path | None, kind: str, model_id: str) -> list[Path]:
+def paths_of(root: Path | None, kind: ModelKind, model_id: str) -> list[Path]:
     """The files and folders that hold `model_id` of `kind`."""
     if root is None:
         return []
@@ -91,7 +91,7 @@ _MAIN_WEIGHTS = ("unet", "transformer")
 _MAX_HEADER_BYTES = 100 * 1024**2
 
 
-def weights_dtype(root: Path | None, kind: str, model_id: str) -> str | None:
+def weights_dtype(root: Path | None, kind: ModelKind, model_id: str) -> str | None:
     """The dtype most of the installed weights are stored in (its denoiser's, for a pipeline
     folder), read from a safetensors header without loading anything; None for a `.ckpt` or
     files that cannot tell."""
@@ -175,9 +175,9 @@ def _model_entries(root: Path) -> list[tuple[Path, str]]:
     return entries
 
 
-def _disk_entry(kind: str, model_id: str, path: Path) -> dict[str, Any]:
+def _disk_entry(kind: ModelKind, model_id: str, path: Path) -> dict[str, Any]:
     """A file or folder found in the models folder, described as an install."""
-    family: str | None = None
+    family: Family | None = None
     if kind == ModelKind.MODEL:
         try:
             family = families.detect_folder(path) if path.is_dir() else families.detect_file(path)

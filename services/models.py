@@ -62,7 +62,7 @@ class InstallRefusedError(ValueError):
 class InstallRequest:
     """What to install under which id, from where, and what it must turn out to be."""
 
-    kind: str
+    kind: ModelKind
     model_id: str
     source: str
     options: dict[str, Any] = field(default_factory=dict)
@@ -165,7 +165,7 @@ def parse_load_vae(body: dict[str, Any]) -> InstallRequest:
 
 
 def _request(
-    body: dict[str, Any], kind: str, id_field: str, options: dict[str, Any]
+    body: dict[str, Any], kind: ModelKind, id_field: str, options: dict[str, Any]
 ) -> InstallRequest:
     """The common fields: the id, the URL (or Hub repo id) and the webhook."""
     model_id = _text(body, id_field, required=True)
@@ -180,7 +180,7 @@ def _request(
     return InstallRequest(kind, model_id, source, options, webhook)
 
 
-def check_model_id(model_id: str, kind: str = ModelKind.MODEL) -> None:
+def check_model_id(model_id: str, kind: ModelKind = ModelKind.MODEL) -> None:
     """Refuse ids that could escape the models folder or collide with its own folders."""
     if len(model_id) > MAX_ID_CHARS:
         raise InstallRefusedError(f"A model_id must be at most {MAX_ID_CHARS} characters.")
@@ -195,7 +195,7 @@ def check_model_id(model_id: str, kind: str = ModelKind.MODEL) -> None:
         )
 
 
-def check_source(source: str, kind: str) -> None:
+def check_source(source: str, kind: ModelKind) -> None:
     """An http(s) download link, or a Hub repo id (owner/name) for a model or VAE folder."""
     parts = urlsplit(source)
     if parts.scheme in ("http", "https") and parts.hostname:
@@ -227,7 +227,7 @@ def models_root(settings: Settings) -> Path:
     return settings.models_dir
 
 
-def target_path(settings: Settings, kind: str, model_id: str) -> Path:
+def target_path(settings: Settings, kind: ModelKind, model_id: str) -> Path:
     """Where an installed model of `kind` lives (a folder, or a LoRA's/embedding's file)."""
     return model_folder.target_path(models_root(settings), kind, model_id)
 
@@ -401,7 +401,7 @@ def _deleted_while_loading(session: Session, install: ModelInstall) -> int | Non
     return webhook_service.freeze(session, install.webhook_url, body, api_key_id=install.api_key_id)
 
 
-_JOB_FIELDS: dict[str, str] = {
+_JOB_FIELDS: dict[ModelKind, str] = {
     ModelKind.MODEL: "model_id",
     ModelKind.LORA: "lora_model",
     ModelKind.EMBEDDING: "embeddings_model",
@@ -409,7 +409,7 @@ _JOB_FIELDS: dict[str, str] = {
 }
 
 
-def _refuse_in_use(session: Session, kind: str, model_id: str) -> None:
+def _refuse_in_use(session: Session, kind: ModelKind, model_id: str) -> None:
     """409 when queued or running jobs name the model."""
     jobs = repo.active_jobs_naming(session, _JOB_FIELDS[kind], model_id)
     if jobs:

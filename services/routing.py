@@ -40,7 +40,7 @@ PRESENCE_TIMEOUT_S = 2.0
 class ModelKey:
     """What a worker loads for a job: an operation's pipelines with a model id (None: default)."""
 
-    operation: str
+    operation: Operation
     model_id: str | None = None
 
     @property
@@ -64,10 +64,9 @@ class WorkerPresence:
 
 def model_key(operation: str, model_id: str | None) -> ModelKey:
     """The key of a job's model; naming the default model explicitly gives the same key."""
-    operation = str(operation)
     if not model_id or model_id == default_model_id(operation):
         model_id = None
-    return ModelKey(operation, model_id)
+    return ModelKey(Operation(operation), model_id)
 
 
 def parse_model_key(entry: str) -> ModelKey:

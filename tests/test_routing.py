@@ -80,7 +80,9 @@ def test_model_keys_name_the_operation_and_the_model() -> None:
     assert model_key("pix2pix", None).name == "pix2pix:timbrooks/instruct-pix2pix"
     assert parse_model_key("tiny-a") == TINY_A
     assert parse_model_key(" pix2pix: ") == model_key("pix2pix", None)
-    assert parse_model_key("img_mixer:owner/decoder") == ModelKey("img_mixer", "owner/decoder")
+    assert parse_model_key("img_mixer:owner/decoder") == ModelKey(
+        Operation.IMG_MIXER, "owner/decoder"
+    )
     with pytest.raises(ValueError, match="unknown operation 'upscale'"):
         parse_model_key("upscale:x")
 

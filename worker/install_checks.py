@@ -78,7 +78,7 @@ def _flatten(state: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def check_lora(path: Path) -> str | None:
+def check_lora(path: Path) -> Family | None:
     """A LoRA in diffusers/PEFT (`lora_A`/`lora_B`) or kohya (`lora_down`/`lora_up`) format;
     its family when the keys tell it (SDXL's second text encoder), else None."""
     names = _tensor_names(path)
@@ -95,7 +95,7 @@ def check_lora(path: Path) -> str | None:
     return None
 
 
-def check_embedding(path: Path) -> str:
+def check_embedding(path: Path) -> Family:
     """A textual-inversion embedding: SDXL's `clip_l` + `clip_g`, or SD's vectors (A1111's
     `string_to_param` or one named tensor); its family."""
     names = _tensor_names(path)

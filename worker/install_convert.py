@@ -32,13 +32,13 @@ from worker.install_download import Progress
 
 def verify_and_build(
     settings: Settings,
-    kind: str,
+    kind: ModelKind,
     options: dict[str, Any],
     part: Path,
     staging: Path,
     progress: Progress,
     renew_now: Callable[[int], None],
-) -> tuple[tuple[str | None, str], Path]:
+) -> tuple[tuple[Family | None, str], Path]:
     """((family, format), the file or folder to rename into place). `renew_now(bytes)` renews
     the install's lease at once: a conversion checks the install is still ours before saving."""
     file_format = sniff_format(part)

@@ -68,7 +68,7 @@ class Claim:
     """One claimed install: what it is, and the lease this installer keeps renewing."""
 
     install_id: int
-    kind: str
+    kind: ModelKind
     model_id: str
     source: str
     options: dict[str, Any]

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
+from darkroom.identities import ModelKind
 from db.clock import db_now
 from db.models import InstallState, Job, JobState, ModelInstall, utcnow
 
@@ -20,7 +21,7 @@ from db.models import InstallState, Job, JobState, ModelInstall, utcnow
 _ACTIVE_SCAN_LIMIT = 10_000
 
 
-def get_install(session: Session, kind: str, model_id: str) -> ModelInstall | None:
+def get_install(session: Session, kind: ModelKind, model_id: str) -> ModelInstall | None:
     """The install of `model_id` of `kind`, if any."""
     return session.scalar(
         select(ModelInstall).where(ModelInstall.kind == kind, ModelInstall.model_id == model_id)
@@ -32,7 +33,7 @@ def get_install_by_id(session: Session, install_id: int) -> ModelInstall | None:
     return session.get(ModelInstall, install_id, populate_existing=True)
 
 
-def lock_install(session: Session, kind: str, model_id: str) -> ModelInstall | None:
+def lock_install(session: Session, kind: ModelKind, model_id: str) -> ModelInstall | None:
     """The install of `model_id`, locked for this transaction (Postgres; SQLite locks the file)."""
     return session.scalar(
         select(ModelInstall)
@@ -44,7 +45,7 @@ def lock_install(session: Session, kind: str, model_id: str) -> ModelInstall | N
 def create_install(
     session: Session,
     *,
-    kind: str,
+    kind: ModelKind,
     model_id: str,
     source: str,
     options: dict[str, Any],
