@@ -7,6 +7,7 @@ the job ends), so a client sees the same fields whichever way the result reaches
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -50,6 +51,13 @@ def run_output_filename(job: Job, index: int, run_id: str) -> str:
     run: its claim's attempt and a random part), so that a stale run never replaces the file
     of the run that won; only the winner's names are recorded in `job_outputs`."""
     return f"{job.file_prefix}-{index}-{run_id}.png"
+
+
+def is_run_output(filename: str, file_prefix: str, attempt: int) -> bool:
+    """Whether `filename` is an image that a run of the job named `file_prefix` stored under
+    its claim's `attempt` (the run id starts with the attempt: `{attempt}-{random hex}`)."""
+    pattern = rf"{re.escape(file_prefix)}-\d+-{attempt}-[0-9a-f]+\.png"
+    return re.fullmatch(pattern, filename) is not None
 
 
 def processing_body(job: PolledJob, public_url: str, eta: float) -> dict[str, Any]:

@@ -24,23 +24,31 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from api.app import create_app
+from darkroom.queue import make_celery
 from darkroom.s3storage import S3Storage, s3_client
 from darkroom.settings import Settings
 from darkroom.storage import make_storage
-from db.models import Upload, utcnow
-from db.repositories import uploads
+from db.models import Job, Upload, utcnow
+from db.repositories import jobs, uploads
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
 from services.links import OutputLinks
+from services.responses import run_output_filename
 from services.server import UPLOAD_LIFETIME
 from tests.api.test_fetch import submit_pix2pix
 from tests.api.test_submit import IMG2IMG, PIX2PIX, post
 from tests.conftest import fresh_database
+from tests.support.rows import queued_job
 from tests.support.s3 import AWS_ENV, moto_s3
 from tests.support.servers import ImageServer, WebhookReceiver
 from tests.support.system import darkroom_up, production_env
 from tests.test_storage import PNG, finish_job
-from worker.sweeper import adopt_unrecorded_uploads, expire_temporary_outputs, expire_uploads
+from worker.sweeper import (
+    adopt_unrecorded_uploads,
+    expire_temporary_outputs,
+    expire_uploads,
+    sweep_once,
+)
 
 
 @pytest.fixture(scope="session")
@@ -295,6 +303,28 @@ def test_uploads_without_rows_in_the_bucket_are_given_their_expiry(
             )
         assert expire_uploads(own) == 1
     assert keys_in(s3_endpoint, bucket) == []
+
+
+def test_the_sweeper_deletes_a_dead_runs_unrecorded_objects(
+    settings: Settings, s3_endpoint: str, bucket: str
+) -> None:
+    with fresh_database("darkroom_own") as url:
+        own = s3_settings(settings, s3_endpoint, bucket, database_url=url)
+        storage = make_storage(own)
+        with session_scope(url) as session:
+            key_id = create_key(session, "dead-run").row.id
+        job_id = queued_job(own, key_id)
+        with session_scope(url) as session:  # a worker claims it, writes, and dies
+            jobs.claim_job(session, job_id, lease_s=60, max_attempts=3)
+            job = session.get_one(Job, job_id)
+            job.lease_until = utcnow() - timedelta(seconds=1)
+            dead = run_output_filename(job, 0, "1-0badc0de")
+            later = run_output_filename(job, 0, "2-5eedf00d")
+        storage.save(dead, PNG)
+        storage.save(later, PNG)
+
+        assert sweep_once(own, make_celery(own)).requeued_jobs == 1
+    assert keys_in(s3_endpoint, bucket) == [later]
 
 
 @pytest.mark.slow

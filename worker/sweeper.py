@@ -1,11 +1,12 @@
 """The sweeper: what makes Postgres, not the broker, the source of truth.
 
 Every few seconds it (1) hands back jobs whose worker stopped renewing its lease, failing
-those out of attempts, (2) publishes job ids that were committed but never reached the broker,
+those out of attempts, and deletes the images that dead run wrote but never recorded, (2) publishes job ids that were committed but never reached the broker,
 or whose message the broker lost, to the queue model-affinity routing picks now, (3) moves jobs
 out of model queues that no live worker consumes to the general queue, (4) publishes webhook
 deliveries whose retry time has come or whose message was lost, and (5) deletes the files of
-temporary outputs and uploads (base64_to_url) that have expired. Publishing twice is harmless:
+temporary outputs and uploads (base64_to_url) that have expired (hourly, it also gives upload
+files with no row their expiry, and removes half-done writes). Publishing twice is harmless:
 workers and the dispatcher claim rows with conditional updates.
 
 Lost messages are found by comparison, on every sweep: the ids the broker holds (its queues and
@@ -40,6 +41,7 @@ from services import outcomes, server
 from services import webhooks as webhook_service
 from services.outbox import Receipt
 from services.outcomes import exhausted_message
+from services.responses import is_run_output
 from services.routing import model_queue_prefix, routing_enabled, unconsumed
 
 log = logging.getLogger(__name__)
@@ -84,8 +86,10 @@ def sweep_once(settings: Settings, broker: Celery) -> SweepReport:
 
 
 def _recover_orphans(settings: Settings, broker: Celery) -> tuple[int, int]:
-    """Jobs whose lease expired: back to the queue, or failed when out of attempts."""
+    """Jobs whose lease expired: back to the queue, or failed when out of attempts. The
+    images their dead runs wrote but never recorded are deleted once that is committed."""
     requeued, failed = 0, 0
+    dead_runs: list[tuple[str, int]] = []
     with session_scope(settings.resolved_database_url) as session:
         for job in jobs.jobs_with_expired_lease(session):
             if job.attempts >= settings.job_max_attempts:
@@ -96,7 +100,32 @@ def _recover_orphans(settings: Settings, broker: Celery) -> tuple[int, int]:
                 failed += 1
             elif jobs.requeue_job(session, job.id):
                 requeued += 1
+            else:
+                continue
+            dead_runs.append((job.file_prefix, job.attempts))
+    for file_prefix, attempt in dead_runs:
+        _delete_dead_run_files(settings, file_prefix, attempt)
     return requeued, failed
+
+
+def _delete_dead_run_files(settings: Settings, file_prefix: str, attempt: int) -> None:
+    """Delete the images the run of claim `attempt` stored and never recorded (it died between
+    writing and recording): named for that claim, and named by no job_outputs row. Lists the
+    job's own files only; another claim's run (a later attempt) names its files otherwise.
+    Best effort: a file left here is left as before, the sweep goes on."""
+    storage = make_storage(settings)
+    try:
+        names = [
+            stored.name
+            for stored in storage.listing(f"{file_prefix}-")
+            if is_run_output(stored.name, file_prefix, attempt)
+        ]
+        with session_scope(settings.resolved_database_url) as session:
+            unrecorded = [name for name in names if jobs.get_output(session, name) is None]
+        for name in unrecorded:
+            storage.delete(name)
+    except Exception:  # storage or database trouble: the job itself is already handed back
+        log.warning("could not delete the files of a dead run of %s", file_prefix, exc_info=True)
 
 
 def _drain_job_outbox(settings: Settings, broker: Celery) -> int:

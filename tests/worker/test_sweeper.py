@@ -18,13 +18,22 @@ from darkroom.identities import FailureReason, Operation
 from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, make_celery, send
 from darkroom.settings import Settings
 from darkroom.storage import LocalStorage
-from db.models import DeliveryState, IdempotencyKey, Job, JobState, WebhookDelivery, utcnow
+from db.models import (
+    DeliveryState,
+    IdempotencyKey,
+    Job,
+    JobOutput,
+    JobState,
+    WebhookDelivery,
+    utcnow,
+)
 from db.repositories import idempotency, jobs, webhooks
 from db.repositories.jobs import ClaimOutcome
 from db.repositories.keys import IssuedKey, create_key
 from db.session import session_scope
 from services import outcomes
 from services.outcomes import exhausted_message
+from services.responses import run_output_filename
 from tests.support.broker import published
 from tests.support.rows import queued_job
 from worker.sweeper import PARTIAL_WRITE_MAX_AGE_S, SweepReport, remove_partial_writes, sweep_once
@@ -333,3 +342,30 @@ def test_idempotency_keys_are_forgotten_after_their_24_hours(
     with session_scope(tuned.resolved_database_url) as session:
         kept = session.scalars(select(IdempotencyKey.key)).all()
     assert kept == ["fresh"]
+
+
+def test_the_files_a_dead_run_wrote_but_never_recorded_are_deleted(
+    tuned: Settings, api_key: IssuedKey, broker: Celery, rds: redis.Redis
+) -> None:
+    """A run wrote its images, then died before recording them (its lease ran out): when the
+    sweeper hands the job back, that run's files go; files of another claim's run, files a
+    job_outputs row names, and other jobs' files stay."""
+    orphan = _orphan(tuned, api_key, attempts=1)
+    other = _job(tuned, api_key)
+    storage = LocalStorage(tuned.outputs_dir)
+    with session_scope(tuned.resolved_database_url) as session:
+        job, neighbour = session.get_one(Job, orphan), session.get_one(Job, other)
+        dead = [run_output_filename(job, index, "1-0badc0de") for index in (0, 1)]
+        named = run_output_filename(job, 2, "1-0badc0de")
+        later_claim = run_output_filename(job, 0, "2-5eedf00d")
+        neighbours = run_output_filename(neighbour, 0, "1-0badc0de")
+        session.add(JobOutput(job_id=orphan, index=2, filename=named, width=8, height=8, seed=1))
+    for name in [*dead, named, later_claim, neighbours]:
+        storage.save(name, b"png")
+
+    assert _sweep(tuned, broker)[0].requeued_jobs >= 1
+    assert _load(tuned, orphan).state == JobState.QUEUED
+    for name in dead:
+        assert not (tuned.outputs_dir / name).exists()
+    for name in (named, later_claim, neighbours):
+        assert (tuned.outputs_dir / name).exists()
