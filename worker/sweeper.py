@@ -1,8 +1,9 @@
 """The sweeper: what makes Postgres, not the broker, the source of truth.
 
 Every few seconds it (1) hands back jobs whose worker stopped renewing its lease, failing
-those out of attempts, and deletes the images that dead run wrote but never recorded, (2) publishes job ids that were committed but never reached the broker,
-or whose message the broker lost, to the queue model-affinity routing picks now, (3) moves jobs
+those out of attempts, and deletes the images that dead run wrote but never recorded, (2)
+publishes job ids that were committed but never reached the broker, or whose message the
+broker lost, to the queue model-affinity routing picks now, (3) moves jobs
 out of model queues that no live worker consumes to the general queue, (4) publishes webhook
 deliveries whose retry time has come or whose message was lost, and (5) deletes the files of
 temporary outputs and uploads (base64_to_url) that have expired (hourly, it also gives upload
