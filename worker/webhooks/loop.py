@@ -3,10 +3,10 @@
 One thread claims due deliveries in batches (one UPDATE ... RETURNING that also reads the
 signing secrets) and queues them for DARKROOM_WEBHOOK_CONCURRENCY sender threads that POST them
 (`dispatcher.attempt`: the same deadline, decoding bounds and SSRF guard as every attempt), each
-through a keep-alive client of its own (one shared pool's lock was a fifth of their time); it
-records the finished attempts in batches, in the same transaction as the next claim, without
-waiting for the attempts under way. A Celery task per delivery cost more CPU than the POST
-itself; here a delivery costs a share of a statement.
+through a keep-alive client of its own (one shared pool's lock was a fifth of their time); a
+recorder thread records the finished attempts in batches, on a connection of its own. A Celery
+task per delivery cost more CPU than the POST itself; here a delivery costs a share of a
+statement.
 
 Broker messages on the webhook queue (published by workers and the sweeper) are only a doorbell:
 the loop waits on the queue when it has nothing to do, wakes at the first message, and drops
@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterable
 
 import httpx
 import redis
@@ -68,20 +67,25 @@ class Doorbell:
 class DeliveryLoop:
     """Claims, attempts and records deliveries until `stop` is set (see the module doc).
 
-    The claiming thread never waits for the attempts: DARKROOM_WEBHOOK_CONCURRENCY sender
-    threads take tickets from a queue and hand back outcomes on another, and each pass of
-    the claiming thread records every outcome that has arrived since the last and tops the
-    queue up in one transaction. While that transaction runs, the senders work through the
-    tickets claimed ahead, so neither side idles waiting for the other.
+    Nothing waits for what it does not need: this thread claims due deliveries in batches
+    and queues them for DARKROOM_WEBHOOK_CONCURRENCY sender threads; the senders hand each
+    outcome to a recorder thread, which records all that arrived since its last transaction
+    in one. Claims and records run at once on two connections: the senders never wait for a
+    record, and the queue is topped up while the recorder writes.
     """
 
     def __init__(self, settings: Settings, doorbell: Doorbell) -> None:
         self.settings = settings
         self.doorbell = doorbell
         self.capacity = settings.webhook_concurrency * CLAIM_AHEAD
-        self.unrecorded: list[Finished] = []
+        #: Claim again once this much room is free: one ticket per sender at least, so that a
+        #: claim's transaction is not paid for one or two deliveries at high rates.
+        self.refill = settings.webhook_concurrency
         self._todo: queue.SimpleQueue[Ticket | None] = queue.SimpleQueue()
+        #: Outcomes for the recorder; None: the senders have stopped.
         self._done: queue.SimpleQueue[Finished | None] = queue.SimpleQueue()
+        #: One item per attempt that came back, for this thread's count of those in flight.
+        self._returned: queue.SimpleQueue[None] = queue.SimpleQueue()
         #: Tickets handed to the senders whose attempt has not come back yet.
         self._in_flight = 0
 
@@ -91,8 +95,9 @@ class DeliveryLoop:
             threading.Thread(target=self._send, name=f"deliver-{n}", daemon=True)
             for n in range(self.settings.webhook_concurrency)
         ]
-        for sender in senders:
-            sender.start()
+        recorder = threading.Thread(target=self._record_all, name="record", daemon=True)
+        for thread in [*senders, recorder]:
+            thread.start()
         try:
             self._coordinate(stop)
         finally:
@@ -100,74 +105,111 @@ class DeliveryLoop:
                 self._todo.put(None)
             for sender in senders:
                 sender.join()
-        if self.unrecorded:  # one last try; unrecorded attempts are made again after the lease
-            self._exchange([], 0)
+            self._done.put(None)
+            recorder.join()
 
     def _coordinate(self, stop: threading.Event) -> None:
-        """Record what came back and claim more, until `stop` and nothing is under way."""
+        """Claim while there is room and something due, until `stop` and nothing is under way."""
         while not stop.is_set() or self._in_flight:
-            finished = self._collect(block=self._in_flight > 0)
             room = 0 if stop.is_set() else self.capacity - self._in_flight
-            tickets = self._exchange(finished, room)
+            if room < self.refill:
+                self._count_returns(block=True)
+                continue
+            tickets = self._claim(room)
             for ticket in tickets:
                 self._todo.put(ticket)
             self._in_flight += len(tickets)
-            if not self._in_flight and not tickets and not stop.is_set():
+            if len(tickets) == room:
+                self._count_returns(block=False)
+            elif self._in_flight:  # nothing more is due now: look again after a return
+                self._count_returns(block=True)
+            else:
                 self.doorbell.wait(self.settings.webhook_poll_s)
 
-    def _collect(self, *, block: bool) -> list[Finished]:
-        """The outcomes that came back, waiting up to a second for the first when `block`."""
-        arrived: list[Finished | None] = []
-        if block:
+    def _count_returns(self, *, block: bool) -> None:
+        """Count the attempts that came back, waiting up to a second for the first when
+        `block` (and some are in flight)."""
+        returned = 0
+        if block and self._in_flight:
             try:
-                arrived.append(self._done.get(timeout=1.0))
+                self._returned.get(timeout=1.0)
+                returned = 1
             except queue.Empty:
-                return []
+                return
         while True:
             try:
-                arrived.append(self._done.get_nowait())
+                self._returned.get_nowait()
             except queue.Empty:
                 break
-        self._in_flight -= len(arrived)
-        # None: an attempt that raised (a bug: network trouble is an outcome), left to its lease.
-        return [item for item in arrived if item is not None]
+            returned += 1
+        self._in_flight -= returned
+
+    def _claim(self, room: int) -> list[Ticket]:
+        """Up to `room` due deliveries, leased; none after a database error (and a pause)."""
+        lease_s = lease_seconds(self.settings)
+        try:
+            with session_scope(self.settings.resolved_database_url) as session:
+                claimed = webhooks.claim_due_deliveries(session, limit=room, lease_s=lease_s)
+        except Exception:
+            log.exception("dispatcher: the database failed; trying again")
+            pause(ERROR_BACKOFF_S)
+            return []
+        return [Ticket.of(delivery) for delivery in claimed]
 
     def _send(self) -> None:
         """A sender thread: attempt each ticket from the queue until a None, through a client
         (connection pool) of its own."""
         with outbound.new_client(self.settings.webhook_timeout_s) as client:
             while (ticket := self._todo.get()) is not None:
-                self._done.put(self._attempt(ticket, client))
+                finished = self._attempt(ticket, client)
+                if finished is not None:
+                    self._done.put(finished)
+                self._returned.put(None)
 
     def _attempt(self, ticket: Ticket, client: httpx.Client) -> Finished | None:
-        """One attempt and its outcome; None if it raised."""
+        """One attempt and its outcome; None if it raised (a bug: network trouble is an
+        outcome), leaving the delivery to its lease."""
         try:
             return ticket, attempt_logged(ticket, self.settings, client)
         except Exception:
             log.exception("dispatcher: an attempt failed")
             return None
 
-    def _exchange(self, finished: Iterable[Finished], room: int) -> list[Ticket]:
-        """Record `finished` and claim up to `room` more in one transaction; on a database
-        error keep the records for the next try and claim nothing (the leases cover it)."""
-        self.unrecorded.extend(finished)
-        lease_s = lease_seconds(self.settings)
+    def _record_all(self) -> None:
+        """The recorder thread: record what the senders hand over, in batches, until the
+        None after the last; a batch the database refused is kept for the next try, and one
+        still unrecorded at the end is attempted again when its lease runs out."""
+        unrecorded: list[Finished] = []
+        ended = False
+        while not ended:
+            arrived = self._outcomes(block=not unrecorded)
+            ended = None in arrived
+            unrecorded += [item for item in arrived if item is not None]
+            if unrecorded and self._record(unrecorded):
+                unrecorded = []
+            elif unrecorded:
+                pause(ERROR_BACKOFF_S)
+
+    def _outcomes(self, *, block: bool) -> list[Finished | None]:
+        """What the senders handed over since the last call, waiting for the first if `block`."""
+        arrived = [self._done.get()] if block else []
+        while True:
+            try:
+                arrived.append(self._done.get_nowait())
+            except queue.Empty:
+                return arrived
+
+    def _record(self, finished: list[Finished]) -> bool:
+        """Record `finished` in one transaction; False if the database refused."""
         try:
             with session_scope(self.settings.resolved_database_url) as session:
-                webhooks.record_outcomes(session, [outcome for _, outcome in self.unrecorded])
-                claimed = (
-                    webhooks.claim_due_deliveries(session, limit=room, lease_s=lease_s)
-                    if room > 0
-                    else []
-                )
+                webhooks.record_outcomes(session, [outcome for _, outcome in finished])
         except Exception:
             log.exception("dispatcher: the database failed; trying again")
-            pause(ERROR_BACKOFF_S)
-            return []
-        for ticket, outcome in self.unrecorded:
+            return False
+        for ticket, outcome in finished:
             note_outcome(ticket, outcome)
-        self.unrecorded = []
-        return [Ticket.of(delivery) for delivery in claimed]
+        return True
 
 
 def pause(seconds: float) -> None:
