@@ -64,15 +64,15 @@ def _tensor_names(path: Path) -> list[str]:
     import torch
 
     state = torch.load(str(path), map_location="cpu", weights_only=True)
-    return list(_flatten(state))
+    return list(flatten(state))
 
 
-def _flatten(state: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(state: Any, prefix: str = "") -> dict[str, Any]:
     """A nested dict of tensors as dotted names."""
     flat: dict[str, Any] = {}
     if isinstance(state, dict):
         for key, value in state.items():
-            flat |= _flatten(value, f"{prefix}{key}.")
+            flat |= flatten(value, f"{prefix}{key}.")
     else:
         flat[prefix.rstrip(".")] = state
     return flat
@@ -107,24 +107,3 @@ def check_embedding(path: Path) -> Family:
         f"The file holds {len(names)} tensors: no textual-inversion embedding (expected "
         "clip_l and clip_g, string_to_param, or a few vectors)."
     )
-
-
-def as_safetensors(path: Path, embedding: bool = False) -> Path:
-    """A LoRA or embedding as a safetensors file (a `.ckpt`/`.pt` is re-saved, weights only).
-
-    An A1111 / textual-inversion `.pt` embedding keeps only its vectors, as A1111's own
-    safetensors embeddings do (`emb_params`): its `string_to_token` (a tensor in the original
-    textual-inversion code) would otherwise be a second tensor that no loader expects."""
-    if path.suffix == ".safetensors":
-        return path
-    import torch
-    from safetensors.torch import save_file
-
-    state = _flatten(torch.load(str(path), map_location="cpu", weights_only=True))
-    tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
-    vectors = [v for k, v in tensors.items() if k.startswith("string_to_param.")]
-    if embedding and len(vectors) == 1:
-        tensors = {"emb_params": vectors[0]}
-    out = path.with_suffix(".safetensors")
-    save_file(tensors, str(out))
-    return out

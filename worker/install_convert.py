@@ -21,10 +21,10 @@ from darkroom.settings import Settings
 from services import models as service
 from worker.install_checks import (
     InstallError,
-    as_safetensors,
     check_embedding,
     check_lora,
     check_pickle,
+    flatten,
     sniff_format,
 )
 from worker.install_download import Progress
@@ -50,9 +50,9 @@ def verify_and_build(
     if file_format == "ckpt":
         check_pickle(named)
     if kind == ModelKind.LORA:
-        return (check_lora(named), file_format), as_safetensors(named)
+        return (check_lora(named), file_format), _as_safetensors(named)
     if kind == ModelKind.EMBEDDING:
-        return (check_embedding(named), file_format), as_safetensors(named, embedding=True)
+        return (check_embedding(named), file_format), _as_safetensors(named, embedding=True)
     if kind == ModelKind.VAE:
         return (None, file_format), _convert_vae(settings, named, staging)
     probed = _probe(options, named)
@@ -150,3 +150,24 @@ def _declare_prediction_type(pipe: Any, declared: str | None) -> None:
     scheduler = pipe.scheduler
     if declared is not None and scheduler.config.get("prediction_type") != declared:
         pipe.scheduler = type(scheduler).from_config(scheduler.config, prediction_type=declared)
+
+
+def _as_safetensors(path: Path, embedding: bool = False) -> Path:
+    """A LoRA or embedding as a safetensors file (a `.ckpt`/`.pt` is re-saved, weights only).
+
+    An A1111 / textual-inversion `.pt` embedding keeps only its vectors, as A1111's own
+    safetensors embeddings do (`emb_params`): its `string_to_token` (a tensor in the original
+    textual-inversion code) would otherwise be a second tensor that no loader expects."""
+    if path.suffix == ".safetensors":
+        return path
+    import torch
+    from safetensors.torch import save_file
+
+    state = flatten(torch.load(str(path), map_location="cpu", weights_only=True))
+    tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    vectors = [v for k, v in tensors.items() if k.startswith("string_to_param.")]
+    if embedding and len(vectors) == 1:
+        tensors = {"emb_params": vectors[0]}
+    out = path.with_suffix(".safetensors")
+    save_file(tensors, str(out))
+    return out
