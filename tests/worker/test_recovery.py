@@ -34,6 +34,9 @@ RECOVERY_BOUND_S = 10.0
 #: How long a test waits for it anyway, so that a failure says how late it was.
 PATIENCE_S = 30.0
 READY_TIMEOUT_S = 180.0
+#: The longest pause between two tries of a worker's terminal write (FINISH_RETRY_MAX_DELAY_S
+#: of the worker's recording code, whose module is being split as this is written).
+FINISH_RETRY_MAX_DELAY_S = 5.0
 
 
 def _spec(image_server: ImageServer, seed: int, size: int = 64, steps: int = 2) -> JobSpec:
@@ -203,7 +206,9 @@ def test_a_database_restart_leaves_no_message_acknowledged(
         back = time.monotonic()
         _wait("backlog running", lambda: len(_queued(ours, job_ids)) < len(job_ids), 30, logs)
         resumed = time.monotonic() - back
-        _wait("backlog claimed", lambda: not _queued(ours, job_ids), PATIENCE_S, logs)
+        # One worker runs them one after the other: how long the last waits is their run
+        # time (the machine's load), reported, not bounded.
+        _wait("backlog claimed", lambda: not _queued(ours, job_ids), 120, logs)
         print(
             f"\ndatabase restart: first of {len(job_ids)} jobs claimed {resumed:.1f} s after its"
             f" return, the last {time.monotonic() - back:.1f} s (one worker, one job at a time)"
@@ -217,13 +222,17 @@ def test_a_database_restart_leaves_no_message_acknowledged(
         _wait("slow job running", lambda: not _queued(ours, [running]), 60, logs)
         session_factory(url).kw["bind"].dispose()
         cluster.stop()
-        time.sleep(5.0)
+        # The database stays down until the job has generated and its terminal write has been
+        # refused: what is measured is the recording after the return, not the generation
+        # (whose length scales with the machine's load, not with anything recovery does).
+        refused = f"job {running}: the database is unreachable; recording again"
+        _wait("terminal write refused", lambda: refused in worker.current_log(), 300, logs)
         cluster.start()
         back = time.monotonic()
         _wait("running job recorded", lambda: _all_succeeded(ours, [running]), PATIENCE_S, logs)
         print(f"a job running through the restart ended {time.monotonic() - back:.1f} s after it")
         # Its terminal write retries with a backoff of up to 5 s: promptly, not a lease later.
-        assert time.monotonic() - back <= RECOVERY_BOUND_S + 5.0
+        assert time.monotonic() - back <= RECOVERY_BOUND_S + FINISH_RETRY_MAX_DELAY_S
         assert _states(ours, [running])[running][1] == 1  # not run again
 
 
