@@ -10,6 +10,9 @@ publishes the delivery through the outbox (`services.webhooks.publish`). A failu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 from sqlalchemy.orm import Session
 
 from darkroom.identities import FailureReason
@@ -34,6 +37,27 @@ def exhausted_message(attempts: int) -> str:
     )
 
 
+@dataclass(frozen=True)
+class RunSuccess:
+    """One job's successful run, to record: the job as claimed, what the run made, and its
+    claim's `attempt` (None: whichever claim holds the job)."""
+
+    job: Job
+    outputs: list[jobs.OutputRecord]
+    meta: dict[str, object]
+    generation_time: float
+    attempt: int | None = None
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What `succeed_many` recorded: the jobs these runs won, and their webhooks' deliveries
+    (job id -> delivery id) for the caller to publish."""
+
+    won: set[int]
+    deliveries: dict[int, int]
+
+
 def succeed(
     session: Session,
     settings: Settings,
@@ -46,18 +70,38 @@ def succeed(
 ) -> int | None:
     """Record success and queue its webhook; the delivery id, or None (no webhook, or lost race).
     With `attempt`, only while the claim that wrote it holds the job."""
-    won = jobs.complete_job(
+    run = RunSuccess(job, outputs, meta, generation_time, attempt)
+    return succeed_many(session, settings, [run]).deliveries.get(job.id)
+
+
+def succeed_many(session: Session, settings: Settings, runs: Sequence[RunSuccess]) -> Recorded:
+    """Record several runs' successes with their outputs and queue their webhooks, in the
+    caller's one transaction and a fixed number of statements: each job only while its run's
+    claim holds it (a job another run won or ended is left as it is, its outputs unrecorded).
+
+    A run counts as won also when its job already ended with this run's first output file: the
+    retry of a commit whose answer was lost (its deliveries are the ones that commit made)."""
+    won_now = jobs.complete_jobs(
         session,
-        job.id,
-        outputs=outputs,
-        meta=dict(meta),
-        generation_time=generation_time,
-        attempt=attempt,
+        [
+            jobs.Completion(
+                run.job.id, run.attempt, run.outputs, dict(run.meta), run.generation_time
+            )
+            for run in runs
+        ],
     )
-    if won:
-        metrics.record_job_end(session, job, generation_time=generation_time)
-        jobs.notify_job_done(session, job.id)  # wakes sync waits once this commits
-    return webhooks.schedule(session, settings, job) if won else None
+    for run in runs:
+        if run.job.id in won_now:
+            metrics.record_job_end(session, run.job, generation_time=run.generation_time)
+    jobs.notify_jobs_done(session, sorted(won_now))  # wakes sync waits once this commits
+    earlier = {
+        run.job.id: run.outputs[0].filename
+        for run in runs
+        if run.job.id not in won_now and run.outputs
+    }
+    won = won_now | jobs.jobs_with_output(session, earlier)
+    deliveries = webhooks.schedule_many(session, settings, [r.job for r in runs if r.job.id in won])
+    return Recorded(won, deliveries)
 
 
 def fail(

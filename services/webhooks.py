@@ -9,6 +9,7 @@ Functions flush; the caller commits.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from celery import Celery
@@ -25,15 +26,35 @@ from services.responses import webhook_body
 
 def schedule(session: Session, settings: Settings, job: Job) -> int | None:
     """Freeze the job's webhook payload as a pending delivery; its id, or None without webhook."""
-    if not job.webhook_url:
-        return None
-    existing = webhooks.get_delivery_for_job(session, job.id)
-    if existing is not None:  # one delivery per job, whatever happens (its id never changes)
-        return existing.id
-    jobs.refresh_job(session, job)
+    return schedule_many(session, settings, [job]).get(job.id)
+
+
+def schedule_many(session: Session, settings: Settings, ended: Sequence[Job]) -> dict[int, int]:
+    """`schedule` for ended jobs: job id -> delivery id, for those with a webhook. A job that
+    has its delivery keeps it (one delivery per job, whatever happens: its id never changes);
+    the others' payloads are frozen from their rows as this transaction sees them, and inserted
+    together. A fixed number of statements, whatever the number of jobs."""
+    hooked = [job.id for job in ended if job.webhook_url]
+    if not hooked:
+        return {}
+    found = webhooks.deliveries_for_jobs(session, hooked)
     links = OutputLinks.from_settings(settings)
-    body = webhook_body(job, links, links.storage.read)
-    return freeze(session, job.webhook_url, body, job_id=job.id)
+    new = [
+        webhooks.JobDelivery(
+            job.id,
+            job.api_key_id,
+            job.webhook_url,
+            _frozen(webhook_body(job, links, links.storage.read)),
+        )
+        for job in jobs.fresh_jobs(session, [job_id for job_id in hooked if job_id not in found])
+        if job.webhook_url
+    ]
+    return found | webhooks.create_job_deliveries(session, new)
+
+
+def _frozen(body: dict[str, Any]) -> str:
+    """The compact JSON of a webhook body: the exact bytes every attempt signs."""
+    return json.dumps(body, separators=(",", ":"))
 
 
 def freeze(
@@ -51,7 +72,7 @@ def freeze(
         session,
         job_id=job_id,
         url=url,
-        payload=json.dumps(body, separators=(",", ":")),
+        payload=_frozen(body),
         api_key_id=api_key_id,
         model_install_id=model_install_id,
     )

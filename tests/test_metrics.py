@@ -117,7 +117,8 @@ def claimed(settings: Settings, job_id: int) -> Job:
 
 def test_each_failure_path_records_its_reason(own_settings: Settings, own_key: IssuedKey) -> None:
     """Metrics count the reason each path gives, never one read off the message."""
-    from worker.jobs import WorkerRuntime, _conclude, _Ready
+    from worker.recording import conclude
+    from worker.runtime import Ready, WorkerRuntime
 
     settings = own_settings
     broker = make_celery(settings)
@@ -147,7 +148,7 @@ def test_each_failure_path_records_its_reason(own_settings: Settings, own_key: I
     ):
         job = claimed(settings, queued_job(settings, own_key))
         spec = JobSpec.model_validate(job.params)
-        _conclude(runtime, _Ready(job, spec, None), result, canceled=stop)  # type: ignore[arg-type]
+        conclude(runtime, Ready(job, spec, None), result, canceled=stop)  # type: ignore[arg-type]
 
     counted = {reason: failures(reason) - before[reason] for reason in FailureReason}
     assert counted == {

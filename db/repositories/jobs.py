@@ -16,13 +16,28 @@ from __future__ import annotations
 import enum
 import re
 import secrets
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import ColumnElement, and_, bindparam, func, or_, select, update
-from sqlalchemy.orm import Session, lazyload
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    ColumnElement,
+    String,
+    and_,
+    bindparam,
+    case,
+    cast,
+    func,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.orm import Session, lazyload, selectinload
 
 from darkroom.identities import Operation
 from db.clock import DbNow, db_now
@@ -105,6 +120,21 @@ MAX_JOB_ID = 2**31 - 1
 def refresh_job(session: Session, job: Job) -> None:
     """Read `job` afresh: the conditional UPDATEs here leave the session's copy as it was."""
     session.refresh(job)
+
+
+def fresh_jobs(session: Session, job_ids: Collection[int]) -> list[Job]:
+    """The jobs read afresh with their outputs, in two statements (`refresh_job` for several,
+    outputs included)."""
+    if not job_ids:
+        return []
+    rows = session.scalars(
+        select(Job)
+        .where(Job.id.in_(job_ids))
+        .options(selectinload(Job.outputs))
+        .order_by(Job.id)
+        .execution_options(populate_existing=True)
+    )
+    return list(rows)
 
 
 def get_job_for_key(session: Session, job_id: int, api_key_id: int) -> Job | None:
@@ -329,35 +359,82 @@ def complete_job(
     """Move a processing job to success with its outputs, recorded in the same transaction
     (so only the winning run's files are ever referenced). With `attempt`, only while the
     claim that wrote it holds the job. False if it was terminal or another claim holds it."""
+    completion = Completion(job_id, attempt, outputs, meta, generation_time)
+    return job_id in complete_jobs(session, [completion])
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One run's success to record: the job, its claim's `attempt` (None: any claim), what the
+    run made."""
+
+    job_id: int
+    attempt: int | None
+    outputs: list[OutputRecord]
+    meta: dict[str, Any]
+    generation_time: float
+
+
+def complete_jobs(session: Session, completions: Sequence[Completion]) -> set[int]:
+    """Move processing jobs to success with their outputs, in two statements whatever their
+    number: one fenced UPDATE (each job matched with its own claim's attempt, its own meta and
+    generation time) that returns the jobs it won, then one multi-row INSERT of those jobs'
+    outputs. The ids of the jobs won; a job that was terminal or held by another claim is left
+    as it was, its outputs not recorded."""
+    if not completions:
+        return set()
+    meta_type, time_type = Job.meta.type, Job.generation_time.type
+
+    def per_job(value: Callable[[Completion], object], type_: Any) -> ColumnElement[Any]:
+        """CASE jobs.id WHEN <id> THEN <this job's value> ... (typed binds: JSON on Postgres)."""
+        whens = [(Job.id == c.job_id, bindparam(None, value(c), type_=type_)) for c in completions]
+        return case(*whens)
+
     result = session.execute(
         update(Job)
-        .where(_fenced(job_id, attempt))
+        .where(or_(*(_fenced(c.job_id, c.attempt) for c in completions)))
         .values(
             state=JobState.SUCCESS,
-            meta=meta,
-            generation_time=generation_time,
+            meta=per_job(lambda c: dict(c.meta), meta_type),
+            generation_time=per_job(lambda c: c.generation_time, time_type),
             finished_at=utcnow(),
             lease_until=None,
         )
+        .returning(Job.id)
         .execution_options(synchronize_session=False)
     )
-    if _rowcount(result) != 1:
-        return False
-    session.add_all(
-        JobOutput(
-            job_id=job_id,
-            index=out.index,
-            filename=out.filename,
-            width=out.width,
-            height=out.height,
-            seed=out.seed,
-            nsfw=out.nsfw,
-            expires_at=out.expires_at,
+    won = set(result.scalars())
+    rows = [_output_row(c.job_id, out) for c in completions if c.job_id in won for out in c.outputs]
+    if rows:
+        session.execute(insert(JobOutput), rows)  # one multi-row INSERT (insertmanyvalues)
+    return won
+
+
+def _output_row(job_id: int, out: OutputRecord) -> dict[str, Any]:
+    """The `job_outputs` row of one recorded output file."""
+    return {
+        "job_id": job_id,
+        "index": out.index,
+        "filename": out.filename,
+        "width": out.width,
+        "height": out.height,
+        "seed": out.seed,
+        "nsfw": out.nsfw,
+        "expires_at": out.expires_at,
+    }
+
+
+def jobs_with_output(session: Session, filenames: Mapping[int, str]) -> set[int]:
+    """Those of the jobs (id -> a file name one run stored) whose outputs include that file:
+    the jobs that run won, also when the commit that recorded them lost its answer."""
+    if not filenames:
+        return set()
+    rows = session.scalars(
+        select(JobOutput.job_id).where(
+            tuple_(JobOutput.job_id, JobOutput.filename).in_(list(filenames.items()))
         )
-        for out in outputs
     )
-    session.flush()
-    return True
+    return set(rows)
 
 
 def fail_job(session: Session, job_id: int, message: str, *, attempt: int | None = None) -> bool:
@@ -501,8 +578,18 @@ def notify_job_done(session: Session, job_id: int) -> None:
     Postgres delivers the notification when the transaction commits, and never if it rolls
     back; SQLite has no notifications, and waiting requests poll instead.
     """
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(select(func.pg_notify(JOB_DONE_CHANNEL, str(job_id))))
+    notify_jobs_done(session, [job_id])
+
+
+def notify_jobs_done(session: Session, job_ids: Sequence[int]) -> None:
+    """`notify_job_done` for several jobs in one statement (one notification per job)."""
+    if not job_ids or session.get_bind().dialect.name != "postgresql":
+        return
+    array = bindparam("ids", list(job_ids), type_=ARRAY(BigInteger))
+    ids = func.unnest(array).table_valued("id").render_derived()
+    session.execute(
+        select(func.pg_notify(JOB_DONE_CHANNEL, cast(ids.c.id, String))).select_from(ids)
+    )
 
 
 @dataclass(frozen=True)

@@ -129,8 +129,10 @@ def new_job(settings: Settings, key: IssuedKey, image_url: str, webhook: str | N
 
 def start_stale_run(runtime: WorkerRuntime, images: GatedImages, job_id: int) -> threading.Thread:
     """A run that claims the job (its first request to `images`), then stalls in its image
-    fetch past its lease; the caller opens gate 0 to let it go on, and joins it."""
-    stale = threading.Thread(target=run_job, args=(job_id, runtime))
+    fetch past its lease; the caller opens gate 0 to let it go on, and joins it. It runs in a
+    worker of its own (another process's runtime: worker.held is per process)."""
+    elsewhere = WorkerRuntime(settings=runtime.settings, broker=runtime.broker, cache=runtime.cache)
+    stale = threading.Thread(target=run_job, args=(job_id, elsewhere))
     stale.start()
     images.wait_for(0)
     expire_lease(runtime.settings, job_id)
@@ -222,7 +224,7 @@ def test_a_superseded_run_cannot_renew_overwrite_or_finish(
     link = json.loads(won.payload)["output"]  # v5 pix2pix: one link, the public name
     served = served_hash(settings, link)
     assert served == next(iter(won.hashes.values()))
-    with caplog.at_level(logging.WARNING, logger="worker.jobs"):
+    with caplog.at_level(logging.WARNING, logger="worker.recording"):
         images.open(0)  # the stale run goes on: red image, its own files, then its result
         stale.join(120)
     assert not stale.is_alive()

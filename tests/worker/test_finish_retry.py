@@ -67,13 +67,13 @@ def test_a_finished_job_is_recorded_once_the_database_is_back(
                     restart[0].start()
 
         outage = Outage()
-        logging.getLogger("worker.jobs").addHandler(outage)
+        logging.getLogger("worker.recording").addHandler(outage)
         runs = pipeline_runs()
         try:
-            with caplog.at_level(logging.WARNING, logger="worker.jobs"):
+            with caplog.at_level(logging.WARNING, logger="worker.recording"):
                 run_job(job_id, runtime)
         finally:
-            logging.getLogger("worker.jobs").removeHandler(outage)
+            logging.getLogger("worker.recording").removeHandler(outage)
             for timer in restart:
                 timer.join()
         session_factory(url).kw["bind"].dispose()  # connections from before the restart

@@ -124,7 +124,7 @@ def test_an_unwritable_outputs_folder_fails_the_job_as_a_storage_fault(
     runs, failures = pipeline_runs(), storage_failures()
 
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="worker.jobs"):
+    with caplog.at_level(logging.WARNING, logger="worker.recording"):
         run_job(job_id, runtime)
     elapsed = time.monotonic() - started
 
@@ -158,14 +158,14 @@ def test_a_write_that_succeeds_on_a_retry_keeps_the_generated_images(
                 outputs.mkdir()
 
     repair = Repair()
-    logging.getLogger("worker.jobs").addHandler(repair)
+    logging.getLogger("worker.recording").addHandler(repair)
     job_id = new_job(runtime.settings, api_key, image_server.url("/red.png"))
     runs = pipeline_runs()
     try:
-        with caplog.at_level(logging.WARNING, logger="worker.jobs"):
+        with caplog.at_level(logging.WARNING, logger="worker.recording"):
             run_job(job_id, runtime)
     finally:
-        logging.getLogger("worker.jobs").removeHandler(repair)
+        logging.getLogger("worker.recording").removeHandler(repair)
 
     job, _payload = load(runtime.settings, job_id)
     assert job.state == JobState.SUCCESS, job.error
@@ -204,7 +204,7 @@ def test_a_missing_bucket_fails_the_job_as_a_storage_fault(
     job_id = new_job(runtime.settings, api_key, image_server.url("/red.png"))
     runs, failures = pipeline_runs(), storage_failures()
 
-    with caplog.at_level(logging.WARNING, logger="worker.jobs"):
+    with caplog.at_level(logging.WARNING, logger="worker.recording"):
         run_job(job_id, runtime)
 
     job, _payload = load(runtime.settings, job_id)
