@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks import api_tier, dispatcher, queue_overhead, saturation
+from benchmarks import api_tier, dispatcher, queue_overhead, recording, saturation
 
 pytestmark = pytest.mark.slow
 
@@ -125,3 +125,17 @@ def test_saturation_quick_runs_a_full_queue_pipelined_and_serial(tmp_path: Path)
         "stage: encode output PNG",
     }
     assert any("CPU time per job" in note for note in record["notes"])
+
+
+def test_recording_quick_records_a_batch_in_one_transaction(tmp_path: Path) -> None:
+    record = _run(recording.main, tmp_path)
+
+    rows = _rows_by(record, "case")
+    assert list(rows) == ["per job", "per batch"]
+    batch = record["parameters"]["batch"]
+    assert rows["per job"]["commits_per_batch"] == batch
+    assert rows["per batch"]["commits_per_batch"] == 1
+    assert rows["per batch"]["statements_per_batch"] < rows["per job"]["statements_per_batch"]
+    assert rows["per job"]["ratio"] == 1.0
+    rounds = record["parameters"]["rounds"]
+    assert record["checks"] == {"per job": rounds, "per batch": rounds}
