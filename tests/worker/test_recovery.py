@@ -27,6 +27,7 @@ from tests.support.instances import OwnedPostgres, owned_postgres
 from tests.support.rows import job_row
 from tests.support.servers import ImageServer
 from tests.support.system import free_port, settings_env
+from worker.recording import FINISH_RETRY_MAX_DELAY_S
 from worker.sweeper import sweep_once
 
 #: What must hold: every queued job runs again within this long of the service's return.
@@ -34,9 +35,6 @@ RECOVERY_BOUND_S = 10.0
 #: How long a test waits for it anyway, so that a failure says how late it was.
 PATIENCE_S = 30.0
 READY_TIMEOUT_S = 180.0
-#: The longest pause between two tries of a worker's terminal write (FINISH_RETRY_MAX_DELAY_S
-#: of the worker's recording code, whose module is being split as this is written).
-FINISH_RETRY_MAX_DELAY_S = 5.0
 
 
 def _spec(image_server: ImageServer, seed: int, size: int = 64, steps: int = 2) -> JobSpec:
