@@ -12,19 +12,21 @@ pipeline call run while the previous batch is stored. And while a batch's call r
 batch is claimed ahead (`Overlap.ahead`: up to `max_batch` queued jobs with the same batch key,
 `jobs.claim_batch_companions`) and its init images fetched and decoded; when the call ends the
 same task runs that batch at once, up to `MAX_BATCHES_PER_TASK` batches (so that other models'
-queues get their turn). The messages of jobs claimed ahead are refused later as busy or ended,
-as a batch's companions' are. So:
+queues get their turn). The messages of jobs claimed ahead, like a batch's companions', are
+acknowledged later without a claim while this process holds the job or once it recorded its
+success (worker.held). So:
 
 - at most one batch is being concluded in the background: before handing over batch N, the
   task waits for batch N-1's conclusion; at most one batch is claimed ahead. Memory holds
   three batches at most: one ahead (its init images), one generating, one being stored;
 - each job is still recorded as success only after its files are stored (the conclusion runs
-  the same `_store_and_finish`), fenced by its claim's attempt token, with the same retries;
+  the same `worker.recording.conclude_batch`), fenced by its claim's attempt token, with the
+  same retries;
 - the background conclusion renews its jobs' leases while it runs; a process that dies with
   a conclusion pending leaves those jobs processing with leases that run out, so the sweeper
   queues them again and exactly one run records each (as for a batch's companions, whose own
-  messages were refused as busy: the message that started the batch is acknowledged when the
-  task returns, which no longer means its jobs are recorded);
+  messages were acknowledged without running them: the message that started the batch is
+  acknowledged when the task returns, which no longer means its jobs are recorded);
 - jobs claimed ahead hold leases like any claimed job: a crash leaves them to the sweeper;
 - a stopping worker claims nothing more ahead (`stopping`) and drains the pending conclusion
   (`Overlap.drain`, on `worker_shutdown`, once the running task has returned).
