@@ -102,8 +102,13 @@ def cmd_dispatcher(args: argparse.Namespace, settings: Settings) -> int:
 
     dispatcher = create_dispatcher_app(settings)
     stop = threading.Event()
+    loop = _dispatcher_loop(settings)
     sweeper = threading.Thread(
-        target=run_sweeper, args=(settings, dispatcher.app, stop), name="sweeper", daemon=True
+        target=run_sweeper,
+        args=(settings, dispatcher.app, stop),
+        kwargs={"deliveries": not loop},  # the loop finds due deliveries without messages
+        name="sweeper",
+        daemon=True,
     )
     sweeper.start()
     # Progress webhooks (start, progress) have a thread and rows of their own: never retried,
@@ -115,7 +120,7 @@ def cmd_dispatcher(args: argparse.Namespace, settings: Settings) -> int:
         daemon=True,
     ).start()
     try:
-        if _dispatcher_loop(settings):
+        if loop:
             _run_delivery_loop(args, settings, stop)
         else:
             concurrency = str(settings.webhook_concurrency)

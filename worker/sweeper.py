@@ -5,7 +5,8 @@ those out of attempts, and deletes the images that dead run wrote but never reco
 publishes job ids that were committed but never reached the broker, or whose message the
 broker lost, to the queue model-affinity routing picks now, (3) moves jobs
 out of model queues that no live worker consumes to the general queue, (4) publishes webhook
-deliveries whose retry time has come or whose message was lost, and (5) deletes the files of
+deliveries whose retry time has come or whose message was lost (not beside the dispatcher's
+loop, which reads the due rows itself and drops the messages), and (5) deletes the files of
 temporary outputs and uploads (base64_to_url) that have expired (hourly, it also gives upload
 files with no row their expiry, and removes half-done writes). Publishing twice is harmless:
 workers and the dispatcher claim rows with conditional updates.
@@ -70,15 +71,20 @@ class SweepReport:
     expired_uploads: int = 0
 
 
-def sweep_once(settings: Settings, broker: Celery) -> SweepReport:
-    """One pass over leases, the job outbox and due webhooks."""
+def sweep_once(settings: Settings, broker: Celery, *, deliveries: bool = True) -> SweepReport:
+    """One pass over leases, the job outbox and, unless `deliveries` is False, due webhooks.
+
+    The dispatcher's loop (`worker.webhooks.loop`) claims due deliveries from their rows and
+    drops the queue's messages, so beside it every delivery waiting longer than
+    `lost_message_grace_s` looked lost: a backlog was published again on every sweep.
+    """
     requeued, failed = _recover_orphans(settings, broker)
     return SweepReport(
         requeued_jobs=requeued,
         failed_jobs=failed,
         enqueued_jobs=_drain_job_outbox(settings, broker),
         rescued_jobs=_rescue_stranded(settings, broker),
-        sent_deliveries=_send_due_deliveries(settings, broker),
+        sent_deliveries=_send_due_deliveries(settings, broker) if deliveries else 0,
         expired_outputs=expire_temporary_outputs(settings),
         expired_idempotency_keys=expire_idempotency_keys(settings),
         pruned_progress=prune_progress(settings),
@@ -314,7 +320,9 @@ def adopt_unrecorded_uploads(
         return server.adopt_unrecorded_uploads(session, (f for f in files if f.modified < cutoff))
 
 
-def run_sweeper(settings: Settings, broker: Celery, stop: threading.Event) -> None:
+def run_sweeper(
+    settings: Settings, broker: Celery, stop: threading.Event, *, deliveries: bool = True
+) -> None:
     """Sweep every `sweep_interval_s` until `stop` is set; a failing sweep is logged and retried.
     Partial writes and unrecorded uploads are looked for at start and hourly: that lists the
     outputs folder (or bucket)."""
@@ -327,7 +335,7 @@ def run_sweeper(settings: Settings, broker: Celery, stop: threading.Event) -> No
                     log.info("removed %d partial output writes", removed)
                 if adopted := adopt_unrecorded_uploads(settings):
                     log.info("%d unrecorded uploads now expire as recorded ones", adopted)
-            report = sweep_once(settings, broker)
+            report = sweep_once(settings, broker, deliveries=deliveries)
         except Exception:
             log.exception("sweep failed; retrying next interval")
             continue

@@ -11,11 +11,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
 from darkroom.identities import FailureReason, Operation
+from darkroom.queue import make_celery
 from darkroom.settings import Settings
 from db.clock import db_now
 from db.migrate import upgrade_to_head
@@ -25,8 +27,10 @@ from db.repositories.keys import IssuedKey
 from db.repositories.webhooks import AttemptOutcome, AttemptRecord
 from db.session import session_scope
 from services import outcomes
+from tests.support.broker import published_ids
 from tests.support.rows import job_row
 from tests.support.servers import Received, WebhookReceiver
+from worker.sweeper import sweep_once
 from worker.webhooks.loop import DeliveryLoop, Doorbell
 
 
@@ -167,6 +171,25 @@ def test_a_live_lease_is_not_claimed_again(ours: Settings, key: IssuedKey) -> No
     assert claimed[0].track_id == "t-1"
     with session_scope(ours.resolved_database_url) as session:
         assert webhooks.claim_due_deliveries(session, limit=10, lease_s=60) == []
+
+
+def test_beside_the_loop_the_sweeper_sends_no_delivery_again(
+    ours: Settings, key: IssuedKey
+) -> None:
+    """A delivery waiting past the grace, as in a backlog, looks lost to the sweeper (the loop
+    drops the queue's messages): beside the loop it is left to the loop's claim."""
+    ours = ours.model_copy(update={"lost_message_grace_s": 0.1})
+    [waiting] = _deliveries(ours, key, "http://127.0.0.1:9/hook", 1)
+    time.sleep(0.2)
+    broker = make_celery(ours)
+    try:
+        assert sweep_once(ours, broker, deliveries=False).sent_deliveries == 0
+        assert published_ids(ours.broker_url, ours.webhook_queue) == []
+        assert sweep_once(ours, broker).sent_deliveries == 1  # a Celery dispatcher needs it
+        assert published_ids(ours.broker_url, ours.webhook_queue) == [waiting]
+    finally:
+        redis.Redis.from_url(ours.broker_url).delete(ours.webhook_queue, ours.job_queue)
+        broker.close()
 
 
 @pytest.fixture(params=["postgres", "sqlite"])
