@@ -20,6 +20,8 @@ from worker import png
 UNREACHABLE = "Unable to fetch image from provided URL"
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_REDIRECTS = 3
+#: How a request on a kept connection fails when the server has just closed that connection.
+CLOSED_UNDER_US = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 # Pillow's own bomb guard, a backstop behind `_check_pixels`: it only warns between this and
 # twice this, and raises above, which is why the exact limit is checked here, from the header.
@@ -97,14 +99,16 @@ def _follow(url: str, settings: Settings) -> bytes:
 
 
 def _get(client: httpx.Client, target: PinnedRequest, max_bytes: int) -> tuple[bytes, str | None]:
-    """One GET at the checked address: the body (bounded), or the redirect target."""
+    """One GET at the checked address: the body (bounded), or the redirect target.
+
+    A kept connection that the server closed just as the request went out fails with one of
+    CLOSED_UNDER_US; the GET (safe to repeat) is then sent once more, on a new connection.
+    """
     try:
-        with outbound.stream(client, "GET", target) as response:
-            if response.is_redirect:
-                return b"", response.headers.get("location")
-            if response.status_code != 200:
-                raise ImageInputError(f"{UNREACHABLE}: HTTP {response.status_code}")
-            return outbound.read_body(response, max_bytes), None
+        try:
+            return _exchange(client, target, max_bytes)
+        except CLOSED_UNDER_US:
+            return _exchange(client, target, max_bytes)
     except outbound.TooLargeError:
         raise ImageInputError(
             f"{UNREACHABLE}: the image is larger than {max_bytes} bytes"
@@ -115,6 +119,17 @@ def _get(client: httpx.Client, target: PinnedRequest, max_bytes: int) -> tuple[b
         raise  # reported once, with the deadline, by _download
     except (httpx.HTTPError, httpx.InvalidURL) as exc:
         raise ImageInputError(f"{UNREACHABLE}: {type(exc).__name__}") from None
+
+
+def _exchange(
+    client: httpx.Client, target: PinnedRequest, max_bytes: int
+) -> tuple[bytes, str | None]:
+    with outbound.stream(client, "GET", target) as response:
+        if response.is_redirect:
+            return b"", response.headers.get("location")
+        if response.status_code != 200:
+            raise ImageInputError(f"{UNREACHABLE}: HTTP {response.status_code}")
+        return outbound.read_body(response, max_bytes), None
 
 
 def decode_image(data: bytes) -> Image.Image:

@@ -1,6 +1,7 @@
 """Init-image fetches keep their connections (outbound.thread_client): a thread's second fetch
 from a host reuses the first one's connection, and another host name never does, even at the
-same address (its TLS would have been verified for the first name)."""
+same address (its TLS would have been verified for the first name). A kept connection that the
+server closes as the request arrives costs one more try, not the job."""
 
 from __future__ import annotations
 
@@ -18,15 +19,17 @@ from worker.images import fetch_image
 
 
 class KeepAliveServer:
-    """A loopback HTTP/1.1 server (keep-alive) that serves one PNG and counts connections."""
+    """A loopback HTTP/1.1 server (keep-alive) that serves one PNG and counts connections.
+    With `one_per_connection`, it closes a connection, unanswered, on its second request."""
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes, one_per_connection: bool = False) -> None:
         self.connections = 0
         self.requests = 0
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            answered = False
 
             def setup(self) -> None:
                 outer.connections += 1
@@ -34,6 +37,10 @@ class KeepAliveServer:
 
             def do_GET(self) -> None:
                 outer.requests += 1
+                if one_per_connection and self.answered:
+                    self.close_connection = True
+                    return
+                self.answered = True
                 self.send_response(200)
                 self.send_header("content-type", "image/png")
                 self.send_header("content-length", str(len(body)))
@@ -53,11 +60,22 @@ class KeepAliveServer:
         self.httpd.server_close()
 
 
-@pytest.fixture
-def server() -> Iterator[KeepAliveServer]:
+def red_png() -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (16, 8), (200, 30, 10)).save(buffer, format="PNG")
-    running = KeepAliveServer(buffer.getvalue())
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def server() -> Iterator[KeepAliveServer]:
+    running = KeepAliveServer(red_png())
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def closing_server() -> Iterator[KeepAliveServer]:
+    running = KeepAliveServer(red_png(), one_per_connection=True)
     yield running
     running.stop()
 
@@ -77,3 +95,14 @@ def test_another_host_name_at_the_same_address_gets_its_own_connection(
     for host in ("127.0.0.1", "localhost", "127.0.0.1", "localhost"):
         fetch_image(f"http://{host}:{server.port}/a.png", settings)
     assert (server.requests, server.connections) == (4, 2)
+
+
+def test_a_kept_connection_closed_under_the_request_is_retried_once(
+    closing_server: KeepAliveServer,
+) -> None:
+    settings = Settings(url_allowlist=["127.0.0.1/32"])
+    url = f"http://127.0.0.1:{closing_server.port}/a.png"
+    fetch_image(url, settings)
+    assert fetch_image(url, settings).getpixel((0, 0)) == (200, 30, 10)
+    # The second fetch went out on the kept connection, was dropped, and went out again.
+    assert (closing_server.requests, closing_server.connections) == (3, 2)
