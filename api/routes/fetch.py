@@ -100,6 +100,8 @@ class QueueViews:
 
     def __init__(self) -> None:
         self._views: dict[str, tuple[float, QueueView]] = {}
+        #: Until when a poll that found the view stale is re-reading it, per database URL.
+        self._refreshing: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def fresh(self, settings: Settings) -> QueueView | None:
@@ -107,6 +109,24 @@ class QueueViews:
         with self._lock:
             entry = self._views.get(settings.resolved_database_url)
         return entry[1] if entry is not None and entry[0] > time.monotonic() else None
+
+    def for_event_loop(self, settings: Settings) -> QueueView | None:
+        """A view for a poll answered on the event loop (`PollReads`): the fresh one; the last
+        one while another poll re-reads it on the threaded path (so the polls in flight when
+        it expires do not all take that path and all re-read it); None for the first poll to
+        find it stale, which then re-reads it. Its claim lapses after `eta_cache_s` (that poll
+        may need no view: a finished job), so a view is at most about twice that old."""
+        url = settings.resolved_database_url
+        now = time.monotonic()
+        with self._lock:
+            entry = self._views.get(url)
+            if entry is None:
+                return None
+            expires, view = entry
+            if expires > now or self._refreshing.get(url, 0.0) > now:
+                return view
+            self._refreshing[url] = now + settings.eta_cache_s
+            return None
 
     def get(self, session: Session, settings: Settings, anchor_id: int) -> QueueView:
         """A view at most `eta_cache_s` old, read in `session` when there is none."""
@@ -129,8 +149,9 @@ class PollReads:
 
     Only what the threaded path would answer the same way is answered here: a key the cache
     vouches for (so a revoked key stops within DARKROOM_API_KEY_CACHE_S, as on the threaded
-    path), the job read with `api_key_id` in its WHERE (another key's job is never read), a
-    fresh shared queue view. None sends the request down the threaded path, which decides."""
+    path), the job read with `api_key_id` in its WHERE (another key's job is never read), the
+    shared queue view (`QueueViews.for_event_loop`). None sends the request down the threaded
+    path, which decides."""
 
     def __init__(self, pool: AsyncReadPool) -> None:
         self.pool = pool
@@ -150,8 +171,10 @@ class PollReads:
         self, settings: Settings, key: ApiKey | None, job_id: int
     ) -> tuple[Answer, ApiKey] | None:
         """The answer to `key`'s poll of `job_id`, or None: take the threaded path."""
-        view = QUEUE_VIEWS.fresh(settings)
-        if key is None or view is None or not 1 <= job_id <= jobs.MAX_JOB_ID:
+        if key is None or not 1 <= job_id <= jobs.MAX_JOB_ID:
+            return None
+        view = QUEUE_VIEWS.for_event_loop(settings)
+        if view is None:
             return None
         row = await self.pool.fetch_one(self._sql, {"job_id": job_id, "api_key_id": key.id})
         if row is None:  # not this key's job (the threaded path answers the 404), or no read

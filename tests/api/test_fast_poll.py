@@ -14,7 +14,7 @@ from sqlalchemy import text, update
 from sqlalchemy.orm import Session
 
 from api.app import create_app
-from api.routes.fetch import PollReads
+from api.routes.fetch import PollReads, QueueViews
 from darkroom.settings import Settings
 from db.models import Job
 from db.repositories import jobs
@@ -144,3 +144,21 @@ def test_dead_async_connections_fall_back_then_reconnect(
         assert reads_of(fast).answered == before  # the threaded path answered that one
         poll(fast, api_key, job_id, FETCH_PATHS[1])
         assert reads_of(fast).answered == before + 1  # and a new connection the next
+
+
+def test_one_poll_re_reads_a_stale_queue_view_while_the_others_keep_the_last(
+    settings: Settings, db: Session
+) -> None:
+    views = QueueViews()
+    quick = settings.model_copy(update={"eta_cache_s": 0.2})
+    assert views.for_event_loop(quick) is None  # no view yet: the threaded path reads one
+    first = views.get(db, quick, 1)
+    assert views.for_event_loop(quick) is first
+    time.sleep(0.25)
+    assert views.for_event_loop(quick) is None  # this poll re-reads it, on the threaded path
+    assert views.for_event_loop(quick) is first  # the others meanwhile answer from the last
+    second = views.get(db, quick, 1)
+    assert second is not first
+    assert views.for_event_loop(quick) is second
+    time.sleep(0.45)  # the claim lapsed (its poll never re-read: a finished job, say)
+    assert views.for_event_loop(quick) is None
