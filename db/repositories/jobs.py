@@ -200,7 +200,7 @@ class JobPoll:
             endpoint,
             progress,
             params,
-            meta or {},
+            meta,
             file_prefix,
         )
 
