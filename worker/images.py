@@ -13,7 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from darkroom import outbound
 from darkroom.limits import MAX_PIXELS, MAX_REQUEST_PIXELS, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
-from darkroom.settings import Settings, get_settings
+from darkroom.settings import Settings
 from darkroom.urlguard import PinnedRequest, UnsafeURLError, check_url
 from worker import png
 
@@ -190,14 +190,9 @@ def output_size(width: int | None, height: int | None, first: Image.Image) -> tu
     return _snap(width or 0), _snap(height or 0)
 
 
-def png_bytes(image: Image.Image, compress_level: int | None = None) -> bytes:
-    """The PNG encoding of `image` (`worker.png`); deterministic for identical pixels.
-
-    `compress_level` defaults to DARKROOM_PNG_COMPRESS_LEVEL from the process's settings, the
-    worker's own (gpu_app builds the worker from `get_settings()`).
-    """
-    if compress_level is None:
-        compress_level = get_settings().png_compress_level
+def png_bytes(image: Image.Image, compress_level: int) -> bytes:
+    """The PNG encoding of `image` at `compress_level` (DARKROOM_PNG_COMPRESS_LEVEL, passed by
+    the caller from its own settings; `worker.png`); deterministic for identical pixels."""
     return png.encode(image, compress_level)
 
 

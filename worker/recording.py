@@ -108,7 +108,10 @@ def _encode_all(runtime: WorkerRuntime, results: list[Outcome]) -> list[list[byt
     if runtime.overlap is None:
         return [None] * len(results)
     images = [r.images if isinstance(r, GenerationResult) else [] for r in results]
-    flat = runtime.overlap.map(png_bytes, [image for group in images for image in group])
+    level = runtime.settings.png_compress_level
+    flat = runtime.overlap.map(
+        lambda image: png_bytes(image, level), [image for group in images for image in group]
+    )
     encoded: list[list[bytes] | None] = []
     for group, result in zip(images, results, strict=True):
         encoded.append(flat[: len(group)] if isinstance(result, GenerationResult) else None)
@@ -129,7 +132,9 @@ def _store(
     try:
         for index, (image, seed, nsfw) in enumerate(samples):
             name = run_output_filename(job, index, run_id)
-            _save(runtime, name, pngs[index] if pngs is not None else png_bytes(image))
+            level = runtime.settings.png_compress_level
+            data = pngs[index] if pngs is not None else png_bytes(image, level)
+            _save(runtime, name, data)
             records.append(
                 OutputRecord(index, name, image.width, image.height, seed, nsfw, expires_at)
             )

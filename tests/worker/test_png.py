@@ -63,13 +63,11 @@ def test_above_the_fast_level_pillow_encodes_as_before() -> None:
     assert png.encode(image, 1) != before.getvalue()
 
 
-def test_png_bytes_takes_the_level_from_the_argument_or_the_settings(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_png_bytes_encodes_at_the_level_it_is_given() -> None:
     gradient = Image.linear_gradient("L").convert("RGB")
     assert png_bytes(gradient, 0) == png.encode(gradient, 0)
-    monkeypatch.setattr("worker.images.get_settings", lambda: Settings(png_compress_level=0))
-    assert png_bytes(gradient) == png.encode(gradient, 0)
+    assert png_bytes(gradient, 6) == png.encode(gradient, 6)
+    assert png_bytes(gradient, 0) != png_bytes(gradient, 6)
 
 
 @pytest.mark.parametrize("level", [-1, 10])
