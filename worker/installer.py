@@ -27,8 +27,8 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -51,6 +51,7 @@ from services.install_outcomes import Found
 from worker.install_checks import InstallError
 from worker.install_convert import verify_and_build
 from worker.install_download import Downloader, Progress
+from worker.leases import renewing
 
 log = logging.getLogger(__name__)
 
@@ -192,31 +193,21 @@ class Installer:
         if not alive:
             raise InstallGoneError()
 
-    @contextmanager
-    def leased(self, claim: Claim, done: int) -> Iterator[None]:
+    def leased(self, claim: Claim, done: int) -> AbstractContextManager[None]:
         """Keep the claim's lease renewed from a thread while the block runs a step that reports
         no progress (a conversion, a Hub snapshot): otherwise a step longer than the lease lets
         another installer claim the install meanwhile. A deletion seen here stops the thread;
         the block's next renewal raises InstallGoneError."""
-        stop = threading.Event()
+
+        def renew() -> bool:
+            try:
+                self.renew(claim, done, done or None, force=True)
+            except InstallGoneError:
+                return False
+            return True
+
         every_s = min(RENEW_EVERY_S, self.settings.install_lease_s / 3)
-
-        def beat() -> None:
-            while not stop.wait(every_s):
-                try:
-                    self.renew(claim, done, done or None, force=True)
-                except InstallGoneError:
-                    return
-                except Exception:  # the database blinked: the next beat tries again
-                    log.exception("install %s: could not renew the lease", claim.install_id)
-
-        thread = threading.Thread(target=beat, name=f"lease-{claim.install_id}", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join()
+        return renewing(renew, every_s, f"lease-{claim.install_id}")
 
     # --- the steps ------------------------------------------------------------------------
 
