@@ -10,7 +10,9 @@ lease renewals and the terminal update match it, so a run that stalled past its 
 another worker took the job can neither renew, nor record anything, once superseded. Each run
 stores its images under names of its own (`run_output_filename`), recorded in `job_outputs` in
 the winner's terminal transaction: a stale run's files are never referenced, never replace the
-winner's, and the run deletes them when it finds it lost.
+winner's, and the run deletes them when it finds it lost. A run that died instead leaves them:
+the claim that takes its expired job over deletes them (worker.dead_runs, in a thread), as the
+sweeper does when it hands such a job back.
 
 Concluding a batch (its storage writes, one transaction for its successes, retries while the
 storage or the database is away) is worker.recording's; the lease heartbeat worker.leases'.
@@ -61,6 +63,7 @@ from services import outcomes
 from services.outcomes import exhausted_message
 from worker.batching import BatchStepHook, Outcome, StopBatch, generate_batch
 from worker.bench_generator import fake_generate_batch, fake_generator_enabled
+from worker.dead_runs import delete_unrecorded_files_soon
 from worker.families import output_size as family_output_size
 from worker.images import ImageInputError, fetch_images
 from worker.leases import renewing
@@ -116,11 +119,14 @@ def _claim(job_id: int, runtime: WorkerRuntime) -> Job | None:
     settings = runtime.settings
     since = time.monotonic()
     with session_scope(settings.resolved_database_url) as session:
-        outcome, job = jobs.claim_job(
+        claim = jobs.take_job(
             session, job_id, lease_s=settings.job_lease_s, max_attempts=settings.job_max_attempts
         )
+    outcome, job = claim.outcome, claim.job
     if outcome == ClaimOutcome.CLAIMED and job is not None:
         runtime.held.claimed([job_id], since)
+    if claim.took_over and job is not None:  # the previous attempt's run died: its files go
+        delete_unrecorded_files_soon(settings, runtime.storage, job.file_prefix, job.attempts - 1)
     if outcome == ClaimOutcome.CLAIMED and job is not None and job.cancel_requested_at:
         # canceled while it was orphaned
         finish(

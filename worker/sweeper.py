@@ -43,8 +43,8 @@ from services import outcomes, server
 from services import webhooks as webhook_service
 from services.outbox import Receipt
 from services.outcomes import exhausted_message
-from services.responses import is_run_output
 from services.routing import model_queue_prefix, routing_enabled, unconsumed
+from worker.dead_runs import delete_unrecorded_files
 
 log = logging.getLogger(__name__)
 
@@ -110,29 +110,11 @@ def _recover_orphans(settings: Settings, broker: Celery) -> tuple[int, int]:
             else:
                 continue
             dead_runs.append((job.file_prefix, job.attempts))
-    for file_prefix, attempt in dead_runs:
-        _delete_dead_run_files(settings, file_prefix, attempt)
+    if dead_runs:
+        storage = make_storage(settings)
+        for file_prefix, attempt in dead_runs:
+            delete_unrecorded_files(settings, storage, file_prefix, attempt)
     return requeued, failed
-
-
-def _delete_dead_run_files(settings: Settings, file_prefix: str, attempt: int) -> None:
-    """Delete the images the run of claim `attempt` stored and never recorded (it died between
-    writing and recording): named for that claim, and named by no job_outputs row. Lists the
-    job's own files only; another claim's run (a later attempt) names its files otherwise.
-    Best effort: a file left here is left as before, the sweep goes on."""
-    storage = make_storage(settings)
-    try:
-        names = [
-            stored.name
-            for stored in storage.listing(f"{file_prefix}-")
-            if is_run_output(stored.name, file_prefix, attempt)
-        ]
-        with session_scope(settings.resolved_database_url) as session:
-            unrecorded = [name for name in names if jobs.get_output(session, name) is None]
-        for name in unrecorded:
-            storage.delete(name)
-    except Exception:  # storage or database trouble: the job itself is already handed back
-        log.warning("could not delete the files of a dead run of %s", file_prefix, exc_info=True)
 
 
 def _drain_job_outbox(settings: Settings, broker: Celery) -> int:

@@ -231,31 +231,60 @@ def _claimed(now: datetime, lease_s: float) -> dict[Any, Any]:
     }
 
 
+@dataclass(frozen=True)
+class JobClaim:
+    """What a claim found: the outcome, the job, and whether it took over a dead run."""
+
+    outcome: ClaimOutcome
+    job: Job | None
+    # The job was processing under an expired lease: the previous attempt's run died (or
+    # stalled) and was never handed back by the sweeper; its unrecorded files are garbage.
+    took_over: bool = False
+
+
 def claim_job(
     session: Session, job_id: int, *, lease_s: float, max_attempts: int
 ) -> tuple[ClaimOutcome, Job | None]:
     """Take a job: queued, or processing with an expired lease, and with attempts left."""
+    claim = take_job(session, job_id, lease_s=lease_s, max_attempts=max_attempts)
+    return claim.outcome, claim.job
+
+
+def take_job(session: Session, job_id: int, *, lease_s: float, max_attempts: int) -> JobClaim:
+    """`claim_job`, saying whether the claim took over a run whose lease had expired. A queued
+    job (the usual case) takes one UPDATE; a takeover is tried only when that one finds none."""
     now = db_now(session)  # leases are compared on the database's clock, not this host's
-    claimable = or_(
-        Job.state == JobState.QUEUED,
-        and_(Job.state == JobState.PROCESSING, Job.lease_until < now),
-    )
+    expired = and_(Job.state == JobState.PROCESSING, Job.lease_until < now)
+    fresh = _claim_if(session, job_id, Job.state == JobState.QUEUED, now, lease_s, max_attempts)
+    took_over = not fresh and _claim_if(session, job_id, expired, now, lease_s, max_attempts)
+    job = session.get(Job, job_id, populate_existing=True)
+    if job is None:
+        return JobClaim(ClaimOutcome.MISSING, None)
+    if fresh or took_over:
+        return JobClaim(ClaimOutcome.CLAIMED, job, took_over)
+    if job.state in TERMINAL_STATES:
+        return JobClaim(ClaimOutcome.TERMINAL, job)
+    if job.lease_until is not None and job.lease_until >= now and job.state == JobState.PROCESSING:
+        return JobClaim(ClaimOutcome.BUSY, job)
+    return JobClaim(ClaimOutcome.EXHAUSTED, job)
+
+
+def _claim_if(
+    session: Session,
+    job_id: int,
+    claimable: ColumnElement[bool],
+    now: datetime,
+    lease_s: float,
+    max_attempts: int,
+) -> bool:
+    """Claim the job if it is `claimable` and has attempts left; whether it was."""
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, claimable, Job.attempts < max_attempts)
         .values(_claimed(now, lease_s))
         .execution_options(synchronize_session=False)
     )
-    job = session.get(Job, job_id, populate_existing=True)
-    if job is None:
-        return ClaimOutcome.MISSING, None
-    if _rowcount(result) == 1:
-        return ClaimOutcome.CLAIMED, job
-    if job.state in TERMINAL_STATES:
-        return ClaimOutcome.TERMINAL, job
-    if job.lease_until is not None and job.lease_until >= now and job.state == JobState.PROCESSING:
-        return ClaimOutcome.BUSY, job
-    return ClaimOutcome.EXHAUSTED, job
+    return _rowcount(result) == 1
 
 
 def claim_batch_companions(

@@ -111,6 +111,19 @@ def test_expired_lease_can_be_claimed_again(db: Session, api_key: IssuedKey) -> 
     assert row.lease_until > utcnow()
 
 
+def test_a_claim_says_whether_it_took_over_an_expired_run(db: Session, api_key: IssuedKey) -> None:
+    job = _new(db, api_key)
+    first = jobs.take_job(db, job.id, lease_s=LEASE_S, max_attempts=3)
+    assert (first.outcome, first.took_over) == (ClaimOutcome.CLAIMED, False)
+    busy = jobs.take_job(db, job.id, lease_s=LEASE_S, max_attempts=3)
+    assert (busy.outcome, busy.took_over) == (ClaimOutcome.BUSY, False)
+    _expire_lease(db, job.id)
+    second = jobs.take_job(db, job.id, lease_s=LEASE_S, max_attempts=3)
+    assert (second.outcome, second.took_over) == (ClaimOutcome.CLAIMED, True)
+    assert second.job is not None
+    assert second.job.attempts == 2
+
+
 def test_out_of_attempts_is_exhausted(db: Session, api_key: IssuedKey) -> None:
     job = _new(db, api_key)
     assert _claim(db, job.id, max_attempts=2) == ClaimOutcome.CLAIMED

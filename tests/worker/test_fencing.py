@@ -32,11 +32,13 @@ from darkroom.identities import Operation
 from darkroom.jobspec import JobSpec
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
-from db.models import Job, JobState
+from darkroom.storage import LocalStorage
+from db.models import Job, JobOutput, JobState
 from db.repositories import jobs, webhooks
 from db.repositories.jobs import ClaimOutcome
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
+from services.responses import run_output_filename
 from tests.support.rows import queued_job
 from tests.support.servers import WebhookReceiver, png
 from tests.support.system import settings_env
@@ -309,6 +311,45 @@ def test_the_terminal_updates_match_the_claims_token(
         job = jobs.get_job(session, job_id)
         assert job is not None
         assert (job.state, job.error) == (JobState.FAILED, "current")
+
+
+def test_a_takeover_deletes_the_files_the_dead_run_never_recorded(
+    runtime: WorkerRuntime, api_key: IssuedKey, gated: list[GatedImages]
+) -> None:
+    """A run claimed the job, stored images, and died before recording them; its message is
+    redelivered once the lease ran out and a worker takes the job over directly (no sweep).
+    That run's files go while the new run still waits for its init image (off its path); a
+    file of that attempt that a job_outputs row names, and the new run's own file, stay."""
+    images = GatedImages([BLUE], held={0})
+    gated.append(images)
+    settings = runtime.settings
+    job_id = new_job(settings, api_key, images.url, None)
+    with session_scope(settings.resolved_database_url) as session:  # the run that dies
+        assert (
+            jobs.claim_job(session, job_id, lease_s=60, max_attempts=3)[0] == ClaimOutcome.CLAIMED
+        )
+        job = session.get_one(Job, job_id)
+        dead = [run_output_filename(job, index, "1-0badc0de") for index in (0, 1)]
+        named = run_output_filename(job, 2, "1-0badc0de")
+        session.add(JobOutput(job_id=job_id, index=2, filename=named, width=8, height=8, seed=1))
+    for name in [*dead, named]:
+        LocalStorage(settings.outputs_dir).save(name, b"png")
+    expire_lease(settings, job_id)
+
+    taker = threading.Thread(target=run_job, args=(job_id, runtime))
+    taker.start()  # claims attempt 2 and waits for its image
+    images.wait_for(0)
+    deadline = time.monotonic() + 30
+    while files_of(settings, job_id) != [named] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert files_of(settings, job_id) == [named]
+
+    images.open(0)
+    taker.join(120)
+    won = delivered(settings, job_id)
+    assert (won.state, won.attempts) == (JobState.SUCCESS, 2)
+    assert files_of(settings, job_id) == sorted(name for _index, name in won.outputs)
+    assert named in files_of(settings, job_id)
 
 
 # --- real processes: a worker stopped (SIGSTOP) past a short lease --------------------------
