@@ -1,4 +1,5 @@
-"""The scheduler names of the enterprise page: which can run img2img and which cannot.
+"""The scheduler names of the enterprise page: which can run img2img and which cannot; and the
+`algorithm_type` values it takes.
 
 Torch-free, so the API refuses impossible names before queueing and the worker builds from the
 same list (worker/pipelines/schedulers.py).
@@ -29,4 +30,16 @@ REFUSED_SCHEDULERS = (
     "IPNDMScheduler",
     "KarrasVeScheduler",
     "ScoreSdeVeScheduler",
+)
+
+#: The page's `algorithm_type` that is no diffusers value: the worker maps it deliberately
+#: (to `sde-dpmsolver++` with `solver_order=3`, worker/pipelines/schedulers.py).
+PAGE_DPMSOLVER_PLUS_PLUS_PLUS = "dpmsolver+++"
+#: `algorithm_type` values: the page's "dpmsolver+++" and diffusers' own DPM-Solver variants.
+ALGORITHM_TYPES = (
+    PAGE_DPMSOLVER_PLUS_PLUS_PLUS,
+    "dpmsolver++",
+    "sde-dpmsolver++",
+    "dpmsolver",
+    "sde-dpmsolver",
 )

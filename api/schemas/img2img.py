@@ -34,11 +34,8 @@ from darkroom.limits import (
     MAX_LORAS,
     MAX_STEPS,
 )
-from darkroom.scheduler_names import IMG2IMG_SCHEDULERS, REFUSED_SCHEDULERS
+from darkroom.scheduler_names import ALGORITHM_TYPES, IMG2IMG_SCHEDULERS, REFUSED_SCHEDULERS
 from darkroom.settings import Settings
-
-#: `algorithm_type` values: the page's "dpmsolver+++" and diffusers' own DPM-Solver variants.
-ALGORITHM_TYPES = ("dpmsolver+++", "dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
 
 
 def _names(kind: str, max_items: int) -> Callable[[Any], list[str]]:

@@ -580,19 +580,6 @@ def queued_jobs(session: Session) -> int:
     return int(count or 0)
 
 
-def typical_generation_time(session: Session, operation: Operation) -> float | None:
-    """The mean pipeline time of the last successful jobs of `operation`, for `eta`."""
-    recent = (
-        select(Job.generation_time)
-        .where(Job.operation == operation, Job.state == JobState.SUCCESS)
-        .order_by(Job.id.desc())
-        .limit(20)
-        .subquery()
-    )
-    value = session.scalar(select(func.avg(recent.c.generation_time)))
-    return float(value) if value is not None else None
-
-
 #: The Postgres channel that announces a job's terminal transition; the payload is its id.
 JOB_DONE_CHANNEL = "darkroom_job_done"
 #: How many recent successful jobs of an operation give its typical duration.

@@ -25,9 +25,12 @@ from typing import Any
 
 import diffusers
 
-from darkroom.scheduler_names import IMG2IMG_SCHEDULERS, REFUSED_SCHEDULERS
+from darkroom.scheduler_names import (
+    IMG2IMG_SCHEDULERS,
+    PAGE_DPMSOLVER_PLUS_PLUS_PLUS,
+    REFUSED_SCHEDULERS,
+)
 
-PAGE_DPMSOLVER_PLUS_PLUS_PLUS = "dpmsolver+++"
 DPMSOLVER_PLUS_PLUS_PLUS: dict[str, Any] = {"algorithm_type": "sde-dpmsolver++", "solver_order": 3}
 
 
