@@ -273,7 +273,7 @@ def _insert_and_commit(
         rows = _insert(session, admitted)
         for (prepared, _key), job in zip(admitted, rows, strict=True):
             spec = prepared.spec
-            publish(session, broker, settings, job.id, spec.operation.value, spec.model_id)
+            publish(session, broker, settings, job.id, spec.operation, spec.model_id)
     except Exception as exc:
         _rollback(session)
         raise _NotStoredError from exc

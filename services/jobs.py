@@ -14,7 +14,7 @@ from datetime import datetime
 from celery import Celery
 from sqlalchemy.orm import Session
 
-from darkroom.identities import FailureReason
+from darkroom.identities import FailureReason, Operation
 from darkroom.settings import Settings
 from db.clock import db_now
 from db.models import TERMINAL_STATES, Job, JobRequeue, JobState
@@ -52,7 +52,7 @@ def publish(
     broker: Celery,
     settings: Settings,
     job_id: int,
-    operation: str,
+    operation: Operation,
     model_id: str | None,
     *,
     queue: str | None = None,
@@ -122,7 +122,7 @@ def requeue(
     if not operator.reset_to_queued(session, job_id, record.previous_state):
         raise RefusedError(f"job {job_id} changed state meanwhile: try again")
     model_id = job.params.get("model_id")
-    return record, publish(session, broker, settings, job.id, job.operation.value, model_id)
+    return record, publish(session, broker, settings, job.id, job.operation, model_id)
 
 
 def _check_requeueable(job: Job, force: bool, now: datetime) -> None:

@@ -29,6 +29,7 @@ from celery import Celery
 from sqlalchemy import event
 from sqlalchemy.orm import Session, SessionTransaction
 
+from darkroom.identities import Operation
 from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, send
 from darkroom.settings import Settings
 from db.repositories import routing, webhooks
@@ -55,7 +56,7 @@ class JobMessage:
     """Run job `job_id`: on `queue`, or (None) on the queue model-affinity routing picks."""
 
     job_id: int
-    operation: str
+    operation: Operation
     model_id: str | None
     queue: str | None = None
 
@@ -135,7 +136,7 @@ def _after_transaction_end(session: Session, transaction: SessionTransaction) ->
 
 def _send_and_mark(session: Session, requests: Sequence[_Request]) -> None:
     """Send each message (to the queue routing picks for jobs), then mark what was sent."""
-    queues: dict[tuple[str, str | None], str] = {}  # one routing lookup per model
+    queues: dict[tuple[Operation, str | None], str] = {}  # one routing lookup per model
     broker_down = False
     for request in requests:
         if broker_down:
@@ -151,7 +152,7 @@ def _send_and_mark(session: Session, requests: Sequence[_Request]) -> None:
 
 
 def _address(
-    request: _Request, queues: dict[tuple[str, str | None], str]
+    request: _Request, queues: dict[tuple[Operation, str | None], str]
 ) -> tuple[str, int, str | None]:
     """The task, record id and queue of a message (None: the task's own queue)."""
     message = request.message

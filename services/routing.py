@@ -130,7 +130,7 @@ def _now(time_reply: Any) -> float:
     return float(seconds) + float(micros) / 1e6
 
 
-def choose_queue(settings: Settings, operation: str, model_id: str | None) -> str:
+def choose_queue(settings: Settings, operation: Operation, model_id: str | None) -> str:
     """The queue for a job: its model's queue when a live worker holds the model and that queue
     is at most `affinity_queue_slack` longer than the general one; else the general queue.
 

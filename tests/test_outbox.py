@@ -58,7 +58,7 @@ def row(settings: Settings, job_id: int) -> Job:
 def publish(session: Session, settings: Settings, job_id: int) -> outbox.Receipt:
     """Ask for job `job_id` to be run, as every publisher does (services.jobs.publish)."""
     broker = make_celery(settings)
-    return job_service.publish(session, broker, settings, job_id, Operation.IMG2IMG.value, None)
+    return job_service.publish(session, broker, settings, job_id, Operation.IMG2IMG, None)
 
 
 def test_a_job_is_sent_only_once_its_transaction_commits_and_then_marked(

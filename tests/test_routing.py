@@ -90,20 +90,20 @@ def test_model_keys_name_the_operation_and_the_model() -> None:
 def test_a_model_nobody_holds_goes_to_the_general_queue(
     settings: Settings, rds: redis.Redis
 ) -> None:
-    assert choose_queue(settings, "img2img", "tiny-a") == settings.job_queue
+    assert choose_queue(settings, Operation.IMG2IMG, "tiny-a") == settings.job_queue
 
 
 def test_a_live_holder_gets_its_models_jobs(settings: Settings, rds: redis.Redis) -> None:
     presence = _advertise(settings, "w1@test", TINY_A)
     queue = model_queue(settings, TINY_A)
     assert queue == f"{settings.job_queue}.model.img2img:tiny-a"
-    assert choose_queue(settings, "img2img", "tiny-a") == queue
-    assert choose_queue(settings, "img2img", "tiny-b") == settings.job_queue
-    assert choose_queue(settings, "pix2pix", "tiny-a") == settings.job_queue
+    assert choose_queue(settings, Operation.IMG2IMG, "tiny-a") == queue
+    assert choose_queue(settings, Operation.IMG2IMG, "tiny-b") == settings.job_queue
+    assert choose_queue(settings, Operation.PIX2PIX, "tiny-a") == settings.job_queue
     assert [w.models for w in live_workers(settings)] == [["img2img:tiny-a"]]
 
     presence.withdraw(TINY_A.name)
-    assert choose_queue(settings, "img2img", "tiny-a") == settings.job_queue
+    assert choose_queue(settings, Operation.IMG2IMG, "tiny-a") == settings.job_queue
     presence.leave([])
     assert live_workers(settings) == []
 
@@ -128,9 +128,9 @@ def test_darkroom_workers_lists_the_live_workers(
 def test_an_advertisement_expires_without_renewal(settings: Settings, rds: redis.Redis) -> None:
     short = settings.model_copy(update={"affinity_ttl_s": 0.3})
     _advertise(short, "w1@test", TINY_A)
-    assert choose_queue(short, "img2img", "tiny-a") == model_queue(short, TINY_A)
+    assert choose_queue(short, Operation.IMG2IMG, "tiny-a") == model_queue(short, TINY_A)
     time.sleep(0.5)
-    assert choose_queue(short, "img2img", "tiny-a") == short.job_queue
+    assert choose_queue(short, Operation.IMG2IMG, "tiny-a") == short.job_queue
     assert live_workers(short) == []
 
 
@@ -142,9 +142,9 @@ def test_a_model_queue_much_longer_than_the_general_one_loses(
     queue = model_queue(tight, TINY_A)
     for job_id in (1, 2):
         assert send(broker, RUN_JOB_TASK, job_id, queue=queue)
-    assert choose_queue(tight, "img2img", "tiny-a") == tight.job_queue  # 2 > 0 + 1
+    assert choose_queue(tight, Operation.IMG2IMG, "tiny-a") == tight.job_queue  # 2 > 0 + 1
     assert send(broker, RUN_JOB_TASK, 3)
-    assert choose_queue(tight, "img2img", "tiny-a") == queue  # 2 <= 1 + 1
+    assert choose_queue(tight, Operation.IMG2IMG, "tiny-a") == queue  # 2 <= 1 + 1
 
 
 def test_routing_is_off_without_redis_or_when_disabled(
@@ -152,9 +152,9 @@ def test_routing_is_off_without_redis_or_when_disabled(
 ) -> None:
     _advertise(settings, "w1@test", TINY_A)
     disabled = settings.model_copy(update={"affinity_routing": False})
-    assert choose_queue(disabled, "img2img", "tiny-a") == settings.job_queue
+    assert choose_queue(disabled, Operation.IMG2IMG, "tiny-a") == settings.job_queue
     embedded = Settings(data_dir=tmp_path, job_queue=settings.job_queue)
-    assert choose_queue(embedded, "img2img", "tiny-a") == settings.job_queue
+    assert choose_queue(embedded, Operation.IMG2IMG, "tiny-a") == settings.job_queue
 
 
 def test_an_unanswering_redis_costs_one_short_timeout(settings: Settings) -> None:
@@ -164,7 +164,7 @@ def test_an_unanswering_redis_costs_one_short_timeout(settings: Settings) -> Non
         port = silent.getsockname()[1]
         stuck = settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{port}/0"})
         started = time.monotonic()
-        assert choose_queue(stuck, "img2img", "tiny-a") == settings.job_queue
+        assert choose_queue(stuck, Operation.IMG2IMG, "tiny-a") == settings.job_queue
         assert time.monotonic() - started < 1.0  # affinity_lookup_timeout_s is 0.1 s
 
 
@@ -288,7 +288,7 @@ def test_a_worker_holds_what_it_loaded_and_lets_go_of_what_it_evicted(
     affinity.start(consumer)
     try:
         assert consumer.queues == [model_queue(tiny, TINY_A)]
-        assert choose_queue(tiny, "img2img", "tiny-a") == model_queue(tiny, TINY_A)
+        assert choose_queue(tiny, Operation.IMG2IMG, "tiny-a") == model_queue(tiny, TINY_A)
 
         refused = _job(tiny, own_key, "tiny-b", enqueued_at=_ago(1))
         with affinity.tracking(refused):
@@ -300,8 +300,8 @@ def test_a_worker_holds_what_it_loaded_and_lets_go_of_what_it_evicted(
             cache.get(resolve_model("pix2pix", None, tiny))  # what run_job does, evicting tiny-a
         held = model_key("pix2pix", None)
         assert consumer.queues == [model_queue(tiny, held)]
-        assert choose_queue(tiny, "img2img", "tiny-a") == tiny.job_queue
-        assert choose_queue(tiny, "pix2pix", None) == model_queue(tiny, held)
+        assert choose_queue(tiny, Operation.IMG2IMG, "tiny-a") == tiny.job_queue
+        assert choose_queue(tiny, Operation.PIX2PIX, None) == model_queue(tiny, held)
         [presence] = live_workers(tiny)
         assert presence.models == [held.name]
         assert presence.loads == {TINY_A.name: 1, held.name: 1}

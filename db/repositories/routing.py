@@ -11,6 +11,7 @@ from datetime import datetime
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from darkroom.identities import Operation
 from db.clock import DbNow
 from db.models import Job, JobState
 
@@ -26,12 +27,14 @@ def mark_published(session: Session, job_ids: Sequence[int], queue_name: str) ->
     )
 
 
-def requested_models(session: Session, job_ids: Sequence[int]) -> dict[int, tuple[str, str | None]]:
+def requested_models(
+    session: Session, job_ids: Sequence[int]
+) -> dict[int, tuple[Operation, str | None]]:
     """Each job's operation and the model id its request named (None: the default model)."""
     if not job_ids:
         return {}
     rows = session.execute(select(Job.id, Job.operation, Job.params).where(Job.id.in_(job_ids)))
-    return {job_id: (operation.value, params.get("model_id")) for job_id, operation, params in rows}
+    return {job_id: (operation, params.get("model_id")) for job_id, operation, params in rows}
 
 
 def jobs_in_model_queues(
