@@ -115,7 +115,7 @@ def cmd_dispatcher(args: argparse.Namespace, settings: Settings) -> int:
     # they never wait in the terminal deliveries' queue nor hold its threads.
     threading.Thread(
         target=run_progress_sender,
-        args=(settings, dispatcher.client, stop),
+        args=(settings, stop),
         name="progress-webhooks",
         daemon=True,
     ).start()

@@ -6,7 +6,6 @@ import json
 import os
 from typing import Any
 
-import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
@@ -54,8 +53,7 @@ def test_rotated_secret_co_signs_during_the_grace_period(
     assert rotated["webhook_secret"] != created["webhook_secret"]
 
     delivery_id = failed_with_delivery(settings, key_id, receiver.url)
-    with httpx.Client(timeout=5) as client:
-        deliver(delivery_id, settings, client)
+    deliver(delivery_id, settings)
 
     [hook] = receiver.snapshot()
     for secret in (created["webhook_secret"], rotated["webhook_secret"]):
@@ -74,14 +72,13 @@ def test_failed_deliveries_are_listed_and_replayed_with_the_same_id(
         key_id = key.id
     receiver.respond = lambda _r: (410, {})
     delivery_id = failed_with_delivery(settings, key_id, receiver.url)
-    with httpx.Client(timeout=5) as client:
-        deliver(delivery_id, settings, client)
-        failed = [row for row in run(settings, "webhooks", "failed") if row["id"] == delivery_id]
-        assert failed[0]["last_error"] == "HTTP 410"
+    deliver(delivery_id, settings)
+    failed = [row for row in run(settings, "webhooks", "failed") if row["id"] == delivery_id]
+    assert failed[0]["last_error"] == "HTTP 410"
 
-        receiver.respond = lambda _r: (200, {})
-        [replayed] = run(settings, "webhooks", "replay", "--id", str(delivery_id))
-        deliver(delivery_id, settings, client)
+    receiver.respond = lambda _r: (200, {})
+    [replayed] = run(settings, "webhooks", "replay", "--id", str(delivery_id))
+    deliver(delivery_id, settings)
 
     first, second = receiver.snapshot()
     assert replayed["webhook_id"] == first.headers["webhook-id"] == second.headers["webhook-id"]

@@ -12,7 +12,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import Interval, literal, select, update
 from standardwebhooks.webhooks import Webhook
@@ -177,10 +176,9 @@ def test_show_gives_params_timeline_outputs_and_webhook_attempts(
     assert delivery_id is not None
     answers: Iterator[tuple[int, dict[str, str]]] = iter([(500, {}), (200, {})])
     receiver.respond = lambda _r: next(answers)
-    with httpx.Client(timeout=5) as client:
-        deliver(delivery_id, settings, client)
-        time.sleep(0.3)  # the schedule's 0.2 s retry wait
-        deliver(delivery_id, settings, client)
+    deliver(delivery_id, settings)
+    time.sleep(0.3)  # the schedule's 0.2 s retry wait
+    deliver(delivery_id, settings)
 
     code, [view], _ = cli(settings, "jobs", "show", str(job_id), "--json")
 
@@ -259,8 +257,7 @@ def test_a_requeued_job_runs_again_with_fresh_attempts_and_sends_a_new_webhook(
         claim(settings, job_id, lease_s=-1)
     failed_delivery = fail(settings, job_id, outcomes.exhausted_message(3))
     assert failed_delivery is not None
-    with httpx.Client(timeout=5) as client:
-        deliver(failed_delivery, settings, client)
+    deliver(failed_delivery, settings)
 
     code, [answer], _ = cli(settings, "jobs", "requeue", str(job_id), "--reason", "bad GPU")
 
@@ -297,8 +294,7 @@ def test_a_requeued_job_runs_again_with_fresh_attempts_and_sends_a_new_webhook(
         assert delivery is not None
         new_delivery = delivery.id
     assert new_delivery != failed_delivery
-    with httpx.Client(timeout=5) as client:
-        deliver(new_delivery, settings, client)
+    deliver(new_delivery, settings)
 
     _, success_hook = receiver.snapshot()
     assert success_hook.headers["webhook-id"] != failed_hook.headers["webhook-id"]

@@ -3,8 +3,8 @@
 It runs a thread pool (`darkroom dispatcher`), so one slow receiver holds one thread for at
 most the attempt timeout, and never a GPU. It imports no torch.
 
-Importing this module builds nothing: `create_dispatcher_app(settings)` builds the app and its
-HTTP client. The Celery command line (`celery -A worker.dispatcher_app flower`, see
+Importing this module builds nothing: `create_dispatcher_app(settings)` builds the app. The
+Celery command line (`celery -A worker.dispatcher_app flower`, see
 docs/OBSERVABILITY.md) finds `app`, built from the environment's settings when first asked for.
 """
 
@@ -13,12 +13,10 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-import httpx
 from celery import Celery
 
 from darkroom.logs import install_celery_logging
 from darkroom.metrics import serve_metrics_in_worker
-from darkroom.outbound import new_client
 from darkroom.queue import DELIVER_WEBHOOK_TASK, make_celery
 from darkroom.settings import Settings, get_settings
 from worker.webhooks.dispatcher import deliver
@@ -26,10 +24,10 @@ from worker.webhooks.dispatcher import deliver
 
 @dataclass(frozen=True)
 class DispatcherApp:
-    """The dispatcher: its Celery app and the HTTP client its deliveries share."""
+    """The dispatcher: its Celery app (each attempt takes its thread's HTTP client for the
+    receiver's host: `worker.webhooks.dispatcher.attempt`)."""
 
     app: Celery
-    client: httpx.Client
 
 
 def create_dispatcher_app(settings: Settings) -> DispatcherApp:
@@ -44,17 +42,14 @@ def create_dispatcher_app(settings: Settings) -> DispatcherApp:
     # included.
     app.conf.task_acks_late = False
     app.conf.task_reject_on_worker_lost = False
-    # Shared by the pool's threads (httpx clients are thread-safe); redirects are never
-    # followed. Its connections honour each attempt's overall deadline (see darkroom.outbound).
-    client = new_client(settings.webhook_timeout_s)
 
     # On this app only (`shared=False`): other apps built in the process do not get the task.
     @app.task(name=DELIVER_WEBHOOK_TASK, shared=False)
     def deliver_webhook_task(delivery_id: int) -> None:
         """Thin shell: everything happens in worker.webhooks.dispatcher.deliver."""
-        deliver(delivery_id, settings, client)
+        deliver(delivery_id, settings)
 
-    return DispatcherApp(app=app, client=client)
+    return DispatcherApp(app=app)
 
 
 @functools.cache

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
@@ -185,8 +184,7 @@ def test_a_job_shows_its_timeline_and_webhook_attempts(
         )
     assert delivery_id is not None
     receiver.respond = lambda _r: (503, {})
-    with httpx.Client(timeout=5) as http:
-        deliver(delivery_id, board, http)
+    deliver(delivery_id, board)
 
     detail = client.get(f"/admin/api/jobs/{job_id}", headers=BEARER).json()
 

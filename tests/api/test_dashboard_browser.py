@@ -105,10 +105,9 @@ def _seed(settings: Settings, image_server: ImageServer, receiver: WebhookReceiv
     assert delivery_id is not None
     answers: Iterator[tuple[int, dict[str, str]]] = iter([(500, {}), (200, {})])
     receiver.respond = lambda _r: next(answers)
-    with httpx.Client(timeout=5) as client:
-        deliver(delivery_id, settings, client)
-        time.sleep(0.3)  # the test schedule's retry wait
-        deliver(delivery_id, settings, client)
+    deliver(delivery_id, settings)
+    time.sleep(0.3)  # the test schedule's retry wait
+    deliver(delivery_id, settings)
     return Seeded(done, failed, queued, red)
 
 

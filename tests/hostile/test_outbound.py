@@ -16,11 +16,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from PIL import Image
 
-from darkroom import outbound
 from darkroom.identities import Operation
 from darkroom.jobspec import JobSpec
 from darkroom.limits import MAX_PIXELS, MAX_REQUEST_PIXELS
@@ -339,18 +337,10 @@ def _attempts(settings: Settings, delivery_id: int) -> list[tuple[int | None, st
         return [(a.status_code, a.error, a.response_excerpt or "") for a in row.attempts]
 
 
-@pytest.fixture
-def client() -> Iterator[httpx.Client]:
-    """The client the dispatcher app builds."""
-    with outbound.new_client(DEADLINE_S) as http:
-        yield http
-
-
 def test_a_receiver_dripping_its_headers_is_a_timeout_and_holds_one_slot(
     settings: Settings,
     api_key: IssuedKey,
     serve: Callable[..., ScriptedServer],
-    client: httpx.Client,
 ) -> None:
     quick_hooks = settings.model_copy(update={"webhook_timeout_s": DEADLINE_S})
     head = response_head(200, {"content-length": "2", "x-padding": "p" * 40})
@@ -361,7 +351,7 @@ def test_a_receiver_dripping_its_headers_is_a_timeout_and_holds_one_slot(
 
     def attempt() -> None:
         started = time.monotonic()
-        deliver(delivery_id, quick_hooks, client)
+        deliver(delivery_id, quick_hooks)
         elapsed.append(time.monotonic() - started)
 
     worker = threading.Thread(target=attempt)
@@ -378,7 +368,7 @@ def test_a_receiver_dripping_its_headers_is_a_timeout_and_holds_one_slot(
     assert lease_left > DEADLINE_S  # the lease outlives the attempt's deadline
     assert lease_seconds(quick_hooks) > DEADLINE_S + 30
     second = time.monotonic()
-    deliver(delivery_id, quick_hooks, client)
+    deliver(delivery_id, quick_hooks)
     assert time.monotonic() - second < 0.5
     worker.join(timeout=10)
 
@@ -395,7 +385,6 @@ def test_a_bomb_reply_to_a_webhook_is_truncated_without_inflating(
     settings: Settings,
     api_key: IssuedKey,
     serve: Callable[..., ScriptedServer],
-    client: httpx.Client,
     codings: list[str],
 ) -> None:
     body = b"\0" * 16 if codings == ["br"] else bomb(codings)
@@ -403,7 +392,7 @@ def test_a_bomb_reply_to_a_webhook_is_truncated_without_inflating(
     server = serve(response_head(200, headers), body)
     delivery_id = failed_with_delivery(settings, api_key.row.id, server.url("/hook"))
 
-    result, peak = peak_traced(lambda: deliver(delivery_id, settings, client))
+    result, peak = peak_traced(lambda: deliver(delivery_id, settings))
     assert result is None
 
     [(status, error, excerpt)] = _attempts(settings, delivery_id)
@@ -422,10 +411,10 @@ def test_a_bomb_reply_to_a_webhook_is_truncated_without_inflating(
 
 
 def test_webhooks_ask_for_identity_and_read_a_plain_answer(
-    settings: Settings, api_key: IssuedKey, receiver: WebhookReceiver, client: httpx.Client
+    settings: Settings, api_key: IssuedKey, receiver: WebhookReceiver
 ) -> None:
     delivery_id = failed_with_delivery(settings, api_key.row.id, receiver.url)
-    deliver(delivery_id, settings, client)
+    deliver(delivery_id, settings)
 
     [got] = receiver.snapshot()
     assert got.headers["accept-encoding"] == "identity"

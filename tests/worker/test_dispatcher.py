@@ -6,12 +6,10 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import format_datetime
 
-import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook
 
@@ -47,13 +45,6 @@ class Snapshot:
     message_id: str
     payload: str
     attempts: list[Attempt]
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[httpx.Client]:
-    """The client the dispatcher app builds: the attempt timeout, redirects not followed."""
-    with httpx.Client(timeout=settings.webhook_timeout_s, follow_redirects=False) as http:
-        yield http
 
 
 def _delivery(settings: Settings, key: IssuedKey, url: str, *, succeed: bool = False) -> int:
@@ -118,10 +109,10 @@ def _script(receiver: WebhookReceiver, *answers: tuple[int, dict[str, str]]) -> 
 
 
 def test_delivered_signed_on_first_attempt(
-    settings: Settings, api_key: IssuedKey, receiver: WebhookReceiver, client: httpx.Client
+    settings: Settings, api_key: IssuedKey, receiver: WebhookReceiver
 ) -> None:
     delivery_id = _delivery(settings, api_key, receiver.url, succeed=True)
-    deliver(delivery_id, settings, client)
+    deliver(delivery_id, settings)
 
     snap = _snapshot(settings, delivery_id)
     assert snap.state == DeliveryState.DELIVERED
@@ -153,18 +144,18 @@ def test_delivered_signed_on_first_attempt(
     with pytest.raises(Exception, match=r"(?i)signature"):
         Webhook(api_key.row.webhook_secret).verify(got.body, forged)
 
-    deliver(delivery_id, settings, client)  # already delivered: nothing more is sent
+    deliver(delivery_id, settings)  # already delivered: nothing more is sent
     assert len(receiver.snapshot()) == 1
     assert _snapshot(settings, delivery_id).attempt_count == 1
 
 
 def test_retries_keep_the_same_message_id(
-    settings: Settings, api_key: IssuedKey, receiver: WebhookReceiver, client: httpx.Client
+    settings: Settings, api_key: IssuedKey, receiver: WebhookReceiver
 ) -> None:
     _script(receiver, (500, {}), (500, {}), (200, {}))
     delivery_id = _delivery(settings, api_key, receiver.url)
 
-    deliver(delivery_id, settings, client)
+    deliver(delivery_id, settings)
     snap = _snapshot(settings, delivery_id)
     assert snap.state == DeliveryState.PENDING
     assert snap.last_error == "HTTP 500"
@@ -172,7 +163,7 @@ def test_retries_keep_the_same_message_id(
 
     for _ in range(2):
         time.sleep(STEP_S)
-        deliver(delivery_id, settings, client)
+        deliver(delivery_id, settings)
 
     snap = _snapshot(settings, delivery_id)
     assert snap.state == DeliveryState.DELIVERED
@@ -188,13 +179,13 @@ def test_retries_keep_the_same_message_id(
 
 
 def test_gone_stops_at_once(
-    settings: Settings, api_key: IssuedKey, receiver: WebhookReceiver, client: httpx.Client
+    settings: Settings, api_key: IssuedKey, receiver: WebhookReceiver
 ) -> None:
     _script(receiver, (410, {}))
     delivery_id = _delivery(settings, api_key, receiver.url)
-    deliver(delivery_id, settings, client)
+    deliver(delivery_id, settings)
     time.sleep(STEP_S)
-    deliver(delivery_id, settings, client)
+    deliver(delivery_id, settings)
 
     snap = _snapshot(settings, delivery_id)
     assert snap.state == DeliveryState.FAILED
@@ -203,11 +194,11 @@ def test_gone_stops_at_once(
 
 
 def test_redirect_is_a_failure_not_followed(
-    settings: Settings, api_key: IssuedKey, receiver: WebhookReceiver, client: httpx.Client
+    settings: Settings, api_key: IssuedKey, receiver: WebhookReceiver
 ) -> None:
     _script(receiver, (302, {"Location": receiver.url + "/moved"}))
     delivery_id = _delivery(settings, api_key, receiver.url)
-    deliver(delivery_id, settings, client)
+    deliver(delivery_id, settings)
 
     snap = _snapshot(settings, delivery_id)
     assert snap.state == DeliveryState.PENDING
@@ -227,10 +218,9 @@ def test_timeout_is_recorded(
 
     receiver.respond = slow
     delivery_id = _delivery(quick, api_key, receiver.url)
-    with httpx.Client(timeout=quick.webhook_timeout_s, follow_redirects=False) as http:
-        started = time.monotonic()
-        deliver(delivery_id, quick, http)
-        elapsed = time.monotonic() - started
+    started = time.monotonic()
+    deliver(delivery_id, quick)
+    elapsed = time.monotonic() - started
 
     assert elapsed < 1.0
     snap = _snapshot(quick, delivery_id)
@@ -243,13 +233,13 @@ def test_timeout_is_recorded(
 
 
 def test_schedule_exhausted_fails(
-    settings: Settings, api_key: IssuedKey, receiver: WebhookReceiver, client: httpx.Client
+    settings: Settings, api_key: IssuedKey, receiver: WebhookReceiver
 ) -> None:
     _script(receiver, (503, {}))
     delivery_id = _delivery(settings, api_key, receiver.url)
     tries = len(settings.webhook_schedule_s)
     for _ in range(tries + 1):
-        deliver(delivery_id, settings, client)
+        deliver(delivery_id, settings)
         time.sleep(STEP_S)
 
     snap = _snapshot(settings, delivery_id)
@@ -264,7 +254,6 @@ def test_retry_after_is_honoured(
     settings: Settings,
     api_key: IssuedKey,
     receiver: WebhookReceiver,
-    client: httpx.Client,
     form: str,
 ) -> None:
     wait = 120
@@ -276,7 +265,7 @@ def test_retry_after_is_honoured(
     _script(receiver, (503, {"Retry-After": value}))
     delivery_id = _delivery(settings, api_key, receiver.url)
     before = utcnow()
-    deliver(delivery_id, settings, client)
+    deliver(delivery_id, settings)
     after = utcnow()
 
     snap = _snapshot(settings, delivery_id)
@@ -284,16 +273,16 @@ def test_retry_after_is_honoured(
     assert snap.next_attempt_at >= before + timedelta(seconds=wait)
     assert snap.next_attempt_at <= after + timedelta(seconds=wait + 3)
     time.sleep(STEP_S)
-    deliver(delivery_id, settings, client)  # the schedule alone would be due by now
+    deliver(delivery_id, settings)  # the schedule alone would be due by now
     assert len(receiver.snapshot()) == 1
 
 
 def test_ssrf_refused_without_a_request(
-    settings: Settings, api_key: IssuedKey, receiver: WebhookReceiver, client: httpx.Client
+    settings: Settings, api_key: IssuedKey, receiver: WebhookReceiver
 ) -> None:
     strict = settings.model_copy(update={"url_allowlist": []})
     delivery_id = _delivery(strict, api_key, receiver.url)
-    deliver(delivery_id, strict, client)
+    deliver(delivery_id, strict)
 
     snap = _snapshot(strict, delivery_id)
     [attempt] = snap.attempts
@@ -305,24 +294,20 @@ def test_ssrf_refused_without_a_request(
     assert receiver.snapshot() == []
 
 
-def test_connection_refused_is_recorded(
-    settings: Settings, api_key: IssuedKey, client: httpx.Client
-) -> None:
+def test_connection_refused_is_recorded(settings: Settings, api_key: IssuedKey) -> None:
     with socket.socket() as probe:  # a loopback port with nobody listening
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     delivery_id = _delivery(settings, api_key, f"http://127.0.0.1:{port}/hook")
-    deliver(delivery_id, settings, client)
+    deliver(delivery_id, settings)
     [attempt] = _snapshot(settings, delivery_id).attempts
     assert attempt.status_code is None
     assert attempt.error == "connection error: ConnectError"
 
 
-def test_invalid_port_is_recorded_not_raised(
-    settings: Settings, api_key: IssuedKey, client: httpx.Client
-) -> None:
+def test_invalid_port_is_recorded_not_raised(settings: Settings, api_key: IssuedKey) -> None:
     delivery_id = _delivery(settings, api_key, "http://127.0.0.1:99999/hook")
-    deliver(delivery_id, settings, client)
+    deliver(delivery_id, settings)
     [attempt] = _snapshot(settings, delivery_id).attempts
     assert attempt.error is not None
     assert attempt.error.startswith("refused")
@@ -364,10 +349,9 @@ def test_attempt_is_bounded_by_the_timeout(settings: Settings, api_key: IssuedKe
     server = _DripServer(length=10, gap=0.3)
     try:
         delivery_id = _delivery(quick, api_key, server.url)
-        with httpx.Client(timeout=quick.webhook_timeout_s, follow_redirects=False) as http:
-            started = time.monotonic()
-            deliver(delivery_id, quick, http)
-            elapsed = time.monotonic() - started
+        started = time.monotonic()
+        deliver(delivery_id, quick)
+        elapsed = time.monotonic() - started
     finally:
         server.close()
     assert elapsed < quick.webhook_timeout_s + 1.0

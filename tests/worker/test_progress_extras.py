@@ -13,10 +13,8 @@ import io
 import json
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -24,7 +22,6 @@ from PIL import Image
 from standardwebhooks.webhooks import Webhook
 
 from api.app import create_app
-from darkroom.outbound import new_client
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
 from db.models import Job, JobPreview, JobState, WebhookDelivery
@@ -48,12 +45,6 @@ def runtime(settings: Settings, tiny_settings: Settings, model_cache: ModelCache
     """A worker's runtime on the test database, reusing the session's tiny models."""
     shared = settings.model_copy(update={"data_dir": tiny_settings.data_dir})
     return WorkerRuntime(settings=shared, broker=make_celery(shared), cache=model_cache)
-
-
-@pytest.fixture
-def client(settings: Settings) -> Iterator[httpx.Client]:
-    with new_client(settings.webhook_timeout_s) as http:
-        yield http
 
 
 def _with(runtime: WorkerRuntime, **changes: Any) -> WorkerRuntime:
@@ -201,12 +192,12 @@ def _run_with_events(
     return job_id
 
 
-def _deliver_terminal(settings: Settings, job_id: int, http: httpx.Client) -> None:
+def _deliver_terminal(settings: Settings, job_id: int) -> None:
     with session_scope(settings.resolved_database_url) as session:
         delivery = webhooks.get_delivery_for_job(session, job_id)
         assert delivery is not None
         delivery_id = delivery.id
-    deliver(delivery_id, settings, http)
+    deliver(delivery_id, settings)
 
 
 def test_start_and_progress_webhooks_are_signed_once_each_and_bounded(
@@ -214,7 +205,6 @@ def test_start_and_progress_webhooks_are_signed_once_each_and_bounded(
     api_key: IssuedKey,
     image_server: ImageServer,
     receiver: WebhookReceiver,
-    client: httpx.Client,
 ) -> None:
     runtime = _with(runtime, progress_webhook_every_s=0.5, progress_webhook_max=2)
     settings = runtime.settings
@@ -222,8 +212,8 @@ def test_start_and_progress_webhooks_are_signed_once_each_and_bounded(
         runtime, api_key, image_server, receiver, ["start", "progress", "completed"], steps=80
     )
     assert receiver.snapshot() == []  # the GPU worker sends nothing itself
-    sent = send_due(settings, client)
-    _deliver_terminal(settings, job_id, client)
+    sent = send_due(settings)
+    _deliver_terminal(settings, job_id)
 
     got = receiver.snapshot()
     bodies = [Webhook(api_key.row.webhook_secret).verify(r.body, r.headers) for r in got]
@@ -251,16 +241,15 @@ def test_a_failed_progress_webhook_is_recorded_and_never_retried(
     api_key: IssuedKey,
     image_server: ImageServer,
     receiver: WebhookReceiver,
-    client: httpx.Client,
 ) -> None:
     settings = runtime.settings
     receiver.respond = lambda request: (
         (500, {}) if request.headers.get("webhook-event") else (200, {})
     )
     job_id = _run_with_events(runtime, api_key, image_server, receiver, ["start", "completed"])
-    assert send_due(settings, client) == 1
-    assert send_due(settings, client) == 0  # failed once: never attempted again
-    _deliver_terminal(settings, job_id, client)
+    assert send_due(settings) == 1
+    assert send_due(settings) == 0  # failed once: never attempted again
+    _deliver_terminal(settings, job_id)
     got = receiver.snapshot()
     assert [r.headers.get("webhook-event") for r in got] == ["start", None]
     with session_scope(settings.resolved_database_url) as session:

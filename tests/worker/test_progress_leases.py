@@ -10,14 +10,11 @@ involved). The sender that takes it over is the real one, POSTing to a loopback 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import timedelta
 
-import httpx
 import pytest
 from sqlalchemy import Interval, literal, update
 
-from darkroom.outbound import new_client
 from darkroom.settings import Settings
 from db.clock import DbNow
 from db.models import Job, JobState, ProgressDelivery
@@ -43,12 +40,6 @@ def own(settings: Settings, own_pg_url: str) -> Settings:
 def key(own: Settings) -> IssuedKey:
     with session_scope(own.resolved_database_url) as session:
         return create_key(session, "progress-leases")
-
-
-@pytest.fixture
-def client(own: Settings) -> Iterator[httpx.Client]:
-    with new_client(own.webhook_timeout_s) as http:
-        yield http
 
 
 def _job_with_start_event(settings: Settings, key: IssuedKey, url: str) -> int:
@@ -83,16 +74,16 @@ def _row(settings: Settings, job_id: int) -> tuple[str, int | None]:
 
 
 def test_an_abandoned_claim_is_sent_once_its_lease_is_over(
-    own: Settings, key: IssuedKey, receiver: WebhookReceiver, client: httpx.Client
+    own: Settings, key: IssuedKey, receiver: WebhookReceiver
 ) -> None:
     job_id = _job_with_start_event(own, key, receiver.url)
     dead = _die_mid_attempt(own)
     assert _row(own, job_id) == ("sending", None)
-    assert send_due(own, client) == 0  # its lease is live: one claim at a time
+    assert send_due(own) == 0  # its lease is live: one claim at a time
 
     _lease_runs_out(own, job_id)
-    assert send_due(own, client) == 1  # taken over, attempted, recorded
-    assert send_due(own, client) == 0  # and never again
+    assert send_due(own) == 1  # taken over, attempted, recorded
+    assert send_due(own) == 0  # and never again
     assert [r.headers["webhook-event"] for r in receiver.snapshot()] == ["start"]
     assert _row(own, job_id) == ("delivered", 200)
 
@@ -108,7 +99,7 @@ def test_an_abandoned_claim_is_sent_once_its_lease_is_over(
 
 
 def test_an_abandoned_claim_of_an_ended_job_is_given_up_not_sent(
-    own: Settings, key: IssuedKey, receiver: WebhookReceiver, client: httpx.Client
+    own: Settings, key: IssuedKey, receiver: WebhookReceiver
 ) -> None:
     job_id = _job_with_start_event(own, key, receiver.url)
     _die_mid_attempt(own)
@@ -118,7 +109,7 @@ def test_an_abandoned_claim_of_an_ended_job_is_given_up_not_sent(
     prune_progress(own)
     assert _row(own, job_id) == ("sending", None)  # a live claim is left to finish
     _lease_runs_out(own, job_id)
-    assert send_due(own, client) == 0  # stale news: not repeated after the job ended
+    assert send_due(own) == 0  # stale news: not repeated after the job ended
     prune_progress(own)
     assert _row(own, job_id) == ("failed", None)
     assert receiver.snapshot() == []

@@ -82,22 +82,22 @@ class AttemptResult:
         return self.record.status_code == 410
 
 
-def deliver(delivery_id: int, settings: Settings, client: httpx.Client) -> None:
+def deliver(delivery_id: int, settings: Settings) -> None:
     """Make one attempt of a due delivery; a delivery that is not due is left alone."""
     ticket = _claim(delivery_id, settings)
     if ticket is None:
         return
-    outcome = attempt_logged(ticket, settings, client)
+    outcome = attempt_logged(ticket, settings)
     with session_scope(settings.resolved_database_url) as session:
         webhooks.record_outcomes(session, [outcome])
     note_outcome(ticket, outcome)
 
 
-def attempt_logged(ticket: Ticket, settings: Settings, client: httpx.Client) -> AttemptOutcome:
+def attempt_logged(ticket: Ticket, settings: Settings) -> AttemptOutcome:
     """`attempt`, counted and logged with the delivery's ids; what must follow it."""
     context = {"job_id": ticket.job_id, "track_id": ticket.track_id}
     with job_context(**context, delivery_id=ticket.delivery_id):
-        result = attempt(ticket, settings, client)
+        result = attempt(ticket, settings)
         metrics.record_webhook_attempt(result.record)
         log.info("webhook attempt: %s", result.record.status_code or result.record.error)
     return outcome_of(ticket, result, settings)
@@ -133,13 +133,15 @@ def _claim(delivery_id: int, settings: Settings) -> Ticket | None:
         )
 
 
-def attempt(ticket: Ticket, settings: Settings, client: httpx.Client) -> AttemptResult:
+def attempt(ticket: Ticket, settings: Settings) -> AttemptResult:
     """POST the signed payload once; never raises for network trouble, it is recorded.
 
     DARKROOM_WEBHOOK_TIMEOUT_S bounds the whole exchange: connecting, TLS, sending, the answer's
-    head and the excerpt of its body. With a client from `outbound.new_client` (the dispatcher's)
-    every socket operation waits at most the time left, so a receiver dripping its headers is
-    cut off too; any client gets per-request timeouts no longer than the time left.
+    head and the excerpt of its body; every socket operation waits at most the time left, so a
+    receiver dripping its headers is cut off too. The POST goes through this thread's kept
+    client for the receiver's host name (`outbound.thread_client`: keep-alive without a pool
+    lock shared between threads, and never a connection whose TLS was verified for another
+    host name that resolved to the same address).
     """
     started = time.perf_counter()
     try:
@@ -149,6 +151,7 @@ def attempt(ticket: Ticket, settings: Settings, client: httpx.Client) -> Attempt
             headers |= {"content-type": "application/json", "user-agent": USER_AGENT}
             if ticket.event is not None:
                 headers["webhook-event"] = ticket.event
+            client = outbound.thread_client(target, settings.webhook_timeout_s)
             with outbound.stream(
                 client, "POST", target, headers=headers, content=ticket.payload
             ) as response:

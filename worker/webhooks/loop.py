@@ -21,12 +21,10 @@ import logging
 import queue
 import threading
 
-import httpx
 import redis
 from kombu.transport.redis import PRIORITY_STEPS
 from kombu.transport.redis import Channel as RedisChannel
 
-from darkroom import outbound
 from darkroom.settings import Settings
 from db.repositories import webhooks
 from db.repositories.webhooks import AttemptOutcome
@@ -157,20 +155,19 @@ class DeliveryLoop:
         return [Ticket.of(delivery) for delivery in claimed]
 
     def _send(self) -> None:
-        """A sender thread: attempt each ticket from the queue until a None, through a client
-        (connection pool) of its own."""
-        with outbound.new_client(self.settings.webhook_timeout_s) as client:
-            while (ticket := self._todo.get()) is not None:
-                finished = self._attempt(ticket, client)
-                if finished is not None:
-                    self._done.put(finished)
-                self._returned.put(None)
+        """A sender thread: attempt each ticket from the queue until a None (through clients
+        of its own: `dispatcher.attempt`)."""
+        while (ticket := self._todo.get()) is not None:
+            finished = self._attempt(ticket)
+            if finished is not None:
+                self._done.put(finished)
+            self._returned.put(None)
 
-    def _attempt(self, ticket: Ticket, client: httpx.Client) -> Finished | None:
+    def _attempt(self, ticket: Ticket) -> Finished | None:
         """One attempt and its outcome; None if it raised (a bug: network trouble is an
         outcome), leaving the delivery to its lease."""
         try:
-            return ticket, attempt_logged(ticket, self.settings, client)
+            return ticket, attempt_logged(ticket, self.settings)
         except Exception:
             log.exception("dispatcher: an attempt failed")
             return None

@@ -20,8 +20,6 @@ from __future__ import annotations
 import logging
 import threading
 
-import httpx
-
 from darkroom.settings import Settings
 from db.repositories import progress
 from db.repositories.progress import ClaimedProgress
@@ -36,16 +34,16 @@ CLAIM_LIMIT = 20
 POLL_S = 0.25
 
 
-def send_due(settings: Settings, client: httpx.Client) -> int:
+def send_due(settings: Settings) -> int:
     """Claim the due progress deliveries, attempt each once and record it; how many."""
     with session_scope(settings.resolved_database_url) as session:
         claimed = progress.claim_due(session, limit=CLAIM_LIMIT, lease_s=lease_seconds(settings))
     for delivery in claimed:
-        _send(settings, client, delivery)
+        _send(settings, delivery)
     return len(claimed)
 
 
-def _send(settings: Settings, client: httpx.Client, delivery: ClaimedProgress) -> None:
+def _send(settings: Settings, delivery: ClaimedProgress) -> None:
     """One signed attempt of one progress delivery, recorded."""
     ticket = Ticket(
         delivery.id,
@@ -57,7 +55,7 @@ def _send(settings: Settings, client: httpx.Client, delivery: ClaimedProgress) -
         delivery.track_id,
         event=delivery.event,
     )
-    record = attempt(ticket, settings, client).record
+    record = attempt(ticket, settings).record
     log.info(
         "progress webhook %s of job %s: %s",
         delivery.event,
@@ -81,11 +79,11 @@ def _send(settings: Settings, client: httpx.Client, delivery: ClaimedProgress) -
         )
 
 
-def run_progress_sender(settings: Settings, client: httpx.Client, stop: threading.Event) -> None:
+def run_progress_sender(settings: Settings, stop: threading.Event) -> None:
     """Send progress webhooks until `stop` is set; a failing round is logged and retried."""
     while not stop.is_set():
         try:
-            sent = send_due(settings, client)
+            sent = send_due(settings)
         except Exception:
             log.exception("progress webhooks: a round failed; trying again")
             sent = 0
