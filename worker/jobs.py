@@ -11,8 +11,8 @@ another worker took the job can neither renew, nor record anything, once superse
 stores its images under names of its own (`run_output_filename`), recorded in `job_outputs` in
 the winner's terminal transaction: a stale run's files are never referenced, never replace the
 winner's, and the run deletes them when it finds it lost. A run that died instead leaves them:
-the claim that takes its expired job over deletes them (worker.dead_runs, in a thread), as the
-sweeper does when it hands such a job back.
+the claim that takes its expired job over (or fails it out of attempts) deletes them
+(worker.dead_runs, in a thread), as the sweeper does when it hands such a job back or fails it.
 
 Concluding a batch (its storage writes, one transaction for its successes, retries while the
 storage or the database is away) is worker.recording's; the lease heartbeat worker.leases'.
@@ -148,6 +148,8 @@ def _claim(job_id: int, runtime: WorkerRuntime) -> Job | None:
             attempt=None,
             reason=FailureReason.WORKER_LOST,
         )  # no claim held
+        # Its last run died (the sweeper, failing it first, would have deleted these too).
+        delete_unrecorded_files_soon(settings, runtime.storage, job.file_prefix, job.attempts)
     return None
 
 

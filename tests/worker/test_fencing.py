@@ -313,6 +313,32 @@ def test_the_terminal_updates_match_the_claims_token(
         assert (job.state, job.error) == (JobState.FAILED, "current")
 
 
+def store_dead_run(settings: Settings, job_id: int, claims: int) -> tuple[list[str], str]:
+    """The job claimed `claims` times, its last run storing images and dying before recording
+    them (its lease expired); (that run's unrecorded files, its file a job_outputs row names)."""
+    with session_scope(settings.resolved_database_url) as session:
+        for _ in range(claims):
+            claimed = jobs.claim_job(session, job_id, lease_s=-1, max_attempts=claims)
+            assert claimed[0] == ClaimOutcome.CLAIMED
+        job = session.get_one(Job, job_id)
+        run_id = f"{claims}-0badc0de"
+        dead = [run_output_filename(job, index, run_id) for index in (0, 1)]
+        named = run_output_filename(job, 2, run_id)
+        session.add(JobOutput(job_id=job_id, index=2, filename=named, width=8, height=8, seed=1))
+    for name in [*dead, named]:
+        LocalStorage(settings.outputs_dir).save(name, b"png")
+    expire_lease(settings, job_id)
+    return dead, named
+
+
+def wait_for_files(settings: Settings, job_id: int, expected: list[str]) -> None:
+    """Until the job's files are `expected` (the deletion runs in a thread), 30 s at most."""
+    deadline = time.monotonic() + 30
+    while files_of(settings, job_id) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert files_of(settings, job_id) == expected
+
+
 def test_a_takeover_deletes_the_files_the_dead_run_never_recorded(
     runtime: WorkerRuntime, api_key: IssuedKey, gated: list[GatedImages]
 ) -> None:
@@ -324,32 +350,33 @@ def test_a_takeover_deletes_the_files_the_dead_run_never_recorded(
     gated.append(images)
     settings = runtime.settings
     job_id = new_job(settings, api_key, images.url, None)
-    with session_scope(settings.resolved_database_url) as session:  # the run that dies
-        assert (
-            jobs.claim_job(session, job_id, lease_s=60, max_attempts=3)[0] == ClaimOutcome.CLAIMED
-        )
-        job = session.get_one(Job, job_id)
-        dead = [run_output_filename(job, index, "1-0badc0de") for index in (0, 1)]
-        named = run_output_filename(job, 2, "1-0badc0de")
-        session.add(JobOutput(job_id=job_id, index=2, filename=named, width=8, height=8, seed=1))
-    for name in [*dead, named]:
-        LocalStorage(settings.outputs_dir).save(name, b"png")
-    expire_lease(settings, job_id)
+    _dead, named = store_dead_run(settings, job_id, claims=1)
 
     taker = threading.Thread(target=run_job, args=(job_id, runtime))
     taker.start()  # claims attempt 2 and waits for its image
     images.wait_for(0)
-    deadline = time.monotonic() + 30
-    while files_of(settings, job_id) != [named] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert files_of(settings, job_id) == [named]
+    wait_for_files(settings, job_id, [named])
 
     images.open(0)
     taker.join(120)
     won = delivered(settings, job_id)
     assert (won.state, won.attempts) == (JobState.SUCCESS, 2)
-    assert files_of(settings, job_id) == sorted(name for _index, name in won.outputs)
     assert named in files_of(settings, job_id)
+    assert len(files_of(settings, job_id)) == 2  # and the new run's image
+
+
+def test_failing_a_job_out_of_attempts_deletes_its_dead_runs_files(
+    runtime: WorkerRuntime, api_key: IssuedKey
+) -> None:
+    """The last attempt's run died after storing images: the worker that receives the message
+    again fails the job (out of attempts) and deletes those files, not the recorded one."""
+    settings = runtime.settings
+    job_id = new_job(settings, api_key, "http://127.0.0.1:9/unused.png", None)
+    _dead, named = store_dead_run(settings, job_id, claims=settings.job_max_attempts)
+
+    run_job(job_id, runtime)
+    assert delivered(settings, job_id).state == JobState.FAILED
+    wait_for_files(settings, job_id, [named])
 
 
 # --- real processes: a worker stopped (SIGSTOP) past a short lease --------------------------
