@@ -13,12 +13,14 @@ from sqlalchemy import (
     Enum,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
     Text,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -181,6 +183,16 @@ class WebhookDelivery(Base):
     """The one webhook of a finished job. The payload is frozen so every attempt is identical."""
 
     __tablename__ = "webhook_deliveries"
+    # The claim's index (migration 0013): due pending rows, oldest first, without walking the
+    # finished ones, which keep their last next_attempt_at.
+    __table_args__ = (
+        Index(
+            "ix_webhook_deliveries_pending_due",
+            "next_attempt_at",
+            postgresql_where=text("state = 'pending'"),
+            sqlite_where=text("state = 'pending'"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     # A job's webhook (one per job), or a model install's (job_id None, model_install_id set).
