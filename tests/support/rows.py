@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from darkroom.identities import FailureReason, Operation
-from darkroom.jobspec import JobSpec, describe
+from darkroom.jobspec import JobSpec, batch_key, describe
 from darkroom.settings import Settings
 from db.models import Job
 from db.repositories import jobs
@@ -49,6 +49,23 @@ def queued_job(settings: Settings, key_id: int, **row: Any) -> int:
     """`job_row` in its own committed transaction; its id. Nothing is published."""
     with session_scope(settings.resolved_database_url) as session:
         return job_row(session, key_id, **row).id
+
+
+def batchable_img2img_job(settings: Settings, key_id: int, image_url: str, *, prompt: str) -> int:
+    """A queued 64x64, 2-step img2img job of `image_url`, with the batch key the API gives it:
+    jobs made by this with the same prompt may share a pipeline call. Its id."""
+    spec = JobSpec(
+        operation=Operation.IMG2IMG,
+        prompt=prompt,
+        init_images=[image_url],
+        width=64,
+        height=64,
+        steps=2,
+        strength=0.5,
+        guidance_scale=7.0,
+        seed=7,
+    )
+    return queued_job(settings, key_id, spec=spec, batch_key=batch_key(spec))
 
 
 def failed_with_delivery(

@@ -14,15 +14,13 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, update
 
-from darkroom.identities import Operation
-from darkroom.jobspec import JobSpec, batch_key, describe
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
 from db.models import Job, JobState, utcnow
-from db.repositories import jobs
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
 from services import jobs as job_service
+from tests.support.rows import batchable_img2img_job
 from tests.support.servers import ImageServer
 from worker.held import HeldJobs
 from worker.jobs import WorkerRuntime, run_job
@@ -49,33 +47,7 @@ def settle(runtime: WorkerRuntime) -> None:
 
 
 def new_job(runtime: WorkerRuntime, key: IssuedKey, image_url: str) -> int:
-    spec = JobSpec(
-        operation=Operation.IMG2IMG,
-        prompt="held",
-        init_images=[image_url],
-        width=64,
-        height=64,
-        steps=2,
-        strength=0.5,
-        guidance_scale=7.0,
-        seed=7,
-    )
-    with session_scope(runtime.settings.resolved_database_url) as session:
-        job = jobs.create_job(
-            session,
-            jobs.NewJob(
-                key.row.id,
-                spec.operation,
-                "v5",
-                spec.to_row(),
-                {},
-                None,
-                None,
-                batch_key=batch_key(spec),
-            ),
-        )
-        job.meta = describe(spec, job.file_prefix, [])
-        return job.id
+    return batchable_img2img_job(runtime.settings, key.row.id, image_url, prompt="held")
 
 
 def row(runtime: WorkerRuntime, job_id: int) -> tuple[JobState, int]:

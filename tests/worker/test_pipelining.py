@@ -16,15 +16,13 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, update
 
-from darkroom.identities import Operation
-from darkroom.jobspec import JobSpec, batch_key, describe
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
 from darkroom.storage import Storage
 from db.models import Job, JobOutput, JobState, utcnow
-from db.repositories import jobs
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
+from tests.support.rows import batchable_img2img_job
 from tests.support.servers import ImageServer
 from worker import jobs as worker_jobs
 from worker.batching import BatchStepHook, Outcome
@@ -71,33 +69,9 @@ def runtime(settings: Settings) -> Iterator[WorkerRuntime]:
 
 
 def new_job(runtime: WorkerRuntime, key: IssuedKey, image_server: ImageServer) -> int:
-    spec = JobSpec(
-        operation=Operation.IMG2IMG,
-        prompt="pipelined",
-        init_images=[image_server.url("/blue.png")],
-        width=64,
-        height=64,
-        steps=2,
-        strength=0.5,
-        guidance_scale=7.0,
-        seed=7,
+    return batchable_img2img_job(
+        runtime.settings, key.row.id, image_server.url("/blue.png"), prompt="pipelined"
     )
-    with session_scope(runtime.settings.resolved_database_url) as session:
-        job = jobs.create_job(
-            session,
-            jobs.NewJob(
-                key.row.id,
-                spec.operation,
-                "v5",
-                spec.to_row(),
-                {},
-                None,
-                None,
-                batch_key=batch_key(spec),
-            ),
-        )
-        job.meta = describe(spec, job.file_prefix, [])
-        return job.id
 
 
 def states(runtime: WorkerRuntime, ids: list[int]) -> dict[int, tuple[JobState, int, int]]:
