@@ -79,8 +79,8 @@ class DeliveryLoop:
         #: Claim again once half the room is free (the other half, CLAIM_AHEAD / 2 tickets a
         #: sender, still queued meanwhile): fewer, larger claims. Claiming at one sender's worth
         #: of room made two processes side by side claim often, each claim scanning past the
-        #: rows the other holds: Postgres spent 0.45-0.57 ms a delivery, against 0.32-0.49 ms
-        #: at half, and two processes delivered 1.35x one's rate, against 1.67-1.77x.
+        #: rows the other holds: Postgres spent 0.45-0.57 ms a delivery, against 0.23-0.49 ms
+        #: at half (the throughput gain of two processes was within noise: docs/PERFORMANCE.md).
         self.refill = max(1, self.capacity // 2)
         self._todo: queue.SimpleQueue[Ticket | None] = queue.SimpleQueue()
         #: Outcomes for the recorder; None: the senders have stopped.
