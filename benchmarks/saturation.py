@@ -69,7 +69,8 @@ from benchmarks.report import Report, median
 from darkroom.settings import Settings
 from db.models import Job, JobState
 from db.session import session_scope
-from worker.images import fetch_image, png_bytes
+from worker import png
+from worker.images import fetch_image
 
 IMAGE_PATH = "/input.png"
 SIDE = 512
@@ -248,7 +249,7 @@ def _stages(settings: Settings, url: str) -> dict[str, float]:
 
     return {
         "stage: fetch + decode init image": cpu_ms(lambda: fetch_image(url, settings)),
-        "stage: encode output PNG": cpu_ms(lambda: png_bytes(output, settings.png_compress_level)),
+        "stage: encode output PNG": cpu_ms(lambda: png.encode(output, settings.png_compress_level)),
     }
 
 

@@ -15,7 +15,6 @@ from darkroom import outbound
 from darkroom.limits import MAX_PIXELS, MAX_REQUEST_PIXELS, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
 from darkroom.settings import Settings
 from darkroom.urlguard import PinnedRequest, UnsafeURLError, check_url
-from worker import png
 
 UNREACHABLE = "Unable to fetch image from provided URL"
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -188,12 +187,6 @@ def output_size(width: int | None, height: int | None, first: Image.Image) -> tu
     elif height is None:
         height = round(min(MAX_SIDE, width * aspect))
     return _snap(width or 0), _snap(height or 0)
-
-
-def png_bytes(image: Image.Image, compress_level: int) -> bytes:
-    """The PNG encoding of `image` at `compress_level` (DARKROOM_PNG_COMPRESS_LEVEL, passed by
-    the caller from its own settings; `worker.png`); deterministic for identical pixels."""
-    return png.encode(image, compress_level)
 
 
 def _snap(side: int) -> int:

@@ -37,8 +37,9 @@ from services import outcomes
 from services import webhooks as webhook_service
 from services.outcomes import Recorded, RunSuccess, storage_failed_message
 from services.responses import run_output_filename
+from worker import png
 from worker.batching import Outcome, StopBatch
-from worker.images import ImageInputError, png_bytes
+from worker.images import ImageInputError
 from worker.pipelines.request import GenerationResult
 from worker.runtime import Ready, WorkerRuntime
 
@@ -110,7 +111,7 @@ def _encode_all(runtime: WorkerRuntime, results: list[Outcome]) -> list[list[byt
     images = [r.images if isinstance(r, GenerationResult) else [] for r in results]
     level = runtime.settings.png_compress_level
     flat = runtime.overlap.map(
-        lambda image: png_bytes(image, level), [image for group in images for image in group]
+        lambda image: png.encode(image, level), [image for group in images for image in group]
     )
     encoded: list[list[bytes] | None] = []
     for group, result in zip(images, results, strict=True):
@@ -133,7 +134,7 @@ def _store(
         for index, (image, seed, nsfw) in enumerate(samples):
             name = run_output_filename(job, index, run_id)
             level = runtime.settings.png_compress_level
-            data = pngs[index] if pngs is not None else png_bytes(image, level)
+            data = pngs[index] if pngs is not None else png.encode(image, level)
             _save(runtime, name, data)
             records.append(
                 OutputRecord(index, name, image.width, image.height, seed, nsfw, expires_at)
