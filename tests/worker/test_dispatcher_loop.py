@@ -31,6 +31,7 @@ from tests.support.broker import published_ids
 from tests.support.rows import job_row
 from tests.support.servers import Received, WebhookReceiver
 from worker.sweeper import sweep_once
+from worker.webhooks.dispatcher import Ticket
 from worker.webhooks.loop import DeliveryLoop, Doorbell
 
 
@@ -118,6 +119,39 @@ def test_two_loops_deliver_each_delivery_once_signed_with_one_attempt_row(
         assert {(a.status_code, a.error) for a in attempts} == {(200, None)}
     for got in received:
         assert Webhook(key.row.webhook_secret).verify(got.body, got.headers)["status"] == "failed"
+
+
+class CountingLoop(DeliveryLoop):
+    """The real loop, counting its claim transactions."""
+
+    claims = 0
+
+    def _claim(self, room: int) -> list[Ticket]:
+        self.claims += 1
+        return super()._claim(room)
+
+
+def test_once_nothing_more_is_due_the_loop_waits_for_news_not_for_each_return(
+    ours: Settings, key: IssuedKey, receiver: WebhookReceiver
+) -> None:
+    """A trickle of deliveries costs a claim per wake-up, not an empty claim per returned
+    attempt (that was most of the dispatcher's work in the saturation benchmark)."""
+    ours = ours.model_copy(update={"webhook_poll_s": 2.0})
+    ids = _deliveries(ours, key, receiver.url, 16)
+    redis.Redis.from_url(ours.broker_url).delete(ours.webhook_queue)  # no doorbell rings
+    loop = CountingLoop(ours, Doorbell(ours))
+    stop = threading.Event()
+    thread = threading.Thread(target=loop.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        wait_for("all delivered", lambda: states(ours, ids) == [DeliveryState.DELIVERED] * 16)
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert len(receiver.snapshot()) == 16
+    # One claim took all 16; at most one more if the 2 s poll came round before the end.
+    assert loop.claims <= 2
 
 
 def test_a_failed_attempt_is_due_again_on_the_database_clock_and_410_gives_up(
