@@ -102,7 +102,7 @@ def cmd_dispatcher(args: argparse.Namespace, settings: Settings) -> int:
 
     dispatcher = create_dispatcher_app(settings)
     stop = threading.Event()
-    loop = _dispatcher_loop(settings)
+    loop = settings.delivers_by_loop
     sweeper = threading.Thread(
         target=run_sweeper,
         args=(settings, dispatcher.app, stop),
@@ -131,12 +131,6 @@ def cmd_dispatcher(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         stop.set()
     return 0
-
-
-def _dispatcher_loop(settings: Settings) -> bool:
-    """The loop needs SKIP LOCKED (Postgres) and a queue it can wait on (Redis)."""
-    postgres = settings.resolved_database_url.startswith("postgresql")
-    return settings.webhook_loop and postgres and not settings.is_embedded_broker
 
 
 def _run_delivery_loop(args: argparse.Namespace, settings: Settings, stop: threading.Event) -> None:

@@ -317,6 +317,14 @@ class Settings(BaseSettings):
         """True when the broker is the filesystem transport under the data directory."""
         return self.resolved_broker_url.startswith("filesystem://")
 
+    @property
+    def delivers_by_loop(self) -> bool:
+        """Whether `darkroom dispatcher` runs the delivery loop (worker/webhooks/loop.py), which
+        needs SKIP LOCKED (Postgres) and a queue it can wait on (Redis); otherwise one Celery
+        task per delivery. With the loop, a webhook queue message is only a doorbell."""
+        postgres = self.resolved_database_url.startswith("postgresql")
+        return self.webhook_loop and postgres and not self.is_embedded_broker
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -152,6 +152,36 @@ def test_a_delivery_asked_to_be_marked_is_stamped_once_sent(
         assert stored.enqueued_at is not None
 
 
+@pytest.mark.parametrize("loop", [True, False])
+def test_beside_the_delivery_loop_one_message_rings_for_a_transactions_deliveries(
+    settings: Settings, api_key: IssuedKey, loop: bool
+) -> None:
+    """The loop claims every due row, so one message wakes it; a Celery dispatcher needs each."""
+    settings = settings.model_copy(update={"webhook_loop": loop})
+    assert settings.delivers_by_loop is loop
+    job_ids = [queued_job(settings, api_key) for _ in range(3)]
+    with session_scope(settings.resolved_database_url) as session:
+        made = [
+            webhooks.create_delivery(session, job_id=job_id, url="http://x/", payload="{}")
+            for job_id in job_ids
+        ]
+        for delivery in made:
+            delivery.enqueued_at = None
+        ids = [delivery.id for delivery in made]
+    broker = make_celery(settings)
+    with session_scope(settings.resolved_database_url) as session:
+        receipts = [
+            outbox.deliver_webhook(session, broker, settings, DeliveryMessage(d, mark=True))
+            for d in ids
+        ]
+
+    assert [receipt.sent for receipt in receipts] == [True] * 3
+    assert sorted(waiting(settings, settings.webhook_queue)) == (ids[:1] if loop else ids)
+    with session_scope(settings.resolved_database_url) as session:
+        stamped = [session.get(WebhookDelivery, d) for d in ids]
+        assert all(row is not None and row.enqueued_at is not None for row in stamped)
+
+
 @pytest.fixture
 def own_key(own_pg_url: str) -> IssuedKey:
     with session_scope(own_pg_url) as session:
