@@ -6,8 +6,10 @@ address, unless the host, or a CIDR holding its address, is in DARKROOM_URL_ALLO
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -69,21 +71,52 @@ def check_url(url: str, allowlist: list[str]) -> CheckedURL:
     return CheckedURL(url=url, host=host, port=port, addresses=addresses)
 
 
+#: How long a successful resolution is reused for the same host name and port. Safe because
+#: what protects against DNS rebinding is pinning, not resolving often: every address used is
+#: one that the check (run on every call, cached answer or not) passed, and the request goes to
+#: that address, never to a fresh answer. Reuse only makes an answer up to this old, as any
+#: resolver cache does, and never lends it to another name. Failures are not kept. A webhook
+#: attempt resolved its receiver's host per attempt: a resolver query per POST to one host.
+RESOLVED_REUSE_S = 1.0
+#: Resolutions kept at most; past it, the whole store is dropped (it refills within a second).
+RESOLVED_KEPT = 256
+_resolved: dict[tuple[str, int], tuple[float, tuple[IPAddress, ...]]] = {}
+
+
 def _resolve(host: str, port: int) -> tuple[IPAddress, ...]:
+    key = (host, port)
+    now = time.monotonic()
+    kept = _resolved.get(key)
+    if kept is not None and kept[0] > now:
+        return kept[1]
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError):
         raise UnsafeURLError(f"the host {host} cannot be resolved") from None
     found = {ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos}
-    return tuple(sorted(found, key=str))
+    addresses = tuple(sorted(found, key=str))
+    if len(_resolved) >= RESOLVED_KEPT:
+        _resolved.clear()
+    _resolved[key] = (now + RESOLVED_REUSE_S, addresses)
+    return addresses
 
 
 def _allowed(host: str, address: IPAddress, allowlist: list[str]) -> bool:
-    if host.lower() in (entry.lower() for entry in allowlist):
+    names, networks = _allowlist(tuple(allowlist))
+    if host.lower() in names:
         return True
-    if any(address in network for network in _networks(allowlist)):
+    if any(address in network for network in networks):
         return True
     return _is_public(address)
+
+
+@functools.lru_cache(maxsize=16)
+def _allowlist(
+    allowlist: tuple[str, ...],
+) -> tuple[frozenset[str], tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]]:
+    """The allow-list's entries as lower-case names and as networks, parsed once per list
+    (each attempt parsed them again, for each address)."""
+    return frozenset(entry.lower() for entry in allowlist), tuple(_networks(list(allowlist)))
 
 
 #: Ranges that Python's `is_global` (3.11) counts as global but that reach no public host:

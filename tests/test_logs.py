@@ -144,6 +144,8 @@ def test_the_dispatcher_writes_json_lines_with_job_track_and_delivery_ids(
         )
     assert delivery_id is not None
     log_path = tmp_path / "dispatcher.log"
+    # An attempt that did not deliver is logged at INFO (a delivered one only at DEBUG).
+    receiver.respond = lambda _request: (503, {})
 
     with tier("dispatcher", tier_env(settings, tmp_path), log_path):
         assert send(make_celery(settings), DELIVER_WEBHOOK_TASK, delivery_id)
@@ -151,7 +153,8 @@ def test_the_dispatcher_writes_json_lines_with_job_track_and_delivery_ids(
         wait_until("attempt logged", lambda: "webhook attempt" in log_path.read_text(), log_path)
 
     lines = json_lines(log_path)
-    [attempt] = [line for line in lines if line["message"] == "webhook attempt: 200"]
+    [attempt, *_retries] = [line for line in lines if line["message"] == "webhook attempt: 503"]
+    assert attempt["level"] == "INFO"
     assert attempt["job_id"] == job_id
     assert attempt["track_id"] == "track-d"
     assert attempt["delivery_id"] == delivery_id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -398,3 +399,26 @@ def test_payload_is_frozen_at_queue_time(settings: Settings, api_key: IssuedKey)
         assert row.job is not None
         assert row.job.state == JobState.FAILED
         assert payload["id"] == row.job_id
+
+
+def test_a_delivered_attempt_logs_at_debug_and_a_refused_one_at_info(
+    settings: Settings,
+    api_key: IssuedKey,
+    receiver: WebhookReceiver,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Operators still see every attempt that did not deliver at INFO; a delivered one only
+    # at DEBUG (its attempt row and the metrics keep it).
+    _script(receiver, (500, {}), (200, {}))
+    delivery_id = _delivery(settings, api_key, receiver.url)
+    with caplog.at_level(logging.DEBUG, logger=dispatcher.__name__):
+        deliver(delivery_id, settings)
+        time.sleep(STEP_S)
+        deliver(delivery_id, settings)
+
+    lines = [r for r in caplog.records if r.getMessage().startswith("webhook attempt")]
+    assert [(r.levelno, r.getMessage()) for r in lines] == [
+        (logging.INFO, "webhook attempt: 500"),
+        (logging.DEBUG, "webhook attempt: 200"),
+    ]
+    assert _snapshot(settings, delivery_id).state == DeliveryState.DELIVERED

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
+import time
+from typing import Any
 
 import httpx
 import pytest
 
+from darkroom import urlguard
 from darkroom.urlguard import UnsafeURLError, check_url
 from tests.support.servers import WebhookReceiver
 
@@ -119,3 +123,73 @@ def test_pinned_http_request_reaches_the_checked_address(receiver: WebhookReceiv
     assert response.status_code == 200
     [seen] = receiver.snapshot()
     assert seen.headers["host"] == f"localhost:{port}"
+
+
+class _Resolver:
+    """socket.getaddrinfo answering each name from `answers` (changeable), counting calls."""
+
+    def __init__(self, answers: dict[str, str]) -> None:
+        self.answers = answers
+        self.asked: list[str] = []
+
+    def __call__(self, host: str, port: int, *_args: Any, **_kwargs: Any) -> Any:
+        self.asked.append(host)
+        address = self.answers[host]
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, port))]
+
+
+@pytest.fixture
+def resolver(monkeypatch: pytest.MonkeyPatch) -> _Resolver:
+    fake = _Resolver({"hooks.example": PUBLIC, "other.example": PUBLIC})
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    monkeypatch.setattr(urlguard, "_resolved", {})
+    return fake
+
+
+def test_a_resolution_is_reused_briefly_for_the_same_name_only(resolver: _Resolver) -> None:
+    check_url("http://hooks.example/a", [])
+    check_url("https://hooks.example/b", [])  # another port: resolved on its own
+    check_url("http://hooks.example/c", [])
+    check_url("http://other.example/a", [])
+    assert resolver.asked == ["hooks.example", "hooks.example", "other.example"]
+
+
+def test_a_reused_resolution_is_still_checked_against_the_allowlist(resolver: _Resolver) -> None:
+    resolver.answers["hooks.example"] = "10.0.0.7"
+    assert check_url("http://hooks.example/", ["10.0.0.0/8"]).addresses == (
+        ipaddress.ip_address("10.0.0.7"),
+    )
+    with pytest.raises(UnsafeURLError, match="non-public"):
+        check_url("http://hooks.example/", [])
+    assert resolver.asked == ["hooks.example"]
+
+
+def test_a_rebound_name_is_refused_once_its_short_reuse_ends(
+    resolver: _Resolver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Whether an answer is reused or fresh, the request is pinned to an address that passed:
+    # a name rebound to a private address is refused as soon as the new answer is used.
+    monkeypatch.setattr(urlguard, "RESOLVED_REUSE_S", 0.3)
+    assert check_url("http://hooks.example/", []).addresses == (ipaddress.ip_address(PUBLIC),)
+    resolver.answers["hooks.example"] = "127.0.0.1"
+    assert check_url("http://hooks.example/", []).pinned().url == f"http://{PUBLIC}:80/"
+    time.sleep(0.35)
+    with pytest.raises(UnsafeURLError, match="non-public"):
+        check_url("http://hooks.example/", [])
+    assert resolver.asked == ["hooks.example", "hooks.example"]
+
+
+def test_a_failed_resolution_is_not_kept(resolver: _Resolver) -> None:
+    del resolver.answers["hooks.example"]
+
+    def refuse(host: str, *_args: Any, **_kwargs: Any) -> Any:
+        resolver.asked.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "no such name")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(socket, "getaddrinfo", refuse)
+        with pytest.raises(UnsafeURLError, match="cannot be resolved"):
+            check_url("http://hooks.example/", [])
+    resolver.answers["hooks.example"] = PUBLIC
+    assert check_url("http://hooks.example/", []).host == "hooks.example"
+    assert resolver.asked == ["hooks.example", "hooks.example"]
