@@ -1,16 +1,11 @@
 """A faster decoder for the commonest init image, an 8-bit RGB PNG: libspng (`pyspng`).
 
-Pillow's PNG decoding was almost all of the worker CPU that fetching a 512x512 init image costs
-(benchmarks/saturation.py). On that benchmark's noisy image libspng takes 2.9 ms where Pillow
-takes 4.0 (the whole `decode_image` 3.2 against 3.8 ms, the copy into Pillow's 4-byte pixels
-included), on smooth images 1.4 against 2.4 ms: most of a noisy file's time is inflate, which
-Pillow's zlib-ng does about as fast. One cost moves: pyspng holds the GIL for its call, where
-Pillow's decoder releases it, so a pool thread decoding delays the main thread's Python by up to
-the call (~3 ms at 512x512) plus the 5 ms switch interval.
-
-libspng is used only where its result is provably Pillow's, pixel for pixel, after
-`worker.images._normalise`; anything else, and any file libspng refuses, returns None and goes
-to Pillow, which then decodes it or reports the damage exactly as before:
+Pillow's PNG decoding was almost all of the ~5 ms of worker CPU that fetching a 512x512 init
+image costs (benchmarks/saturation.py); libspng decodes the same file in about two thirds of
+the time (figures in the commit that added this module). It is used only where its result is
+provably Pillow's, pixel for pixel, after `worker.images._normalise`; anything else, and any
+file libspng refuses, returns None and goes to Pillow, which then decodes it or reports the
+damage exactly as before:
 - the file as a whole: 8-bit truecolor without alpha (colour type 2), interlaced or not, the
   IHDR's size the one Pillow read and checked against MAX_PIXELS in `worker.images._open`;
 - its chunks: IHDR first, then only chunks that affect neither library's pixels (the
