@@ -15,7 +15,6 @@ from darkroom import outbound
 from darkroom.limits import MAX_PIXELS, MAX_REQUEST_PIXELS, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
 from darkroom.settings import Settings
 from darkroom.urlguard import PinnedRequest, UnsafeURLError, check_url
-from worker import png_decode
 
 UNREACHABLE = "Unable to fetch image from provided URL"
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -38,13 +37,13 @@ def fetch_images(urls: Sequence[str], settings: Settings) -> tuple[Image.Image, 
     Each image may have MAX_PIXELS, all of them together MAX_REQUEST_PIXELS; both are checked
     from the headers of all the images before any pixels are decoded.
     """
-    opened = [(data, _open(data)) for data in (_fetch_bytes(url, settings) for url in urls)]
-    if sum(image.width * image.height for _, image in opened) > MAX_REQUEST_PIXELS:
+    opened = [_open(_fetch_bytes(url, settings)) for url in urls]
+    if sum(image.width * image.height for image in opened) > MAX_REQUEST_PIXELS:
         raise ImageInputError(
             f"{UNREACHABLE}: the init images have too many pixels together "
             f"(at most {MAX_REQUEST_PIXELS} in one request)"
         )
-    return tuple(_decode(data, image) for data, image in opened)
+    return tuple(_decode(image) for image in opened)
 
 
 def fetch_image(url: str, settings: Settings) -> Image.Image:
@@ -134,7 +133,7 @@ def _exchange(
 
 def decode_image(data: bytes) -> Image.Image:
     """PNG, JPEG or WebP only; at most MAX_PIXELS; EXIF orientation applied; alpha flattened."""
-    return _decode(data, _open(data))
+    return _decode(_open(data))
 
 
 def _open(data: bytes) -> Image.Image:
@@ -153,13 +152,7 @@ def _open(data: bytes) -> Image.Image:
     return image
 
 
-def _decode(data: bytes, image: Image.Image) -> Image.Image:
-    """`image`, opened from `data` by `_open` (so within the pixel limits), as upright RGB: by
-    libspng where that gives Pillow's pixels (worker.png_decode: 8-bit RGB PNGs, ~2 ms less
-    CPU at 512x512), else by Pillow."""
-    fast = png_decode.decode_rgb8(data, image)
-    if fast is not None:
-        return fast  # already what `_normalise` makes: RGB, no orientation, no alpha
+def _decode(image: Image.Image) -> Image.Image:
     try:
         image.load()
     except (OSError, SyntaxError, ValueError):
