@@ -18,7 +18,8 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -26,6 +27,9 @@ from types import TracebackType
 SAMPLE_S = 0.2
 DISCOVER_S = 1.0
 TICK_S = 1.0 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
+#: The groups `run_sampler` adds to the named children: the database's backends, this process.
+POSTGRES = "postgres backends"
+SELF = "this benchmark"
 #: The group that holds the machine's CPU time not spent by any named group.
 OTHERS = "others on the machine"
 MACHINE = "machine (all)"
@@ -172,3 +176,30 @@ class CpuSampler:
             if first.at <= sample.at <= last.at:
                 latest.update(sample.by_pid.get(name, {}))
         return sum(value - before.get(pid, 0.0) for pid, value in latest.items())
+
+
+@contextmanager
+def run_sampler(database_url: str, markers: dict[str, str]) -> Iterator[CpuSampler]:
+    """CPU sampling of a run: this process's children by `markers` (group -> command-line
+    marker), the Postgres backends of `database_url`'s database (POSTGRES), this process (SELF)."""
+    # Imported here: the module's other users need no database driver.
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url, pool_size=1, max_overflow=0)
+    query = text(
+        "SELECT pid FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+
+    def groups() -> dict[str, list[int]]:
+        found = children_by_marker(os.getpid(), markers)
+        with engine.connect() as connection:
+            found[POSTGRES] = [int(pid) for pid in connection.execute(query).scalars()]
+        found[SELF] = [os.getpid()]
+        return found
+
+    try:
+        with CpuSampler([*markers, POSTGRES, SELF], groups) as sampler:
+            yield sampler
+    finally:
+        engine.dispose()

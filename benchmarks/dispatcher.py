@@ -14,11 +14,18 @@ times until the receiver has all of them. Cases, each with its own dispatcher pr
 The baseline sends the same payloads from a plain httpx client at the same concurrency
 (DARKROOM_WEBHOOK_CONCURRENCY), nothing else, in a round beside each dispatcher round. Rates are
 medians over rounds; `ratio` is a case's rate over the median baseline of the same run.
+
+A second table says where the CPU went (benchmarks/_cpu.py samples /proc through the run): CPU
+ms per delivery of the dispatcher processes, the loopback receiver, this database's Postgres
+backends and this process (which sends the baseline's POSTs), and how busy the whole machine
+was (`machine busy`: its CPU time over the round's wall time and all its cores). Two processes
+can only scale while the machine has cores to spare.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -30,6 +37,7 @@ import httpx
 from sqlalchemy import ColumnElement, Interval, func, literal, select, update
 from sqlalchemy.orm import Session
 
+from benchmarks._cpu import MACHINE, OTHERS, POSTGRES, SELF, CpuSampler, run_sampler
 from benchmarks._load import Sample, run_threads, summary
 from benchmarks._loopback import Loopback
 from benchmarks._services import (
@@ -40,7 +48,7 @@ from benchmarks._services import (
     production_settings,
     started,
 )
-from benchmarks.report import Report
+from benchmarks.report import Report, median
 from darkroom.identities import Operation
 from darkroom.queue import DELIVER_WEBHOOK_TASK, make_celery, send
 from darkroom.settings import Settings
@@ -55,6 +63,12 @@ WARMUP = 20
 #: Rows committed per transaction while preparing a round.
 BATCH = 200
 ROUND_TIMEOUT_S = 300.0
+#: The run's own processes, found among this process's children by their command lines.
+MARKERS = {"dispatcher": "cli.main dispatcher", "loopback receiver": "benchmarks._loopback"}
+GROUPS = (*MARKERS, POSTGRES, SELF, OTHERS, MACHINE)
+BUSY = "machine busy"
+#: Each kept round's CPU ms per delivery by group (and BUSY, a fraction), per case.
+CpuFigures = dict[str, list[dict[str, float]]]
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -66,9 +80,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with production_settings(**overrides) as settings, log_folder() as logs:
         args.concurrency = settings.webhook_concurrency
         report = Report("dispatcher", {k: v for k, v in vars(args).items() if k != "out"})
-        dispatched, baseline = _measure(settings, logs, args)
+        with run_sampler(settings.resolved_database_url, MARKERS) as sampler:
+            dispatched, baseline, cpu = _measure(settings, logs, args, sampler)
         report.checks = _checks(settings)
     _fill(report, dispatched, baseline)
+    _cpu_table(report, cpu)
     return report.emit(args.out)
 
 
@@ -97,11 +113,12 @@ def _cases(args: argparse.Namespace) -> list[tuple[str, int, bool]]:
 
 
 def _measure(
-    settings: Settings, logs: Path, args: argparse.Namespace
-) -> tuple[dict[str, list[Sample]], list[Sample]]:
-    """Each case's rounds (after a warm-up), each beside a baseline round."""
+    settings: Settings, logs: Path, args: argparse.Namespace, sampler: CpuSampler
+) -> tuple[dict[str, list[Sample]], list[Sample], CpuFigures]:
+    """Each case's rounds (after a warm-up), each beside a baseline round; the CPU of each."""
     dispatched: dict[str, list[Sample]] = {}
     baseline: list[Sample] = []
+    cpu: CpuFigures = {}
     key_id = new_key(settings).row.id
     with Loopback() as receiver, httpx.Client(timeout=settings.webhook_timeout_s) as client:
         url = receiver.url("/hook")
@@ -111,14 +128,29 @@ def _measure(
             with _dispatchers(processes, env, logs / case.replace(" ", "_")):
                 for count, keep in [(WARMUP, False)] + [(args.count, True)] * args.rounds:
                     ids = _create_deliveries(settings, key_id, url, count)
-                    sample = _dispatch(settings, receiver, ids, expected)
+                    sample, window = _dispatch(settings, receiver, ids, expected)
                     payloads = _payloads(settings, ids)
+                    plain_started = time.time()
                     plain = run_threads(_plain_post(client, url, payloads), count, args.concurrency)
+                    plain_window = (plain_started, time.time())
                     expected += 2 * count
                     if keep:
                         dispatched.setdefault(case, []).append(sample)
                         baseline.append(plain)
-    return dispatched, baseline
+                        cpu.setdefault(case, []).append(_per_delivery(sampler, window, count))
+                        cpu.setdefault("baseline", []).append(
+                            _per_delivery(sampler, plain_window, count)
+                        )
+    return dispatched, baseline, cpu
+
+
+def _per_delivery(sampler: CpuSampler, window: tuple[float, float], count: int) -> dict[str, float]:
+    """CPU ms per delivery of each group in `window`, and how busy the machine was in it."""
+    spent = sampler.spent(*window)
+    figures = {name: seconds * 1000 / count for name, seconds in spent.items()}
+    cores_s = (window[1] - window[0]) * (os.cpu_count() or 1)
+    figures[BUSY] = spent.get(MACHINE, 0.0) / cores_s if cores_s > 0 else 0.0
+    return figures
 
 
 @contextmanager
@@ -183,9 +215,11 @@ def _new_job(key_id: int, url: str) -> NewJob:
     )
 
 
-def _dispatch(settings: Settings, receiver: Loopback, ids: list[int], before: int) -> Sample:
+def _dispatch(
+    settings: Settings, receiver: Loopback, ids: list[int], before: int
+) -> tuple[Sample, tuple[float, float]]:
     """Make `ids` due and publish them; the time until the receiver has them all (it had
-    `before` POSTs until then) and their attempt latencies."""
+    `before` POSTs until then) and their attempt latencies, and that window (wall clock)."""
     broker = make_celery(settings)
     receiver.wait_for_count(before, ROUND_TIMEOUT_S)  # the last baseline POSTs are counted
     started_at = time.time()
@@ -197,7 +231,10 @@ def _dispatch(settings: Settings, receiver: Loopback, ids: list[int], before: in
     arrivals = receiver.wait_for_count(before + len(ids), ROUND_TIMEOUT_S)
     last = max(arrival.at for arrival in arrivals[before:])
     latencies = _attempt_latencies(settings, ids)
-    return Sample(elapsed=last - started_at, latencies=latencies, errors=len(ids) - len(latencies))
+    sample = Sample(
+        elapsed=last - started_at, latencies=latencies, errors=len(ids) - len(latencies)
+    )
+    return sample, (started_at, last)
 
 
 def _attempt_latencies(settings: Settings, ids: list[int]) -> list[float]:
@@ -276,6 +313,23 @@ def _fill(report: Report, dispatched: dict[str, list[Sample]], baseline: list[Sa
         scaling = rates["loop x2"] / rates["loop x1"]
         report.checks["scaling_2_over_1"] = round(scaling, 2)
         report.notes.append(f"two loop processes over one: {scaling:.2f}x")
+
+
+def _cpu_table(report: Report, cpu: CpuFigures) -> None:
+    """CPU ms per delivery by group and the machine's busy fraction (medians over rounds), per
+    case; in `checks` and printed as a table in a note."""
+    columns = {
+        case: {name: median([r.get(name, 0.0) for r in rounds]) for name in (*GROUPS, BUSY)}
+        for case, rounds in cpu.items()
+    }
+    table = Report("cpu", {})
+    for name in (*GROUPS, BUSY):
+        table.add(ms_per_delivery=name, **{case: column[name] for case, column in columns.items()})
+    report.checks["cpu_ms_per_delivery"] = columns
+    report.notes.append(
+        f"CPU per delivery by process (ms; '{BUSY}': the machine's CPU time over the round's "
+        f"wall time on {os.cpu_count()} cores):\n" + table.table()
+    )
 
 
 if __name__ == "__main__":

@@ -42,9 +42,8 @@ import io
 import os
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -52,9 +51,8 @@ from typing import Any
 
 import httpx
 from PIL import Image
-from sqlalchemy import create_engine, text
 
-from benchmarks._cpu import MACHINE, OTHERS, CpuSampler, children_by_marker
+from benchmarks._cpu import MACHINE, OTHERS, POSTGRES, SELF, CpuSampler, run_sampler
 from benchmarks._loopback import Loopback
 from benchmarks._services import (
     child_env,
@@ -90,8 +88,6 @@ MARKERS = {
     "dispatcher": "cli.main dispatcher",
     "loopback server": "benchmarks._loopback",
 }
-POSTGRES = "postgres backends"
-SELF = "this benchmark"
 PROCESSES = (*MARKERS, POSTGRES, SELF)
 #: Repetitions of each in-process stage measurement (fetch + decode, encode).
 STAGE_REPEATS = 15
@@ -188,7 +184,7 @@ def _measure(
         Loopback(files={IMAGE_PATH: image}) as loopback,
         started(darkroom_argv("dispatcher"), child_env(settings), logs / "dispatcher.log"),
         running_api(settings, logs) as base_url,
-        _sampler(settings) as sampler,
+        run_sampler(settings.resolved_database_url, MARKERS) as sampler,
     ):
         body = {
             "key": new_key(settings).plaintext,
@@ -209,29 +205,6 @@ def _measure(
                     run = _Run(settings, logs, args, loopback, base_url, body, sampler)
                     results.append(_case(run, case, generator_ms, name))
     return results, stages
-
-
-@contextmanager
-def _sampler(settings: Settings) -> Iterator[CpuSampler]:
-    """CPU sampling of the run's processes and of this database's Postgres backends."""
-    engine = create_engine(settings.resolved_database_url, pool_size=1, max_overflow=0)
-    query = text(
-        "SELECT pid FROM pg_stat_activity "
-        "WHERE datname = current_database() AND pid <> pg_backend_pid()"
-    )
-
-    def groups() -> dict[str, list[int]]:
-        found = children_by_marker(os.getpid(), MARKERS)
-        with engine.connect() as connection:
-            found[POSTGRES] = [int(pid) for pid in connection.execute(query).scalars()]
-        found[SELF] = [os.getpid()]
-        return found
-
-    try:
-        with CpuSampler(list(PROCESSES), groups) as sampler:
-            yield sampler
-    finally:
-        engine.dispose()
 
 
 def _stages(settings: Settings, url: str) -> dict[str, float]:

@@ -90,6 +90,16 @@ def test_dispatcher_quick_delivers_each_webhook_once_and_beside_plain_posts(
     checks = record["checks"]
     assert checks["delivered"] == checks["deliveries_created"] == checks["attempts"]
     assert record["parameters"]["concurrency"] >= 1
+    # The CPU table: a column per case and the baseline, a row per process group (a quick
+    # round may be shorter than one /proc sample: only the shape and the bounds are sure).
+    cpu = checks["cpu_ms_per_delivery"]
+    assert set(cpu) == {"celery x1", "loop x1", "baseline"}
+    for column in cpu.values():
+        assert {"dispatcher", "loopback receiver", "postgres backends", "this benchmark"} <= set(
+            column
+        )
+        assert all(value >= 0 for value in column.values())
+        assert column["machine busy"] <= 1.5  # the machine's ticks over cores x the window
 
 
 def test_saturation_quick_runs_a_full_queue_pipelined_and_serial(tmp_path: Path) -> None:
