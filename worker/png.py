@@ -7,7 +7,7 @@ grayscale, non-interlaced, every row with PNG's Sub filter (each byte minus the 
 to its left), which costs one numpy subtraction plus one deflate call:
 - level 0 stores the filtered rows uncompressed (zlib level 0): the least CPU, the most bytes;
 - level 1 (the default) deflates them with Intel's ISA-L (`isal`, its default level 2), which
-  on 512x512 outputs takes 4x to 14x less CPU than zlib at level 1 and writes 3-11% fewer
+  on 512x512 outputs takes 4.5x to 16x less CPU than zlib at level 1 and writes 0-11% fewer
   bytes (figures in docs/PERFORMANCE.md). Its stream is ordinary zlib format: any PNG reader
   decodes it.
 Both calls release the GIL, so the worker's encoding threads run in parallel. Above FAST_LEVEL,
