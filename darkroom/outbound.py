@@ -6,13 +6,16 @@ drips its head or its body a byte at a time, each byte inside the read timeout, 
 for as long as it likes. And httpx decodes every layer of a stacked `Content-Encoding` with no
 size limit, so 1.8 kB of `gzip, gzip` inflates to gigabytes before any size check runs. Hence:
 
-- `deadline(seconds)` starts an overall deadline for the current thread. A client made by
-  `new_client` connects, does TLS, writes and reads through a network backend whose every
-  socket operation waits at most the time left, so a dripping head is cut off, not only a
-  dripping body. Requests also get a per-request timeout no longer than the time left.
-- `stream` asks for `Accept-Encoding: identity`; `read_body` reads the raw bytes and undoes at
-  most MAX_ENCODINGS gzip/deflate layers itself, a piece at a time, refusing (or truncating)
-  once the raw bytes, any layer's output or the decoded total passes the caller's cap.
+- `deadline(seconds)` starts an overall deadline for the current thread. A transport kept by
+  `thread_transport` (or a client made by `new_client`) connects, does TLS, writes and reads
+  through a network backend whose every socket operation waits at most the time left, so a
+  dripping head is cut off, not only a dripping body. Requests also get a per-request timeout
+  no longer than the time left.
+- `send` (through a kept transport: webhooks, init images) and `stream` (through a client:
+  model downloads) ask for `Accept-Encoding: identity`; `read_body` reads the raw bytes and
+  undoes at most MAX_ENCODINGS gzip/deflate layers itself, a piece at a time, refusing (or
+  truncating) once the raw bytes, any layer's output or the decoded total passes the caller's
+  cap.
 
 DNS resolution happens in the SSRF guard (`darkroom.urlguard`), before any of this, and is
 bounded by the system resolver's own timeouts, not by the deadline.
@@ -239,8 +242,9 @@ def new_client(
     )
 
 
-#: Clients one thread keeps for `thread_client` (one per host); the least recently used goes.
-THREAD_CLIENTS = 8
+#: Transports one thread keeps for `thread_transport` (one per host); the least recently used
+#: goes.
+THREAD_TRANSPORTS = 8
 #: How long a kept connection may idle before it is closed instead of reused: below the shortest
 #: common server keep-alive timeouts (Apache's 5 s), so that a server rarely closes one just as
 #: a request goes out on it (httpx does not retry that request).
@@ -248,31 +252,16 @@ KEEPALIVE_S = 2.0
 _threads = threading.local()
 
 
-def thread_client(target: PinnedRequest, timeout: float) -> httpx.Client:
-    """A `new_client` that this thread keeps for `target`'s host, so that its connections stay
-    open between requests (keep-alive: no TCP or TLS handshake per init image).
-
-    One client per host name, never one for all: httpcore pools connections by address, and a
-    connection whose TLS was verified for one host name must not carry a request for another
-    host that resolved to the same address. Clients are per thread (httpx clients may be shared,
-    but the deadline is per thread, and this keeps a busy host from queueing on one pool).
-    """
-    key = (target.url.partition(":")[0], target.host_header, timeout)
-    clients: OrderedDict[tuple[str, str, float], httpx.Client]
-    clients = _threads.__dict__.setdefault("clients", OrderedDict())
-    client = clients.pop(key, None)
-    if client is None:
-        client = new_client(timeout, keepalive_s=KEEPALIVE_S)
-    clients[key] = client
-    while len(clients) > THREAD_CLIENTS:
-        clients.popitem(last=False)[1].close()
-    return client
-
-
 def thread_transport(target: PinnedRequest) -> httpx.BaseTransport:
     """A transport (a connection pool over the deadline-aware backend, writes coalesced) that
-    this thread keeps for `target`'s host, for `send`: what `thread_client` keeps, less the
-    client. One per host name and per thread, for the reasons `thread_client` gives.
+    this thread keeps for `target`'s host, for `send`, so that its connections stay open
+    between requests (keep-alive: no TCP or TLS handshake per webhook or init image).
+
+    One per host name, never one for all: httpcore pools connections by address, and a
+    connection whose TLS was verified for one host name must not carry a request for another
+    host that resolved to the same address. Per thread: the deadline is per thread, and this
+    keeps a busy host from queueing on one pool (one shared pool's lock was a fifth of the
+    dispatcher's time).
     """
     key = (target.url.partition(":")[0], target.host_header)
     transports: OrderedDict[tuple[str, str], httpx.BaseTransport]
@@ -284,7 +273,7 @@ def thread_transport(target: PinnedRequest) -> httpx.BaseTransport:
         )
         transport = _DeadlineTransport(limits, coalesce=True)
     transports[key] = transport
-    while len(transports) > THREAD_CLIENTS:
+    while len(transports) > THREAD_TRANSPORTS:
         transports.popitem(last=False)[1].close()
     return transport
 
@@ -305,13 +294,15 @@ def send(
     headers: dict[str, str],
     content: str | bytes | None = None,
 ) -> Iterator[httpx.Response]:
-    """`stream` straight through a transport (`thread_transport`), without an httpx.Client.
+    """`stream` straight through a transport (`thread_transport`), without an httpx.Client:
+    how webhook attempts and init-image fetches go out.
 
     The same request on the wire, the same per-request timeouts (`timeout` for each operation,
     shortened to the time left) and the same errors (httpx's); what is skipped is the client's
-    machinery a webhook POST never uses: merging defaults, the cookie jar (every answer's
-    cookies were parsed into it), auth and redirect handling (redirects are never followed),
-    event hooks. That was a quarter of an attempt's CPU against a loopback receiver.
+    machinery these requests never use: merging defaults, the cookie jar (every answer's
+    cookies were parsed into it), auth and redirect handling (the image fetch follows redirects
+    itself, each hop checked by the guard; webhooks never follow them), event hooks. That was
+    a quarter of a webhook attempt's CPU against a loopback receiver.
     """
     sent = {**_CLIENT_HEADERS, **headers, "host": target.host_header, "accept-encoding": "identity"}
     timeouts = _request_timeout(httpx.Timeout(timeout)).as_dict()

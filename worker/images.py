@@ -83,31 +83,32 @@ def _download(url: str, settings: Settings) -> bytes:
 
 
 def _follow(url: str, settings: Settings) -> bytes:
-    """Each hop through the thread's kept client for its host (`outbound.thread_client`)."""
+    """Each hop through the thread's kept transport for its host (`outbound.thread_transport`,
+    keep-alive: no TCP or TLS handshake per init image)."""
     for _ in range(MAX_REDIRECTS + 1):
         try:
             target = check_url(url, settings.url_allowlist).pinned()
         except UnsafeURLError as exc:
             raise ImageInputError(f"{UNREACHABLE}: {exc}") from None
-        client = outbound.thread_client(target, settings.image_fetch_timeout_s)
-        body, location = _get(client, target, settings.image_max_bytes)
+        body, location = _get(target, settings)
         if location is None:
             return body
         url = urljoin(url, location)
     raise ImageInputError(f"{UNREACHABLE}: too many redirects")
 
 
-def _get(client: httpx.Client, target: PinnedRequest, max_bytes: int) -> tuple[bytes, str | None]:
+def _get(target: PinnedRequest, settings: Settings) -> tuple[bytes, str | None]:
     """One GET at the checked address: the body (bounded), or the redirect target.
 
     A kept connection that the server closed just as the request went out fails with one of
     CLOSED_UNDER_US; the GET (safe to repeat) is then sent once more, on a new connection.
     """
+    max_bytes = settings.image_max_bytes
     try:
         try:
-            return _exchange(client, target, max_bytes)
+            return _exchange(target, settings)
         except CLOSED_UNDER_US:
-            return _exchange(client, target, max_bytes)
+            return _exchange(target, settings)
     except outbound.TooLargeError:
         raise ImageInputError(
             f"{UNREACHABLE}: the image is larger than {max_bytes} bytes"
@@ -120,15 +121,15 @@ def _get(client: httpx.Client, target: PinnedRequest, max_bytes: int) -> tuple[b
         raise ImageInputError(f"{UNREACHABLE}: {type(exc).__name__}") from None
 
 
-def _exchange(
-    client: httpx.Client, target: PinnedRequest, max_bytes: int
-) -> tuple[bytes, str | None]:
-    with outbound.stream(client, "GET", target) as response:
+def _exchange(target: PinnedRequest, settings: Settings) -> tuple[bytes, str | None]:
+    transport = outbound.thread_transport(target)
+    timeout_s = settings.image_fetch_timeout_s
+    with outbound.send(transport, "GET", target, timeout=timeout_s, headers={}) as response:
         if response.is_redirect:
             return b"", response.headers.get("location")
         if response.status_code != 200:
             raise ImageInputError(f"{UNREACHABLE}: HTTP {response.status_code}")
-        return outbound.read_body(response, max_bytes), None
+        return outbound.read_body(response, settings.image_max_bytes), None
 
 
 def decode_image(data: bytes) -> Image.Image:

@@ -1,4 +1,4 @@
-"""Init-image fetches keep their connections (outbound.thread_client): a thread's second fetch
+"""Init-image fetches keep their connections (outbound.thread_transport): a thread's second fetch
 from a host reuses the first one's connection, and another host name never does, even at the
 same address (its TLS would have been verified for the first name). A kept connection that the
 server closes as the request arrives costs one more try, not the job."""
