@@ -3,8 +3,9 @@
     python -m benchmarks.dispatcher [--quick] [--processes 1,2] [--out results/dispatcher.json]
 
 Each round creates `--count` finished jobs with their pending deliveries directly in the
-database (as a worker's success does, through services.outcomes), then publishes their ids and
-times until the receiver has all of them. Cases, each with its own dispatcher processes:
+database (as a worker's success does, through services.outcomes), then publishes their ids (for
+the loop, one message per 8 deliveries, as a worker's batch sends beside it) and times until the
+receiver has all of them. Cases, each with its own dispatcher processes:
 
 - `celery x1`: one `darkroom dispatcher` with DARKROOM_WEBHOOK_LOOP=false, one Celery task per
   delivery (claim, sign, POST, record in two transactions): the dispatcher before the loop;
@@ -63,6 +64,9 @@ WARMUP = 20
 #: Rows committed per transaction while preparing a round.
 BATCH = 200
 ROUND_TIMEOUT_S = 300.0
+#: Deliveries recorded per worker transaction (DARKROOM_MAX_BATCH's default): beside the loop a
+#: worker sends one message for them all.
+WORKER_BATCH = 8
 #: The run's own processes, found among this process's children by their command lines.
 MARKERS = {"dispatcher": "cli.main dispatcher", "loopback receiver": "benchmarks._loopback"}
 GROUPS = (*MARKERS, POSTGRES, SELF, OTHERS, MACHINE)
@@ -128,7 +132,7 @@ def _measure(
             with _dispatchers(processes, env, logs / case.replace(" ", "_")):
                 for count, keep in [(WARMUP, False)] + [(args.count, True)] * args.rounds:
                     ids = _create_deliveries(settings, key_id, url, count)
-                    sample, window = _dispatch(settings, receiver, ids, expected)
+                    sample, window = _dispatch(settings, receiver, ids, expected, celery=not loop)
                     payloads = _payloads(settings, ids)
                     plain_started = time.time()
                     plain = run_threads(_plain_post(client, url, payloads), count, args.concurrency)
@@ -216,16 +220,20 @@ def _new_job(key_id: int, url: str) -> NewJob:
 
 
 def _dispatch(
-    settings: Settings, receiver: Loopback, ids: list[int], before: int
+    settings: Settings, receiver: Loopback, ids: list[int], before: int, *, celery: bool
 ) -> tuple[Sample, tuple[float, float]]:
-    """Make `ids` due and publish them; the time until the receiver has them all (it had
-    `before` POSTs until then) and their attempt latencies, and that window (wall clock)."""
+    """Make `ids` due and publish them (for the loop, one id per WORKER_BATCH, as workers
+    do); the time until the receiver has them all (it had `before` POSTs until then) and
+    their attempt latencies, and that window (wall clock)."""
     broker = make_celery(settings)
     receiver.wait_for_count(before, ROUND_TIMEOUT_S)  # the last baseline POSTs are counted
     started_at = time.time()
     with session_scope(settings.resolved_database_url) as session:
         _due_at(session, ids, DbNow())
-    for delivery_id in ids:
+    # One message per batch of successes, as a worker's recording transaction sends beside the
+    # loop (services.outbox); a Celery dispatcher needs one per delivery.
+    step = 1 if celery else WORKER_BATCH
+    for delivery_id in ids[::step]:
         if not send(broker, DELIVER_WEBHOOK_TASK, delivery_id):
             raise RuntimeError("the broker refused a delivery id")
     arrivals = receiver.wait_for_count(before + len(ids), ROUND_TIMEOUT_S)
