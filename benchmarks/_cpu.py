@@ -161,6 +161,13 @@ class CpuSampler:
         figures[OTHERS] = max(0.0, figures[MACHINE] - sum(figures[name] for name in self.names))
         return figures
 
+    def span(self, start: float, end: float) -> float:
+        """The wall time between the samples `spent` uses for that window (a window shorter
+        than SAMPLE_S is measured over a longer span, or none)."""
+        if len(self.samples) < 2:
+            return 0.0
+        return self._nearest(end).at - self._nearest(start).at
+
     def _nearest(self, moment: float) -> _Sample:
         times = [sample.at for sample in self.samples]
         index = min(bisect.bisect_left(times, moment), len(times) - 1)

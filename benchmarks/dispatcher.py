@@ -152,7 +152,7 @@ def _per_delivery(sampler: CpuSampler, window: tuple[float, float], count: int) 
     """CPU ms per delivery of each group in `window`, and how busy the machine was in it."""
     spent = sampler.spent(*window)
     figures = {name: seconds * 1000 / count for name, seconds in spent.items()}
-    cores_s = (window[1] - window[0]) * (os.cpu_count() or 1)
+    cores_s = sampler.span(*window) * (os.cpu_count() or 1)
     figures[BUSY] = spent.get(MACHINE, 0.0) / cores_s if cores_s > 0 else 0.0
     return figures
 
