@@ -283,6 +283,16 @@ def workload(images: ImageServer, hook: str, key: str) -> list[Submission]:
     return plan
 
 
+#: What a submit answers for a stored job: "processing", or, when a retry with the same
+#: Idempotency-Key replays a job that has finished meanwhile (its first answer was lost to a
+#: fault), that job as it is now.
+ACCEPTED_STATES = ("processing", "success")
+
+
+def _accepted(answer: Any) -> bool:
+    return isinstance(answer, dict) and answer.get("status") in ACCEPTED_STATES and "id" in answer
+
+
 @dataclass
 class Submitter:
     """Submits the plan spread over the chaos window, retrying through API and DB outages.
@@ -331,7 +341,7 @@ class Submitter:
             except httpx.TransportError as exc:
                 last = f"{type(exc).__name__}"
             else:
-                if response.status_code == 200 and response.json().get("status") == "processing":
+                if response.status_code == 200 and _accepted(response.json()):
                     self.acknowledged[int(response.json()["id"])] = submission
                     return
                 last = f"HTTP {response.status_code}: {response.text[:200]}"
