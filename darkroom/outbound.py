@@ -280,8 +280,14 @@ def thread_transport(target: PinnedRequest) -> httpx.BaseTransport:
 
 # --- one request ----------------------------------------------------------------------------
 
-#: The headers an httpx.Client adds to every request, which `send` adds itself.
-_CLIENT_HEADERS = {"accept": "*/*", "connection": "keep-alive"}
+#: The headers an httpx.Client adds to every request, which `send` adds itself (a caller's own
+#: headers win: the dispatcher names itself). Some image hosts refuse a request without a
+#: User-Agent, so the client's is kept.
+_CLIENT_HEADERS = {
+    "accept": "*/*",
+    "connection": "keep-alive",
+    "user-agent": f"python-httpx/{httpx.__version__}",
+}
 
 
 @contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import httpcore
+import httpx
 import pytest
 
 from darkroom import outbound
@@ -93,4 +94,5 @@ def test_send_posts_with_the_client_s_headers_and_keeps_the_connection(
     assert got.headers["host"] == target.host_header
     assert got.headers["accept-encoding"] == "identity"
     assert got.headers["accept"] == "*/*"
+    assert got.headers["user-agent"] == httpx.Client().headers["user-agent"]
     assert got.headers["content-length"] == "2"
