@@ -292,7 +292,6 @@ _CLIENT_HEADERS = {
 
 @contextmanager
 def send(
-    transport: httpx.BaseTransport,
     method: str,
     target: PinnedRequest,
     *,
@@ -300,8 +299,9 @@ def send(
     headers: dict[str, str],
     content: str | bytes | None = None,
 ) -> Iterator[httpx.Response]:
-    """`stream` straight through a transport (`thread_transport`), without an httpx.Client:
-    how webhook attempts and init-image fetches go out.
+    """`stream` straight through this thread's kept transport for `target`'s host
+    (`thread_transport`), without an httpx.Client: how webhook attempts and init-image fetches
+    go out.
 
     The same request on the wire, the same per-request timeouts (`timeout` for each operation,
     shortened to the time left) and the same errors (httpx's); what is skipped is the client's
@@ -319,7 +319,7 @@ def send(
         content=content,
         extensions={**target.extensions, "timeout": timeouts},
     )
-    response = transport.handle_request(request)
+    response = thread_transport(target).handle_request(request)
     try:
         yield response
     finally:

@@ -122,9 +122,8 @@ def _get(target: PinnedRequest, settings: Settings) -> tuple[bytes, str | None]:
 
 
 def _exchange(target: PinnedRequest, settings: Settings) -> tuple[bytes, str | None]:
-    transport = outbound.thread_transport(target)
     timeout_s = settings.image_fetch_timeout_s
-    with outbound.send(transport, "GET", target, timeout=timeout_s, headers={}) as response:
+    with outbound.send("GET", target, timeout=timeout_s, headers={}) as response:
         if response.is_redirect:
             return b"", response.headers.get("location")
         if response.status_code != 200:

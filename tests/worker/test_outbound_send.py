@@ -82,9 +82,7 @@ def test_send_posts_with_the_client_s_headers_and_keeps_the_connection(
     assert outbound.thread_transport(target) is transport
     with (
         outbound.deadline(5.0),
-        outbound.send(
-            transport, "POST", target, timeout=5.0, headers={"x-a": "1"}, content="{}"
-        ) as response,
+        outbound.send("POST", target, timeout=5.0, headers={"x-a": "1"}, content="{}") as response,
     ):
         assert response.status_code == 200
         assert outbound.read_body(response, 10) == b"ok"

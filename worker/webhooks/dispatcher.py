@@ -156,9 +156,7 @@ def attempt(ticket: Ticket, settings: Settings) -> AttemptResult:
             headers |= {"content-type": "application/json", "user-agent": USER_AGENT}
             if ticket.event is not None:
                 headers["webhook-event"] = ticket.event
-            transport = outbound.thread_transport(target)
             with outbound.send(
-                transport,
                 "POST",
                 target,
                 timeout=settings.webhook_timeout_s,
