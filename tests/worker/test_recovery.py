@@ -194,8 +194,7 @@ def test_a_database_restart_leaves_no_message_acknowledged(
                 "claims refused", lambda: "database unreachable" in worker.current_log(), 30, logs
             )
             time.sleep(2.0)  # several claims fail meanwhile
-            held = held_ids(ours, RUN_JOB_TASK, {ours.job_queue}, timeout_s=2.0)
-            in_broker = held.waiting[ours.job_queue] | held.unacked[ours.job_queue]
+            in_broker = _ids_seen_in_broker(ours, reads=5, pause_s=0.2)
             assert in_broker == set(job_ids), "a message was acknowledged while the db was down"
         finally:
             cluster.start()
@@ -232,6 +231,20 @@ def test_a_database_restart_leaves_no_message_acknowledged(
         # Its terminal write retries with a backoff of up to 5 s: promptly, not a lease later.
         assert time.monotonic() - back <= RECOVERY_BOUND_S + FINISH_RETRY_MAX_DELAY_S
         assert _states(ours, [running])[running][1] == 1  # not run again
+
+
+def _ids_seen_in_broker(settings: Settings, reads: int, pause_s: float) -> set[int]:
+    """The job ids the broker held in any of `reads` looks. One look can miss a message that
+    is in the worker's hands: kombu's Redis transport pops it from the queue (BRPOP) and only
+    then adds it to the unacked hash (CI saw {1, 3} of {1, 2, 3} once). An acknowledged
+    message is gone from every look: nothing publishes it again here (no sweeper runs)."""
+    seen: set[int] = set()
+    for look in range(reads):
+        if look:
+            time.sleep(pause_s)
+        held = held_ids(settings, RUN_JOB_TASK, {settings.job_queue}, timeout_s=2.0)
+        seen |= held.waiting[settings.job_queue] | held.unacked[settings.job_queue]
+    return seen
 
 
 def _store_then_publish_while_down(
