@@ -25,7 +25,8 @@ while it holds those jobs or once it recorded their success (worker.held).
 Every job of the batch has its lease renewed and its progress recorded; a job whose init image
 cannot be fetched, or whose request is refused, fails alone.
 
-Cancel within a batch: the step hook reads the cancel requests of every job of the batch. A
+Cancel within a batch: the step hook (worker.step_progress, whose writes run off the
+pipeline's thread) reads the cancel requests of every job of the batch. A
 canceled job keeps computing with its batch mates (its samples cannot leave a running call) and
 fails as canceled when the batch ends, without outputs; when every job of a running call is
 canceled, the call stops at its next step.
@@ -34,22 +35,22 @@ Pipelining (`worker.overlap`, issue 15): with `runtime.overlap` set (`darkroom w
 unless `worker_pipeline` is false), a batch's init images are fetched in a thread pool; while its
 pipeline call runs, the next batch of the same key is claimed ahead and prepared, and runs next
 in the same task (`MAX_BATCHES_PER_TASK` at most); once its pipeline call ends, its conclusion
-(the last cancel check, PNG encoding in the pool, storage writes, the terminal transactions) runs
-in a background thread while the next batch (claimed ahead, or the next message's) generates.
-One conclusion at a time: the next one waits for it. Without `overlap` (the tests' runtimes,
-or `DARKROOM_WORKER_PIPELINE=false`), `run_job` returns only once every job of the batch is
-recorded. The guarantees are the same either way: see worker/overlap.py.
+(the last cancel check, PNG encoding and storage writes in the pool, the terminal transactions)
+runs in a background thread while the next batch (claimed ahead, or the next message's)
+generates; the next conclusion waits for its images to be stored (worker.overlap). Without
+`overlap` (the tests' runtimes, or `DARKROOM_WORKER_PIPELINE=false`), `run_job` returns only
+once every job of the batch is recorded. The guarantees are the same either way: see worker/overlap.py.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 
 from pydantic import ValidationError
-from sqlalchemy.exc import SQLAlchemyError
 
 from darkroom.identities import FailureReason
 from darkroom.jobspec import JobSpec, batch_key
@@ -61,7 +62,7 @@ from db.repositories.jobs import ClaimOutcome
 from db.session import session_scope
 from services import outcomes
 from services.outcomes import exhausted_message
-from worker.batching import BatchStepHook, Outcome, StopBatch, generate_batch
+from worker.batching import BatchStepHook, Outcome, generate_batch
 from worker.bench_generator import fake_generate_batch, fake_generator_enabled
 from worker.dead_runs import delete_unrecorded_files_soon
 from worker.families import output_size as family_output_size
@@ -71,13 +72,12 @@ from worker.pipelines.request import GenerationRequest, LoraSpec, StepHook
 from worker.progress_hooks import BatchProgress
 from worker.recording import INTERNAL_ERROR, TEMP_LIFETIME, conclude_batch, finish
 from worker.runtime import Ready, WorkerRuntime
+from worker.step_progress import ProgressHook
 
 log = logging.getLogger(__name__)
 
 __all__ = ["INTERNAL_ERROR", "MAX_BATCHES_PER_TASK", "TEMP_LIFETIME", "WorkerRuntime", "run_job"]
 
-#: How often a running batch records its progress and looks for cancel requests, at most.
-PROGRESS_INTERVAL_S = 0.5
 #: How often the first job of a batch looks for companions during `batch_window_ms`.
 BATCH_POLL_S = 0.02
 #: A batch claimed ahead: its jobs, and their requests once prepared.
@@ -231,18 +231,22 @@ def _run_one_batch(
         ids = [item.job.id for item in ready]
         canceled: set[int] = set()
         extras = BatchProgress(settings, [(item.job, item.request) for item in ready])
-        hook = _step_hook(ids, settings, canceled, extras)
+        hook = ProgressHook(ids, settings, canceled, runtime.progress_writer, extras)
         with job_context(batch_job_ids=ids), extras:
-            results = _generate(runtime, [item.request for item in ready], hook)
+            try:
+                results = _generate(runtime, [item.request for item in ready], hook)
+            finally:
+                hook.flush()
         if overlap is None:
             conclude_batch(runtime, ready, results, canceled)
             return None
-    # The next message is taken while this batch is stored, its leases renewed meanwhile.
+    # The next message is taken while this batch is stored, its leases renewed meanwhile
+    # (until it is recorded: `stored` lets the next batch's storing begin before that).
     claims = {item.job.id: item.job.attempts for item in ready}
 
-    def conclude() -> None:
+    def conclude(stored: Callable[[], None]) -> None:
         with _heartbeat(claims, settings):
-            conclude_batch(runtime, ready, results, canceled)
+            conclude_batch(runtime, ready, results, canceled, stored)
 
     overlap.behind(conclude)
     return ahead
@@ -311,45 +315,6 @@ def _prepare(runtime: WorkerRuntime, job: Job, spec: JobSpec) -> Ready | None:
                 runtime, job.id, INTERNAL_ERROR, attempt=job.attempts, reason=FailureReason.INTERNAL
             )
     return None
-
-
-class JobCanceledError(StopBatch):
-    """Raised between denoising steps when every job of the running call was canceled."""
-
-
-def _step_hook(
-    job_ids: list[int],
-    settings: Settings,
-    canceled: set[int],
-    extras: BatchProgress | None = None,
-) -> BatchStepHook:
-    """A batch step hook that records the running jobs' progress (with `extras`, their
-    previews and due progress webhooks too) and collects the cancel
-    requests of the whole batch into `canceled`, raising JobCanceledError once every job of
-    the running call is canceled. It touches the database at most twice a second, so a fast
-    model is not slowed, and a database error only skips one check."""
-    last_write = 0.0
-
-    def on_step(running: list[int], done: int, total: int) -> None:
-        nonlocal last_write
-        if time.monotonic() - last_write < PROGRESS_INTERVAL_S:
-            return
-        last_write = time.monotonic()
-        ids = [job_ids[index] for index in running]
-        fraction = min(done / max(total, 1), 1.0)
-        made = extras.previews(running, done) if extras is not None else {}
-        try:
-            with session_scope(settings.resolved_database_url) as session:
-                jobs.record_progress(session, ids, fraction)
-                canceled.update(jobs.any_cancel_requested(session, job_ids))
-                if extras is not None:
-                    extras.record(session, ids, made, fraction)
-        except SQLAlchemyError:
-            log.warning("progress of jobs %s not recorded; will retry", ids, exc_info=True)
-        if all(job_id in canceled for job_id in ids):
-            raise JobCanceledError
-
-    return on_step
 
 
 def _build_request(

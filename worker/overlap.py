@@ -6,8 +6,8 @@ records every job before the next message is taken: the generator idles for all 
 
 With `worker_pipeline` (the default in `darkroom worker`), a task returns as soon as its
 pipeline call has ended, handing the batch's conclusion (cancel check, PNG encoding, storage
-writes, the success or failure transactions, webhook publishing) to `Overlap`'s one background
-thread; the next message is then claimed, its images fetched (in a small thread pool) and its
+writes, the success or failure transactions, webhook publishing) to `Overlap`'s background
+threads; the next message is then claimed, its images fetched (in a small thread pool) and its
 pipeline call run while the previous batch is stored. And while a batch's call runs, the next
 batch is claimed ahead (`Overlap.ahead`: up to `max_batch` queued jobs with the same batch key,
 `jobs.claim_batch_companions`) and its init images fetched and decoded; when the call ends the
@@ -16,9 +16,12 @@ queues get their turn). The messages of jobs claimed ahead, like a batch's compa
 acknowledged later without a claim while this process holds the job or once it recorded its
 success (worker.held). So:
 
-- at most one batch is being concluded in the background: before handing over batch N, the
-  task waits for batch N-1's conclusion; at most one batch is claimed ahead. Memory holds
-  three batches at most: one ahead (its init images), one generating, one being stored;
+- at most two batches are being concluded in the background, and only one of them stores
+  images: before handing over batch N, the task waits until batch N-1's images are stored
+  and batch N-2's conclusion has ended, so that N-1's recording transaction overlaps N's
+  storing rather than the pipeline call waiting for both; at most one batch is claimed
+  ahead. Memory holds four batches at most: one ahead (its init images), one generating,
+  one being stored, one being recorded (whose images are already written);
 - each job is still recorded as success only after its files are stored (the conclusion runs
   the same `worker.recording.conclude_batch`), fenced by its claim's attempt token, with the
   same retries;
@@ -28,10 +31,11 @@ success (worker.held). So:
   messages were acknowledged without running them: the message that started the batch is
   acknowledged when the task returns, which no longer means its jobs are recorded);
 - jobs claimed ahead hold leases like any claimed job: a crash leaves them to the sweeper;
-- a stopping worker claims nothing more ahead (`stopping`) and drains the pending conclusion
+- a stopping worker claims nothing more ahead (`stopping`) and drains the pending conclusions
   (`Overlap.drain`, on `worker_shutdown`, once the running task has returned).
 
-PNG encoding runs in the thread pool (zlib releases the GIL); so do init image fetches.
+Each job's PNG encoding and storing runs in the thread pool (the encoders and fsync release
+the GIL, so one job's write overlaps another's encoding); so do init image fetches.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 log = logging.getLogger(__name__)
@@ -47,20 +52,31 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-#: Threads that fetch and decode init images and encode PNGs.
+#: Threads that fetch and decode init images, and encode and store each job's PNGs.
 POOL_THREADS = 4
+#: Conclusions running at once: one storing its batch's images while the one before records.
+CONCLUSIONS_AT_ONCE = 2
+
+
+@dataclass(frozen=True)
+class _Conclusion:
+    done: Future[None]
+    stored: threading.Event  # set once its images are stored (or it ended without)
 
 
 class Overlap:
-    """One background conclusion at a time, and a small pool for fetching and encoding."""
+    """Background conclusions (two at most, one storing images), and a small pool for
+    fetching, encoding and storing."""
 
     def __init__(self, threads: int = POOL_THREADS) -> None:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="overlap-pool")
-        self._behind = ThreadPoolExecutor(max_workers=1, thread_name_prefix="overlap-conclude")
+        self._behind = ThreadPoolExecutor(
+            max_workers=CONCLUSIONS_AT_ONCE, thread_name_prefix="overlap-conclude"
+        )
         self._ahead = ThreadPoolExecutor(max_workers=1, thread_name_prefix="overlap-prefetch")
         #: Set when the worker begins to stop: no further batch is claimed ahead.
         self.stopping = threading.Event()
-        self._pending: Future[None] | None = None
+        self._pending: list[_Conclusion] = []
         self._lock = threading.Lock()
 
     def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
@@ -71,16 +87,26 @@ class Overlap:
         """Start claiming and preparing the next batch while the current one generates."""
         return self._ahead.submit(prefetch)
 
-    def behind(self, conclude: Callable[[], None]) -> None:
-        """Run `conclude` in the background once the previous conclusion has ended."""
+    def behind(self, conclude: Callable[[Callable[[], None]], None]) -> None:
+        """Run `conclude` in the background once the previous conclusion has stored its images
+        and the one before that has ended. `conclude` is given the function to call once its
+        own images are stored: a batch's recording (its transaction, a database retry) then
+        overlaps the next batch's storing instead of delaying the next pipeline call."""
         with self._lock:
-            self._wait()
-            self._pending = self._behind.submit(self._guarded, conclude)
+            while len(self._pending) >= CONCLUSIONS_AT_ONCE:
+                self._pending.pop(0).done.result()
+            if self._pending:
+                self._pending[-1].stored.wait()
+            stored = threading.Event()
+            done = self._behind.submit(self._guarded, conclude, stored)
+            self._pending.append(_Conclusion(done, stored))
 
     def drain(self) -> None:
-        """Wait for the pending conclusion, if any."""
+        """Wait for the pending conclusions, if any (the first error is raised here)."""
         with self._lock:
-            self._wait()
+            pending, self._pending = self._pending, []
+            for conclusion in pending:
+                conclusion.done.result()
 
     def close(self) -> None:
         """Drain, then stop the threads."""
@@ -89,15 +115,12 @@ class Overlap:
         self._ahead.shutdown(wait=True)
         self._pool.shutdown(wait=True)
 
-    def _wait(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
     @staticmethod
-    def _guarded(conclude: Callable[[], None]) -> None:
+    def _guarded(conclude: Callable[[Callable[[], None]], None], stored: threading.Event) -> None:
         """A conclusion's own errors are logged: the jobs it left are the sweeper's."""
         try:
-            conclude()
+            conclude(stored.set)
         except Exception:
             log.exception("a batch could not be concluded; its jobs are left to their leases")
+        finally:
+            stored.set()

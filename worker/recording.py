@@ -57,35 +57,46 @@ INTERNAL_ERROR = "The image could not be generated because of an internal error.
 
 
 def conclude_batch(
-    runtime: WorkerRuntime, ready: list[Ready], results: list[Outcome], canceled: set[int]
+    runtime: WorkerRuntime,
+    ready: list[Ready],
+    results: list[Outcome],
+    canceled: set[int],
+    stored: Callable[[], None] = lambda: None,
 ) -> None:
-    """Check the cancel requests once more, end the failed and canceled jobs one by one, store
-    the successful jobs' images, then record their successes together."""
+    """Check the cancel requests once more, end the failed and canceled jobs, store the
+    successful jobs' images, call `stored`, then record their successes together."""
     try:
         canceled.update(_cancel_requests(runtime.settings, [item.job.id for item in ready]))
-        encoded = _encode_all(runtime, results)
-        stored: list[RunSuccess] = []
-        for item, result, pngs in zip(ready, results, encoded, strict=True):
-            with job_context(job_id=item.job.id, track_id=item.job.track_id):
-                try:
-                    run = conclude(runtime, item, result, pngs, canceled=item.job.id in canceled)
-                except Exception:
-                    log.exception("job %s could not be recorded", item.job.id)
-                    continue  # its lease runs out and the sweeper queues it again
-            if run is not None:
-                stored.append(run)
-        record_successes(runtime, stored)
+        runs = _conclude_each(runtime, ready, results, canceled)
+        stored()
+        record_successes(runtime, [run for run in runs if run is not None])
     finally:  # whatever was not recorded is left to its lease (worker.held)
         runtime.held.released(item.job.id for item in ready)
 
 
+def _conclude_each(
+    runtime: WorkerRuntime, ready: list[Ready], results: list[Outcome], canceled: set[int]
+) -> list[RunSuccess | None]:
+    """`conclude` each job: in the pool when pipelining, so that one job's PNG encoding (which
+    releases the GIL) overlaps another's write and fsync."""
+
+    def one(pair: tuple[Ready, Outcome]) -> RunSuccess | None:
+        item, result = pair
+        with job_context(job_id=item.job.id, track_id=item.job.track_id):
+            try:
+                return conclude(runtime, item, result, canceled=item.job.id in canceled)
+            except Exception:
+                log.exception("job %s could not be recorded", item.job.id)
+                return None  # its lease runs out and the sweeper queues it again
+
+    pairs = list(zip(ready, results, strict=True))
+    if runtime.overlap is None:
+        return [one(pair) for pair in pairs]
+    return runtime.overlap.map(one, pairs)
+
+
 def conclude(
-    runtime: WorkerRuntime,
-    item: Ready,
-    result: Outcome,
-    pngs: list[bytes] | None = None,
-    *,
-    canceled: bool,
+    runtime: WorkerRuntime, item: Ready, result: Outcome, *, canceled: bool
 ) -> RunSuccess | None:
     """End a canceled, refused or failed job; store a successful one's images and return the
     success to record (None once the job is ended here)."""
@@ -98,33 +109,14 @@ def conclude(
         log.error("job %s failed", job_id, exc_info=result)
         message, reason = INTERNAL_ERROR, FailureReason.INTERNAL
     else:
-        return _store(runtime, item, result, pngs)
+        return _store(runtime, item, result)
     finish(runtime, job_id, message, attempt=attempt, reason=reason)
     return None
 
 
-def _encode_all(runtime: WorkerRuntime, results: list[Outcome]) -> list[list[bytes] | None]:
-    """The PNGs of each successful result, encoded in the pool when pipelining (zlib releases
-    the GIL); None for the others, and for all without the pool (encoded while stored)."""
-    if runtime.overlap is None:
-        return [None] * len(results)
-    images = [r.images if isinstance(r, GenerationResult) else [] for r in results]
-    level = runtime.settings.png_compress_level
-    flat = runtime.overlap.map(
-        lambda image: png.encode(image, level), [image for group in images for image in group]
-    )
-    encoded: list[list[bytes] | None] = []
-    for group, result in zip(images, results, strict=True):
-        encoded.append(flat[: len(group)] if isinstance(result, GenerationResult) else None)
-        flat = flat[len(group) :]
-    return encoded
-
-
-def _store(
-    runtime: WorkerRuntime, item: Ready, result: GenerationResult, pngs: list[bytes] | None
-) -> RunSuccess | None:
-    """Write the images (`pngs`: already encoded) under this run's names; the success to record
-    with them, or None when they could not be stored (the job is failed saying so)."""
+def _store(runtime: WorkerRuntime, item: Ready, result: GenerationResult) -> RunSuccess | None:
+    """Encode and write the images under this run's names; the success to record with them,
+    or None when they could not be stored (the job is failed saying so)."""
     job, spec, request = item.job, item.spec, item.request
     expires_at = utcnow() + TEMP_LIFETIME if spec.temp else None
     run_id = f"{job.attempts}-{secrets.token_hex(4)}"
@@ -133,9 +125,7 @@ def _store(
     try:
         for index, (image, seed, nsfw) in enumerate(samples):
             name = run_output_filename(job, index, run_id)
-            level = runtime.settings.png_compress_level
-            data = pngs[index] if pngs is not None else png.encode(image, level)
-            _save(runtime, name, data)
+            _save(runtime, name, png.encode(image, runtime.settings.png_compress_level))
             records.append(
                 OutputRecord(index, name, image.width, image.height, seed, nsfw, expires_at)
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from celery import Celery
@@ -31,6 +32,10 @@ class WorkerRuntime:
     cache: ModelCache = field(default_factory=ModelCache)
     # Set: batches are pipelined (worker.overlap); None: each batch is recorded before return.
     overlap: Overlap | None = None
+    # Writes a running batch's progress off the pipeline's thread (worker.step_progress).
+    progress_writer: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="progress-writer")
+    )
     storage: Storage = field(init=False)
     held: HeldJobs = field(init=False)
 
