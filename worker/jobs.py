@@ -15,7 +15,8 @@ the claim that takes its expired job over (or fails it out of attempts) deletes 
 (worker.dead_runs, in a thread), as the sweeper does when it hands such a job back or fails it.
 
 Concluding a batch (its storage writes, one transaction for its successes, retries while the
-storage or the database is away) is worker.recording's; the lease heartbeat worker.leases'.
+storage or the database is away) is worker.recording's; the lease heartbeat
+worker.job_leases'.
 
 Batching (see docs/PERFORMANCE.md): after claiming the job it was sent, the worker claims up to
 `max_batch - 1` more queued jobs with the same `batch_key` in one conditional UPDATE
@@ -39,7 +40,8 @@ in the same task (`MAX_BATCHES_PER_TASK` at most); once its pipeline call ends, 
 runs in a background thread while the next batch (claimed ahead, or the next message's)
 generates; the next conclusion waits for its images to be stored (worker.overlap). Without
 `overlap` (the tests' runtimes, or `DARKROOM_WORKER_PIPELINE=false`), `run_job` returns only
-once every job of the batch is recorded. The guarantees are the same either way: see worker/overlap.py.
+once every job of the batch is recorded. The guarantees are the same either way: see
+worker/overlap.py.
 """
 
 from __future__ import annotations
@@ -48,7 +50,6 @@ import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from contextlib import AbstractContextManager
 
 from pydantic import ValidationError
 
@@ -67,7 +68,6 @@ from worker.bench_generator import fake_generate_batch, fake_generator_enabled
 from worker.dead_runs import delete_unrecorded_files_soon
 from worker.families import output_size as family_output_size
 from worker.images import ImageInputError, fetch_images
-from worker.leases import renewing
 from worker.pipelines.request import GenerationRequest, LoraSpec, StepHook
 from worker.progress_hooks import BatchProgress
 from worker.recording import INTERNAL_ERROR, TEMP_LIFETIME, conclude_batch, finish
@@ -220,7 +220,7 @@ def _run_one_batch(
     job on its own; when pipelining, the next batch claimed ahead during the call."""
     settings = runtime.settings
     ahead: Future[_Ahead] | None = None
-    with _heartbeat({job.id: job.attempts for job, _spec in batch}, settings):
+    with runtime.leases.renewing({job.id: job.attempts for job, _spec in batch}):
         ready = prepared if prepared is not None else _prepare_all(runtime, batch)
         if not ready:
             return None
@@ -245,7 +245,7 @@ def _run_one_batch(
     claims = {item.job.id: item.job.attempts for item in ready}
 
     def conclude(stored: Callable[[], None]) -> None:
-        with _heartbeat(claims, settings):
+        with runtime.leases.renewing(claims):
             conclude_batch(runtime, ready, results, canceled, stored)
 
     overlap.behind(conclude)
@@ -350,20 +350,3 @@ def _build_request(
         safety_checker_type=spec.safety_checker_type,
         on_step=on_step,
     )
-
-
-def _heartbeat(claims: dict[int, int], settings: Settings) -> AbstractContextManager[None]:
-    """Renew the leases of a batch's jobs while it runs, so the sweeper knows this worker is
-    alive. `claims` maps each job id to its claim's attempt: a job that has ended, or that
-    another claim took (this run stalled past its lease), is skipped by the update."""
-
-    def renew() -> bool:
-        with session_scope(settings.resolved_database_url) as session:
-            renewed = jobs.extend_leases(session, claims, settings.job_lease_s)
-        if renewed < len(claims):
-            log.debug(
-                "jobs %s: %d leases are no longer this run's", list(claims), len(claims) - renewed
-            )
-        return True  # the others still need it
-
-    return renewing(renew, settings.job_lease_s / 3, f"lease-{next(iter(claims))}")

@@ -13,6 +13,7 @@ from darkroom.storage import Storage, make_storage
 from db.models import Job
 from worker.fastpath import fast_path_for
 from worker.held import HeldJobs
+from worker.job_leases import JobLeases
 from worker.memory import device_budget
 from worker.models.cache import ModelCache
 from worker.overlap import Overlap
@@ -38,10 +39,12 @@ class WorkerRuntime:
     )
     storage: Storage = field(init=False)
     held: HeldJobs = field(init=False)
+    leases: JobLeases = field(init=False)
 
     def __post_init__(self) -> None:
         self.storage = make_storage(self.settings)
         self.held = HeldJobs(self.settings.job_lease_s)
+        self.leases = JobLeases(self.settings)
         device = self.cache.device
         budget = device_budget(device, self.settings.gpu_memory_fraction)
         self.cache.configure(fast_path_for(self.settings, device), budget)
