@@ -288,7 +288,7 @@ def _prepare_all(runtime: WorkerRuntime, batch: list[tuple[Job, JobSpec]]) -> li
     if runtime.overlap is None or len(batch) < 2:
         prepared = [_prepare(runtime, job, spec) for job, spec in batch]
     else:
-        prepared = runtime.overlap.map(lambda pair: _prepare(runtime, *pair), batch)
+        prepared = runtime.overlap.fetch_map(lambda pair: _prepare(runtime, *pair), batch)
     return [item for item in prepared if item is not None]
 
 

@@ -34,8 +34,8 @@ success (worker.held). So:
 - a stopping worker claims nothing more ahead (`stopping`) and drains the pending conclusions
   (`Overlap.drain`, on `worker_shutdown`, once the running task has returned).
 
-Each job's PNG encoding and storing runs in the thread pool (the encoders and fsync release
-the GIL, so one job's write overlaps another's encoding); so do init image fetches.
+Each job's PNG encoding and storing runs in a thread pool (the encoders and fsync release the
+GIL, so one job's write overlaps another's encoding); init image fetches run in another.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-#: Threads that fetch and decode init images, and encode and store each job's PNGs.
+#: Threads that fetch and decode init images; as many encode and store each job's PNGs.
 POOL_THREADS = 4
 #: Conclusions running at once: one storing its batch's images while the one before records.
 CONCLUSIONS_AT_ONCE = 2
@@ -65,11 +65,14 @@ class _Conclusion:
 
 
 class Overlap:
-    """Background conclusions (two at most, one storing images), and a small pool for
-    fetching, encoding and storing."""
+    """Background conclusions (two at most, one storing images), and two small pools: one
+    fetches the next batch's images, one encodes and stores the last batch's. Two, so that the
+    next batch's fetches never queue behind a conclusion's encodes: the fetches are on the
+    critical path (the next call waits for them), the encodes are not."""
 
     def __init__(self, threads: int = POOL_THREADS) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="overlap-pool")
+        self._fetch_pool = ThreadPoolExecutor(threads, thread_name_prefix="overlap-fetch")
+        self._store_pool = ThreadPoolExecutor(threads, thread_name_prefix="overlap-store")
         self._behind = ThreadPoolExecutor(
             max_workers=CONCLUSIONS_AT_ONCE, thread_name_prefix="overlap-conclude"
         )
@@ -79,9 +82,15 @@ class Overlap:
         self._pending: list[_Conclusion] = []
         self._lock = threading.Lock()
 
-    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
-        """`fn` over `items` in the pool, results in order (an exception is raised here)."""
-        return list(self._pool.map(fn, items))
+    def fetch_map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        """`fn` over `items` in the fetching pool, results in order (an exception is raised
+        here)."""
+        return list(self._fetch_pool.map(fn, items))
+
+    def store_map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        """`fn` over `items` in the storing pool, results in order (an exception is raised
+        here)."""
+        return list(self._store_pool.map(fn, items))
 
     def ahead(self, prefetch: Callable[[], T]) -> Future[T]:
         """Start claiming and preparing the next batch while the current one generates."""
@@ -113,7 +122,8 @@ class Overlap:
         self.drain()
         self._behind.shutdown(wait=True)
         self._ahead.shutdown(wait=True)
-        self._pool.shutdown(wait=True)
+        self._fetch_pool.shutdown(wait=True)
+        self._store_pool.shutdown(wait=True)
 
     @staticmethod
     def _guarded(conclude: Callable[[Callable[[], None]], None], stored: threading.Event) -> None:

@@ -92,7 +92,7 @@ def _conclude_each(
     pairs = list(zip(ready, results, strict=True))
     if runtime.overlap is None:
         return [one(pair) for pair in pairs]
-    return runtime.overlap.map(one, pairs)
+    return runtime.overlap.store_map(one, pairs)
 
 
 def conclude(
