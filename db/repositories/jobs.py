@@ -298,18 +298,19 @@ def claim_batch_companions(
 ) -> list[Job]:
     """Take up to `limit` more queued jobs with `batch_key` to run beside job `leader_id`.
 
-    The candidates are locked with SELECT ... FOR UPDATE SKIP LOCKED on Postgres: two workers
-    collecting companions at once skip each other's rows instead of waiting, and a row that
-    another worker is claiming right now (its own message arrived) is skipped too. Then one
-    conditional UPDATE takes those still queued. (Not one UPDATE over a LIMIT subquery: Postgres
-    may rescan such a subquery and take more than `limit` rows.) SQLite ignores the lock clause;
-    it has one writer at a time, and the UPDATE's condition covers the moment in between.
-    Oldest jobs first.
+    One statement (issue 15: each round trip of a worker's claim waits for the interpreter lock
+    again, and the claim is on the path to the next pipeline call): a materialized CTE selects
+    the candidates with FOR UPDATE SKIP LOCKED on Postgres, so two workers collecting companions
+    at once skip each other's rows instead of waiting, and a row that another worker is
+    claiming right now (its own message arrived) is skipped too; the UPDATE takes those still
+    queued and returns their rows. (Materialized: Postgres evaluates such a CTE once, whereas
+    an UPDATE over a plain LIMIT subquery may rescan it and take more than `limit` rows.)
+    SQLite ignores the lock clause; it has one writer at a time. Oldest jobs first.
     """
     if limit < 1:
         return []
     now = db_now(session)
-    candidates = session.scalars(
+    candidates = (
         select(Job.id)
         .where(
             Job.batch_key == batch_key,
@@ -321,26 +322,17 @@ def claim_batch_companions(
         .order_by(Job.id)
         .limit(limit)
         .with_for_update(skip_locked=True)
-    ).all()
-    if not candidates:
-        return []
-    result = session.execute(
+        .cte("candidates")
+        .prefix_with("MATERIALIZED", dialect="postgresql")
+    )
+    claimed = session.scalars(
         update(Job)
-        .where(Job.id.in_(candidates), Job.state == JobState.QUEUED)
+        .where(Job.id.in_(select(candidates.c.id)), Job.state == JobState.QUEUED)
         .values(_claimed(now, lease_s))
-        .returning(Job.id)
-        .execution_options(synchronize_session=False)
+        .returning(Job),
+        execution_options={"populate_existing": True, "synchronize_session": False},
     )
-    claimed = sorted(result.scalars())
-    if not claimed:
-        return []
-    rows = session.scalars(
-        select(Job)
-        .where(Job.id.in_(claimed))
-        .order_by(Job.id)
-        .execution_options(populate_existing=True)
-    )
-    return list(rows)
+    return sorted(claimed, key=lambda job: job.id)
 
 
 def _fenced(job_id: int, attempt: int | None) -> ColumnElement[bool]:
