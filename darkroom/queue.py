@@ -131,6 +131,25 @@ class HeldIds:
         """True if a consumer of `queue` took `record_id`'s message and has not acknowledged it."""
         return record_id in self.unacked.get(queue, set())
 
+    def knows(self, queue: str, record_id: int) -> bool:
+        """True if `record_id`'s message waits in `queue` or a consumer of it took it."""
+        return self.holds(queue, record_id) or self.delivered(queue, record_id)
+
+    def with_(self, other: HeldIds) -> HeldIds:
+        """What either look saw held: an id held in one of two looks was not lost."""
+        names = self.waiting.keys() | other.waiting.keys() | self.unacked.keys()
+        names |= other.unacked.keys()
+        return HeldIds(
+            {
+                name: self.waiting.get(name, set()) | other.waiting.get(name, set())
+                for name in names
+            },
+            {
+                name: self.unacked.get(name, set()) | other.unacked.get(name, set())
+                for name in names
+            },
+        )
+
 
 def held_ids(
     settings: Settings, task_name: str, queues: Iterable[str], timeout_s: float

@@ -151,6 +151,8 @@ def _lost_jobs(settings: Settings) -> list[int]:
     with session_scope(settings.resolved_database_url) as session:
         now = db_now(session)
         waiting = _published_jobs(session, settings, now, settings.lost_message_grace_s)
+        if any(not held.knows(queue, job_id) for job_id, queue in waiting):
+            held = _look_again(settings, RUN_JOB_TASK, queues, held)
         missing = [(job_id, queue) for job_id, queue in waiting if not held.holds(queue, job_id)]
         taken = {job_id for job_id, queue in missing if held.delivered(queue, job_id)}
         old = _published_jobs(session, settings, now, settings.republish_after_s) if taken else []
@@ -165,6 +167,15 @@ def _published_jobs(
     before = now - timedelta(seconds=seconds)
     rows = jobs.long_queued(session, published_before=before, limit=LOST_SCAN_LIMIT)
     return [(job_id, queue or settings.job_queue) for job_id, queue in rows]
+
+
+def _look_again(settings: Settings, task_name: str, queues: set[str], held: HeldIds) -> HeldIds:
+    """`held` with what a second look at the broker sees. One look can miss a message that is
+    being handed to a consumer: kombu's Redis transport pops it from its queue (BRPOP) before
+    it adds it to the unacked hash, and such a message would be published again for nothing.
+    A message that is really lost is missing from both looks."""
+    again = _held(settings, task_name, queues)
+    return held if again is None else held.with_(again)
 
 
 def _held(settings: Settings, task_name: str, queues: set[str]) -> HeldIds | None:
@@ -239,6 +250,11 @@ def _due_deliveries(settings: Settings) -> list[int]:
     stale = now - timedelta(seconds=settings.republish_after_s)
     if held is None:  # the broker cannot answer: send only what was never sent (it may work)
         return [delivery_id for delivery_id, published_at in due if published_at is None]
+    if any(
+        published_at is not None and not held.knows(queue, delivery_id)
+        for delivery_id, published_at in due
+    ):
+        held = _look_again(settings, DELIVER_WEBHOOK_TASK, {queue}, held)
     lost = [
         delivery_id
         for delivery_id, published_at in due

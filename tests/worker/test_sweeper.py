@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 import redis
@@ -15,7 +16,14 @@ from celery import Celery
 from sqlalchemy import select, update
 
 from darkroom.identities import FailureReason, Operation
-from darkroom.queue import DELIVER_WEBHOOK_TASK, RUN_JOB_TASK, make_celery, send
+from darkroom.queue import (
+    DELIVER_WEBHOOK_TASK,
+    RUN_JOB_TASK,
+    HeldIds,
+    held_ids,
+    make_celery,
+    send,
+)
 from darkroom.settings import Settings
 from darkroom.storage import LocalStorage
 from db.models import (
@@ -36,6 +44,7 @@ from services.outcomes import exhausted_message
 from services.responses import run_output_filename
 from tests.support.broker import published
 from tests.support.rows import queued_job
+from worker import sweeper
 from worker.sweeper import PARTIAL_WRITE_MAX_AGE_S, SweepReport, remove_partial_writes, sweep_once
 
 HOOK = "http://127.0.0.1:9/hook"
@@ -369,3 +378,34 @@ def test_the_files_a_dead_run_wrote_but_never_recorded_are_deleted(
         assert not (tuned.outputs_dir / name).exists()
     for name in (named, later_claim, neighbours):
         assert (tuned.outputs_dir / name).exists()
+
+
+def test_a_message_between_queue_and_unacked_hash_is_not_sent_again(
+    tuned: Settings,
+    api_key: IssuedKey,
+    broker: Celery,
+    rds: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """kombu's Redis transport pops a message from its queue (BRPOP) before it adds it to the
+    unacked hash: a look at the broker in between sees it nowhere. The sweeper looks again
+    before calling it lost. Here the worker's two steps straddle the sweeper's first look."""
+    job_id = _job(tuned, api_key, created_at=_ago(120), enqueued_at=_ago(60))
+    assert send(broker, RUN_JOB_TASK, job_id, queue=tuned.job_queue)
+    raw = rds.lpop(tuned.job_queue)  # the worker's BRPOP: the message is in its hands
+    assert isinstance(raw, bytes)
+    tag = f"test-{uuid.uuid4()}"
+    real_look = held_ids
+
+    def look_then_append(*args: Any, **kwargs: Any) -> HeldIds:
+        seen = real_look(*args, **kwargs)
+        if not rds.hexists(UNACKED, tag):  # the worker's qos.append, after the first look
+            rds.hset(UNACKED, tag, json.dumps([json.loads(raw), "", tuned.job_queue]))
+        return seen
+
+    monkeypatch.setattr(sweeper, "held_ids", look_then_append)
+    try:
+        assert sweep_once(tuned, broker).enqueued_jobs == 0
+        assert _count(rds, tuned.job_queue, RUN_JOB_TASK, job_id) == 0
+    finally:
+        rds.hdel(UNACKED, tag)
