@@ -3,10 +3,13 @@
 A thread samples the cumulative CPU time (utime + stime in /proc/<pid>/stat) of each group's
 processes every SAMPLE_S, and the machine's busy time (/proc/stat). `CpuSampler.spent` then
 gives, for any window inside the sampling, the CPU seconds of each group, of the machine, and
-of everything else on it (other users' load). Groups are functions that list pids, asked again
-every DISCOVER_S so that processes started later (a worker per case, a new Postgres backend)
-are counted: a pid first seen inside the window counts from zero (its whole life), a pid that
-ended inside it counts to its last sample (under by at most SAMPLE_S of its CPU).
+of everything else on it (other users' load). The groups' pids are asked again at every sample
+so that processes started later (a worker per case, a new Postgres backend) are counted: a pid
+first seen inside the window counts from zero (its whole life), a pid that ended inside it
+counts to its last sample (under by at most SAMPLE_S of its CPU). `run_sampler` asks the
+database for its backends at every sample (a worker opens its connections just before its
+first batch: a backend found a second late was missed by a short window) and scans /proc for
+the children every DISCOVER_S only (a scan costs milliseconds; children start seconds early).
 
 Linux only; elsewhere every figure is empty.
 """
@@ -34,7 +37,7 @@ SELF = "this benchmark"
 OTHERS = "others on the machine"
 MACHINE = "machine (all)"
 
-#: The pids of each group of processes, asked again every DISCOVER_S.
+#: The pids of each group of processes, asked again at every sample.
 GroupLister = Callable[[], dict[str, list[int]]]
 
 
@@ -125,11 +128,8 @@ class CpuSampler:
         self._thread.join()
 
     def _run(self) -> None:
-        discovered = 0.0
         while True:
-            if time.monotonic() - discovered >= DISCOVER_S:
-                self._discover()
-                discovered = time.monotonic()
+            self._discover()
             self.samples.append(self._sample())
             if self._stop.wait(SAMPLE_S):
                 self.samples.append(self._sample())
@@ -198,12 +198,16 @@ def run_sampler(database_url: str, markers: dict[str, str]) -> Iterator[CpuSampl
         "WHERE datname = current_database() AND pid <> pg_backend_pid()"
     )
 
+    children: dict[str, list[int]] = {}
+    scanned = -DISCOVER_S
+
     def groups() -> dict[str, list[int]]:
-        found = children_by_marker(os.getpid(), markers)
+        nonlocal children, scanned
+        if time.monotonic() - scanned >= DISCOVER_S:
+            children, scanned = children_by_marker(os.getpid(), markers), time.monotonic()
         with engine.connect() as connection:
-            found[POSTGRES] = [int(pid) for pid in connection.execute(query).scalars()]
-        found[SELF] = [os.getpid()]
-        return found
+            backends = [int(pid) for pid in connection.execute(query).scalars()]
+        return {**children, POSTGRES: backends, SELF: [os.getpid()]}
 
     try:
         with CpuSampler([*markers, POSTGRES, SELF], groups) as sampler:
