@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -125,3 +126,7 @@ def test_sigterm_lets_the_running_job_finish(
     logged = (tmp_path / "worker.log").read_text(errors="replace")
     assert code == 0, logged[-3000:]
     assert _state(settings, job_id) == JobState.SUCCESS, logged[-3000:]
+    # torch, diffusers and the rest were frozen out of garbage collection before the first job.
+    frozen = re.search(r"(\d+) start-up objects frozen out of garbage collection", logged)
+    assert frozen is not None, logged[-3000:]
+    assert int(frozen.group(1)) > 100_000
