@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 
 from cli import admin
 from cli import models as model_commands
+from darkroom.heap import freeze_startup_objects
 from darkroom.logs import configure_logging, resolve_format
 from darkroom.settings import Settings, get_settings
 
@@ -47,8 +48,10 @@ def cmd_api(args: argparse.Namespace, settings: Settings) -> int:
     from api.app import create_app
     from api.server import serve
 
+    app = create_app(settings)
+    freeze_startup_objects()  # darkroom/heap.py: no full collection walks the imports again
     # Read deadlines, connection cap and open-files limit: api/server.py.
-    serve(create_app(settings), settings, args.host, args.port)
+    serve(app, settings, args.host, args.port)
     return 0
 
 
@@ -101,6 +104,7 @@ def cmd_dispatcher(args: argparse.Namespace, settings: Settings) -> int:
     from worker.webhooks.progress import run_progress_sender
 
     dispatcher = create_dispatcher_app(settings)
+    freeze_startup_objects()  # darkroom/heap.py: no full collection walks the imports again
     stop = threading.Event()
     loop = settings.delivers_by_loop
     sweeper = threading.Thread(
