@@ -198,6 +198,18 @@ def test_bad_key_is_refused(client: TestClient, key: object) -> None:
             "init_image",
             "init_image 'ftp://x/y.png' is not an http or https URL",
         ),
+        (
+            "/api/v5/pix2pix",
+            {"init_image": "data:image/png;base64,iVBORw0KGgo="},
+            "init_image",
+            "init_image must be an http or https URL: data: URIs and base64 images are not",
+        ),
+        (
+            "/api/v5/img_mixer",
+            {"init_image": " DATA:image/png;base64,iVBORw0KGgo=", "init_image_weights": None},
+            "init_image",
+            "init_image must be an http or https URL: data: URIs",
+        ),
         ("/api/v5/pix2pix", {"seed": -1}, "seed", "seed must be between 0 and 4294967295"),
         (
             "/api/v5/pix2pix",
