@@ -125,12 +125,12 @@ def to_single_url(value: Any) -> str:
 
 def url_items(value: Any) -> list[Any]:
     """The non-blank items of an array or a comma-separated string; at least one."""
-    if isinstance(value, str) and value.lstrip()[:5].lower() == "data:":
-        # A data: URI holds a comma: split, it would read as two URLs and be refused for that.
-        raise ValueError(
-            "must be an http or https URL: data: URIs and base64 images are not accepted here"
-        )
     if isinstance(value, str):
+        if value.lstrip()[:5].lower() == "data:":
+            # A data: URI holds a comma: split, it would read as two URLs, refused for that.
+            raise ValueError(
+                "must be an http or https URL: data: URIs and base64 images are not accepted here"
+            )
         items: list[Any] = value.split(",")
     elif isinstance(value, list):
         items = value
