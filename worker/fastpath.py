@@ -10,16 +10,18 @@
   value for cross-attention). The unfused layers stay, because LoRA adapters attach to them:
   `unfused_qkv` switches back to them while a request's LoRAs are loaded.
 - torch.compile (CUDA, `DARKROOM_COMPILE=unet`): each Stable Diffusion UNet is compiled in place
-  and warmed up at load (one and two samples, so the batch dimension is compiled dynamic before
-  the first job), with Inductor's caches under `DARKROOM_COMPILE_CACHE_DIR` so that a restarted
-  worker reuses the compiled kernels, and a single-file "mega-cache" beside them
-  (`torch.compiler.save_cache_artifacts`) that a fresh machine can preload.
+  and warmed up at load (one pipeline call with every dimension dynamic, so that one compiled
+  graph serves every batch and output size from the first job on), with Inductor's caches
+  under `DARKROOM_COMPILE_CACHE_DIR` so that a restarted worker reuses the compiled kernels,
+  and a single-file "mega-cache" beside them (`torch.compiler.save_cache_artifacts`) that a
+  fresh machine can preload.
 
 On the CPU nothing but the dtype applies by default, so tests run the plain modules in fp32.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Iterator
@@ -30,6 +32,7 @@ from typing import Any
 
 import torch
 from diffusers.models import attention_processor
+from PIL import Image
 
 from darkroom.settings import Settings
 
@@ -43,8 +46,6 @@ log = logging.getLogger(__name__)
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 #: Output size the compiled UNet is warmed up at: Stable Diffusion 1.5's native 512x512.
 WARMUP_SIZE = 512
-#: Prompt length of the warm-up: one CLIP window, what prompts of up to 75 tokens give.
-WARMUP_TOKENS = 77
 MEGA_CACHE_FILE = "mega-cache.bin"
 
 
@@ -158,12 +159,11 @@ def unfused_qkv(pipeline: Any) -> Iterator[None]:
 
 
 def compile_and_warm_up(pipeline: Any, fast: FastPath) -> None:
-    """Compile the UNet in place with a persistent cache and run it once per batch shape."""
+    """Compile the UNet in place with a persistent cache and warm it up (`warm_up_pipeline`)."""
     if fast.compile_cache_dir is not None:
         use_compile_cache(fast.compile_cache_dir)
-    unet = pipeline.unet
-    unet.compile()
-    warm_up_unet(unet, fast, vae_scale_factor=int(getattr(pipeline, "vae_scale_factor", 8)))
+    pipeline.unet.compile()
+    warm_up_pipeline(pipeline)
     if fast.compile_cache_dir is not None:
         save_mega_cache(fast.compile_cache_dir)
 
@@ -193,15 +193,23 @@ def save_mega_cache(cache_dir: Path) -> None:
 
 
 @torch.no_grad()
-def warm_up_unet(unet: Any, fast: FastPath, vae_scale_factor: int = 8) -> None:
-    """Run the UNet on one and two samples with classifier-free guidance at WARMUP_SIZE."""
-    config = unet.config
-    side = WARMUP_SIZE // vae_scale_factor
-    for batch in (2, 4):
-        sample = torch.randn(batch, config.in_channels, side, side, dtype=fast.dtype)
-        hidden = torch.randn(batch, WARMUP_TOKENS, config.cross_attention_dim, dtype=fast.dtype)
-        timestep = torch.tensor(500, device=fast.device)
-        unet(sample.to(fast.device), timestep, encoder_hidden_states=hidden.to(fast.device))
+def warm_up_pipeline(pipeline: Any) -> None:
+    """Run the pipeline once at WARMUP_SIZE, one sample and one step, with every dimension
+    dynamic, so that the compiled UNet serves the batches and sizes of later jobs unchanged.
+
+    The call goes through the pipeline itself because Dynamo guards on what its UNet call site
+    passes: the timestep's dtype (the scheduler's), the latents' strides (NHWC after the VAE's
+    encoder), the keyword constants. A UNet warmed up with inputs made here instead compiled a
+    graph that no job ever used, and the first job compiled the UNet again. With dimensions
+    dynamic from the first call, one compilation covers every batch and output size; otherwise
+    Dynamo compiles a static graph first and a dynamic one when a dimension changes.
+    """
+    image = Image.new("RGB", (WARMUP_SIZE, WARMUP_SIZE), (127, 127, 127))
+    options: dict[str, Any] = {}
+    if "strength" in inspect.signature(pipeline.__call__).parameters:
+        options["strength"] = 1.0  # img2img: the one step runs
+    with torch._dynamo.config.patch(assume_static_by_default=False):
+        pipeline(prompt="", image=image, num_inference_steps=1, output_type="latent", **options)
 
 
 def _is_text_conditioned_unet(unet: Any) -> bool:
