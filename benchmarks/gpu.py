@@ -2,7 +2,9 @@
 
     python -m benchmarks.gpu [--device cpu|cuda] [--size tiny|reduced|full] [--out FILE.json]
                              [--operations img2img,pix2pix,img_mixer] [--no-compile]
-                             [--peak-tflops N] [--threads N]
+                             [--no-channels-last]
+                             [--peak-tflops N] [--threads N] [--requests N]
+                             [--batch-sizes 1,4,8] [--profile-batch 1,8 --profile-out FILE]
 
 Defaults: CUDA and `full` when a GPU is present, else the CPU and `reduced`. The models are the
 published architectures with seeded random weights (`benchmarks._gpu_models`): Stable Diffusion
@@ -25,6 +27,10 @@ against the same request run unbatched through the same path (and against plain 
 the peak GPU memory of each batch size beyond the weights, the batch the worker's memory-based
 sizing would choose, and MFU: counted FLOPs per image (FlopCounterMode on the meta device) times
 images per second over the device's peak (790 TFLOP/s dense bf16/fp16 for H100 and H200).
+`--requests` and `--batch-sizes` shorten a run to fit a time budget (a lent GPU's minutes).
+`--profile-batch 1,8` profiles one more img2img call of 1, then 8 requests on Darkroom's path with
+torch.profiler and writes where its time went (`--profile-out`, a text table: the busiest CUDA
+kernels, the CPU operators, the share of wall time the GPU was busy).
 The image mixer is not batched by the worker; its row shows the fast path alone, and its plain
 baseline (`KandinskyV22PriorPipeline.interpolate`, given Darkroom's normalised weights) draws
 its randomness differently, so no pixel difference is reported for it.
@@ -39,7 +45,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -49,6 +55,7 @@ from benchmarks._gpu_models import (
     FAMILY_OPERATIONS,
     FAMILY_PRESETS,
     PRESETS,
+    FamilyPreset,
     Preset,
     family_flops_per_image,
     family_pipeline,
@@ -78,6 +85,7 @@ ADAPTIVE_CAP = 64
 _MIB = 2**20
 
 Images = list[Image.Image]
+_AnyPreset = TypeVar("_AnyPreset", Preset, FamilyPreset)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,11 +94,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    preset = PRESETS[args.size or ("full" if device == "cuda" else "reduced")]
+    preset = _shortened(PRESETS[args.size or ("full" if device == "cuda" else "reduced")], args)
     dtype = torch.float16 if device == "cuda" else torch.float32
     cuda = device == "cuda"
     fast = FastPath(
-        device, dtype, channels_last=cuda, fuse_qkv=cuda, compile_unet=cuda and args.compile
+        device,
+        dtype,
+        channels_last=cuda and args.channels_last,
+        fuse_qkv=cuda,
+        compile_unet=cuda and args.compile,
     )
     report = Report(
         "gpu",
@@ -99,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "size": preset.name,
             "dtype": str(dtype).removeprefix("torch."),
             "compile": fast.compile_unet,
+            "channels_last": fast.channels_last,
             "sd_size": preset.sd_size,
             "steps": preset.steps,
             "strength": preset.strength,
@@ -112,6 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     peak = args.peak_tflops if args.peak_tflops is not None else _default_peak(device)
     with tempfile.TemporaryDirectory(prefix="darkroom-gpu-bench-") as work:
         bench = _Bench(preset, Path(work), device, dtype, fast, peak, report)
+        bench.family_preset = _shortened(FAMILY_PRESETS[preset.name], args)
+        batches = [int(b) for b in args.profile_batch.split(",") if b.strip()]
+        bench.profile = (batches, args.profile_out)
         for operation in args.operations.split(","):
             bench.run(operation.strip())
     report.emit(args.out)
@@ -126,9 +142,24 @@ def _parser() -> argparse.ArgumentParser:
     operations = [Operation.IMG2IMG, Operation.PIX2PIX, Operation.IMG_MIXER, *FAMILY_OPERATIONS]
     parser.add_argument("--operations", default=",".join(operations))
     parser.add_argument("--no-compile", dest="compile", action="store_false")
+    parser.add_argument("--no-channels-last", dest="channels_last", action="store_false")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--requests", type=int, default=None, help="requests per measurement")
+    parser.add_argument("--batch-sizes", default=None, help="comma-separated, e.g. 1,4,8")
+    parser.add_argument("--profile-batch", default="", help="batch sizes to profile, e.g. 1,8")
+    parser.add_argument("--profile-out", type=Path, default=Path("gpu-profile.txt"))
     return parser
+
+
+def _shortened(preset: _AnyPreset, args: argparse.Namespace) -> _AnyPreset:
+    """The preset with the command line's request count and batch sizes, where given."""
+    changes: dict[str, Any] = {}
+    if args.requests:
+        changes["requests"] = args.requests
+    if args.batch_sizes:
+        changes["batch_sizes"] = tuple(int(size) for size in args.batch_sizes.split(","))
+    return replace(preset, **changes)
 
 
 def _default_peak(device: str) -> float | None:
@@ -154,6 +185,8 @@ class _Bench:
     ) -> None:
         self.preset, self.work, self.device, self.dtype = preset, work, device, dtype
         self.fast, self.peak_tflops, self.report = fast, peak_tflops, report
+        self.family_preset = FAMILY_PRESETS[preset.name]
+        self.profile: tuple[list[int], Path] = ([], Path("gpu-profile.txt"))
 
     def run(self, operation: str) -> None:
         """Measure one operation: plain diffusers first, then Darkroom's path."""
@@ -180,13 +213,17 @@ class _Bench:
         apply_fast_path(pipe, self.fast)
         runner = img2img.run_batch if kind == Operation.IMG2IMG else pix2pix.run_batch
         self._batched(kind, pipe, runner, requests, plain, flops)
+        batches, target = self.profile
+        if batches and kind == Operation.IMG2IMG:
+            tables = [_profile_call(pipe, runner, (requests * b)[:b]) for b in batches]
+            target.write_text("\n\n".join(tables))
 
     def _family(self, kind: str) -> None:
         """SDXL or Flux img2img at the family preset's size (1024x1024 in `full`): plain
         diffusers, then the worker's family runner at each batch size. Flux runs in bfloat16
         on CUDA, as the worker runs it (its activations overflow float16)."""
         family = FAMILY_OPERATIONS[kind]
-        preset = FAMILY_PRESETS[self.preset.name]
+        preset = self.family_preset
         dtype = torch.bfloat16 if family == Family.FLUX and self.device == "cuda" else self.dtype
         pipe = family_pipeline(preset, family, self.work, self.device, dtype)
         guidance = preset.flux_guidance if family == Family.FLUX else GUIDANCE
@@ -296,6 +333,8 @@ class _Bench:
     def _row(self, kind: str, path: str, batch: int, run: _Run, flops: int, baseline: _Run) -> None:
         rate = len(run.images) / run.seconds
         achieved = flops * rate / 1e12
+        # Printed as measured too: a run cut short by its time budget still shows its rows.
+        print(f"row: {kind} {path} batch {batch}: {rate:.2f} images/s", flush=True)
         self.report.add(
             operation=kind,
             path=path,
@@ -321,6 +360,52 @@ class _Run:
         self.peak_bytes: int | None = None
         self.diff_unbatched: int | None = None
         self.diff_plain: int | None = None
+
+
+def _profile_call(pipe: Any, runner: Any, chunk: list[GenerationRequest]) -> str:
+    """Profile one call of `chunk` after an unprofiled one; where its time went, as text."""
+    from torch._C._autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    cuda = torch.cuda.is_available() and pipe.device.type == "cuda"
+    if cuda:
+        activities.append(ProfilerActivity.CUDA)
+    runner((pipe,), chunk, RequestAssets())  # this shape may not have run yet
+    started = _now(pipe.device.type)
+    runner((pipe,), chunk, RequestAssets())
+    unprofiled = _now(pipe.device.type) - started
+    started = _now(pipe.device.type)
+    with profile(activities=activities) as prof:
+        runner((pipe,), chunk, RequestAssets())
+        _now(pipe.device.type)
+    wall = time.perf_counter() - started
+    vae_seconds = _vae_decode_seconds(pipe, len(chunk), chunk[0].width // pipe.vae_scale_factor)
+    events = prof.key_averages()
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    # The kernels' own rows: an operator's row repeats the time of the kernels it launched.
+    kernels = [event for event in events if event.device_type == DeviceType.CUDA]
+    device_us = sum(event.self_device_time_total for event in kernels)
+    lines = [
+        f"a call of {len(chunk)} requests: {unprofiled * 1000:.1f} ms, {wall * 1000:.1f} profiled",
+        f"kernel time {device_us / 1000:.1f} ms: GPU busy {device_us / 1e6 / unprofiled:.3f}",
+        f"VAE decode of {len(chunk)} latents alone: {vae_seconds * 1000:.1f} ms (unprofiled)",
+        events.table(sort_by=sort, row_limit=45, max_name_column_width=70),
+    ]
+    print(*lines[:3], sep="\n")
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def _vae_decode_seconds(pipe: Any, samples: int, side: int) -> float:
+    """The median of three VAE decodes of `samples` random latents `side` wide and high."""
+    latents = torch.randn(samples, 4, side, side, device=pipe.device, dtype=pipe.vae.dtype)
+    times = []
+    for _ in range(3):
+        started = _now(pipe.device.type)
+        pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
+        times.append(_now(pipe.device.type) - started)
+    return median(times)
 
 
 def _now(device: str) -> float:
