@@ -26,11 +26,11 @@ from torch._dynamo.utils import counters
 
 from darkroom.identities import Family, Operation
 from darkroom.settings import Settings
+from tests.support.tiny import small_request, tiny_settings_at
 from worker.batching import generate_batch
 from worker.fastpath import MEGA_CACHE_FILE, FastPath, fast_path_for, qkv_fused
 from worker.memory import ShapeKey, available_bytes
 from worker.models.cache import ModelCache
-from worker.models.tiny import ensure_tiny_models
 from worker.models.weights import resolve_model
 from worker.pipelines.generate import generate
 from worker.pipelines.request import GenerationRequest, LoraSpec
@@ -54,9 +54,7 @@ MODELS = [
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    settings = Settings(data_dir=tmp_path_factory.mktemp("darkroom"), model_preset="tiny")
-    ensure_tiny_models(settings.tiny_models_dir)
-    return settings
+    return tiny_settings_at(tmp_path_factory.mktemp("darkroom"))
 
 
 @pytest.fixture(scope="module")
@@ -74,22 +72,13 @@ def float32() -> ModelCache:
 
 
 def _request(operation: str = Operation.IMG2IMG, **fields: Any) -> GenerationRequest:
-    mixing = operation == Operation.IMG_MIXER
-    base: dict[str, Any] = {
-        "operation": operation,
-        "model_id": None,
-        "prompt": "a quiet harbour at dawn",
-        "negative_prompt": "",
-        "images": (Image.new("RGB", (64, 64), (40, 90, 200)),),
-        "image_weights": (1.0,) if mixing else (),
-        "width": 64,
-        "height": 64,
-        "steps": 4,
-        "guidance_scale": 3.5 if fields.get("model_id") == "tiny-flux" else 7.0,
-        "seeds": (21,),
-        **fields,
-    }
-    return GenerationRequest(**base)
+    """One sample of the small request; the mixer's image weight and Flux's guidance."""
+    defaults: dict[str, Any] = {"seeds": (21,)}
+    if operation == Operation.IMG_MIXER:
+        defaults["image_weights"] = (1.0,)
+    if fields.get("model_id") == "tiny-flux":
+        defaults["guidance_scale"] = 3.5
+    return small_request(operation, **(defaults | fields))
 
 
 def _pixels(images: list[Image.Image]) -> np.ndarray:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from darkroom.settings import Settings
+from tests.support.tiny import tiny_settings_at
 from worker.models.cache import ModelCache
-from worker.models.tiny import ensure_tiny_models
 
 # The tiny models' matrices are too small to gain from intra-op threads, and on a shared two-core
 # CI machine extra threads only contend: one thread runs these tests about three times faster.
@@ -17,9 +17,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tiny_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     """Settings of the tiny preset, with its models already built under a temporary folder."""
-    settings = Settings(data_dir=tmp_path_factory.mktemp("darkroom"), model_preset="tiny")
-    ensure_tiny_models(settings.tiny_models_dir)
-    return settings
+    return tiny_settings_at(tmp_path_factory.mktemp("darkroom"))
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ from PIL import Image
 from darkroom.identities import Operation
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
+from tests.support.tiny import small_request
 from worker.fastpath import (
     FastPath,
     ensure_sdpa,
@@ -33,7 +34,7 @@ from worker.memory import MemoryProfile, ShapeKey
 from worker.models.cache import ModelCache
 from worker.models.weights import ModelSpec, resolve_model
 from worker.pipelines.generate import generate
-from worker.pipelines.request import GenerationRequest, LoraSpec
+from worker.pipelines.request import LoraSpec
 
 diffusers_untyped: Any = diffusers  # untyped constructors
 
@@ -42,22 +43,7 @@ PIXEL_TOLERANCE = 2
 ALL_ON = FastPath(device="cpu", dtype=torch.float32, channels_last=True, fuse_qkv=True)
 
 
-def _request(operation: str = Operation.IMG2IMG, **fields: Any) -> GenerationRequest:
-    base: dict[str, Any] = {
-        "operation": operation,
-        "model_id": None,
-        "prompt": "a quiet harbour at dawn",
-        "negative_prompt": "",
-        "images": (Image.new("RGB", (64, 64), (40, 90, 200)),),
-        "image_weights": (),
-        "width": 64,
-        "height": 64,
-        "steps": 4,
-        "guidance_scale": 7.0,
-        "seeds": (21, 22),
-        **fields,
-    }
-    return GenerationRequest(**base)
+_request = small_request
 
 
 def _max_diff(one: list[Image.Image], other: list[Image.Image]) -> int:
