@@ -515,12 +515,20 @@ def published_queued_counts(session: Session, default_queue: str) -> dict[str, i
 
 
 def jobs_with_expired_lease(session: Session, *, limit: int = 100) -> list[Job]:
-    """Processing jobs whose worker stopped renewing the lease (it crashed or vanished)."""
+    """Processing jobs whose worker stopped renewing the lease (it crashed or vanished),
+    locked until the caller's transaction ends (on Postgres).
+
+    The lock closes a race: a stalled worker that wakes up may renew its lease or record its
+    result between this read and the sweeper's update, and the sweeper would then fail (out
+    of attempts) or requeue a live run and delete its files. Locked, the worker's write waits
+    for the sweeper's commit and then finds the job no longer its own; a row a worker is
+    writing right now is skipped (SKIP LOCKED) and looked at again at the next sweep."""
     rows = session.scalars(
         select(Job)
         .where(Job.state == JobState.PROCESSING, Job.lease_until < DbNow())
         .order_by(Job.id)
         .limit(limit)
+        .with_for_update(skip_locked=True)
     )
     return list(rows)
 

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
+from sqlalchemy.exc import OperationalError
 
 from darkroom.identities import FailureReason, Operation
 from darkroom.queue import (
@@ -38,7 +39,7 @@ from db.models import (
 from db.repositories import idempotency, jobs, webhooks
 from db.repositories.jobs import ClaimOutcome
 from db.repositories.keys import IssuedKey, create_key
-from db.session import session_scope
+from db.session import session_factory, session_scope
 from services import outcomes
 from services.outcomes import exhausted_message
 from services.responses import run_output_filename
@@ -409,3 +410,28 @@ def test_a_message_between_queue_and_unacked_hash_is_not_sent_again(
         assert _count(rds, tuned.job_queue, RUN_JOB_TASK, job_id) == 0
     finally:
         rds.hdel(UNACKED, tag)
+
+
+def test_a_worker_cannot_renew_a_lease_the_sweeper_is_acting_on(
+    tuned: Settings, api_key: IssuedKey
+) -> None:
+    """Between reading an expired lease and failing or requeueing the job, the sweeper holds the
+    row: a stalled worker that wakes up cannot renew its lease (nor record its result) in
+    between, so a live run is never failed or requeued under it. A row a worker is writing is
+    skipped instead of waited for, and taken up at a later sweep."""
+    attempt = tuned.job_max_attempts
+    orphan = _orphan(tuned, api_key, attempts=attempt)
+    factory = session_factory(tuned.resolved_database_url)
+    with factory() as sweeper, factory() as worker:
+        assert orphan in [job.id for job in jobs.jobs_with_expired_lease(sweeper)]
+        worker.execute(text("SET LOCAL lock_timeout = '500ms'"))
+        with pytest.raises(OperationalError, match="lock timeout"):
+            jobs.extend_lease(worker, orphan, 60, attempt=attempt)
+        worker.rollback()
+        sweeper.rollback()
+
+        assert jobs.extend_lease(worker, orphan, 60, attempt=attempt)  # not committed yet
+        sweeper.execute(text("SET LOCAL lock_timeout = '500ms'"))
+        assert orphan not in [job.id for job in jobs.jobs_with_expired_lease(sweeper)]
+        sweeper.rollback()
+        worker.rollback()
