@@ -129,7 +129,9 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
         response = error_response(413, TOO_LARGE)
         response.headers["connection"] = "close"
         return response
-    return error_response(exc.status_code, str(exc.detail))
+    response = error_response(exc.status_code, str(exc.detail))
+    response.headers.update(exc.headers or {})  # a 503's Retry-After (api.middleware)
+    return response
 
 
 async def _database_down(_request: Request, exc: Exception) -> JSONResponse:

@@ -6,7 +6,10 @@ for as long as it likes. `GuardedH11Protocol` closes a connection whose request 
 complete within `header_timeout_s` of its first byte (or of the connection, for the first
 request), restarting the clock for each request of a keep-alive connection, and one whose body
 is not complete within `body_timeout_s`. It also refuses connections past `max_connections`
-(503 and close), so descriptors run out neither for the process nor for `/health`. At start
+(503 and close), so descriptors run out neither for the process nor for `/health`, and one
+whose client stops reading its answer (the socket's buffer full, writing paused) for
+`write_timeout_s`: without it a client that pipelines requests and never reads holds its
+connection, and its answers' memory, for ever. At start
 the process raises its open-files soft limit to the hard limit. The figures and how they are
 sized together are in docs/OPERATIONS.md ("Sizing the API").
 """
@@ -37,11 +40,13 @@ FD_RESERVE = 256
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    """Deadlines on reading each request, and the cap on open connections."""
+    """Deadlines on reading each request and on a stalled response, and the cap on open
+    connections."""
 
     header_timeout_s: float
     body_timeout_s: float
     max_connections: int
+    write_timeout_s: float = 30.0
 
 
 def _busy_response() -> bytes:
@@ -119,6 +124,7 @@ class GuardedH11Protocol(H11Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._deadline: asyncio.TimerHandle | None = None
+        self._write_deadline: asyncio.TimerHandle | None = None
         self._reading: object = None  # the h11 state the deadline is for: IDLE or SEND_BODY
         self._real: asyncio.Transport | None = None
         #: Answered and closing, while the client may still be sending (see `close`).
@@ -169,7 +175,30 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._stop_write_deadline()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The client stopped taking bytes: its answer must move again within the deadline."""
+        super().pause_writing()
+        if self._write_deadline is None:
+            timeout_s = self.limits.write_timeout_s
+            self._write_deadline = self.loop.call_later(timeout_s, self._write_timed_out)
+
+    def resume_writing(self) -> None:
+        self._stop_write_deadline()
+        super().resume_writing()
+
+    def _stop_write_deadline(self) -> None:
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+
+    def _write_timed_out(self) -> None:
+        self._write_deadline = None
+        self.logger.debug("closing a connection: its client stopped reading the answer")
+        if self._real is not None:
+            self._real.abort()  # the buffered answer is dropped: nobody is reading it
 
     def _follow_request(self) -> None:
         """Arm, move or cancel the read deadline for the state h11 is now in."""
@@ -223,7 +252,12 @@ def connection_limits(settings: Settings, open_files: int) -> ConnectionLimits:
     """The limits from `settings`, with the connection cap kept below the open-files limit."""
     room = max(open_files - FD_RESERVE, 1) if open_files != resource.RLIM_INFINITY else None
     cap = settings.api_max_connections if room is None else min(settings.api_max_connections, room)
-    return ConnectionLimits(settings.api_header_timeout_s, settings.api_body_timeout_s, cap)
+    return ConnectionLimits(
+        settings.api_header_timeout_s,
+        settings.api_body_timeout_s,
+        cap,
+        settings.api_write_timeout_s,
+    )
 
 
 def server_config(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.Config:

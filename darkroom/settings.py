@@ -202,6 +202,8 @@ class Settings(BaseSettings):
     # A request's head (line and headers) must arrive within this; its body within the other.
     api_header_timeout_s: float = Field(default=10.0, gt=0)
     api_body_timeout_s: float = Field(default=60.0, gt=0)
+    # A response the client stops reading (its socket buffer full) for this long: closed.
+    api_write_timeout_s: float = Field(default=30.0, gt=0)
     # An idle keep-alive connection is closed after this.
     api_keep_alive_s: float = Field(default=5.0, gt=0)
     # Connections the kernel queues before the API accepts them.

@@ -307,6 +307,50 @@ def test_connections_past_the_cap_are_refused_with_retry_after(api: ApiProcess) 
     assert api.ps.num_fds() <= fds_before + 5
 
 
+# --- places in flight: held only while the server works on a request -----------------------------
+
+IN_FLIGHT = 4
+WRITE_TIMEOUT_S = 2.0
+
+
+def never_reading(port: int, requests: int) -> socket.socket:
+    """A connection with a tiny receive buffer that pipelines `requests` GETs of the OpenAPI
+    document (~100 KB each) and never reads an answer."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: edge\r\n\r\n" * requests)
+    return sock
+
+
+def test_clients_that_never_read_or_dribble_bodies_hold_no_place_and_are_cut_off(
+    tmp_path: Path,
+) -> None:
+    """Twice IN_FLIGHT clients that never read their answers, and as many sending a body a
+    byte at a time: another client is still served (before, each held one of the IN_FLIGHT
+    places, the stalled readers with no time limit, and everyone else was told 503), and the
+    stalled readers' connections are closed WRITE_TIMEOUT_S after their answers stop moving."""
+    settings = {"api_max_in_flight": str(IN_FLIGHT), "api_write_timeout_s": str(WRITE_TIMEOUT_S)}
+    with darkroom_api(tmp_path, **settings) as api:
+        fds_before = api.ps.num_fds()
+        stalled = [never_reading(api.port, 50) for _ in range(2 * IN_FLIGHT)]
+        head = b"POST /api/v5/fetch/1 HTTP/1.1\r\nHost: edge\r\ncontent-length: 100\r\n\r\n{"
+        dribbling = [slow_connection(api.port, head) for _ in range(2 * IN_FLIGHT)]
+        try:
+            time.sleep(1.0)  # the answers have filled the stalled readers' buffers
+            for _ in range(3):
+                answer = raw_post(api, "/api/v5/fetch/999999", {"key": api.key})
+                assert answer.status_code == 404, answer.text
+            started = time.monotonic()
+            while api.ps.num_fds() > fds_before + 2 * IN_FLIGHT + 2:  # the dribblers' remain
+                assert time.monotonic() - started < WRITE_TIMEOUT_S + 5, api.ps.num_fds()
+                time.sleep(0.2)
+        finally:
+            for sock in stalled + dribbling:
+                sock.close()
+        assert api.health_s() < 1.0
+
+
 # --- keys: cached for a bounded time --------------------------------------------------------------
 
 
