@@ -156,6 +156,16 @@ def test_mixer_prompt_is_a_condition(tiny_settings: Settings, model_cache: Model
     assert len(outputs) == 3
 
 
+@pytest.mark.parametrize("operation", [Operation.IMG2IMG, Operation.PIX2PIX, Operation.IMG_MIXER])
+def test_one_step_is_enough(
+    operation: str, tiny_settings: Settings, model_cache: ModelCache
+) -> None:
+    """The documented range starts at 1 (the mixer's prior scheduler divided by zero there).
+    img2img needs steps x strength >= 1: strength 1.0 here."""
+    request = make_request(operation, steps=1, strength=1.0)
+    assert len(run_png(request, model_cache, tiny_settings)) == len(request.seeds)
+
+
 def test_mixing_weights_drop_zeros_and_normalise() -> None:
     assert mixing_weights((0.0, 1.0, 3.0), has_prompt=False) == [0.25, 0.75]
     assert mixing_weights((1.0, 0.0, 2.0), has_prompt=True) == [0.25, 0.5, 0.25]

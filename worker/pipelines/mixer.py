@@ -43,6 +43,9 @@ from worker.pipelines.request import GenerationRequest, StepHook
 
 PROMPT_WEIGHT = 1.0
 PRIOR_GUIDANCE_SCALE = 4.0
+#: The prior's scheduler (UnCLIP) spaces its steps over (steps - 1) and divides by zero at one:
+#: a request for one step runs two prior steps (and the one decoder step it asked for).
+PRIOR_MIN_STEPS = 2
 
 
 def run_batch(
@@ -124,7 +127,7 @@ def _text_conditions(
         prompt=request.prompt,
         # Without a negative prompt the prior itself falls back to the black-image embedding.
         negative_prompt=request.negative_prompt or None,
-        num_inference_steps=request.steps,
+        num_inference_steps=max(request.steps, PRIOR_MIN_STEPS),
         guidance_scale=PRIOR_GUIDANCE_SCALE,
         generator=torch.Generator(prior.device).manual_seed(seed),
     )
