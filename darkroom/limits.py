@@ -55,6 +55,15 @@ SIDE_MULTIPLE = 8
 
 MAX_STEPS = 50
 MAX_SAMPLES = 4
+#: img2img denoises int(steps x strength) steps (diffusers): none at all is refused.
+TOO_FEW_DENOISING_STEPS = "num_inference_steps x strength must be at least 1 for img2img."
+
+
+def denoises_nothing(steps: int, strength: float) -> bool:
+    """Whether an img2img request of `steps` and `strength` would denoise no step at all."""
+    return int(steps * strength) < 1
+
+
 #: Seeds are 32-bit: sample i of seed s uses (s + i) mod 2**32.
 MAX_SEED = 2**32 - 1
 MIN_GUIDANCE_SCALE, MAX_GUIDANCE_SCALE = 1, 20

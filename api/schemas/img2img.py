@@ -33,6 +33,8 @@ from darkroom.limits import (
     MAX_INLINE_IMAGE_BYTES,
     MAX_LORAS,
     MAX_STEPS,
+    TOO_FEW_DENOISING_STEPS,
+    denoises_nothing,
 )
 from darkroom.scheduler_names import ALGORITHM_TYPES, IMG2IMG_SCHEDULERS, REFUSED_SCHEDULERS
 from darkroom.settings import Settings
@@ -114,6 +116,8 @@ class Img2ImgRequest(SubmitBase):
     def _check(self) -> Img2ImgRequest:
         self._check_scheduler()
         self._check_loras()
+        if denoises_nothing(self.num_inference_steps, self.strength):
+            raise ValueError(f"strength: {TOO_FEW_DENOISING_STEPS}")
         self.init_image = self._init_image()
         return self
 

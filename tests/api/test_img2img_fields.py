@@ -151,6 +151,11 @@ def test_base64_init_image_is_accepted_as_inline_data(
             "num_inference_steps",
             "num_inference_steps must be between 1 and 50",
         ),
+        (  # int(1 x 0.7) = 0 steps to denoise: refused here, not failed in the worker
+            {"num_inference_steps": 1, "strength": 0.7},
+            "strength",
+            "num_inference_steps x strength must be at least 1",
+        ),
     ],
 )
 def test_bad_values_are_refused_with_the_field_named(

@@ -17,7 +17,14 @@ from PIL import Image
 
 from darkroom.families import AskedFields, refusals
 from darkroom.identities import SAFETY_CHECKER_TYPES, Family, Operation
-from darkroom.limits import MAX_CLIP_SKIP, MAX_IMAGES, MAX_SAMPLES, SIDE_MULTIPLE
+from darkroom.limits import (
+    MAX_CLIP_SKIP,
+    MAX_IMAGES,
+    MAX_SAMPLES,
+    SIDE_MULTIPLE,
+    TOO_FEW_DENOISING_STEPS,
+    denoises_nothing,
+)
 from darkroom.settings import Settings
 from worker.families import img2img_runner
 from worker.models.cache import SAFETY_CHECKER, VAE, ComponentSource, ModelCache
@@ -214,9 +221,9 @@ def _check_options(request: GenerationRequest) -> None:
         raise ValueError(f"clip_skip must be between 1 and {MAX_CLIP_SKIP}.")
     if request.scheduler is not None:
         check_scheduler_name(request.scheduler)
-    if request.operation == Operation.IMG2IMG and int(request.steps * request.strength) < 1:
-        # diffusers would denoise int(steps * strength) steps: none at all, and then crash.
-        raise ValueError("num_inference_steps x strength must be at least 1 for img2img.")
+    if request.operation == Operation.IMG2IMG and denoises_nothing(request.steps, request.strength):
+        # The API refuses these; a job stored before it did still fails clearly.
+        raise ValueError(TOO_FEW_DENOISING_STEPS)
     if request.operation == Operation.IMG_MIXER:
         changed = [name for name in _SD_OPTIONS if getattr(request, name) != _SD_DEFAULTS[name]]
         if changed:
