@@ -166,6 +166,9 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     token = supervisor.laptop_admin_token(settings)
     if token:  # the tiers read their settings from the environment
         os.environ["DARKROOM_ADMIN_TOKEN"] = token
+    public_url = supervisor.default_public_url(settings, args.host, args.port)
+    if public_url:
+        os.environ["DARKROOM_PUBLIC_URL"] = public_url
     lines = supervisor.startup_lines(settings, args.host, args.port, token)
     cmd_migrate(args, settings)
     return supervisor.run_all(args.host, args.port, lambda: print(*lines, sep="\n", flush=True))

@@ -103,7 +103,7 @@ def laptop_admin_token(settings: Settings) -> str:
 def startup_lines(settings: Settings, host: str, port: int, admin_token: str) -> list[str]:
     """Where the API, its docs, its metrics and the dashboard are. The token is printed (in
     the URL's fragment, which browsers never send) only in the embedded profile."""
-    base = f"http://{_display_host(host)}:{port}"
+    base = local_url(host, port)
     if not admin_token:
         dashboard = "off (set DARKROOM_ADMIN_TOKEN to turn it on)"
     elif settings.database_url:
@@ -116,6 +116,17 @@ def startup_lines(settings: Settings, host: str, port: int, admin_token: str) ->
         f"               Metrics:   {base}/metrics",
         f"               Dashboard: {dashboard}",
     ]
+
+
+def default_public_url(settings: Settings, host: str, port: int) -> str | None:
+    """Where the links in the answers should point when DARKROOM_PUBLIC_URL is not set: where
+    this API listens (the settings' default names port 8000 whatever `--port` says)."""
+    return None if "public_url" in settings.model_fields_set else local_url(host, port)
+
+
+def local_url(host: str, port: int) -> str:
+    """The API's address as a browser or client on this machine opens it."""
+    return f"http://{_display_host(host)}:{port}"
 
 
 def _display_host(host: str) -> str:

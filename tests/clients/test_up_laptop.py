@@ -14,8 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cli.supervisor import laptop_admin_token, startup_lines
+from cli.supervisor import default_public_url, laptop_admin_token, startup_lines
 from darkroom.settings import Settings
+from tests.api.test_submit import PIX2PIX
 from tests.support.system import RunningSystem
 
 pytestmark = pytest.mark.slow
@@ -49,6 +50,22 @@ def test_up_prints_its_urls_and_a_dashboard_link_that_signs_in(system: RunningSy
     assert signed_in.status_code == 200
     wrong = httpx.get(queue, headers={"Authorization": "Bearer " + "x" * 40}, timeout=10)
     assert wrong.status_code == 401
+
+
+def test_links_point_at_the_port_up_listens_on_unless_public_url_is_set(
+    system: RunningSystem, tmp_path: Path
+) -> None:
+    """`darkroom up --port P` without DARKROOM_PUBLIC_URL (as the system fixture starts it):
+    the answers' links lead back to port P (they named the default port 8000 before)."""
+    assert "DARKROOM_PUBLIC_URL" not in system.env
+    key = system.create_key()["key"]
+    answer = system.post("/api/v5/pix2pix", {**PIX2PIX, "key": key, "steps": 2})
+    assert answer["fetch_result"] == f"{system.base_url}/api/v5/fetch/{answer['id']}"
+    assert all(link.startswith(system.base_url + "/") for link in answer["future_links"])
+    unset = Settings(data_dir=tmp_path)
+    assert default_public_url(unset, "0.0.0.0", 18765) == "http://127.0.0.1:18765"
+    chosen = Settings(data_dir=tmp_path, public_url="https://images.example")
+    assert default_public_url(chosen, "0.0.0.0", 18765) is None
 
 
 def test_a_production_dashboard_stays_off_unless_a_token_is_set(tmp_path: Path) -> None:

@@ -113,8 +113,7 @@ def darkroom_up(env_overrides: dict[str, str], workdir: Path) -> Iterator[Runnin
     """`darkroom up` on a free port until the block ends; then SIGTERM and a clean exit."""
     port = free_port()
     env = {
-        **os.environ,
-        "DARKROOM_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        **os.environ,  # no DARKROOM_PUBLIC_URL: `up` points the links at its own port
         "PYTHONUNBUFFERED": "1",
         **env_overrides,
     }
