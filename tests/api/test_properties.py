@@ -255,6 +255,11 @@ def canonical_and_respelled(draw: st.DrawFn, endpoint: str) -> tuple[Body, Body]
             )
             canonical[field], respelled[field] = real, draw(float_spellings(real))
     if endpoint == "img2img":
+        # Valid only where some step is denoised: int(steps x strength) >= 1 (else a 422).
+        steps = canonical.get(
+            "num_inference_steps", int(MODELS[endpoint][1]["num_inference_steps"])
+        )
+        hypothesis.assume(not limits.denoises_nothing(steps, canonical.get("strength", 0.7)))
         for flag in FLAGS:
             if draw(st.booleans()):
                 value = draw(st.booleans())
