@@ -123,11 +123,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
     )
     peak = args.peak_tflops if args.peak_tflops is not None else _default_peak(device)
+    family_preset = _shortened(FAMILY_PRESETS[preset.name], args)
+    profile = ([int(b) for b in args.profile_batch.split(",") if b.strip()], args.profile_out)
     with tempfile.TemporaryDirectory(prefix="darkroom-gpu-bench-") as work:
-        bench = _Bench(preset, Path(work), device, dtype, fast, peak, report)
-        bench.family_preset = _shortened(FAMILY_PRESETS[preset.name], args)
-        batches = [int(b) for b in args.profile_batch.split(",") if b.strip()]
-        bench.profile = (batches, args.profile_out)
+        bench = _Bench(
+            preset, Path(work), device, dtype, fast, peak, report, family_preset, profile
+        )
         for operation in args.operations.split(","):
             bench.run(operation.strip())
     report.emit(args.out)
@@ -182,11 +183,13 @@ class _Bench:
         fast: FastPath,
         peak_tflops: float | None,
         report: Report,
+        family_preset: FamilyPreset,
+        profile: tuple[list[int], Path],
     ) -> None:
         self.preset, self.work, self.device, self.dtype = preset, work, device, dtype
         self.fast, self.peak_tflops, self.report = fast, peak_tflops, report
-        self.family_preset = FAMILY_PRESETS[preset.name]
-        self.profile: tuple[list[int], Path] = ([], Path("gpu-profile.txt"))
+        self.family_preset = family_preset
+        self.profile = profile  # img2img batch sizes to profile (none: no profile), the file
 
     def run(self, operation: str) -> None:
         """Measure one operation: plain diffusers first, then Darkroom's path."""
