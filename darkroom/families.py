@@ -135,7 +135,10 @@ def detect_file(path: Path) -> Family:
 
 def _tensor_names(path: Path) -> list[str]:
     """A single file's tensor names (a `.ckpt`'s: the known prefixes found in it)."""
-    return _safetensors_names(path) if path.suffix == ".safetensors" else _ckpt_names(path)
+    if path.suffix == ".safetensors":
+        return _safetensors_names(path)
+    markers = [prefix for prefix, _family in _SINGLE_FILE_MARKERS] + [_REFINER_MARKER]
+    return _ckpt_names(path, markers)
 
 
 #: The configuration folder of SD 2.x single files (`<models_dir>/configs/sd2/`): SD 2.x is the
@@ -154,6 +157,28 @@ _MAX_SIDECAR_BYTES = 1024 * 1024
 _PARAMETERIZATION = re.compile(r"^\s*parameterization:\s*[\"']?([A-Za-z_]+)", re.MULTILINE)
 
 
+#: Where a single file of each family keeps the components it may leave out, by tensor-name
+#: prefix. Black Forest Labs ship Flux as the transformer alone (`flux1-dev.safetensors`, and
+#: most Flux fine-tunes after them); ComfyUI's all-in-one files add `vae.` and
+#: `text_encoders.clip_l.` / `text_encoders.t5xxl.`. A component a file leaves out is read from
+#: its configuration folder, weights included. The UNet or transformer is always in the file
+#: (detection found it there).
+_VAE_PREFIXES = ("first_stage_model.", "vae.")
+_CARRIED: dict[Family, dict[str, tuple[str, ...]]] = {
+    Family.SD: {"vae": _VAE_PREFIXES, "text_encoder": ("cond_stage_model.",)},
+    Family.SDXL: {
+        "vae": _VAE_PREFIXES,
+        "text_encoder": ("conditioner.embedders.0.",),
+        "text_encoder_2": ("conditioner.embedders.1.",),
+    },
+    Family.FLUX: {
+        "vae": _VAE_PREFIXES,
+        "text_encoder": ("text_encoders.clip_l.",),
+        "text_encoder_2": ("text_encoders.t5xxl.",),
+    },
+}
+
+
 @dataclass(frozen=True)
 class SingleFile:
     """What a single-file checkpoint is, read before anything is loaded (InvokeAI's probe)."""
@@ -161,6 +186,8 @@ class SingleFile:
     family: Family
     config: str  # its configuration folder's name under `<models_dir>/configs/`
     prediction_type: str | None  # from a sidecar file; None: the configuration folder decides
+    #: Components the file leaves out, read with their weights from the configuration folder.
+    borrowed: tuple[str, ...] = ()
 
 
 def probe_file(path: Path) -> SingleFile:
@@ -178,7 +205,13 @@ def probe_file(path: Path) -> SingleFile:
         (name for prefix, name in _CONFIG_MARKERS if any(k.startswith(prefix) for k in names)),
         str(found.value),
     )
-    return SingleFile(found, config, sidecar_prediction_type(path))
+    carried = _CARRIED[found].items()
+    if path.suffix != ".safetensors":  # a .ckpt's names are searched for these prefixes alone
+        names = _ckpt_names(path, [prefix for _part, prefixes in carried for prefix in prefixes])
+    borrowed = tuple(
+        part for part, prefixes in carried if not any(key.startswith(prefixes) for key in names)
+    )
+    return SingleFile(found, config, sidecar_prediction_type(path), borrowed)
 
 
 def sidecar_prediction_type(path: Path) -> str | None:
@@ -252,16 +285,16 @@ def _safetensors_names(path: Path) -> list[str]:
     return [key for key in header if key != "__metadata__"]
 
 
-def _ckpt_names(path: Path) -> list[str]:
-    """The tensor-name prefixes found in a `.ckpt` (a torch zip archive) without unpickling."""
+def _ckpt_names(path: Path, prefixes: list[str]) -> list[str]:
+    """Which of `prefixes` a `.ckpt` (a torch zip archive) holds tensors under, without
+    unpickling it."""
     try:
         with zipfile.ZipFile(path) as archive:
             pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
             data = b"".join(archive.read(n) for n in pickles[:1])
     except (OSError, zipfile.BadZipFile) as exc:
         raise UnrecognisedModelError(f"{path.name} is no torch zip checkpoint: {exc}") from None
-    markers = [prefix for prefix, _family in _SINGLE_FILE_MARKERS] + [_REFINER_MARKER]
-    return [prefix for prefix in markers if prefix.encode() in data]
+    return [prefix for prefix in prefixes if prefix.encode() in data]
 
 
 # --- fields a family cannot apply --------------------------------------------------------------

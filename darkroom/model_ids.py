@@ -205,16 +205,42 @@ def _single_file_source(path: Path, root: Path, class_name: str) -> PipelineSour
         probed = families.probe_file(path)
     except UnrecognisedModelError as exc:
         raise UnknownModelError(str(exc)) from None
-    family = probed.family
     config = root / SINGLE_FILE_CONFIGS / probed.config
-    if not (config / "model_index.json").is_file():
-        raise UnknownModelError(
-            f"{path.name} is a {families.family(family).title} checkpoint, but its configuration "
-            f"folder {config}/ (a diffusers pipeline folder of that family; its weights are not "
-            "read) is missing: nothing is downloaded at load time."
-        )
-    pipeline = families.family(family).img2img_pipeline
+    problem = single_file_config_problem(path.name, probed, config)
+    if problem is not None:
+        raise UnknownModelError(problem)
+    pipeline = families.family(probed.family).img2img_pipeline
     return PipelineSource(pipeline, str(path), str(config.resolve()))
+
+
+def single_file_config_problem(name: str, probed: families.SingleFile, config: Path) -> str | None:
+    """Why the single file `name` cannot load with the configuration folder `config`, if it
+    cannot: the folder is missing, or lacks the weights of a component the file leaves out
+    (`probed.borrowed`: a Flux file usually holds the transformer alone). None when it can."""
+    title = families.family(probed.family).title
+    if not (config / "model_index.json").is_file():
+        return (
+            f"{name} is a {title} checkpoint, but its configuration folder "
+            f"{SINGLE_FILE_CONFIGS}/{config.name}/ (a diffusers pipeline folder of that family) "
+            "is missing: nothing is downloaded at load time."
+        )
+    unweighted = [part for part in probed.borrowed if not _holds_weights(config / part)]
+    if unweighted:
+        return (
+            f"{name} is a {title} checkpoint without {', '.join(unweighted)}; those are read "
+            f"from {SINGLE_FILE_CONFIGS}/{config.name}/, which has no weights for them: copy "
+            "the base model's diffusers folder there with its weights."
+        )
+    return None
+
+
+def _holds_weights(component: Path) -> bool:
+    """Whether a diffusers component folder has weights (whole or sharded, safetensors or
+    pickled), not only its config."""
+    return component.is_dir() and any(
+        path.suffix in (".safetensors", ".bin") or path.name.endswith(".index.json")
+        for path in component.iterdir()
+    )
 
 
 def _family_of(operation: Operation, source: PipelineSource) -> Family:

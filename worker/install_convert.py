@@ -16,7 +16,7 @@ from typing import Any
 from darkroom import families
 from darkroom.families import UnrecognisedModelError
 from darkroom.identities import Family, ModelKind
-from darkroom.model_ids import SINGLE_FILE_CONFIGS
+from darkroom.model_ids import SINGLE_FILE_CONFIGS, single_file_config_problem
 from darkroom.settings import Settings
 from services import models as service
 from worker.install_checks import (
@@ -28,6 +28,7 @@ from worker.install_checks import (
     sniff_format,
 )
 from worker.install_download import Progress
+from worker.models.single_file import load_single_file
 
 
 def verify_and_build(
@@ -96,18 +97,15 @@ def _convert(
     family = probed.family
     root = service.models_root(settings)
     config = root / SINGLE_FILE_CONFIGS / probed.config
-    if not (config / "model_index.json").is_file():
-        raise InstallError(
-            f"The file is a {families.family(family).title} checkpoint, but its "
-            f"configuration folder {SINGLE_FILE_CONFIGS}/{probed.config}/ is missing from "
-            "the models folder (nothing is downloaded at load time)."
-        )
+    problem = single_file_config_problem("The file", probed, config)
+    if problem is not None:
+        raise InstallError(problem)
     pipeline_class = getattr(diffusers, families.family(family).img2img_pipeline)
-    loading: dict[str, Any] = {"local_files_only": True}
+    loading: dict[str, Any] = {}
     if options.get("upcast_attention"):
         loading["upcast_attention"] = True
     try:
-        pipe = pipeline_class.from_single_file(str(path), config=str(config), **loading)
+        pipe = load_single_file(pipeline_class, path, config, **loading)
     except Exception as exc:
         raise InstallError(
             f"The checkpoint does not load as a {families.family(family).title} model: "

@@ -594,7 +594,12 @@ def test_flux_sizes_must_be_multiples_of_16(tiny_settings: Settings, cache: Mode
 def test_a_single_file_resolves_with_its_familys_local_config(tmp_path: Path) -> None:
     models = tmp_path / "models"
     models.mkdir()
-    names = ["conditioner.embedders.1.model.ln_final.weight", "model.diffusion_model.out.2.bias"]
+    names = [
+        "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+        "conditioner.embedders.1.model.ln_final.weight",
+        "first_stage_model.decoder.conv_in.weight",
+        "model.diffusion_model.out.2.bias",
+    ]
     checkpoint = _checkpoint(models / "juggernaut.safetensors", names)
     settings = Settings(data_dir=tmp_path, models_dir=models)
     with pytest.raises(model_ids.UnknownModelError, match=r"configs/sdxl/ .* is missing"):

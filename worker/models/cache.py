@@ -45,6 +45,7 @@ from darkroom.model_ids import may_download
 from darkroom.settings import get_settings
 from worker.fastpath import FastPath, apply_fast_path, prepare_module
 from worker.memory import MemoryProfile
+from worker.models.single_file import load_single_file
 from worker.models.weights import ModelSpec, PipelineSource
 
 # diffusers wraps its constructors in untyped decorators: treat these as untyped.
@@ -220,11 +221,9 @@ class ModelCache:
             # The worker runs the checker itself, when asked, and censors per request.
             options |= {"safety_checker": None, "requires_safety_checker": False}
         if source.single_file_config is not None:
-            # An original-layout checkpoint: its configuration comes from a local pipeline
-            # folder, never from the Hub; a .ckpt is read with torch.load(weights_only=True)
-            # by diffusers' loader, so no pickled code runs.
-            pipeline = pipeline_class.from_single_file(
-                source.location, config=source.single_file_config, **options
+            # An original-layout checkpoint, configured by a local pipeline folder.
+            pipeline = load_single_file(
+                pipeline_class, Path(source.location), Path(source.single_file_config), **options
             )
             _declare_prediction_type(pipeline, Path(source.location))
         else:

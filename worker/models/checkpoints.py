@@ -228,3 +228,85 @@ def lora_in_convertible_layout(state: dict[str, torch.Tensor]) -> dict[str, torc
                 key = key[: -len(bfl)] + comfyui
         renamed[key] = value
     return renamed
+
+
+#: A Flux transformer's top-level layers: diffusers' name, then Black Forest Labs' (whose
+#: `flux1-dev.safetensors` and most Flux fine-tunes hold the transformer alone, in this naming).
+_FLUX_TOP = {
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "context_embedder": "txt_in",
+    "x_embedder": "img_in",
+    "proj_out": "final_layer.linear",
+}
+_FLUX_DOUBLE = {
+    "norm1.linear": "img_mod.lin",
+    "norm1_context.linear": "txt_mod.lin",
+    "attn.to_out.0": "img_attn.proj",
+    "attn.to_add_out": "txt_attn.proj",
+    "ff.net.0.proj": "img_mlp.0",
+    "ff.net.2": "img_mlp.2",
+    "ff_context.net.0.proj": "txt_mlp.0",
+    "ff_context.net.2": "txt_mlp.2",
+    "attn.norm_q": "img_attn.norm.query_norm",
+    "attn.norm_k": "img_attn.norm.key_norm",
+    "attn.norm_added_q": "txt_attn.norm.query_norm",
+    "attn.norm_added_k": "txt_attn.norm.key_norm",
+}
+_FLUX_SINGLE = {
+    "norm.linear": "modulation.lin",
+    "proj_out": "linear2",
+    "attn.norm_q": "norm.query_norm",
+    "attn.norm_k": "norm.key_norm",
+}
+#: Joined projections: the original layer, and diffusers' layers in the order they are joined.
+_FLUX_DOUBLE_JOINED = {
+    "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+}
+_FLUX_SINGLE_JOINED = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")}
+
+
+def flux_checkpoint(transformer: Any) -> dict[str, torch.Tensor]:
+    """A diffusers `FluxTransformer2DModel`'s state dict in the original (Black Forest Labs)
+    layout, as `flux1-dev.safetensors` holds it: the transformer alone, no prefix. Norm scales
+    are `.scale`, not `.weight`; q, k and v (and a single block's MLP input) are one layer; the
+    output norm's modulation is stored shift-then-scale, diffusers' scale-then-shift."""
+    state = dict(transformer.state_dict())
+    out: dict[str, torch.Tensor] = {}
+    for ours, theirs in _FLUX_TOP.items():
+        for kind in ("weight", "bias"):
+            if f"{ours}.{kind}" in state:
+                out[f"{theirs}.{kind}"] = state.pop(f"{ours}.{kind}")
+    for kind in ("weight", "bias"):
+        scale, shift = state.pop(f"norm_out.linear.{kind}").chunk(2)
+        out[f"final_layer.adaLN_modulation.1.{kind}"] = torch.cat([shift, scale])
+    blocks = (
+        ("transformer_blocks", "double_blocks", _FLUX_DOUBLE, _FLUX_DOUBLE_JOINED),
+        ("single_transformer_blocks", "single_blocks", _FLUX_SINGLE, _FLUX_SINGLE_JOINED),
+    )
+    for ours_prefix, theirs_prefix, renamed, joined in blocks:
+        for index in range(_count_blocks(state, ours_prefix)):
+            ours, theirs = f"{ours_prefix}.{index}.", f"{theirs_prefix}.{index}."
+            for original, parts in joined.items():
+                for kind in ("weight", "bias"):
+                    pieces = [state.pop(f"{ours}{part}.{kind}") for part in parts]
+                    out[f"{theirs}{original}.{kind}"] = torch.cat(pieces)
+            for new, old in renamed.items():
+                for kind in ("weight", "bias"):
+                    if f"{ours}{new}.{kind}" in state:
+                        suffix = "scale" if old.endswith("_norm") else kind
+                        out[f"{theirs}{old}.{suffix}"] = state.pop(f"{ours}{new}.{kind}")
+    if state:
+        raise ValueError(f"Flux parameters with no original name: {sorted(state)[:5]}")
+    return {key: value.contiguous() for key, value in out.items()}
+
+
+def _count_blocks(state: dict[str, torch.Tensor], prefix: str) -> int:
+    """How many `prefix.N.` blocks the state dict holds."""
+    indices = {int(key.split(".")[1]) for key in state if key.startswith(prefix + ".")}
+    return max(indices) + 1 if indices else 0

@@ -1,0 +1,146 @@
+"""Flux as Black Forest Labs ship it: one original-layout file holding the transformer alone
+(`flux1-dev.safetensors`, and most Flux fine-tunes after it), its VAE and text encoders read
+from the configuration folder `configs/flux/`, through the worker's real loading path.
+
+diffusers' Flux converter splits a single block's joined projection at Flux.1's own width (3072,
+written into the converter), so no narrower file converts: the file here is one double and one
+single block at that width (530 M parameters, 1 GB in bf16), written once per module, with the
+tiny Flux model's VAE and text encoders around it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from darkroom import families, model_ids
+from darkroom.identities import Family, Operation, TinyModel
+from darkroom.settings import Settings
+from worker.models import tiny, tiny_shapes
+from worker.models.cache import ModelCache
+from worker.models.checkpoints import flux_checkpoint
+from worker.pipelines.generate import generate, load_for
+from worker.pipelines.request import GenerationRequest
+
+MODEL = "flux1-fine"
+BORROWED = ("vae", "text_encoder", "text_encoder_2")
+
+
+def _wide_transformer() -> Any:
+    """The tiny Flux transformer at Flux.1's width: 24 heads of 128 (RoPE axes 16/56/56)."""
+    torch.manual_seed(7)
+    model = tiny_shapes._diffusers.FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=128,
+        num_attention_heads=24,
+        joint_attention_dim=tiny_shapes.HIDDEN,
+        pooled_projection_dim=tiny_shapes.HIDDEN,
+        guidance_embeds=True,
+        axes_dims_rope=[16, 56, 56],
+    )
+    return model.to(torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def flux_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A models folder holding `flux1-fine.safetensors` (the transformer alone, original layout)
+    and `configs/flux/` (the tiny Flux pipeline with the wide transformer's config and no
+    transformer weights); and the transformer's own state dict."""
+    root = tmp_path_factory.mktemp("flux-file")
+    tiny.ensure_tiny_family_model(root / "build", TinyModel.FLUX_IMG2IMG)
+    models = root / "models"
+    config = models / model_ids.SINGLE_FILE_CONFIGS / "flux"
+    shutil.copytree(root / "build" / TinyModel.FLUX_IMG2IMG, config)
+    shutil.rmtree(config / "transformer")
+    transformer = _wide_transformer()
+    transformer.save_config(str(config / "transformer"))
+    save_file(flux_checkpoint(transformer), str(models / f"{MODEL}.safetensors"))
+    return models, transformer.state_dict()
+
+
+def _request(**fields: Any) -> GenerationRequest:
+    return GenerationRequest(
+        operation=Operation.IMG2IMG,
+        model_id=MODEL,
+        prompt="a red barn",
+        negative_prompt="",
+        images=(Image.new("RGB", (64, 64), (180, 60, 40)),),
+        image_weights=(),
+        width=64,
+        height=64,
+        steps=2,
+        guidance_scale=3.5,
+        seeds=(5,),
+        **fields,
+    )
+
+
+def test_a_transformer_only_flux_file_runs_with_its_configuration_folders_other_parts(
+    tmp_path: Path, flux_file: tuple[Path, dict[str, torch.Tensor]]
+) -> None:
+    """The file's transformer, exactly; the folder's VAE and text encoders, exactly; and a job
+    runs on them. (diffusers alone fails on the VAE: it converts one from the file, which has
+    none.)"""
+    models, transformer_state = flux_file
+    settings = Settings(data_dir=tmp_path, models_dir=models)
+    probed = families.probe_file(models / f"{MODEL}.safetensors")
+    assert (probed.family, probed.borrowed) == (Family.FLUX, BORROWED)
+    spec = model_ids.resolve_model(Operation.IMG2IMG, MODEL, settings)
+    assert (spec.family, spec.sources[0].class_name) == (Family.FLUX, "FluxImg2ImgPipeline")
+
+    cache = ModelCache(max_entries=1, device="cpu")
+    [pipe] = load_for([_request()], cache, settings).pipelines
+    loaded = pipe.transformer.state_dict()
+    assert set(loaded) == set(transformer_state)
+    assert all(torch.equal(loaded[k].to(torch.bfloat16), v) for k, v in transformer_state.items())
+    config = models / model_ids.SINGLE_FILE_CONFIGS / "flux"
+    vae = tiny_shapes._diffusers.AutoencoderKL.from_pretrained(str(config), subfolder="vae")
+    assert all(
+        torch.equal(pipe.vae.state_dict()[k], v.to(pipe.vae.dtype))
+        for k, v in vae.state_dict().items()
+    )
+
+    [image] = generate(_request(), cache, settings).images
+    pixels = np.asarray(image, dtype=np.int16)
+    assert image.size == (64, 64)
+    assert pixels.std() > 0
+
+
+def test_a_file_whose_missing_parts_have_no_weights_in_the_configuration_folder_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Refused at submit (torch-free: the file's header and the folder's listing), naming the
+    parts the folder must hold with their weights."""
+    models = tmp_path / "models"
+    config = models / model_ids.SINGLE_FILE_CONFIGS / "flux"
+    for part in ("transformer", *BORROWED):
+        (config / part).mkdir(parents=True)
+        (config / part / "config.json").write_text("{}")
+    (config / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
+    transformer_only = {"double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 1)}
+    save_file(transformer_only, str(models / "f.safetensors"))
+    settings = Settings(data_dir=tmp_path, models_dir=models)
+    with pytest.raises(model_ids.UnknownModelError) as refused:
+        model_ids.resolve_model(Operation.IMG2IMG, "f", settings)
+    assert "without vae, text_encoder, text_encoder_2" in str(refused.value)
+    assert "configs/flux/, which has no weights for them" in str(refused.value)
+    # An all-in-one file (ComfyUI's layout) carries its VAE: the folder need not.
+    all_in_one = {
+        "double_blocks.0.img_attn.qkv.weight": torch.zeros(3, 1),
+        "vae.decoder.conv_in.weight": torch.zeros(1),
+    }
+    save_file(all_in_one, str(models / "g.safetensors"))
+    assert families.probe_file(models / "g.safetensors").borrowed == BORROWED[1:]
+    (config / "text_encoder" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(model_ids.UnknownModelError, match="without text_encoder_2;"):
+        model_ids.resolve_model(Operation.IMG2IMG, "g", settings)
