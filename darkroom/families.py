@@ -188,6 +188,9 @@ class SingleFile:
     prediction_type: str | None  # from a sidecar file; None: the configuration folder decides
     #: Components the file leaves out, read with their weights from the configuration folder.
     borrowed: tuple[str, ...] = ()
+    #: Flux only: whether the transformer takes a guidance input (Flux.1-dev and its
+    #: fine-tunes: `guidance_in.`) or not (schnell), whatever the configuration folder's says.
+    embedded_guidance: bool | None = None
 
 
 def probe_file(path: Path) -> SingleFile:
@@ -211,7 +214,19 @@ def probe_file(path: Path) -> SingleFile:
     borrowed = tuple(
         part for part, prefixes in carried if not any(key.startswith(prefixes) for key in names)
     )
-    return SingleFile(found, config, sidecar_prediction_type(path), borrowed)
+    guidance = _has_guidance_input(path, names) if found == Family.FLUX else None
+    return SingleFile(found, config, sidecar_prediction_type(path), borrowed, guidance)
+
+
+_GUIDANCE_INPUT = "guidance_in."
+
+
+def _has_guidance_input(path: Path, names: list[str]) -> bool:
+    """Whether a Flux file's transformer has Flux.1-dev's embedded guidance input."""
+    if path.suffix != ".safetensors":
+        return bool(_ckpt_names(path, [_GUIDANCE_INPUT]))
+    bare = (name.removeprefix("model.diffusion_model.") for name in names)
+    return any(name.startswith(_GUIDANCE_INPUT) for name in bare)
 
 
 def sidecar_prediction_type(path: Path) -> str | None:

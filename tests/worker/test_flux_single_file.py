@@ -11,6 +11,7 @@ tiny Flux model's VAE and text encoders around it.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,9 @@ MODEL = "flux1-fine"
 BORROWED = ("vae", "text_encoder", "text_encoder_2")
 
 
-def _wide_transformer() -> Any:
-    """The tiny Flux transformer at Flux.1's width: 24 heads of 128 (RoPE axes 16/56/56)."""
+def _wide_transformer(guidance: bool = True) -> Any:
+    """The tiny Flux transformer at Flux.1's width: 24 heads of 128 (RoPE axes 16/56/56); with
+    dev's guidance input, or without (schnell's shape)."""
     torch.manual_seed(7)
     model = tiny_shapes._diffusers.FluxTransformer2DModel(
         patch_size=1,
@@ -45,27 +47,32 @@ def _wide_transformer() -> Any:
         num_attention_heads=24,
         joint_attention_dim=tiny_shapes.HIDDEN,
         pooled_projection_dim=tiny_shapes.HIDDEN,
-        guidance_embeds=True,
+        guidance_embeds=guidance,
         axes_dims_rope=[16, 56, 56],
     )
     return model.to(torch.bfloat16)
 
 
-@pytest.fixture(scope="module")
-def flux_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
-    """A models folder holding `flux1-fine.safetensors` (the transformer alone, original layout)
-    and `configs/flux/` (the tiny Flux pipeline with the wide transformer's config and no
-    transformer weights); and the transformer's own state dict."""
+@pytest.fixture(scope="module", params=["dev", "schnell"])
+def flux_file(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
+    """A models folder holding `flux1-fine.safetensors` (the transformer alone, original layout;
+    dev-shaped or schnell-shaped) and `configs/flux/` (the tiny Flux pipeline with the wide
+    dev-shaped transformer's config and no transformer weights: one folder serves both, as one
+    FLUX.1-dev folder does for a user's dev and schnell files); and the transformer's state."""
     root = tmp_path_factory.mktemp("flux-file")
     tiny.ensure_tiny_family_model(root / "build", TinyModel.FLUX_IMG2IMG)
     models = root / "models"
     config = models / model_ids.SINGLE_FILE_CONFIGS / "flux"
     shutil.copytree(root / "build" / TinyModel.FLUX_IMG2IMG, config)
     shutil.rmtree(config / "transformer")
-    transformer = _wide_transformer()
-    transformer.save_config(str(config / "transformer"))
-    save_file(flux_checkpoint(transformer), str(models / f"{MODEL}.safetensors"))
-    return models, transformer.state_dict()
+    _wide_transformer(guidance=True).save_config(str(config / "transformer"))
+    transformer = _wide_transformer(guidance=request.param == "dev")
+    checkpoint = models / f"{MODEL}.safetensors"
+    save_file(flux_checkpoint(transformer), str(checkpoint))
+    yield models, transformer.state_dict()
+    checkpoint.unlink()  # 1 GB
 
 
 def _request(**fields: Any) -> GenerationRequest:
@@ -88,18 +95,22 @@ def _request(**fields: Any) -> GenerationRequest:
 def test_a_transformer_only_flux_file_runs_with_its_configuration_folders_other_parts(
     tmp_path: Path, flux_file: tuple[Path, dict[str, torch.Tensor]]
 ) -> None:
-    """The file's transformer, exactly; the folder's VAE and text encoders, exactly; and a job
-    runs on them. (diffusers alone fails on the VAE: it converts one from the file, which has
-    none.)"""
+    """The file's transformer, exactly (with a guidance input if the file has one, whatever
+    the folder's config says); the folder's VAE and text encoders, exactly; and a job runs on
+    them. (diffusers alone fails on the VAE: it converts one from the file, which has none;
+    and builds a schnell file's transformer with dev's guidance input, left without weights.)"""
     models, transformer_state = flux_file
     settings = Settings(data_dir=tmp_path, models_dir=models)
     probed = families.probe_file(models / f"{MODEL}.safetensors")
+    guided = any(key.startswith("time_text_embed.guidance") for key in transformer_state)
     assert (probed.family, probed.borrowed) == (Family.FLUX, BORROWED)
+    assert probed.embedded_guidance is guided
     spec = model_ids.resolve_model(Operation.IMG2IMG, MODEL, settings)
     assert (spec.family, spec.sources[0].class_name) == (Family.FLUX, "FluxImg2ImgPipeline")
 
     cache = ModelCache(max_entries=1, device="cpu")
     [pipe] = load_for([_request()], cache, settings).pipelines
+    assert pipe.transformer.config.guidance_embeds is guided
     loaded = pipe.transformer.state_dict()
     assert set(loaded) == set(transformer_state)
     assert all(torch.equal(loaded[k].to(torch.bfloat16), v) for k, v in transformer_state.items())

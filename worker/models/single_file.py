@@ -7,7 +7,9 @@ has none, and looks for a text encoder's weights under diffusers' file names onl
 transformers' `model.safetensors`. Black Forest Labs ship Flux as the transformer alone
 (`flux1-dev.safetensors`, and most Flux fine-tunes after them), so each component the file
 leaves out (`darkroom.families.SingleFile.borrowed`) is loaded here from the configuration
-folder, with the class its `model_index.json` names, and handed to `from_single_file`.
+folder, with the class its `model_index.json` names, and handed to `from_single_file`. A Flux
+file's own tensors also say whether its transformer takes a guidance input (dev) or not
+(schnell), which the configuration folder's transformer config would otherwise decide.
 `darkroom.model_ids.single_file_config_problem` refused at submit any model whose configuration
 folder lacks those weights.
 """
@@ -31,7 +33,12 @@ def load_single_file(pipeline_class: Any, path: Path, config: Path, **options: A
     diffusers' loader, so no pickled code runs). `options` go to `from_single_file`."""
     options["local_files_only"] = True
     dtype = {"dtype": options["dtype"]} if "dtype" in options else {}
-    for part in families.probe_file(path).borrowed:
+    probed = families.probe_file(path)
+    if probed.embedded_guidance is not None:
+        # A schnell file under a dev configuration (or the reverse) would otherwise be built
+        # with (or without) a guidance input its tensors do not have: the file decides.
+        options["guidance_embeds"] = probed.embedded_guidance
+    for part in probed.borrowed:
         options[part] = _component_class(config, part).from_pretrained(
             str(config / part), local_files_only=True, **dtype
         )
