@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from darkroom.identities import Family, Operation, SafetyCheckerType
+from darkroom.identities import Family, ModelKind, Operation, SafetyCheckerType
 from darkroom.limits import MAX_SEED
 
 
@@ -69,6 +69,15 @@ class JobSpec(BaseModel):
     def to_row(self) -> dict[str, Any]:
         """The JSON stored in `jobs.params`."""
         return self.model_dump(mode="json")
+
+    def names(self, kind: ModelKind) -> set[str]:
+        """The ids of models of `kind` this job loads (delete_model refuses to remove them)."""
+        if kind == ModelKind.LORA:
+            return {lora.name for lora in self.loras}
+        if kind == ModelKind.EMBEDDING:
+            return set(self.embeddings)
+        named = self.model_id if kind == ModelKind.MODEL else self.vae
+        return {named} if named is not None else set()
 
 
 #: The fields that one pipeline call shares among all of its samples: jobs can run as one batch

@@ -187,9 +187,25 @@ def model_family(model_id: str | None, settings: Settings) -> Family:
     return resolve_model(Operation.IMG2IMG, model_id, settings).family
 
 
+def model_id_problem(model_id: str, root: Path | None) -> str | None:
+    """Why `model_id` cannot name a pipeline of the models folder `root` (None: not checked on
+    disk), if it cannot: its first part is a folder the models folder keeps for other kinds
+    (`configs/sd` is a configuration, `vae/x` a VAE), or, as owner/name, its owner is itself a
+    pipeline folder (`sd15/unet` is a part of sd15). None when it can."""
+    owner, _, name = model_id.partition("/")
+    if owner in RESERVED_FOLDERS:
+        return f"{model_id!r} names a folder the models folder keeps for itself; choose another id."
+    if name and root is not None and (root / owner / "model_index.json").is_file():
+        return f"{model_id!r} names a part of the model {owner!r}, not a model."
+    return None
+
+
 def _locate_model(model_id: str, settings: Settings, class_name: str) -> PipelineSource:
     """A pipeline folder, a single-file checkpoint beside it, or an allowed Hub id."""
     root = settings.models_dir
+    problem = model_id_problem(model_id, root)
+    if problem is not None:
+        raise UnknownModelError(problem)
     if root is not None and not (root / model_id).is_dir():
         for suffix in _CHECKPOINT_SUFFIXES:
             path = root / f"{model_id}{suffix}"

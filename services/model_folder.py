@@ -21,7 +21,13 @@ from typing import Any
 from darkroom import families
 from darkroom.families import UnrecognisedModelError
 from darkroom.identities import Family, ModelKind
-from darkroom.model_ids import EMBEDDINGS_FOLDER, LORAS_FOLDER, RESERVED_FOLDERS, VAE_FOLDER
+from darkroom.model_ids import (
+    EMBEDDINGS_FOLDER,
+    LORAS_FOLDER,
+    RESERVED_FOLDERS,
+    VAE_FOLDER,
+    model_id_problem,
+)
 from db.models import InstallState
 
 #: Folder under the models folder where installs are assembled before the atomic rename.
@@ -54,11 +60,15 @@ def on_disk(root: Path, kind: ModelKind, model_id: str) -> bool:
 
 
 def paths_of(root: Path | None, kind: ModelKind, model_id: str) -> list[Path]:
-    """The files and folders that hold `model_id` of `kind`."""
-    if root is None:
+    """The files and folders that hold `model_id` of `kind`: never a folder the models folder
+    keeps for other kinds, nor a part of another model (`sd15/unet`, `vae/a/b` inside VAE a),
+    nor a folder that is no model of that kind."""
+    if root is None or (kind == ModelKind.MODEL and model_id_problem(model_id, root)):
         return []
     target = target_path(root, kind, model_id)
-    paths = [target] if target.exists() else []
+    paths = [target] if target.is_file() or _holds_a(kind, target) else []
+    if kind == ModelKind.VAE and "/" in model_id and _holds_a(kind, target.parent):
+        return []
     if kind == ModelKind.MODEL:
         paths += [
             p
@@ -69,6 +79,16 @@ def paths_of(root: Path | None, kind: ModelKind, model_id: str) -> list[Path]:
         pt = target.with_suffix(".pt")
         paths += [pt] if pt.exists() else []
     return paths
+
+
+#: The file that makes a folder a model of each kind that is a folder.
+_FOLDER_MARKERS = {ModelKind.MODEL: "model_index.json", ModelKind.VAE: "config.json"}
+
+
+def _holds_a(kind: ModelKind, folder: Path) -> bool:
+    """Whether `folder` is a model of `kind` (a pipeline folder, a VAE folder)."""
+    marker = _FOLDER_MARKERS.get(kind)
+    return marker is not None and (folder / marker).is_file()
 
 
 def remove(root: Path, path: Path) -> None:

@@ -19,13 +19,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from celery import Celery
+from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from darkroom import families
 from darkroom.identities import Family, ModelKind
+from darkroom.jobspec import JobSpec
 from darkroom.limits import MAX_ID_CHARS
-from darkroom.model_ids import HUB_ID, RESERVED_FOLDERS, VALID_ID
+from darkroom.model_ids import HUB_ID, VALID_ID, model_id_problem
 from darkroom.settings import Settings
 from db.models import InstallState, ModelInstall
 from db.repositories import models as repo
@@ -189,10 +191,9 @@ def check_model_id(model_id: str, kind: ModelKind = ModelKind.MODEL) -> None:
             f"{model_id!r} is not a valid model_id: use letters, digits, '_', '-' and '.', "
             "optionally as owner/name (no leading dot, no '..', no other slash)."
         )
-    if kind == ModelKind.MODEL and model_id.split("/")[0] in RESERVED_FOLDERS:
-        raise InstallRefusedError(
-            f"{model_id!r} names a folder the models folder keeps for itself; choose another id."
-        )
+    problem = model_id_problem(model_id, None) if kind == ModelKind.MODEL else None
+    if problem is not None:
+        raise InstallRefusedError(problem)
 
 
 def check_source(source: str, kind: ModelKind) -> None:
@@ -401,17 +402,13 @@ def _deleted_while_loading(session: Session, install: ModelInstall) -> int | Non
     return webhook_service.freeze(session, install.webhook_url, body, api_key_id=install.api_key_id)
 
 
-_JOB_FIELDS: dict[ModelKind, str] = {
-    ModelKind.MODEL: "model_id",
-    ModelKind.LORA: "lora_model",
-    ModelKind.EMBEDDING: "embeddings_model",
-    ModelKind.VAE: "vae",
-}
-
-
 def _refuse_in_use(session: Session, kind: ModelKind, model_id: str) -> None:
     """409 when queued or running jobs name the model."""
-    jobs = repo.active_jobs_naming(session, _JOB_FIELDS[kind], model_id)
+    jobs = [
+        job_id
+        for job_id, params in repo.active_job_params(session)
+        if model_id in _names_in(params, kind)
+    ]
     if jobs:
         shown = ", ".join(str(job) for job in jobs[:10])
         raise InstallRefusedError(
@@ -419,3 +416,12 @@ def _refuse_in_use(session: Session, kind: ModelKind, model_id: str) -> None:
             "delete it once they end (or cancel them).",
             status=409,
         )
+
+
+def _names_in(params: dict[str, Any], kind: ModelKind) -> set[str]:
+    """The ids of `kind` a job's stored params name (none when the row no longer reads as a
+    job: the worker cannot run it either)."""
+    try:
+        return JobSpec.model_validate(params).names(kind)
+    except ValidationError:
+        return set()

@@ -163,16 +163,11 @@ def delete_install(session: Session, install: ModelInstall) -> None:
     session.flush()
 
 
-def active_jobs_naming(session: Session, field: str, name: str) -> list[int]:
-    """Queued or running jobs whose request names `name` in `field` (a string or a list)."""
+def active_job_params(session: Session) -> list[tuple[int, dict[str, Any]]]:
+    """(id, stored params) of the queued and running jobs (at most `_ACTIVE_SCAN_LIMIT`)."""
     rows = session.execute(
         select(Job.id, Job.params)
         .where(Job.state.in_((JobState.QUEUED, JobState.PROCESSING)))
         .limit(_ACTIVE_SCAN_LIMIT)
     )
-    found = []
-    for job_id, params in rows:
-        value = (params or {}).get(field)
-        if value == name or (isinstance(value, list) and name in value):
-            found.append(job_id)
-    return found
+    return [(job_id, params or {}) for job_id, params in rows]

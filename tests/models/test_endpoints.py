@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,3 +122,64 @@ def test_a_model_in_use_by_queued_jobs_is_not_deleted(
     assert refused.status_code == 409
     assert "in use by 1 queued" in refused.json()["message"]
     assert (model_settings.models_dir / model_id).exists()
+
+
+def test_loras_and_embeddings_in_use_by_queued_jobs_are_not_deleted(
+    client: TestClient, admin: str, model_settings: Settings, tiny_files: TinyFiles
+) -> None:
+    """The jobs' stored params name LoRAs as `loras: [{name, strength}]` and embeddings as
+    `embeddings: [...]`: both are found there (the check once read fields no row has)."""
+    root = model_settings.models_dir
+    assert root is not None
+    lora, embedding = f"l-{uuid.uuid4().hex[:6]}", f"e-{uuid.uuid4().hex[:6]}"
+    (root / "loras").mkdir(exist_ok=True)
+    (root / "loras" / f"{lora}.safetensors").write_bytes(tiny_files.kohya_lora)
+    (root / "embeddings").mkdir(exist_ok=True)
+    (root / "embeddings" / f"{embedding}.safetensors").write_bytes(tiny_files.embedding)
+    body = {**IMG2IMG, "key": admin, "init_image": "http://127.0.0.1:9/x.png"}
+    body |= {"model_id": None, "lora_model": lora, "embeddings_model": embedding}
+    submitted = client.post("/api/v1/enterprise/img2img", json=body)
+    assert submitted.json()["status"] == "processing", submitted.json()
+    for name, path in (
+        (lora, root / "loras" / f"{lora}.safetensors"),
+        (embedding, root / "embeddings" / f"{embedding}.safetensors"),
+    ):
+        refused = client.post(f"{E}/delete_model", json={"key": admin, "model_id": name})
+        assert refused.status_code == 409, refused.json()
+        assert "in use by 1 queued" in refused.json()["message"]
+        assert path.exists()
+
+
+def test_delete_model_removes_models_only_never_the_folders_kept_for_other_kinds(
+    client: TestClient, admin: str, model_settings: Settings, tiny_files: TinyFiles
+) -> None:
+    """`vae`, `loras`, `configs`, `configs/sd` or `sd15/unet` name no model: 404, and nothing
+    is removed (each once removed a whole folder: every VAE, every LoRA, a model's UNet)."""
+    root = model_settings.models_dir
+    assert root is not None
+    shutil.copytree(tiny_files.sd_folder, root / "sd15")
+    (root / "vae" / "myvae").mkdir(parents=True)
+    (root / "vae" / "myvae" / "config.json").write_text("{}")
+    (root / "vae" / "myvae" / "inner").mkdir()
+    (root / "loras").mkdir()
+    (root / "loras" / "style.safetensors").write_bytes(tiny_files.kohya_lora)
+    kept = [root / "sd15" / "unet", root / "vae" / "myvae", root / "loras", root / "configs" / "sd"]
+    for model_id in ("vae", "loras", "configs", "configs/sd", "sd15/unet", "myvae/inner"):
+        answer = client.post(f"{E}/delete_model", json={"key": admin, "model_id": model_id})
+        assert answer.status_code == 404, (model_id, answer.json())
+        assert all(path.exists() for path in kept), model_id
+    for model_id in ("configs/sd", "sd15/unet"):  # nor do they run as models
+        refused = client.post(
+            "/api/v1/enterprise/img2img",
+            json={
+                **IMG2IMG,
+                "key": admin,
+                "model_id": model_id,
+                "init_image": "http://127.0.0.1:9/x.png",
+            },
+        )
+        assert refused.status_code == 422, refused.json()
+    removed = client.post(f"{E}/delete_model", json={"key": admin, "model_id": "myvae"})
+    assert removed.json()["removed"] == ["vae"], removed.json()
+    assert not (root / "vae" / "myvae").exists()
+    assert (root / "sd15" / "unet").exists()
