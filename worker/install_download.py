@@ -1,5 +1,6 @@
 """Bringing an install's file into its staging folder: an http(s) download through the SSRF
-guard (each redirect re-checked), bounded by DARKROOM_MODEL_MAX_BYTES and
+guard (each redirect re-checked), bounded by DARKROOM_MODEL_MAX_BYTES (less for a LoRA, an
+embedding or a VAE: `KIND_MAX_BYTES`) and
 DARKROOM_MODEL_DOWNLOAD_TIMEOUT_S, its length checked against Content-Length, resumed with a
 Range request when a partial file is there (or started over when the server ignores ranges);
 or a local file (`darkroom models add PATH`) copied with its prediction-type sidecars. Either way
@@ -19,6 +20,7 @@ from urllib.parse import unquote, urljoin, urlsplit
 import httpx
 
 from darkroom import outbound
+from darkroom.identities import ModelKind
 from darkroom.settings import Settings
 from darkroom.urlguard import UnsafeURLError, check_url
 from worker.install_checks import InstallError
@@ -33,12 +35,35 @@ CHUNK = 1 << 20
 _MAX_SIDECAR_BYTES = 1024 * 1024
 
 
+#: The largest file an install of each kind other than a model may bring, below
+#: DARKROOM_MODEL_MAX_BYTES: LoRAs are under 2 GB (Flux's largest ~1.3 GB), embeddings a few
+#: hundred KB, VAEs under 1 GB (SDXL's in float32: 335 MB). An endless or mislabelled download
+#: stops there instead of filling the disk up to a checkpoint's allowance.
+KIND_MAX_BYTES = {
+    ModelKind.LORA: 4 * 1024**3,
+    ModelKind.EMBEDDING: 64 * 1024**2,
+    ModelKind.VAE: 4 * 1024**3,
+}
+
+
+def max_install_bytes(settings: Settings, kind: ModelKind) -> int:
+    """The most bytes an install of `kind` may download."""
+    return min(settings.model_max_bytes, KIND_MAX_BYTES.get(kind, settings.model_max_bytes))
+
+
 class Downloader:
     """Fetches one install's file into a part file, renewing the install's lease as it goes."""
 
-    def __init__(self, settings: Settings, renew: Renew) -> None:
+    def __init__(self, settings: Settings, renew: Renew, kind: ModelKind = ModelKind.MODEL) -> None:
         self.settings = settings
         self.renew = renew
+        self.max_bytes = max_install_bytes(settings, kind)
+        #: How the limit is named in refusals.
+        self.limit_name = (
+            "DARKROOM_MODEL_MAX_BYTES"
+            if self.max_bytes == settings.model_max_bytes
+            else f"the {kind.value} limit"
+        )
 
     def fetch(self, source: str, part: Path, progress: Progress) -> tuple[str, int]:
         """The file at `source` in `part` (resumed when a partial one is there): its
@@ -65,8 +90,10 @@ class Downloader:
         if not source.is_file():
             raise InstallError(f"{source} is no file.")
         total = source.stat().st_size
-        if total > self.settings.model_max_bytes:
-            raise InstallError(f"The file is larger than {self.settings.model_max_bytes} bytes.")
+        if total > self.max_bytes:
+            raise InstallError(
+                f"The file is larger than {self.max_bytes} bytes ({self.limit_name})."
+            )
         copy_sidecars(source, part.parent)
         done = 0
         with source.open("rb") as reader, part.open("wb") as writer:
@@ -111,10 +138,9 @@ class Downloader:
                 raise InstallError(f"The url answered HTTP {response.status_code}.")
             resumed = response.status_code == 206 and have > 0
             total = _expected_total(response, have if resumed else 0)
-            if total is not None and total > self.settings.model_max_bytes:
+            if total is not None and total > self.max_bytes:
                 raise InstallError(
-                    f"The file is {total} bytes; the limit is {self.settings.model_max_bytes} "
-                    "(DARKROOM_MODEL_MAX_BYTES)."
+                    f"The file is {total} bytes; the limit is {self.max_bytes} ({self.limit_name})."
                 )
             self._write(response, part, resumed, total, progress)
         size = part.stat().st_size
@@ -134,14 +160,13 @@ class Downloader:
         progress: Progress,
     ) -> None:
         """Append (or write anew) the body to `part`, within the byte limit, renewing the lease."""
-        limit = self.settings.model_max_bytes
         with part.open("ab" if resumed else "wb") as file:
             done = file.tell()
             for chunk in response.iter_raw(CHUNK):
                 done += len(chunk)
-                if done > limit:
+                if done > self.max_bytes:
                     raise InstallError(
-                        f"The file is larger than {limit} bytes (DARKROOM_MODEL_MAX_BYTES)."
+                        f"The file is larger than {self.max_bytes} bytes ({self.limit_name})."
                     )
                 file.write(chunk)
                 file.flush()

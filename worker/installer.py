@@ -220,7 +220,7 @@ class Installer:
         if service.is_hub_id(claim.source):
             return self._install_hub(claim, staging, target, progress)
         part = staging / PART
-        downloader = Downloader(self.settings, partial(self.renew, claim))
+        downloader = Downloader(self.settings, partial(self.renew, claim), claim.kind)
         digest, size = downloader.fetch(claim.source, part, progress)
         with self.leased(claim, size):  # converting a large checkpoint takes minutes
             found, built = verify_and_build(

@@ -301,6 +301,17 @@ def test_the_size_limit_and_the_ssrf_guard_apply_to_downloads(
     found = _run(small, _load(small, {"url": url, "model_id": _id("big")}, None))
     assert found["model_status"] == "failed"
     assert "the limit is 1000 (DARKROOM_MODEL_MAX_BYTES)" in str(found["error"])
+    # An embedding has a far smaller allowance than a checkpoint (an endless download found by a
+    # probe wrote 12 GB as a "LoRA"): refused from its Content-Length, before its body.
+    file_server.files["/huge-emb.safetensors"] = Served(b"x" * 64, announce=64 * 1024**2 + 1)
+    body = {
+        "url": file_server.url("/huge-emb.safetensors"),
+        "model_id": _id("emb"),
+        "model_type": "embeddings",
+    }
+    found = _run(install_settings, _load(install_settings, body, None))
+    assert found["model_status"] == "failed"
+    assert f"the limit is {64 * 1024**2} (the embedding limit)" in str(found["error"])
     guarded = install_settings.model_copy(update={"url_allowlist": []})
     before = len(file_server.ranges)
     found = _run(guarded, _load(guarded, {"url": url, "model_id": _id("ssrf")}, None))
