@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from api.auth import key_cache_for
 from api.errors import MAX_BODY_BYTES, SafeJSONResponse, install_error_handlers
 from api.intake import GroupCommit
-from api.middleware import BodyLimit, InFlightLimit
+from api.middleware import AnswerBytesLimit, BodyLimit, InFlightLimit
 from api.routes import (
     cancel,
     dashboard,
@@ -60,6 +60,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=MAX_BODY_BYTES)
     waiter: JobWaiter = app.state.waiter
     app.add_middleware(InFlightLimit, limit=settings.api_max_in_flight, parked=lambda: waiter.waits)
+    app.add_middleware(AnswerBytesLimit, limit=settings.api_max_answer_bytes)
     routers: tuple[ModuleType, ...] = (submit, v7, fetch, cancel, outputs, health, metrics)
     routers += (dashboard, enterprise_server)
     routers += (enterprise_models,)

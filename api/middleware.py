@@ -7,6 +7,11 @@ holds more than the limit plus one received chunk.
 `InFlightLimit` bounds the requests in progress: past the bound a request is answered 503 with
 Retry-After at once, instead of queueing for a thread or a connection until its client gives
 up. Liveness (`/health`) is never counted or refused, so that a busy process still answers it.
+
+`AnswerBytesLimit` bounds the bytes of large answers being written at once: an answer sent in
+one piece stays in memory until its client has read most of it, and a fetch of a `base64: yes`
+job answers its PNGs inline (~15 MB for four 1024x1024 samples), so a few hundred slow readers
+would otherwise hold gigabytes.
 """
 
 from __future__ import annotations
@@ -149,3 +154,78 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+#: An answer sent in one piece at least this large counts against `AnswerBytesLimit`; smaller
+#: ones (every job shape without base64 outputs) are never held back.
+LARGE_ANSWER_BYTES = 1024 * 1024
+#: The pieces a large answer is written in (the server's write buffer pauses at 64 KiB).
+ANSWER_PIECE_BYTES = 256 * 1024
+
+
+async def _send_in_pieces(send: Send, body: bytes) -> None:
+    """`body` as several body messages, each written once the previous one has drained."""
+    view = memoryview(body)
+    for offset in range(0, len(body), ANSWER_PIECE_BYTES):
+        piece = bytes(view[offset : offset + ANSWER_PIECE_BYTES])
+        more = offset + ANSWER_PIECE_BYTES < len(body)
+        await send({"type": "http.response.body", "body": piece, "more_body": more})
+
+
+class AnswerBytesLimit:
+    """At most `limit` bytes of large answers (`LARGE_ANSWER_BYTES` and more, in one piece)
+    being written at once. Past it such an answer is dropped and the client told 503 with
+    Retry-After; an answer larger than `limit` alone still goes out when no other is being
+    written. Streamed answers (output files) hold one chunk at a time and are not counted.
+    An answer counts from its start until its last piece is written: it goes out in pieces of
+    `ANSWER_PIECE_BYTES`, because the server waits for a slow reader only between two writes
+    (one piece of 15 MB would be queued at once, and the answer would count for no time while
+    staying in memory). The write deadline (`GuardedH11Protocol`) bounds the wait."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        #: Bytes of large answers being written now; for tests and operators.
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        held = 0
+        start: Message | None = None
+
+        async def send_counted(message: Message) -> None:
+            nonlocal held, start
+            if message["type"] == "http.response.start":
+                start = message  # sent with the first body piece, once its size is known
+                return
+            if start is not None:
+                first, start = start, None
+                body = message.get("body", b"")
+                if not message.get("more_body") and len(body) >= LARGE_ANSWER_BYTES:
+                    if not self._reserve(len(body)):
+                        busy = error_response(503, BUSY_MESSAGE, retry_header=BUSY_RETRY_S)
+                        await busy(scope, receive, send)
+                        return
+                    held = len(body)
+                    await send(first)
+                    await _send_in_pieces(send, body)
+                    return
+                await send(first)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_counted)
+            if start is not None:  # an answer that ended without a body message
+                await send(start)
+        finally:
+            self.in_flight -= held
+
+    def _reserve(self, size: int) -> bool:
+        """Count `size` more bytes if the limit allows (the event loop's thread alone calls
+        this: no lock)."""
+        if self.in_flight and self.in_flight + size > self.limit:
+            return False
+        self.in_flight += size
+        return True

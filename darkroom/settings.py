@@ -199,6 +199,9 @@ class Settings(BaseSettings):
     api_max_in_flight: int = Field(default=256, ge=1)
     # Open connections per process; past it a new one is answered 503 and closed.
     api_max_connections: int = Field(default=4096, ge=1)
+    # Bytes of large answers (1 MiB or more in one piece: base64 outputs) being written at once
+    # per process; past it such an answer is 503 with Retry-After.
+    api_max_answer_bytes: int = Field(default=256 * 1024 * 1024, ge=1)
     # A request's head (line and headers) must arrive within this; its body within the other.
     api_header_timeout_s: float = Field(default=10.0, gt=0)
     api_body_timeout_s: float = Field(default=60.0, gt=0)

@@ -30,8 +30,10 @@ from api.errors import MAX_BODY_BYTES, SafeJSONResponse
 from darkroom.settings import Settings
 from db.migrate import upgrade_to_head
 from db.models import ApiKey
+from db.repositories.jobs import OutputRecord, claim_job
 from db.repositories.keys import create_key, revoke_key
 from db.session import session_scope
+from services.outcomes import succeed
 from tests.api.test_fuzz import error_shape_problems
 from tests.api.test_submit import IMG2IMG, MIXER_V5, MIXER_V6, PIX2PIX
 from tests.support.system import free_port, log_tail, terminate, wait_healthy
@@ -349,6 +351,61 @@ def test_clients_that_never_read_or_dribble_bodies_hold_no_place_and_are_cut_off
             for sock in stalled + dribbling:
                 sock.close()
         assert api.health_s() < 1.0
+
+
+def _finished_base64_job(api: ApiProcess, workdir: Path, png_bytes: int) -> int:
+    """A `base64: yes` job recorded as succeeded with one output file of `png_bytes` bytes
+    (as a worker records one), so that every fetch answers it inline."""
+    body = {**IMG2IMG, "key": api.key, "base64": "yes", "init_image": "http://127.0.0.1:9/x.png"}
+    job_id = int(raw_post(api, "/api/v1/enterprise/img2img", body).json()["id"])
+    settings = Settings(data_dir=workdir / "data")
+    settings.outputs_dir.mkdir(parents=True, exist_ok=True)
+    (settings.outputs_dir / f"big-{job_id}.png").write_bytes(os.urandom(png_bytes))
+    with session_scope(settings.resolved_database_url) as session:
+        _outcome, job = claim_job(session, job_id, lease_s=60, max_attempts=3)
+        assert job is not None
+        output = OutputRecord(0, f"big-{job_id}.png", 512, 512, seed=1)
+        succeed(session, settings, job, outputs=[output], meta={}, generation_time=1.0)
+    return job_id
+
+
+def test_large_answers_held_by_slow_readers_are_bounded_in_bytes(tmp_path: Path) -> None:
+    """Fetches of a `base64: yes` job (a 12 MB answer, as four 1024x1024 samples make) by
+    clients that never read: past DARKROOM_API_MAX_ANSWER_BYTES (two answers' worth) the others
+    are told 503 + Retry-After at once instead of each holding its answer in the API's memory
+    (the kernel takes up to 4 MB of a socket's answer, the rest stayed in the process); small
+    answers are never held back; once the readers go, large answers are served again."""
+    limits = {"api_max_answer_bytes": str(26 * MiB), "api_write_timeout_s": "30"}
+    with darkroom_api(tmp_path, **limits) as api:
+        job_id = _finished_base64_job(api, tmp_path, png_bytes=9 * MiB)
+        fetch = f"/api/v1/enterprise/fetch/{job_id}"
+        request = (
+            f"POST {fetch} HTTP/1.1\r\nHost: edge\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(json.dumps({'key': api.key}))}\r\n\r\n"
+            + json.dumps({"key": api.key})
+        ).encode()
+        readers = []
+        for _ in range(6):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", api.port))
+            sock.sendall(request)
+            readers.append(sock)
+        try:
+            time.sleep(1.5)  # each answer is built; the first ones wait on their readers
+            heads = [sock.recv(200) for sock in readers]
+            busy = [head for head in heads if head.startswith(b"HTTP/1.1 503")]
+            served = [head for head in heads if head.startswith(b"HTTP/1.1 200")]
+            assert (len(served), len(busy)) == (2, 4), heads
+            small = raw_post(api, "/api/v5/fetch/999999", {"key": api.key})
+            assert small.status_code == 404, small.text
+        finally:
+            for sock in readers:
+                sock.close()
+        time.sleep(0.5)
+        again = raw_post(api, fetch, {"key": api.key})
+        assert again.status_code == 200, again.text[:200]
+        assert len(again.json()["output"][0]) == 12 * MiB  # 9 MiB in base64
 
 
 # --- keys: cached for a bounded time --------------------------------------------------------------
