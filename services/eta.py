@@ -13,13 +13,14 @@ import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from datetime import datetime
 
 from sqlalchemy.orm import Session
 
 from darkroom.identities import Operation
-from db.models import Job, JobState
+from db.models import Job, JobState, utcnow
 from db.repositories import jobs
-from db.repositories.jobs import PolledJob, QueueSnapshot, QueueView
+from db.repositories.jobs import PolledJob, QueueSnapshot, QueueView, Run
 
 #: The eta quoted before any job of an operation has finished, in seconds.
 DEFAULT_ETA_S = 10.0
@@ -55,20 +56,44 @@ def snapshot_for(view: QueueView, job: PolledJob) -> QueueSnapshot:
         return QueueSnapshot({}, [], view.durations)
     ahead = {op: bisect.bisect_left(ids, job.id) for op, ids in view.queued_ids.items()}
     queued_ahead = {operation: count for operation, count in ahead.items() if count}
-    return QueueSnapshot(queued_ahead, view.running_progress, view.durations)
+    return QueueSnapshot(queued_ahead, view.running, view.durations)
 
 
-def eta_from(snapshot: QueueSnapshot, job: PolledJob, *, default_s: float = DEFAULT_ETA_S) -> float:
-    """A running job: the rest of its typical duration. A queued one: the work ahead of it
-    spread over the jobs running now (a proxy for live workers), then its own duration."""
+def eta_from(
+    snapshot: QueueSnapshot,
+    job: PolledJob,
+    *,
+    default_s: float = DEFAULT_ETA_S,
+    now: datetime | None = None,
+) -> float:
+    """A running job: the rest of it, at its own pace once it has one. A queued one: the work
+    ahead of it (the runs under way, likewise) spread over the runs under way (a proxy for live
+    workers), then its own typical duration."""
     typical = _typical_seconds(snapshot.durations, default_s)
-    own = typical(job.operation)
+    now = now or utcnow()
     if job.state == JobState.PROCESSING:
-        return own * (1.0 - min(max(job.progress or 0.0, 0.0), 1.0))
+        run = Run(job.operation, job.progress or 0.0, job.started_at)
+        return _remaining(run, typical(job.operation), now)
     queued = sum(typical(operation) * count for operation, count in snapshot.queued_ahead.items())
-    running = sum(typical(op) * (1.0 - min(p, 1.0)) for op, p in snapshot.running_progress)
-    workers = max(len(snapshot.running_progress), 1)
-    return (queued + running) / workers + own
+    running = sum(_remaining(run, typical(run.operation), now) for run in snapshot.running)
+    workers = max(len(snapshot.running), 1)
+    return (queued + running) / workers + typical(job.operation)
+
+
+#: Progress from which a run's own pace (seconds so far / progress) predicts the rest of it
+#: better than the typical duration of its operation: a 50-step job among 4-step ones, or a
+#: 1024x1024 one among 512x512 ones, takes longer than the median. Before it, the model's
+#: load and the first steps say too little.
+OWN_PACE_FROM = 0.1
+
+
+def _remaining(run: Run, typical_s: float, now: datetime) -> float:
+    """Seconds left of `run`: the typical duration's rest, or, from OWN_PACE_FROM, its pace's."""
+    progress = min(max(run.progress, 0.0), 1.0)
+    if progress < OWN_PACE_FROM or run.started_at is None:
+        return typical_s * (1.0 - progress)
+    elapsed = max((now - run.started_at).total_seconds(), 0.0)
+    return elapsed * (1.0 - progress) / progress
 
 
 def _typical_seconds(

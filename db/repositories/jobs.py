@@ -173,6 +173,8 @@ class PolledJob(Protocol):
     def meta(self) -> dict[str, Any]: ...
     @property
     def file_prefix(self) -> str: ...
+    @property
+    def started_at(self) -> datetime | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,12 +189,13 @@ class JobPoll:
     params: dict[str, Any]
     meta: dict[str, Any]
     file_prefix: str
+    started_at: datetime | None
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> JobPoll:
         """From the row's values in `POLL_QUERY`'s column order (the enums are stored as their
         values, so the raw strings convert as they are)."""
-        job_id, state, operation, endpoint, progress, params, meta, file_prefix = row
+        job_id, state, operation, endpoint, progress, params, meta, file_prefix, started = row
         return cls(
             job_id,
             JobState(state),
@@ -202,6 +205,7 @@ class JobPoll:
             params,
             meta,
             file_prefix,
+            started,
         )
 
 
@@ -217,6 +221,7 @@ POLL_QUERY = select(
     Job.params,
     Job.meta,
     Job.file_prefix,
+    Job.started_at,
 ).where(Job.id == bindparam("job_id"), Job.api_key_id == bindparam("api_key_id"))
 
 
@@ -609,12 +614,22 @@ def notify_jobs_done(session: Session, job_ids: Sequence[int]) -> None:
 
 
 @dataclass(frozen=True)
+class Run:
+    """A pipeline run under way (a job, or a batch's jobs): its progress, from 0 to 1, and
+    since when it runs (its claim; None on rows from before claims recorded it)."""
+
+    operation: Operation
+    progress: float
+    started_at: datetime | None
+
+
+@dataclass(frozen=True)
 class QueueSnapshot:
     """What a job's eta depends on: the work ahead of it and how long jobs take (the model that
     reads it is services/eta.py)."""
 
     queued_ahead: dict[Operation, int]
-    running_progress: list[tuple[Operation, float]]
+    running: list[Run]
     durations: dict[Operation, list[float]]
 
 
@@ -627,23 +642,23 @@ def queue_snapshot(session: Session, job: Job) -> QueueSnapshot:
     )
     return QueueSnapshot(
         queued_ahead={operation: int(count) for operation, count in ahead},
-        running_progress=running_runs(session),
+        running=running_runs(session),
         durations=recent_job_seconds(session, job.id),
     )
 
 
-def running_runs(session: Session) -> list[tuple[Operation, float]]:
-    """(operation, progress) of each pipeline run under way: a batch's jobs are one run."""
+def running_runs(session: Session) -> list[Run]:
+    """Each pipeline run under way: a batch's jobs are one run."""
     running = session.execute(
-        select(Job.id, Job.operation, Job.progress, Job.batch_key).where(
+        select(Job.id, Job.operation, Job.progress, Job.started_at, Job.batch_key).where(
             Job.state == JobState.PROCESSING
         )
     )
-    runs: dict[tuple[str, str], tuple[Operation, float]] = {}
-    for job_id, operation, progress, batch_key in running:
+    runs: dict[tuple[str, str], Run] = {}
+    for job_id, operation, progress, started_at, batch_key in running:
         # Jobs of one batch run in one pipeline call: one run, one worker.
         run = ("batch", batch_key) if batch_key else ("job", str(job_id))
-        runs[run] = (operation, progress or 0.0)
+        runs[run] = Run(operation, progress or 0.0, started_at)
     return list(runs.values())
 
 
@@ -670,7 +685,7 @@ class QueueView:
     moment (api/routes/fetch)."""
 
     queued_ids: dict[Operation, list[int]]  # ascending
-    running_progress: list[tuple[Operation, float]]
+    running: list[Run]
     durations: dict[Operation, list[float]]
 
 

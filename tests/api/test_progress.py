@@ -57,8 +57,10 @@ def add_job(
     seconds: float | None = None,
     progress: float | None = None,
     batch_key: str | None = None,
+    running_for: float = 0.0,
 ) -> int:
-    """A job in `state`: succeeded after `seconds`, or running at `progress`, or queued."""
+    """A job in `state`: succeeded after `seconds`, or running at `progress` for `running_for`
+    seconds, or queued."""
     params = {"samples": 1}
     job_id = job_row(
         session, key.row.id, operation=operation, params=params, batch_key=batch_key
@@ -68,6 +70,8 @@ def add_job(
     assert jobs.claim_job(session, job_id, lease_s=60, max_attempts=3)[0].value == "claimed"
     if state == JobState.PROCESSING:
         jobs.record_progress(session, [job_id], progress or 0.0)
+        started = utcnow() - timedelta(seconds=running_for)
+        session.execute(update(Job).where(Job.id == job_id).values(started_at=started))
         return job_id
     assert seconds is not None
     assert jobs.complete_job(session, job_id, outputs=[], meta={}, generation_time=seconds)
@@ -106,7 +110,12 @@ def test_eta_from_queue_position_running_work_and_median_job_times(
             add_job(session, own_key, Operation.PIX2PIX, state=JobState.SUCCESS, seconds=seconds)
         add_job(session, own_key, Operation.IMG2IMG, state=JobState.SUCCESS, seconds=10.0)
         running = add_job(
-            session, own_key, Operation.IMG2IMG, state=JobState.PROCESSING, progress=0.5
+            session,
+            own_key,
+            Operation.IMG2IMG,
+            state=JobState.PROCESSING,
+            progress=0.5,
+            running_for=3.0,
         )
         add_job(session, own_key, Operation.PIX2PIX)
         add_job(session, own_key, Operation.PIX2PIX)
@@ -114,12 +123,40 @@ def test_eta_from_queue_position_running_work_and_median_job_times(
     answer = client.post("/api/v1/enterprise/img2img", json={**IMG2IMG, "key": own_key.plaintext})
     queued = answer.json()
 
-    # Running img2img: half of 10 s left; two pix2pix ahead at 4 s each; then its own 10 s.
-    assert queued["eta"] == pytest.approx(5 + 8 + 10, abs=0.05)
+    # Running img2img: half done in 3 s, so 3 s left at its own pace (not half of the typical
+    # 10 s); two pix2pix ahead at 4 s each; then its own typical 10 s.
+    assert queued["eta"] == pytest.approx(3 + 8 + 10, abs=1.0)
     assert queued["progress"] == 0
     running_answer = fetch(client, own_key, running)
     assert running_answer["progress"] == 0.5
-    assert running_answer["eta"] == pytest.approx(5.0, abs=0.05)
+    assert running_answer["eta"] == pytest.approx(3.0, abs=1.0)
+
+
+def test_a_long_running_job_is_estimated_at_its_own_pace(
+    client: TestClient, own_key: IssuedKey, own_pg_url: str
+) -> None:
+    """A job far slower than its operation's median (50 steps among 4-step jobs): 20% done in
+    20 s leaves 80 s, not 80% of the median's 10 s; below 10% its pace says too little yet."""
+    with session_scope(own_pg_url) as session:
+        add_job(session, own_key, Operation.IMG2IMG, state=JobState.SUCCESS, seconds=10.0)
+        slow = add_job(
+            session,
+            own_key,
+            Operation.IMG2IMG,
+            state=JobState.PROCESSING,
+            progress=0.2,
+            running_for=20.0,
+        )
+        barely = add_job(
+            session,
+            own_key,
+            Operation.IMG2IMG,
+            state=JobState.PROCESSING,
+            progress=0.05,
+            running_for=20.0,
+        )
+    assert fetch(client, own_key, slow)["eta"] == pytest.approx(80.0, rel=0.05)
+    assert fetch(client, own_key, barely)["eta"] == pytest.approx(9.5, abs=0.05)
 
 
 def test_running_jobs_stand_for_workers_and_a_batch_runs_once(
@@ -129,14 +166,21 @@ def test_running_jobs_stand_for_workers_and_a_batch_runs_once(
         add_job(session, own_key, Operation.PIX2PIX, state=JobState.SUCCESS, seconds=6.0)
         for _ in range(2):  # one batch: one run, one worker
             add_job(session, own_key, Operation.PIX2PIX, state=JobState.PROCESSING, batch_key="b")
-        add_job(session, own_key, Operation.PIX2PIX, state=JobState.PROCESSING, progress=0.5)
+        add_job(
+            session,
+            own_key,
+            Operation.PIX2PIX,
+            state=JobState.PROCESSING,
+            progress=0.5,
+            running_for=3.0,
+        )
         ahead = [add_job(session, own_key, Operation.PIX2PIX) for _ in range(4)]
         last = add_job(session, own_key, Operation.IMG_MIXER)
 
     # Two runs (6 s and 3 s left) and four pix2pix ahead (24 s) over two workers, then its own
     # 6 s: an operation without history takes the median of all recent jobs.
-    assert fetch(client, own_key, last)["eta"] == pytest.approx((6 + 3 + 24) / 2 + 6, abs=0.05)
-    assert fetch(client, own_key, ahead[0])["eta"] == pytest.approx((6 + 3) / 2 + 6, abs=0.05)
+    assert fetch(client, own_key, last)["eta"] == pytest.approx((6 + 3 + 24) / 2 + 6, abs=1.0)
+    assert fetch(client, own_key, ahead[0])["eta"] == pytest.approx((6 + 3) / 2 + 6, abs=1.0)
 
 
 def test_progress_and_eta_follow_a_running_job(
@@ -150,10 +194,13 @@ def test_progress_and_eta_follow_a_running_job(
     for progress in (0.0, 0.25, 0.75):
         with session_scope(own_pg_url) as session:
             jobs.record_progress(session, [job_id], progress)
+            started = utcnow() - timedelta(seconds=8.0 * progress)  # the typical job's pace
+            session.execute(update(Job).where(Job.id == job_id).values(started_at=started))
         answer = fetch(client, own_key, job_id)
         seen.append((answer["progress"], answer["eta"]))
 
-    assert seen == [(0.0, 8.0), (0.25, 6.0), (0.75, 2.0)]
+    assert [p for p, _eta in seen] == [0.0, 0.25, 0.75]
+    assert [eta for _p, eta in seen] == pytest.approx([8.0, 6.0, 2.0], abs=0.5)
 
 
 @pytest.mark.slow
