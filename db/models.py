@@ -243,7 +243,8 @@ class WebhookAttempt(Base):
 
 
 class JobRequeue(Base):
-    """An operator's requeue of a job, and what the run it replaced left behind."""
+    """A requeue of a job (an operator's, or the system's when a run's lease ran out: the
+    sweeper's, or a worker's takeover), and what the run it replaced left behind."""
 
     __tablename__ = "job_requeues"
 

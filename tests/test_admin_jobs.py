@@ -24,6 +24,7 @@ from darkroom.settings import Settings
 from db.clock import DbNow
 from db.models import Job, JobRequeue, JobState, WebhookDelivery, utcnow
 from db.repositories import jobs, keys, routing, webhooks
+from db.repositories.jobs import LOST_RUN
 from db.repositories.keys import IssuedKey
 from db.session import session_scope
 from services import outcomes
@@ -276,7 +277,13 @@ def test_a_requeued_job_runs_again_with_fresh_attempts_and_sends_a_new_webhook(
     assert (job.state, job.attempts, job.error, job.finished_at) == (JobState.QUEUED, 0, None, None)
     with session_scope(settings.resolved_database_url) as session:
         assert webhooks.get_delivery_for_job(session, job_id) is None
-        [record] = session.scalars(select(JobRequeue).where(JobRequeue.job_id == job_id))
+        query = select(JobRequeue).where(JobRequeue.job_id == job_id).order_by(JobRequeue.id)
+        *lost, record = session.scalars(query)
+        # The two runs taken over when their leases ran out are in its history too.
+        assert [(row.reason, row.previous_attempts) for row in lost] == [
+            (LOST_RUN, 1),
+            (LOST_RUN, 2),
+        ]
         assert record.reason == "bad GPU"
         assert record.previous_webhook is not None
         assert record.previous_webhook["payload"]["status"] == "failed"
@@ -305,9 +312,10 @@ def test_a_requeued_job_runs_again_with_fresh_attempts_and_sends_a_new_webhook(
 
     _, [view], _ = cli(settings, "jobs", "show", str(job_id), "--json")
     events = [event["event"] for event in view["timeline"]]
-    assert events[:3] == ["created", "requeued", "enqueued"]
+    # Two runs lost to expired leases, then the operator's requeue; then it ran again.
+    assert events[:5] == ["created", "requeued", "requeued", "requeued", "enqueued"]
     assert "webhook_delivered" in events
-    assert view["requeues"][0]["previous_webhook"]["state"] == "delivered"
+    assert view["requeues"][-1]["previous_webhook"]["state"] == "delivered"
 
 
 def test_requeue_refuses_what_it_must_not_touch(settings: Settings, api_key: IssuedKey) -> None:

@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session, lazyload, selectinload
 
 from darkroom.identities import Operation
 from db.clock import DbNow, db_now
-from db.models import TERMINAL_STATES, Job, JobOutput, JobState, utcnow
+from db.models import TERMINAL_STATES, Job, JobOutput, JobRequeue, JobState, utcnow
 
 
 @dataclass(frozen=True)
@@ -261,8 +261,13 @@ def take_job(session: Session, job_id: int, *, lease_s: float, max_attempts: int
     now = db_now(session)  # leases are compared on the database's clock, not this host's
     expired = and_(Job.state == JobState.PROCESSING, Job.lease_until < now)
     fresh = _claim_if(session, job_id, Job.state == JobState.QUEUED, now, lease_s, max_attempts)
+    lost_started_at = None
+    if not fresh:  # the run being taken over, if any, for the job's history
+        lost_started_at = session.scalar(select(Job.started_at).where(Job.id == job_id, expired))
     took_over = not fresh and _claim_if(session, job_id, expired, now, lease_s, max_attempts)
     job = session.get(Job, job_id, populate_existing=True)
+    if took_over and job is not None:
+        _record_lost_run(session, job_id, job.attempts - 1, lost_started_at)
     if job is None:
         return JobClaim(ClaimOutcome.MISSING, None)
     if fresh or took_over:
@@ -539,14 +544,40 @@ def jobs_with_expired_lease(session: Session, *, limit: int = 100) -> list[Job]:
 
 
 def requeue_job(session: Session, job_id: int) -> bool:
-    """Hand an orphaned processing job back to the queue (the sweeper re-sends its id)."""
-    result = session.execute(
+    """Hand an orphaned processing job back to the queue (the sweeper re-sends its id), and
+    record the lost run in its history (`JobRequeue`)."""
+    lost = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.state == JobState.PROCESSING, Job.lease_until < DbNow())
         .values(state=JobState.QUEUED, enqueued_at=None, lease_until=None)
+        .returning(Job.attempts, Job.started_at)
         .execution_options(synchronize_session=False)
+    ).first()
+    if lost is None:
+        return False
+    _record_lost_run(session, job_id, lost.attempts, lost.started_at)
+    return True
+
+
+#: The reason a job's history gives for a run that ended without an outcome.
+LOST_RUN = "its run stopped renewing its lease (the worker died, hung or lost the database)"
+
+
+def _record_lost_run(
+    session: Session, job_id: int, attempts: int, started_at: datetime | None
+) -> None:
+    """A requeue row for the run of attempt `attempts` that a lapsed lease ended: the job's
+    timeline (`darkroom jobs show`) shows it, where the next claim overwrites its columns."""
+    session.add(
+        JobRequeue(
+            job_id=job_id,
+            reason=LOST_RUN,
+            previous_state=JobState.PROCESSING,
+            previous_attempts=attempts,
+            previous_started_at=started_at,
+        )
     )
-    return _rowcount(result) == 1
+    session.flush()
 
 
 @dataclass(frozen=True)

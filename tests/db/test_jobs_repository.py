@@ -7,11 +7,11 @@ import uuid
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from darkroom.identities import Operation
-from db.models import Job, JobState, utcnow
+from db.models import Job, JobRequeue, JobState, utcnow
 from db.repositories import jobs, routing
 from db.repositories.jobs import ClaimOutcome, NewJob, OutputRecord
 from db.repositories.keys import IssuedKey, create_key
@@ -115,6 +115,8 @@ def test_a_claim_says_whether_it_took_over_an_expired_run(db: Session, api_key: 
     job = _new(db, api_key)
     first = jobs.take_job(db, job.id, lease_s=LEASE_S, max_attempts=3)
     assert (first.outcome, first.took_over) == (ClaimOutcome.CLAIMED, False)
+    assert first.job is not None
+    first_started_at = first.job.started_at
     busy = jobs.take_job(db, job.id, lease_s=LEASE_S, max_attempts=3)
     assert (busy.outcome, busy.took_over) == (ClaimOutcome.BUSY, False)
     _expire_lease(db, job.id)
@@ -122,6 +124,15 @@ def test_a_claim_says_whether_it_took_over_an_expired_run(db: Session, api_key: 
     assert (second.outcome, second.took_over) == (ClaimOutcome.CLAIMED, True)
     assert second.job is not None
     assert second.job.attempts == 2
+    # The lost first run stays in the job's history, where the takeover overwrote its columns.
+    [lost] = _lost_runs(db, job.id)
+    assert (lost.previous_attempts, lost.previous_state) == (1, JobState.PROCESSING)
+    assert lost.previous_started_at == first_started_at
+    assert lost.reason == jobs.LOST_RUN
+
+
+def _lost_runs(db: Session, job_id: int) -> list[JobRequeue]:
+    return list(db.scalars(select(JobRequeue).where(JobRequeue.job_id == job_id)))
 
 
 def test_out_of_attempts_is_exhausted(db: Session, api_key: IssuedKey) -> None:
@@ -267,7 +278,11 @@ def test_requeue_only_expired_processing_jobs(db: Session, api_key: IssuedKey) -
     assert row.enqueued_at is None
     assert row.lease_until is None
     assert row.attempts == 1
+    [lost] = _lost_runs(db, orphan.id)  # the requeue keeps the dead run in the job's history
+    assert (lost.previous_attempts, lost.previous_started_at) == (1, row.started_at)
     assert not jobs.requeue_job(db, orphan.id)
+    assert len(_lost_runs(db, orphan.id)) == 1
+    assert _lost_runs(db, live.id) == []
 
     finished = _new(db, api_key)
     assert _claim(db, finished.id) == ClaimOutcome.CLAIMED
