@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import struct
+import zlib
 from collections.abc import Sequence
 from urllib.parse import urljoin
 
 import httpx
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from darkroom import outbound
 from darkroom.limits import MAX_PIXELS, MAX_REQUEST_PIXELS, MAX_SIDE, MIN_SIDE, SIDE_MULTIPLE
@@ -17,12 +19,41 @@ from darkroom.settings import Settings
 from darkroom.urlguard import PinnedRequest, UnsafeURLError, check_url
 
 UNREACHABLE = "Unable to fetch image from provided URL"
+DAMAGED = f"{UNREACHABLE}: the image data is damaged"
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_REDIRECTS = 3
 #: How a request on a kept connection fails when the server has just closed that connection.
 CLOSED_UNDER_US = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
-# Pillow's own bomb guard, a backstop behind `_check_pixels`: it only warns between this and
+#: What Pillow raises when the bytes it parses or decodes are wrong: its own OSError and
+#: SyntaxError ("Truncated File Read", "could not create decoder object", "not a TIFF file"),
+#: ValueError (also its limits on PNG text and ICC chunks), EOFError, and the errors of the
+#: parsing under it: struct and zlib on short or corrupt data, index, key and type errors on
+#: tables whose counts or types lie. Never MemoryError, nor anything else that is the worker's:
+#: those stay internal errors. A decompression bomb is refused before, with its own message.
+UNREADABLE = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    IndexError,
+    KeyError,
+    TypeError,
+    struct.error,
+    zlib.error,
+)
+#: The transposition that turns an image upright, by EXIF orientation (as ImageOps.exif_transpose).
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+# Pillow's own bomb guard, a backstop behind the check in `_open`: it only warns between this and
 # twice this, and raises above, which is why the exact limit is checked here, from the header.
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
@@ -86,15 +117,29 @@ def _follow(url: str, settings: Settings) -> bytes:
     """Each hop through the thread's kept transport for its host (`outbound.thread_transport`,
     keep-alive: no TCP or TLS handshake per init image)."""
     for _ in range(MAX_REDIRECTS + 1):
-        try:
-            target = check_url(url, settings.url_allowlist).pinned()
-        except UnsafeURLError as exc:
-            raise ImageInputError(f"{UNREACHABLE}: {exc}") from None
-        body, location = _get(target, settings)
+        body, location = _get(_checked(url, settings), settings)
         if location is None:
             return body
-        url = urljoin(url, location)
+        url = _redirect_target(url, location)
     raise ImageInputError(f"{UNREACHABLE}: too many redirects")
+
+
+def _checked(url: str, settings: Settings) -> PinnedRequest:
+    """The request to send for `url`, once the SSRF guard has passed it."""
+    try:
+        return check_url(url, settings.url_allowlist).pinned()
+    except UnsafeURLError as exc:
+        raise ImageInputError(f"{UNREACHABLE}: {exc}") from None
+    except ValueError:  # urlsplit's own ("Invalid IPv6 URL"): not a message for the client
+        raise ImageInputError(f"{UNREACHABLE}: the URL is malformed") from None
+
+
+def _redirect_target(url: str, location: str) -> str:
+    """The absolute URL a redirect's Location names (the server's word: it may not parse)."""
+    try:
+        return urljoin(url, location)
+    except ValueError:  # an unclosed or invalid [IPv6] host
+        raise ImageInputError(f"{UNREACHABLE}: the server redirected to a malformed URL") from None
 
 
 def _get(target: PinnedRequest, settings: Settings) -> tuple[bytes, str | None]:
@@ -137,13 +182,19 @@ def decode_image(data: bytes) -> Image.Image:
 
 
 def _open(data: bytes) -> Image.Image:
-    """The image's header only (Pillow decodes pixels lazily), its size checked."""
+    """The image's header only (Pillow decodes pixels lazily), its size checked. Parsing the
+    header reads its metadata too (PNG text, ICC profiles, WebP's whole container): a file cut
+    short or corrupt there fails here, before any pixel is decoded."""
     try:
         image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-    except UnidentifiedImageError:
+    except UnidentifiedImageError:  # an OSError: before UNREADABLE
+        if _signed_as_accepted(data):  # Pillow calls a header it cannot parse unidentified
+            raise ImageInputError(DAMAGED) from None
         raise ImageInputError(f"{UNREACHABLE}: not a PNG, JPEG or WebP image") from None
     except Image.DecompressionBombError:
         raise ImageInputError(f"{UNREACHABLE}: the image has too many pixels") from None
+    except UNREADABLE:
+        raise ImageInputError(DAMAGED) from None
     if image.width * image.height > MAX_PIXELS:
         raise ImageInputError(
             f"{UNREACHABLE}: the image has too many pixels "
@@ -152,23 +203,54 @@ def _open(data: bytes) -> Image.Image:
     return image
 
 
+def _signed_as_accepted(data: bytes) -> bool:
+    """Whether `data` starts as a PNG, JPEG or WebP file does."""
+    webp = data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+    return webp or data.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"))
+
+
 def _decode(image: Image.Image) -> Image.Image:
+    """The pixels, upright RGB; any failure of the image's own data is the client's input error."""
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError):
-        raise ImageInputError(f"{UNREACHABLE}: the image data is damaged") from None
-    return _normalise(image)
+        return _normalise(image)
+    except UNREADABLE:
+        raise ImageInputError(DAMAGED) from None
 
 
 def _normalise(image: Image.Image) -> Image.Image:
     """Upright RGB. An RGB image with no orientation to apply is returned as it is: the copies
-    that `exif_transpose` and `convert` would each make cost ~1 ms per 512x512 fetch."""
-    ImageOps.exif_transpose(image, in_place=True)
+    that `transpose` and `convert` would each make cost ~1 ms per 512x512 fetch."""
+    image = _upright(image)
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says.
+
+    Only the orientation is read. ImageOps.exif_transpose also writes the EXIF back without it,
+    and that fails (TypeError, struct.error) on tags that can be read but not written, after the
+    pixels were turned: nothing here needs the EXIF afterwards. EXIF that cannot be parsed at
+    all, or an orientation that is not one of 1..8, is ignored, and the pixels, which decoded
+    fine, are used as they are stored, as a viewer that cannot read the EXIF shows them: refusing
+    an image over metadata the generation never uses would help no client.
+    """
+    method = UPRIGHT.get(_orientation(image))
+    return image if method is None else image.transpose(method)
+
+
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation 1..8 the image declares; 1 (as stored) when unreadable. (XMP
+    orientation, which exif_transpose also read, is not: cameras and phones write EXIF.)"""
+    try:
+        value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except UNREADABLE:
+        return 1
+    return value if isinstance(value, int) and value in UPRIGHT else 1
 
 
 def output_size(width: int | None, height: int | None, first: Image.Image) -> tuple[int, int]:

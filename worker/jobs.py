@@ -303,11 +303,15 @@ def _generate(
 
 
 def _prepare(runtime: WorkerRuntime, job: Job, spec: JobSpec) -> Ready | None:
-    """The job with its request built; None (and the job failed) when that is impossible."""
+    """The job with its request built; None (and the job failed) when that is impossible.
+
+    Only an ImageInputError's message is meant for the client (a rejected input); any other
+    error, a bare ValueError included, carries a library's words and is logged as internal.
+    """
     with job_context(job_id=job.id, track_id=job.track_id):
         try:
             return Ready(job, spec, _build_request(spec, runtime.settings))
-        except (ImageInputError, ValueError) as exc:
+        except ImageInputError as exc:
             finish(runtime, job.id, str(exc), attempt=job.attempts, reason=FailureReason.REJECTED)
         except Exception:
             log.exception("job %s failed", job.id)

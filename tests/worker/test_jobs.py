@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from prometheus_client import REGISTRY
 from sqlalchemy import update
 
-from darkroom.identities import Operation
+from darkroom.identities import FailureReason, Operation
 from darkroom.jobspec import JobSpec
 from darkroom.queue import make_celery
 from darkroom.settings import Settings
@@ -332,3 +333,38 @@ def test_a_job_whose_parameters_cannot_be_read_fails_instead_of_looping(
     job = load(runtime, job_id)
     assert job.state == JobState.FAILED
     assert job.error == INTERNAL_ERROR
+
+
+def rejections(operation: Operation) -> float:
+    """The failures of `operation` counted as rejected input so far in this process."""
+    labels = {"operation": operation.value, "reason": FailureReason.REJECTED.value}
+    return REGISTRY.get_sample_value("darkroom_job_failures_total", labels) or 0.0
+
+
+@pytest.mark.parametrize(
+    "operation", [Operation.IMG2IMG, Operation.PIX2PIX, Operation.IMG_MIXER], ids=str
+)
+def test_a_damaged_init_image_is_a_rejected_input_not_an_internal_error(
+    runtime: WorkerRuntime, api_key: IssuedKey, operation: Operation
+) -> None:
+    """A PNG cut inside its header: Pillow's OSError is the client's fault, said in its words."""
+    inline = "data:image/png;base64," + base64.b64encode(png(64, 64, (1, 2, 3))[:20]).decode()
+    images = [inline] * (2 if operation == Operation.IMG_MIXER else 1)
+    weights = [1.0, 1.0] if operation == Operation.IMG_MIXER else None
+    before = rejections(operation)
+    job_id = new_job(
+        runtime,
+        api_key,
+        None,
+        operation=operation,
+        init_images=images,
+        image_weights=weights,
+        samples=1,
+    )
+
+    run_job(job_id, runtime)
+
+    job = load(runtime, job_id)
+    assert job.state == JobState.FAILED
+    assert job.error == "Unable to fetch image from provided URL: the image data is damaged"
+    assert rejections(operation) == before + 1
