@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -170,6 +171,24 @@ def test_mixing_weights_drop_zeros_and_normalise() -> None:
     assert mixing_weights((0.0, 1.0, 3.0), has_prompt=False) == [0.25, 0.75]
     assert mixing_weights((1.0, 0.0, 2.0), has_prompt=True) == [0.25, 0.5, 0.25]
     assert mixing_weights((1.0, 2.0), has_prompt=True) == mixing_weights((1.0, 0.0, 2.0), True)
+
+
+@pytest.mark.parametrize(
+    ("image_weights", "has_prompt", "expected"),
+    [
+        ((1e308, 1e308), True, [0.5, 0.5, 0.0]),  # the sum overflowed to inf: all zeros
+        ((1e308, 1e308, 1e308, 1e308), False, [0.25, 0.25, 0.25, 0.25]),
+        ((5e-324, 5e-324), False, [0.5, 0.5]),  # subnormal: the sum alone would still do
+        ((1e30, 1e-30), False, [1.0, 0.0]),
+    ],
+)
+def test_mixing_weights_are_a_proper_mix_for_any_finite_weights(
+    image_weights: tuple[float, ...], has_prompt: bool, expected: list[float]
+) -> None:
+    """The API accepts any finite weight (up to 1.8e308): the weights that come out sum to 1."""
+    weights = mixing_weights(image_weights, has_prompt)
+    assert weights == pytest.approx(expected, abs=1e-12)
+    assert math.fsum(weights) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize(

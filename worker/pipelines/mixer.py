@@ -30,6 +30,7 @@ the decoder's calls. `run_batch` exists so that every operation has the same run
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -92,12 +93,19 @@ def run(
 
 
 def mixing_weights(image_weights: tuple[float, ...], has_prompt: bool) -> list[float]:
-    """The normalised weights of the conditions that count: positive image weights, then prompt."""
+    """The normalised weights of the conditions that count: positive image weights, then prompt.
+
+    Each is divided by the largest first, so that the sum is at most five: the API accepts any
+    finite weight, and the sum of two near 1.8e308 is inf, which made every weight 0 (a mix of
+    nothing). A weight below 1e-308 of the largest becomes 0: it could not have counted.
+    """
     raw = [weight for weight in image_weights if weight > 0]
     if has_prompt:
         raw.append(PROMPT_WEIGHT)
-    total = sum(raw)
-    return [weight / total for weight in raw]
+    largest = max(raw, default=1.0)
+    scaled = [weight / largest for weight in raw]
+    total = math.fsum(scaled)
+    return [weight / total for weight in scaled]
 
 
 def _image_conditions(
