@@ -43,9 +43,6 @@ PIXEL_TOLERANCE = 2
 ALL_ON = FastPath(device="cpu", dtype=torch.float32, channels_last=True, fuse_qkv=True)
 
 
-_request = small_request
-
-
 def _max_diff(one: list[Image.Image], other: list[Image.Image]) -> int:
     pairs = zip(one, other, strict=True)
     return max(
@@ -99,7 +96,7 @@ def test_fused_qkv_and_channels_last_give_the_plain_images(
     tiny_settings: Settings, model_cache: ModelCache, fast_cache: ModelCache
 ) -> None:
     for operation in (Operation.IMG2IMG, Operation.PIX2PIX):
-        request = _request(operation)
+        request = small_request(operation)
         plain = generate(request, model_cache, tiny_settings).images
         fast = generate(request, fast_cache, tiny_settings).images
 
@@ -118,8 +115,8 @@ def test_fused_qkv_and_channels_last_give_the_plain_images(
 def test_loras_apply_to_a_fused_unet_and_it_is_fused_again_afterwards(
     tiny_settings: Settings, model_cache: ModelCache, fast_cache: ModelCache
 ) -> None:
-    with_lora = _request(loras=(LoraSpec("lora-a", 1.0),))
-    without = generate(_request(), fast_cache, tiny_settings).images
+    with_lora = small_request(loras=(LoraSpec("lora-a", 1.0),))
+    without = generate(small_request(), fast_cache, tiny_settings).images
 
     fast = generate(with_lora, fast_cache, tiny_settings).images
     plain = generate(with_lora, model_cache, tiny_settings).images
@@ -128,7 +125,7 @@ def test_loras_apply_to_a_fused_unet_and_it_is_fused_again_afterwards(
     assert _max_diff(fast, without) > 10, "the LoRA changed the image"
     (pipe,) = fast_cache.get(resolve_model(Operation.IMG2IMG, None, tiny_settings))[0].pipelines
     assert qkv_fused(pipe.unet)
-    again = generate(_request(), fast_cache, tiny_settings).images
+    again = generate(small_request(), fast_cache, tiny_settings).images
     assert [image.tobytes() for image in again] == [image.tobytes() for image in without]
 
 
@@ -178,7 +175,7 @@ def test_after_the_warm_up_no_job_compiles_the_unet_again(
         assert counters["stats"]["unique_graphs"] == 1
         for side, samples in ((512, 3), (768, 2), (512, 1)):
             image = Image.new("RGB", (side, side), (40, 90, 200))
-            request = _request(
+            request = small_request(
                 operation, images=(image,), width=side, height=side, steps=2, seeds=(0,) * samples
             )
             generate(request, cache, tiny_settings)
