@@ -84,6 +84,14 @@ def add_job(
     return job_id
 
 
+def add_running(
+    session: Session, key: IssuedKey, operation: Operation, progress: float, running_for: float
+) -> int:
+    """A job at `progress`, claimed `running_for` seconds ago."""
+    state = JobState.PROCESSING
+    return add_job(session, key, operation, state=state, progress=progress, running_for=running_for)
+
+
 def fetch(client: TestClient, key: IssuedKey, job_id: int) -> dict[str, Any]:
     answer: dict[str, Any] = client.post(
         f"/api/v5/fetch/{job_id}", json={"key": key.plaintext}
@@ -109,14 +117,7 @@ def test_eta_from_queue_position_running_work_and_median_job_times(
         for seconds in (2.0, 4.0, 100.0):  # a cold model load does not move the median
             add_job(session, own_key, Operation.PIX2PIX, state=JobState.SUCCESS, seconds=seconds)
         add_job(session, own_key, Operation.IMG2IMG, state=JobState.SUCCESS, seconds=10.0)
-        running = add_job(
-            session,
-            own_key,
-            Operation.IMG2IMG,
-            state=JobState.PROCESSING,
-            progress=0.5,
-            running_for=3.0,
-        )
+        running = add_running(session, own_key, Operation.IMG2IMG, 0.5, 3.0)
         add_job(session, own_key, Operation.PIX2PIX)
         add_job(session, own_key, Operation.PIX2PIX)
 
@@ -139,22 +140,8 @@ def test_a_long_running_job_is_estimated_at_its_own_pace(
     20 s leaves 80 s, not 80% of the median's 10 s; below 10% its pace says too little yet."""
     with session_scope(own_pg_url) as session:
         add_job(session, own_key, Operation.IMG2IMG, state=JobState.SUCCESS, seconds=10.0)
-        slow = add_job(
-            session,
-            own_key,
-            Operation.IMG2IMG,
-            state=JobState.PROCESSING,
-            progress=0.2,
-            running_for=20.0,
-        )
-        barely = add_job(
-            session,
-            own_key,
-            Operation.IMG2IMG,
-            state=JobState.PROCESSING,
-            progress=0.05,
-            running_for=20.0,
-        )
+        slow = add_running(session, own_key, Operation.IMG2IMG, 0.2, 20.0)
+        barely = add_running(session, own_key, Operation.IMG2IMG, 0.05, 20.0)
     assert fetch(client, own_key, slow)["eta"] == pytest.approx(80.0, rel=0.05)
     assert fetch(client, own_key, barely)["eta"] == pytest.approx(9.5, abs=0.05)
 
@@ -166,14 +153,7 @@ def test_running_jobs_stand_for_workers_and_a_batch_runs_once(
         add_job(session, own_key, Operation.PIX2PIX, state=JobState.SUCCESS, seconds=6.0)
         for _ in range(2):  # one batch: one run, one worker
             add_job(session, own_key, Operation.PIX2PIX, state=JobState.PROCESSING, batch_key="b")
-        add_job(
-            session,
-            own_key,
-            Operation.PIX2PIX,
-            state=JobState.PROCESSING,
-            progress=0.5,
-            running_for=3.0,
-        )
+        add_running(session, own_key, Operation.PIX2PIX, 0.5, 3.0)
         ahead = [add_job(session, own_key, Operation.PIX2PIX) for _ in range(4)]
         last = add_job(session, own_key, Operation.IMG_MIXER)
 

@@ -35,21 +35,10 @@ BORROWED = ("vae", "text_encoder", "text_encoder_2")
 
 
 def _wide_transformer(guidance: bool = True) -> Any:
-    """The tiny Flux transformer at Flux.1's width: 24 heads of 128 (RoPE axes 16/56/56); with
-    dev's guidance input, or without (schnell's shape)."""
+    """The tiny Flux transformer at Flux.1's width, 24 heads of 128; with dev's guidance input,
+    or without (schnell's shape)."""
     torch.manual_seed(7)
-    model = tiny_shapes._diffusers.FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=128,
-        num_attention_heads=24,
-        joint_attention_dim=tiny_shapes.HIDDEN,
-        pooled_projection_dim=tiny_shapes.HIDDEN,
-        guidance_embeds=guidance,
-        axes_dims_rope=[16, 56, 56],
-    )
+    model = tiny_shapes.flux_transformer(guidance, heads=24, head_dim=128, rope_axes=(16, 56, 56))
     return model.to(torch.bfloat16)
 
 

@@ -108,21 +108,27 @@ def sdxl_unet() -> Any:
     )
 
 
-def flux_transformer(guidance_embeds: bool = True) -> Any:
+def flux_transformer(
+    guidance_embeds: bool = True,
+    heads: int = 2,
+    head_dim: int = 16,
+    rope_axes: tuple[int, int, int] = (4, 4, 8),
+) -> Any:
     """Flux.1-dev's transformer shape at toy size (diffusers' own Flux tests): 2x2 latent
     patches packed into 16 channels, one double and one single block, embedded guidance
-    (schnell's shape has none)."""
+    (schnell's shape has none). `heads` x `head_dim` is its width (the RoPE axes sum to
+    `head_dim`): Flux.1's own is 24 x 128, with axes 16/56/56."""
     return _diffusers.FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,
         num_layers=1,
         num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
         joint_attention_dim=HIDDEN,
         pooled_projection_dim=HIDDEN,
         guidance_embeds=guidance_embeds,
-        axes_dims_rope=[4, 4, 8],
+        axes_dims_rope=list(rope_axes),
     )
 
 
