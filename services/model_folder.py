@@ -129,10 +129,10 @@ def weights_dtype(root: Path | None, kind: ModelKind, model_id: str) -> str | No
         path = candidates[0]
     if path.suffix != ".safetensors":
         return None
-    return _header_dtype(path)
+    return header_dtype(path)
 
 
-def _header_dtype(path: Path) -> str | None:
+def header_dtype(path: Path) -> str | None:
     """The most common tensor dtype in a safetensors file's JSON header."""
     try:
         with path.open("rb") as file:

@@ -18,6 +18,7 @@ from darkroom.families import UnrecognisedModelError
 from darkroom.identities import Family, ModelKind
 from darkroom.model_ids import SINGLE_FILE_CONFIGS, single_file_config_problem
 from darkroom.settings import Settings
+from services import model_folder
 from services import models as service
 from worker.install_checks import (
     InstallError,
@@ -102,6 +103,9 @@ def _convert(
         raise InstallError(problem)
     pipeline_class = getattr(diffusers, families.family(family).img2img_pipeline)
     loading: dict[str, Any] = {}
+    dtype = _stored_dtype(path)
+    if dtype is not None:
+        loading["dtype"] = dtype
     if options.get("upcast_attention"):
         loading["upcast_attention"] = True
     try:
@@ -116,6 +120,21 @@ def _convert(
     folder = staging / "diffusers"
     pipe.save_pretrained(str(folder), safe_serialization=True)
     return folder
+
+
+#: The dtypes a converted folder keeps as its file stored them; anything else (fp8, a `.ckpt`
+#: whose dtype only loading would tell) loads as diffusers' float32.
+_KEPT_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _stored_dtype(path: Path) -> Any | None:
+    """The torch dtype most of a safetensors file's tensors are stored in, when the converted
+    folder should keep it: loading at diffusers' default float32 doubled a half-precision file
+    on disk (a 24 GB Flux file became 48 GB) and in memory while converting."""
+    import torch
+
+    stored = model_folder.header_dtype(path) if path.suffix == ".safetensors" else None
+    return getattr(torch, stored) if stored in _KEPT_DTYPES else None
 
 
 def _convert_vae(settings: Settings, path: Path, staging: Path) -> Path:
