@@ -10,7 +10,9 @@ tiny Flux model's VAE and text encoders around it.
 
 from __future__ import annotations
 
+import json
 import shutil
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,8 +24,12 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from darkroom import families, model_ids
-from darkroom.identities import Family, Operation, TinyModel
+from darkroom.identities import Family, ModelKind, Operation, TinyModel
 from darkroom.settings import Settings
+from db.migrate import upgrade_to_head
+from db.session import session_scope
+from services import models
+from worker.installer import Installer
 from worker.models import tiny, tiny_shapes
 from worker.models.cache import ModelCache
 from worker.models.checkpoints import flux_checkpoint
@@ -64,10 +70,10 @@ def flux_file(
     checkpoint.unlink()  # 1 GB
 
 
-def _request(**fields: Any) -> GenerationRequest:
+def _request(model_id: str = MODEL, **fields: Any) -> GenerationRequest:
     return GenerationRequest(
         operation=Operation.IMG2IMG,
-        model_id=MODEL,
+        model_id=model_id,
         prompt="a red barn",
         negative_prompt="",
         images=(Image.new("RGB", (64, 64), (180, 60, 40)),),
@@ -144,3 +150,38 @@ def test_a_file_whose_missing_parts_have_no_weights_in_the_configuration_folder_
     (config / "text_encoder" / "model.safetensors").write_bytes(b"")
     with pytest.raises(model_ids.UnknownModelError, match="without text_encoder_2;"):
         model_ids.resolve_model(Operation.IMG2IMG, "g", settings)
+
+
+def test_the_installer_converts_a_transformer_only_flux_file_to_a_folder_that_runs_alike(
+    tmp_path: Path, flux_file: tuple[Path, dict[str, torch.Tensor]]
+) -> None:
+    """`darkroom models add flux1-fine.safetensors` (the installer, as load_model runs it):
+    one folder with the file's transformer in its own dtype (bf16) and its guidance input or
+    not, and the configuration folder's other parts; it gives the single file's image."""
+    models_dir, transformer_state = flux_file
+    settings = Settings(data_dir=tmp_path, models_dir=models_dir)
+    upgrade_to_head(settings.resolved_database_url)
+    source = (models_dir / f"{MODEL}.safetensors").as_uri()
+    installed = f"installed-{uuid.uuid4().hex[:6]}"
+    request = models.InstallRequest(ModelKind.MODEL, installed, source, {})
+    with session_scope(settings.resolved_database_url) as session:
+        started = models.request_install(session, settings, request, None)
+    assert Installer(settings, None).run_one(started.install_id)
+    with session_scope(settings.resolved_database_url) as session:
+        found = models.verify(session, settings, installed)
+    try:
+        assert (found["model_status"], found["family"]) == ("ready", "flux"), found
+        assert found["dtype"] == "bfloat16"
+        transformer_config = json.loads(
+            (models_dir / installed / "transformer" / "config.json").read_text()
+        )
+        guided = any(key.startswith("time_text_embed.guidance") for key in transformer_state)
+        assert transformer_config["guidance_embeds"] is guided
+
+        cache = ModelCache(max_entries=1, device="cpu")
+        from_folder = generate(_request(model_id=installed), cache, settings).images[0]
+        from_file = generate(_request(), cache, settings).images[0]
+        difference = np.abs(np.asarray(from_folder, np.int16) - np.asarray(from_file, np.int16))
+        assert difference.mean() < 2.0  # the folder's VAE and encoders in bf16, as the file's
+    finally:
+        shutil.rmtree(models_dir / installed, ignore_errors=True)  # 1 GB
