@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from api.auth import Work, cached_key, get_key_cache, keyed
 from api.deps import BodyDep, SettingsDep, presented_key
 from api.errors import ApiError
+from api.middleware import ServiceBusy
 from api.schemas import FetchRequest
 from api.schemas.answers import ErrorAnswer, JobAnswer
 from api.schemas.examples import ANSWER_EXAMPLES, INVALID_KEY
@@ -32,7 +33,7 @@ from api.waiting import (
 )
 from darkroom.settings import Settings
 from db.async_read import AsyncReadPool
-from db.models import ApiKey, JobState
+from db.models import ApiKey, Job, JobState
 from db.repositories import jobs
 from db.repositories.jobs import JobPoll, PolledJob, QueueView
 from db.session import read_scope
@@ -80,11 +81,34 @@ def fetch_job(session: Session, settings: Settings, key: ApiKey, job_id: int) ->
     if job is None:
         raise ApiError(404, f"No request with id {job_id}.")
     if job.state == JobState.SUCCESS:
-        links = OutputLinks.from_settings(settings)
-        return success_body(job, links, links.storage.read)
+        return _success_answer(settings, job)
     if job.state == JobState.FAILED:
         return failed_body(job)
     return _processing_answer(settings, QUEUE_VIEWS.get(session, settings, job.id), job)
+
+
+#: Answers with `base64: yes` outputs a process builds at once. Each holds its PNGs about
+#: three times over while it is built (the files, their base64, the JSON body: ~45 MB for four
+#: 1024x1024 samples), and every API thread could be building one; `AnswerBytesLimit` bounds
+#: them once built, this while they are built. A probe's 150 slow readers of such a job took
+#: the API to 1.1 GB with only the first.
+BASE64_BUILDS_AT_ONCE = 4
+BASE64_BUILDS = threading.BoundedSemaphore(BASE64_BUILDS_AT_ONCE)
+#: How long a fetch waits for a turn to build one before it is told the service is busy.
+BASE64_BUILD_WAIT_S = 0.5
+
+
+def _success_answer(settings: Settings, job: Job) -> Answer:
+    """A finished job's answer; one with base64 outputs waits for one of BASE64_BUILDS."""
+    links = OutputLinks.from_settings(settings)
+    if not job.params.get("base64_output"):
+        return success_body(job, links, links.storage.read)
+    if not BASE64_BUILDS.acquire(timeout=BASE64_BUILD_WAIT_S):
+        raise ServiceBusy()
+    try:
+        return success_body(job, links, links.storage.read)
+    finally:
+        BASE64_BUILDS.release()
 
 
 def _processing_answer(settings: Settings, view: QueueView, job: PolledJob) -> Answer:

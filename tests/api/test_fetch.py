@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 
 import pytest
@@ -9,11 +10,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
 from api.app import create_app
+from api.routes.fetch import BASE64_BUILDS, BASE64_BUILDS_AT_ONCE
 from darkroom.identities import Operation
 from darkroom.settings import Settings
 from db.repositories import jobs
 from db.repositories.keys import IssuedKey, create_key
-from tests.api.test_submit import PIX2PIX, post
+from tests.api.test_submit import IMG2IMG, PIX2PIX, post
 
 FETCH_PATHS = [
     "/api/v6/image_editing/fetch/{id}",
@@ -164,3 +166,31 @@ def test_key_mode_downloads_only_with_the_owning_key(
     assert anonymous.status_code == stranger.status_code == 404
     assert anonymous.json() == stranger.json() == {"status": "error", "message": "No such output."}
     assert owner.status_code == by_query.status_code == 200
+
+
+def test_base64_answers_built_at_once_are_bounded(
+    client: TestClient, api_key: IssuedKey, db: Session, settings: Settings
+) -> None:
+    """While BASE64_BUILDS_AT_ONCE fetches build `base64: yes` answers (held here as if they
+    were), another such fetch is told 503 + Retry-After once it has waited its turn; a fetch
+    of a job with linked outputs never waits; with a turn free it is answered inline."""
+    body = {**IMG2IMG, "base64": "yes", "init_image": "http://127.0.0.1:9/x.png"}
+    inline = post(client, "/api/v1/enterprise/img2img", api_key, body).json()["id"]
+    finish_with_output(db, settings, inline)
+    linked = submit_pix2pix(client, api_key)
+    finish_with_output(db, settings, linked)
+    fetch = "/api/v1/enterprise/fetch/{}"
+    held = [BASE64_BUILDS.acquire(timeout=1) for _ in range(BASE64_BUILDS_AT_ONCE)]
+    try:
+        assert all(held)
+        busy = client.post(fetch.format(inline), json={"key": api_key.plaintext})
+        assert busy.status_code == 503, busy.text
+        assert busy.headers["retry-after"] == "1"
+        assert busy.json()["status"] == "error"
+        assert post(client, fetch.format(linked), api_key, {}).json()["status"] == "success"
+    finally:
+        for _ in held:
+            BASE64_BUILDS.release()
+    answer = client.post(fetch.format(inline), json={"key": api_key.plaintext}).json()
+    assert answer["status"] == "success"
+    assert base64.b64decode(answer["output"][0]) == b"\x89PNG fake but served as is"
