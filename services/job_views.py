@@ -205,6 +205,8 @@ def _finished_detail(job: Job) -> str:
 def _requeue_detail(row: JobRequeue) -> str:
     """What the requeue replaced."""
     detail = f"was {row.previous_state.value} after {row.previous_attempts} attempt(s)"
+    if row.previous_started_at is not None:  # the timeline's own `started` is the next run's
+        detail += f", the last started {row.previous_started_at.isoformat(timespec='seconds')}"
     if row.previous_error:
         detail += f": {_clip(row.previous_error)}"
     hook = row.previous_webhook

@@ -314,6 +314,9 @@ def test_a_requeued_job_runs_again_with_fresh_attempts_and_sends_a_new_webhook(
     events = [event["event"] for event in view["timeline"]]
     # Two runs lost to expired leases, then the operator's requeue; then it ran again.
     assert events[:5] == ["created", "requeued", "requeued", "requeued", "enqueued"]
+    details = [event["detail"] for event in view["timeline"] if event["event"] == "requeued"]
+    assert details[0].startswith("was processing after 1 attempt(s), the last started 20")
+    assert "its run stopped renewing its lease" in details[0]
     assert "webhook_delivered" in events
     assert view["requeues"][-1]["previous_webhook"]["state"] == "delivered"
 
