@@ -163,6 +163,13 @@ LARGE_ANSWER_BYTES = 1024 * 1024
 ANSWER_PIECE_BYTES = 256 * 1024
 
 
+def _declares_large(start: Message) -> bool:
+    """Whether an answer's start declares a body of LARGE_ANSWER_BYTES or more. Streams
+    (server-sent events, files) declare no length, or are passed on at once all the same."""
+    length = Headers(raw=start.get("headers", [])).get("content-length", "")
+    return length.isdigit() and int(length) >= LARGE_ANSWER_BYTES
+
+
 async def _send_in_pieces(send: Send, body: bytes) -> None:
     """`body` as several body messages, each written once the previous one has drained."""
     view = memoryview(body)
@@ -197,8 +204,8 @@ class AnswerBytesLimit:
 
         async def send_counted(message: Message) -> None:
             nonlocal held, start
-            if message["type"] == "http.response.start":
-                start = message  # sent with the first body piece, once its size is known
+            if message["type"] == "http.response.start" and _declares_large(message):
+                start = message  # sent with the body, once a place for it is reserved
                 return
             if start is not None:
                 first, start = start, None
