@@ -130,15 +130,15 @@ def _family_of_index(name: str, index: dict[str, object]) -> Family:
 
 def detect_file(path: Path) -> Family:
     """The family of a single-file checkpoint (`.safetensors` or `.ckpt`) from its tensor names."""
-    return family_of_tensor_names(path.name, _tensor_names(path))
+    markers = [prefix for prefix, _family in _SINGLE_FILE_MARKERS] + [_REFINER_MARKER]
+    return family_of_tensor_names(path.name, _tensor_names(path, markers))
 
 
-def _tensor_names(path: Path) -> list[str]:
-    """A single file's tensor names (a `.ckpt`'s: the known prefixes found in it)."""
+def _tensor_names(path: Path, searched: list[str]) -> list[str]:
+    """A single file's tensor names; a `.ckpt`'s are the prefixes of `searched` found in it."""
     if path.suffix == ".safetensors":
         return _safetensors_names(path)
-    markers = [prefix for prefix, _family in _SINGLE_FILE_MARKERS] + [_REFINER_MARKER]
-    return _ckpt_names(path, markers)
+    return _ckpt_names(path, searched)
 
 
 #: The configuration folder of SD 2.x single files (`<models_dir>/configs/sd2/`): SD 2.x is the
@@ -202,29 +202,33 @@ def probe_file(path: Path) -> SingleFile:
     the configuration folder decides (SD 2.1's own folder says v_prediction, as its 768 model
     needs).
     """
-    names = _tensor_names(path)
+    names = _tensor_names(path, _PROBED_PREFIXES)  # a .ckpt's archive is read once
     found = family_of_tensor_names(path.name, names)
     config = next(
         (name for prefix, name in _CONFIG_MARKERS if any(k.startswith(prefix) for k in names)),
         str(found.value),
     )
     carried = _CARRIED[found].items()
-    if path.suffix != ".safetensors":  # a .ckpt's names are searched for these prefixes alone
-        names = _ckpt_names(path, [prefix for _part, prefixes in carried for prefix in prefixes])
     borrowed = tuple(
         part for part, prefixes in carried if not any(key.startswith(prefixes) for key in names)
     )
-    guidance = _has_guidance_input(path, names) if found == Family.FLUX else None
+    guidance = _has_guidance_input(names) if found == Family.FLUX else None
     return SingleFile(found, config, sidecar_prediction_type(path), borrowed, guidance)
 
 
 _GUIDANCE_INPUT = "guidance_in."
+#: Every prefix the probe asks a `.ckpt` about: the family markers, the parts a file may
+#: carry, and Flux's guidance input.
+_PROBED_PREFIXES = [
+    *(prefix for prefix, _family in _SINGLE_FILE_MARKERS),
+    _REFINER_MARKER,
+    *(prefix for parts in _CARRIED.values() for prefixes in parts.values() for prefix in prefixes),
+    _GUIDANCE_INPUT,
+]
 
 
-def _has_guidance_input(path: Path, names: list[str]) -> bool:
+def _has_guidance_input(names: list[str]) -> bool:
     """Whether a Flux file's transformer has Flux.1-dev's embedded guidance input."""
-    if path.suffix != ".safetensors":
-        return bool(_ckpt_names(path, [_GUIDANCE_INPUT]))
     bare = (name.removeprefix("model.diffusion_model.") for name in names)
     return any(name.startswith(_GUIDANCE_INPUT) for name in bare)
 

@@ -38,16 +38,16 @@ def load_single_file(pipeline_class: Any, path: Path, config: Path, **options: A
         # A schnell file under a dev configuration (or the reverse) would otherwise be built
         # with (or without) a guidance input its tensors do not have: the file decides.
         options["guidance_embeds"] = probed.embedded_guidance
+    index = json.loads((config / "model_index.json").read_text(encoding="utf-8"))
     for part in probed.borrowed:
-        options[part] = _component_class(config, part).from_pretrained(
+        options[part] = _component_class(config, index, part).from_pretrained(
             str(config / part), local_files_only=True, **dtype
         )
     return pipeline_class.from_single_file(str(path), config=str(config), **options)
 
 
-def _component_class(config: Path, part: str) -> Any:
-    """The class `config/model_index.json` names for the component `part`."""
-    index = json.loads((config / "model_index.json").read_text(encoding="utf-8"))
+def _component_class(config: Path, index: dict[str, Any], part: str) -> Any:
+    """The class the configuration folder's model_index (`index`) names for `part`."""
     library, class_name = index[part]
     if library not in _LIBRARIES:
         raise ValueError(f"{config.name}/model_index.json names {part} from {library!r}.")
