@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from darkroom import families, model_ids
@@ -29,6 +28,7 @@ from darkroom.settings import Settings
 from db.migrate import upgrade_to_head
 from db.session import session_scope
 from services import models
+from tests.worker.test_families import _request as families_request
 from worker.installer import Installer
 from worker.models import tiny, tiny_shapes
 from worker.models.cache import ModelCache
@@ -70,21 +70,9 @@ def flux_file(
     checkpoint.unlink()  # 1 GB
 
 
-def _request(model_id: str = MODEL, **fields: Any) -> GenerationRequest:
-    return GenerationRequest(
-        operation=Operation.IMG2IMG,
-        model_id=model_id,
-        prompt="a red barn",
-        negative_prompt="",
-        images=(Image.new("RGB", (64, 64), (180, 60, 40)),),
-        image_weights=(),
-        width=64,
-        height=64,
-        steps=2,
-        guidance_scale=3.5,
-        seeds=(5,),
-        **fields,
-    )
+def _request(model_id: str = MODEL) -> GenerationRequest:
+    """test_families' small img2img request, at Flux's usual guidance."""
+    return families_request(model_id, guidance_scale=3.5)
 
 
 def test_a_transformer_only_flux_file_runs_with_its_configuration_folders_other_parts(
